@@ -1,0 +1,80 @@
+"""``stgen`` entry point.
+
+Each area owns a module here with ``register(subparsers)`` (top-level commands) and/or
+``register_train(sub)`` / ``register_evaluate(sub)`` (``stgen train X`` / ``stgen evaluate X``).
+A command sets ``func`` (called with the parsed args, returns an exit code or None). Heavy
+imports happen inside ``func``. Errors with a user-facing reason (``StgenError``, missing or
+unreadable files) print one line and exit 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import StgenError
+
+# Modules that contribute commands; missing ones are skipped so areas can land independently.
+_AREAS = ("slide", "genst", "predict", "batch", "stmdit", "histotx")
+
+
+def _area_modules() -> list:
+    mods = []
+    for name in _AREAS:
+        try:
+            mods.append(importlib.import_module(f"{__package__}.{name}"))
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{name}":
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``stgen`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="stgen",
+        description="napari-stgen: predict, explain and generate spatial gene expression on H&E.",
+    )
+    p.add_argument("--version", action="version", version=f"napari-stgen {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser("train", help="train a model on real data")
+    train_sub = train.add_subparsers(dest="model", metavar="MODEL")
+    evaluate = sub.add_parser("evaluate", help="evaluate a model (prints JSON figures)")
+    eval_sub = evaluate.add_subparsers(dest="model", metavar="MODEL")
+    for mod in _area_modules():
+        if hasattr(mod, "register"):
+            mod.register(sub)
+        if hasattr(mod, "register_train"):
+            mod.register_train(train_sub)
+        if hasattr(mod, "register_evaluate"):
+            mod.register_evaluate(eval_sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``stgen``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        rc = func(args)
+    except StgenError as e:
+        print(f"stgen: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"stgen: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stgen: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

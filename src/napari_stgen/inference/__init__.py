@@ -1,0 +1,1 @@
+"""Tiling, batched prediction with cache and cancellation, synthesis. No napari."""

@@ -1,0 +1,1 @@
+"""Models: GenST (two VQ-VAEs + alignment), STMDiT (DiT + sampler), checkpoint format."""

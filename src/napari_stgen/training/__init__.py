@@ -1,0 +1,1 @@
+"""Datasets of paired patches/expression, training loops and evaluation."""
