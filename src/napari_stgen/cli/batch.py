@@ -1,0 +1,66 @@
+"""``stgen predict-batch``: a cohort of slides, one dask.distributed task per slide."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from .predict import add_common
+
+    p = subparsers.add_parser(
+        "predict-batch",
+        help="predict many slides on a dask.distributed cluster",
+        description=(
+            "Run `stgen predict` on every slide as one dask.distributed task: a LocalCluster by "
+            "default, or an existing cluster with --scheduler tcp://host:8786. Outputs are "
+            "<out-dir>/<slide stem>.h5ad; slides whose output exists are skipped unless "
+            "--overwrite; a failing slide is reported and the others finish. Prints a summary "
+            "table and writes <out-dir>/summary.csv. Exit code 1 when any slide failed."
+        ),
+    )
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files")
+    p.add_argument("--out-dir", required=True, help="directory for the .h5ad outputs")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="e.g. tcp://host:8786")
+    p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    p.add_argument(
+        "--no-processes",
+        action="store_true",
+        help="LocalCluster workers as threads of this process (no worker processes)",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--grid", action="store_true", help="tile grid over tissue")
+    src.add_argument(
+        "--spots-dir",
+        default=None,
+        metavar="DIR",
+        help="spots CSVs named <slide stem>_spots.csv or <slide stem>.csv",
+    )
+    add_common(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inference.batch import format_summary, run_batch
+
+    rows = run_batch(
+        args.slides,
+        args.out_dir,
+        grid=args.grid,
+        spots_dir=args.spots_dir,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        processes=not args.no_processes,
+        overwrite=args.overwrite,
+        mpp=args.mpp,
+        model=args.model,
+        device=args.device,
+        region_um=args.region,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(format_summary(rows))
+    print(f"summary: {args.out_dir.rstrip('/')}/summary.csv", file=sys.stderr)
+    return 1 if any(r["status"] == "failed" for r in rows) else 0

@@ -1,0 +1,82 @@
+"""``stgen predict``: GenST expression at spots or on a tissue grid of one slide → .h5ad."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``predict`` and ``predict-batch``."""
+    p.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides)")
+    p.add_argument("--model", default="default", help="GenST checkpoint name or path")
+    p.add_argument(
+        "--region",
+        type=float,
+        nargs=4,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        default=None,
+        help="restrict to this region in µm",
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--batch-size", type=int, default=64, help="patches per model batch")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="predict expression on a slide and write .h5ad",
+        description=(
+            "Predict spatial gene expression (GenST, log1p CP10k) at the spots of a CSV "
+            "(barcode,x,y in level-0 px) or on a tile grid over tissue, and write AnnData "
+            "that scanpy/squidpy read directly (obsm['spatial'], uns['spatial'], uns['stgen'])."
+        ),
+    )
+    p.add_argument("slide", help="slide file (SVS, TIFF, OME-Zarr, JPEG/PNG with --mpp, ...)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--spots", default=None, help="CSV with columns barcode,x,y (level-0 px)")
+    src.add_argument("--grid", action="store_true", help="regular model-patch grid over tissue")
+    add_common(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inference.batch import predict_slide
+
+    if args.batch_size < 1:
+        print("stgen: error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    bar = None
+    progress = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="patch", desc="predict", file=sys.stderr, leave=False)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        path = predict_slide(
+            args.slide,
+            args.out,
+            spots=args.spots,
+            grid=args.grid,
+            mpp=args.mpp,
+            model=args.model,
+            region_um=args.region,
+            device=args.device,
+            overwrite=args.overwrite,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    print(path)
+    return 0
