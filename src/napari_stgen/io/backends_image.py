@@ -1,0 +1,162 @@
+"""Plain images (JPEG, PNG…) as lazy pyramids.
+
+The file is decoded on first access to a level, once, and kept while the slide is open. JPEG
+coarse levels (1/2, 1/4, 1/8) are decoded directly at reduced size with libjpeg's DCT scaling,
+so a zoomed-out view never decodes the full-resolution image; coarser levels are computed
+tile-wise from the level above.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from ..errors import SlideReadError
+from .slide import CHUNK_PX, Slide, _convert_block, _regular_chunks
+
+_UNIT_UM_PER_INCH = 25400.0
+
+
+def _open_pil(path: Path):  # -> PIL.Image.Image
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # slides are legitimately huge
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def _to_rgb(im) -> np.ndarray:  # PIL image -> (H, W, 3) uint8
+    mode = im.mode
+    if mode in ("RGB", "L", "RGBA", "LA"):
+        a = np.asarray(im)
+    elif mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im)
+        a = (a.astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+    elif mode == "P" and "transparency" in im.info:
+        a = np.asarray(im.convert("RGBA"))
+    else:  # P, CMYK, YCbCr, 1, …
+        a = np.asarray(im.convert("RGB"))
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return _convert_block(a)
+
+
+class _Decoded:
+    """Decode a (possibly reduced) image once, on demand, thread-safely."""
+
+    def __init__(self, path: Path, draft_size: tuple[int, int] | None) -> None:
+        self.path, self.draft_size = path, draft_size
+        self._arr: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> np.ndarray:
+        with self._lock:
+            if self._arr is None:
+                try:
+                    with _open_pil(self.path) as im:
+                        if self.draft_size is not None:
+                            im.draft("RGB", self.draft_size)
+                        im.load()
+                        self._arr = _to_rgb(im)
+                except OSError as e:
+                    raise SlideReadError(f"{self.path}: cannot decode image ({e})") from None
+            return self._arr
+
+    def release(self) -> None:
+        self._arr = None
+
+
+def _level(dec: _Decoded, shape: tuple[int, int], name: str) -> da.Array:
+    h, w = shape
+
+    def block(block_info=None) -> np.ndarray:
+        (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+        a = dec.get()
+        return np.ascontiguousarray(a[y0:y1, x0:x1])
+
+    return da.map_blocks(
+        block,
+        chunks=(_regular_chunks(h, CHUNK_PX), _regular_chunks(w, CHUNK_PX), (3,)),
+        dtype=np.uint8,
+        meta=np.empty((0, 0, 3), np.uint8),
+        name=name,
+    )
+
+
+def open_image(path: Path) -> Slide:
+    """Open a JPEG/PNG/… image as a lazy slide (mpp from its DPI when plausible)."""
+    from dask.base import tokenize
+    from PIL import UnidentifiedImageError
+
+    try:
+        im = _open_pil(path)
+    except UnidentifiedImageError:
+        raise SlideReadError(f"{path}: not a readable image") from None
+    except OSError as e:
+        raise SlideReadError(f"{path}: cannot read image ({e})") from None
+    with im:
+        w, h = im.size
+        fmt = im.format
+        mode = im.mode
+        dpi = im.info.get("dpi")
+        if mode not in ("RGB", "L", "RGBA", "LA", "P", "CMYK", "YCbCr", "1") and not (
+            mode.startswith("I;16") or mode == "I"
+        ):
+            raise SlideReadError(
+                f"{path}: pixel mode {mode!r} is not a brightfield RGB or grayscale image"
+            )
+    st = path.stat()
+    token = tokenize(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    decoders = [_Decoded(path, None)]
+    levels = [_level(decoders[0], (h, w), f"stgen-img-{token}-0")]
+    if fmt == "JPEG":
+        for k, s in enumerate((2, 4, 8), start=1):
+            if max(w, h) / s < 256:
+                break
+            want = (math.ceil(w / s), math.ceil(h / s))
+            with _open_pil(path) as im2:
+                im2.draft("RGB", want)
+                got = im2.size
+            if got != want:
+                break
+            dec = _Decoded(path, want)
+            decoders.append(dec)
+            levels.append(_level(dec, (got[1], got[0]), f"stgen-img-{token}-{k}"))
+    # validate now (cheap): decode the coarsest JPEG level, or verify PNG checksums
+    try:
+        if len(levels) > 1:
+            decoders[-1].get()
+        else:
+            with _open_pil(path) as im3:
+                im3.verify()
+    except SlideReadError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise SlideReadError(f"{path}: corrupt or truncated image ({e})") from None
+    mpp = None
+    if dpi and dpi[0] and dpi[0] > 0:
+        m = _UNIT_UM_PER_INCH / float(dpi[0])
+        if m < 20.0:
+            mpp = m
+    closers: list[Callable[[], None]] = [d.release for d in decoders]
+    return Slide(
+        path,
+        "image",
+        levels,
+        mpp,
+        mpp_source="image DPI" if mpp else None,
+        vendor=None,
+        properties={"image.format": fmt, "image.mode": mode},
+        closers=closers,
+    )
