@@ -1,0 +1,335 @@
+"""Batched, cached, cancellable tile prediction over a region, ROI or whole slide (no napari).
+
+``predict_region`` / ``predict_tiles`` are generators: each ``next()`` does one batch of
+work (one block read + one model call) and yields a :class:`PartialResult`, checking the
+cancellation token between batches, so a GUI can show results as they arrive.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from napari_stgen.coords import Grid
+from napari_stgen.errors import Cancelled
+from napari_stgen.inference.cache import TileCache, slide_key
+from napari_stgen.inference.tiles import (
+    filter_tissue,
+    read_tiles,
+    slide_grid,
+    split_blocks,
+    tile_centres_um,
+    tiles_in_labels,
+    tiles_in_region,
+    tiles_in_shapes,
+)
+
+__all__ = [
+    "CancelToken",
+    "PartialResult",
+    "Estimate",
+    "predict_tiles",
+    "predict_region",
+    "predict_roi",
+    "plan_region",
+    "plan_roi",
+    "plan_whole_slide",
+    "estimate",
+    "measure_throughput",
+    "collect",
+]
+
+
+class CancelToken:
+    """A thread-safe flag; :meth:`check` raises :class:`Cancelled` once it is set."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the work using this token to stop at its next check."""
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was called."""
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` if cancelled."""
+        if self._event.is_set():
+            raise Cancelled("prediction cancelled")
+
+
+@dataclass
+class PartialResult:
+    """One batch of predicted tiles of the slide-wide ``grid``.
+
+    ``tiles`` (n, 2) grid (row, col); ``centres_um`` (n, 2) world (y, x) µm; ``expr`` (n, G)
+    float32 in the model's normalization; ``code`` (n,) int64 gene-code index; ``done`` /
+    ``total`` count tiles over the whole request; ``cached`` how many came from the cache.
+    """
+
+    grid: Grid
+    tiles: np.ndarray
+    centres_um: np.ndarray
+    expr: np.ndarray
+    code: np.ndarray
+    done: int
+    total: int
+    cached: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Work estimate before a run: tissue tiles to predict, cached ones, seconds."""
+
+    tiles: int
+    cached: int
+    seconds: float
+    tiles_per_s: float
+
+
+_throughput: dict[str, float] = {}  # model checksum + device -> measured tiles/s
+
+
+def _tp_key(predictor: Any) -> str:
+    return f"{predictor.checksum}|{predictor.device}"
+
+
+def _keys(skey: str, predictor: Any, grid: Grid, tiles: np.ndarray) -> list[tuple]:
+    ck, t = predictor.checksum, grid.tile_um
+    return [(skey, ck, t, int(r), int(c)) for r, c in tiles]
+
+
+def _centre_out(grid: Grid, tiles: np.ndarray, centre_yx: Sequence[float] | None) -> np.ndarray:
+    if centre_yx is None or len(tiles) == 0:
+        return tiles
+    d = ((tile_centres_um(grid, tiles) - np.asarray(centre_yx, dtype=np.float64)) ** 2).sum(1)
+    return tiles[np.argsort(d, kind="stable")]
+
+
+def predict_tiles(
+    slide: Any,
+    predictor: Any,
+    tiles: np.ndarray,
+    *,
+    grid: Grid | None = None,
+    cancel: CancelToken | None = None,
+    batch_size: int = 64,
+    cache: TileCache | None = None,
+    centre_um: Sequence[float] | None = None,
+    block: int = 24,
+) -> Iterator[PartialResult]:
+    """Predict the given grid cells batch by batch.
+
+    Cached cells are yielded first in one result. The rest are read in blocks of
+    ``block``×``block`` cells (one ``read_region`` each), ordered by distance of the block
+    to ``centre_um`` (y, x) if given, and predicted ``batch_size`` at a time. Raises
+    :class:`Cancelled` at the first check after ``cancel`` is set.
+    """
+    grid = grid or slide_grid(slide, predictor.patch_um)
+    tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
+    total = len(tiles)
+    cancel = cancel or CancelToken()
+    cancel.check()
+    done = 0
+    if cache is not None and total:
+        skey = slide_key(slide)
+        keys = _keys(skey, predictor, grid, tiles)
+        hit, items = cache.get_many(keys)
+        if hit.any():
+            ht = tiles[hit]
+            done += len(ht)
+            yield PartialResult(
+                grid,
+                ht,
+                tile_centres_um(grid, ht),
+                np.stack([e for e, _ in items]).astype(np.float32),
+                np.array([c for _, c in items], dtype=np.int64),
+                done,
+                total,
+                cached=len(ht),
+            )
+        tiles = tiles[~hit]
+    if len(tiles) == 0:
+        return
+    blocks = split_blocks(tiles, block)
+    if centre_um is not None:
+        c = np.asarray(centre_um, dtype=np.float64)
+        dist = [((tile_centres_um(grid, b).mean(0) - c) ** 2).sum() for b in blocks]
+        blocks = [blocks[i] for i in np.argsort(dist, kind="stable")]
+    for btiles in blocks:
+        cancel.check()
+        btiles = _centre_out(grid, btiles, centre_um)
+        patches = read_tiles(slide, grid, btiles, predictor.patch_px)
+        for s in range(0, len(btiles), batch_size):
+            cancel.check()
+            t0 = time.perf_counter()
+            bt = btiles[s : s + batch_size]
+            out = predictor.predict(patches[s : s + batch_size])
+            dt = time.perf_counter() - t0
+            expr = np.asarray(out.expr, dtype=np.float32)
+            code = np.asarray(out.code, dtype=np.int64)
+            if dt > 0 and len(bt) >= 8:
+                k = _tp_key(predictor)
+                prev = _throughput.get(k)
+                rate = len(bt) / dt
+                _throughput[k] = rate if prev is None else 0.7 * prev + 0.3 * rate
+            if cache is not None:
+                cache.put_many(_keys(slide_key(slide), predictor, grid, bt), expr, code)
+            done += len(bt)
+            yield PartialResult(grid, bt, tile_centres_um(grid, bt), expr, code, done, total)
+
+
+def plan_region(
+    slide: Any, predictor: Any, region_um: Sequence[float], tissue_only: bool = True
+) -> tuple[Grid, np.ndarray]:
+    """Grid and cells to predict for a world region (x0, y0, x1, y1) µm."""
+    grid = slide_grid(slide, predictor.patch_um)
+    tiles = tiles_in_region(grid, region_um)
+    if tissue_only:
+        tiles = filter_tissue(slide, grid, tiles)
+    return grid, tiles
+
+
+def plan_roi(
+    slide: Any,
+    predictor: Any,
+    shapes: Sequence[tuple[str, np.ndarray]] | None = None,
+    labels: tuple[np.ndarray, Sequence[float], Sequence[float]] | None = None,
+    tissue_only: bool = False,
+) -> tuple[Grid, np.ndarray]:
+    """Grid and cells whose centre falls inside ROI shapes (world µm) or a labels image.
+
+    ``labels`` is ``(array, scale, translate)`` of a labels layer in µm.
+    """
+    grid = slide_grid(slide, predictor.patch_um)
+    parts = []
+    if shapes:
+        parts.append(tiles_in_shapes(grid, shapes))
+    if labels is not None:
+        arr, scale, translate = labels
+        parts.append(tiles_in_labels(grid, arr, scale, translate))
+    tiles = np.unique(np.concatenate(parts), axis=0) if parts else np.zeros((0, 2), np.int64)
+    if tissue_only:
+        tiles = filter_tissue(slide, grid, tiles)
+    return grid, tiles
+
+
+def plan_whole_slide(slide: Any, predictor: Any) -> tuple[Grid, np.ndarray]:
+    """Grid and every tissue cell of the slide."""
+    grid = slide_grid(slide, predictor.patch_um)
+    r, c = np.nonzero(_mask(slide, grid))
+    return grid, np.stack([r, c], axis=1).astype(np.int64)
+
+
+def _mask(slide: Any, grid: Grid) -> np.ndarray:
+    from napari_stgen.inference.tiles import tissue_mask
+
+    return tissue_mask(slide, grid)
+
+
+def predict_region(
+    slide: Any,
+    predictor: Any,
+    region_um: Sequence[float],
+    cancel: CancelToken | None = None,
+    batch_size: int = 64,
+    cache: TileCache | None = None,
+    tissue_only: bool = True,
+) -> Iterator[PartialResult]:
+    """Predict the tissue cells overlapping ``region_um`` (x0, y0, x1, y1) µm, centre first."""
+    grid, tiles = plan_region(slide, predictor, region_um, tissue_only)
+    x0, y0, x1, y1 = region_um
+    yield from predict_tiles(
+        slide,
+        predictor,
+        tiles,
+        grid=grid,
+        cancel=cancel,
+        batch_size=batch_size,
+        cache=cache,
+        centre_um=((y0 + y1) / 2.0, (x0 + x1) / 2.0),
+    )
+
+
+def predict_roi(
+    slide: Any,
+    predictor: Any,
+    shapes: Sequence[tuple[str, np.ndarray]] | None = None,
+    labels: tuple[np.ndarray, Sequence[float], Sequence[float]] | None = None,
+    cancel: CancelToken | None = None,
+    batch_size: int = 64,
+    cache: TileCache | None = None,
+) -> Iterator[PartialResult]:
+    """Predict every cell whose centre falls inside the ROI (see :func:`plan_roi`)."""
+    grid, tiles = plan_roi(slide, predictor, shapes, labels)
+    yield from predict_tiles(
+        slide, predictor, tiles, grid=grid, cancel=cancel, batch_size=batch_size, cache=cache
+    )
+
+
+def measure_throughput(slide: Any, predictor: Any, n: int = 32) -> float:
+    """Tiles per second of read + predict, measured on ``n`` tissue cells of the slide."""
+    grid, tiles = plan_whole_slide(slide, predictor)
+    if len(tiles) == 0:
+        grid = slide_grid(slide, predictor.patch_um)
+        tiles = np.array([[0, 0]], dtype=np.int64)
+    sel = tiles[np.linspace(0, len(tiles) - 1, min(n, len(tiles))).astype(int)]
+    t0 = time.perf_counter()
+    for _ in predict_tiles(slide, predictor, sel[:8], grid=grid):  # warm-up
+        pass
+    t0 = time.perf_counter()
+    for _ in predict_tiles(slide, predictor, sel, grid=grid, batch_size=len(sel)):
+        pass
+    rate = len(sel) / max(time.perf_counter() - t0, 1e-6)
+    _throughput[_tp_key(predictor)] = rate
+    return rate
+
+
+def estimate(
+    slide: Any,
+    predictor: Any,
+    tiles: np.ndarray,
+    grid: Grid | None = None,
+    cache: TileCache | None = None,
+    tiles_per_s: float | None = None,
+) -> Estimate:
+    """Tiles left to compute and seconds, from ``tiles_per_s`` or the last measured rate."""
+    grid = grid or slide_grid(slide, predictor.patch_um)
+    tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
+    cached = 0
+    if cache is not None and len(tiles):
+        keys = _keys(slide_key(slide), predictor, grid, tiles)
+        cached = sum(k in cache for k in keys)
+    rate = tiles_per_s or _throughput.get(_tp_key(predictor))
+    if rate is None:
+        rate = measure_throughput(slide, predictor)
+    todo = len(tiles) - cached
+    return Estimate(len(tiles), cached, todo / rate, rate)
+
+
+def collect(results: Iterator[PartialResult]) -> PartialResult | None:
+    """Run a prediction generator to the end and concatenate its batches."""
+    parts = list(results)
+    if not parts:
+        return None
+    return PartialResult(
+        parts[0].grid,
+        np.concatenate([p.tiles for p in parts]),
+        np.concatenate([p.centres_um for p in parts]),
+        np.concatenate([p.expr for p in parts]),
+        np.concatenate([p.code for p in parts]),
+        parts[-1].done,
+        parts[-1].total,
+        sum(p.cached for p in parts),
+    )

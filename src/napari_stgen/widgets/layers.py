@@ -1,0 +1,195 @@
+"""Build and update the napari layers that show predictions (heatmaps, spot circles, tiles).
+
+One Image layer per gene holds a slide-wide grid canvas (one pixel per model tile, NaN =
+not predicted, drawn transparent) placed in µm with the grid's ``scale``/``translate``.
+New batches are written into that canvas in place, so panning accumulates into one layer
+set. Spot mode shows a Points layer per gene coloured by the gene's feature instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from napari_stgen.widgets.state import PredictionStore
+
+__all__ = [
+    "heatmap_name",
+    "spots_name",
+    "TILES_LAYER",
+    "robust_limits",
+    "update_heatmap",
+    "update_spots",
+    "update_tiles_points",
+    "find_layer",
+]
+
+TILES_LAYER = "stgen tiles"
+
+
+def heatmap_name(gene: str) -> str:
+    """Name of a gene's heatmap layer."""
+    return f"{gene} (predicted)"
+
+
+def spots_name(gene: str) -> str:
+    """Name of a gene's spot-circle layer."""
+    return f"{gene} (predicted spots)"
+
+
+def find_layer(viewer: Any, name: str) -> Any:
+    """Layer called ``name`` or None."""
+    return viewer.layers[name] if name in viewer.layers else None
+
+
+def robust_limits(values: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> tuple[float, float]:
+    """Contrast limits from the ``lo``–``hi`` percentiles of finite values (never empty)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (0.0, 1.0)
+    a, b = np.percentile(v, [lo, hi])
+    if not b > a:
+        b = a + max(abs(a) * 1e-3, 1e-6)
+    return (float(a), float(b))
+
+
+def _auto_limits(layer: Any, values: np.ndarray) -> None:
+    # keep user-set limits: only update while the layer still shows the last automatic ones
+    md = layer.metadata.setdefault("stgen", {})
+    last = md.get("auto_limits")
+    if last is not None and not np.allclose(layer.contrast_limits, last):
+        return
+    lim = robust_limits(values)
+    md["auto_limits"] = lim
+    layer.contrast_limits_range = (
+        min(lim[0], float(np.nanmin(values))) if values.size else lim[0],
+        max(lim[1], float(np.nanmax(values))) if values.size else lim[1],
+    )
+    layer.contrast_limits = lim
+    md["auto_limits"] = tuple(float(x) for x in layer.contrast_limits)
+
+
+def update_heatmap(
+    viewer: Any,
+    store: PredictionStore,
+    gene: str,
+    new_tiles: np.ndarray | None = None,
+    *,
+    colormap: str = "inferno",
+    opacity: float = 0.7,
+    blending: str = "translucent",
+) -> Any:
+    """Create or update the heatmap layer of ``gene`` from the store; returns the layer.
+
+    With ``new_tiles`` only those cells are written into the existing canvas (in place).
+    """
+    grid = store.grid
+    gi = store.gene_index(gene)
+    name = heatmap_name(gene)
+    layer = find_layer(viewer, name)
+    md_key = (store.slide_key, store.model_checksum, grid)
+    fresh = layer is None or layer.metadata.get("stgen", {}).get("key") != md_key
+    if fresh:
+        data = store.canvas(store.expr[:, gi])
+        if layer is None:
+            layer = viewer.add_image(
+                data,
+                name=name,
+                scale=grid.scale,
+                translate=grid.translate,
+                colormap=colormap,
+                opacity=opacity,
+                blending=blending,
+                contrast_limits=robust_limits(store.expr[:, gi]),
+                interpolation2d="nearest",
+                metadata={"stgen": {"kind": "heatmap", "gene": gene, "key": md_key}},
+            )
+        else:
+            layer.data = data
+            layer.scale, layer.translate = grid.scale, grid.translate
+            layer.metadata["stgen"]["key"] = md_key
+            layer.metadata["stgen"].pop("auto_limits", None)
+    else:
+        data = layer.data
+        if new_tiles is None:
+            data[...] = np.nan
+            t, v = store.tiles, store.expr[:, gi]
+        else:
+            t = np.asarray(new_tiles, dtype=np.int64).reshape(-1, 2)
+            rows = store.rows_of(t)
+            t, v = t[rows >= 0], store.expr[rows[rows >= 0], gi]
+        data[t[:, 0], t[:, 1]] = v
+        layer.refresh()
+    _auto_limits(layer, store.expr[:, gi])
+    return layer
+
+
+def update_spots(
+    viewer: Any,
+    store: PredictionStore,
+    gene: str,
+    *,
+    colormap: str = "inferno",
+    opacity: float = 0.9,
+) -> Any:
+    """Create or update the spot-circle Points layer of ``gene`` (features = all genes)."""
+    name = spots_name(gene)
+    layer = find_layer(viewer, name)
+    feats = _features(store)
+    lim = robust_limits(store.expr[:, store.gene_index(gene)])
+    size = 0.9 * store.grid.tile_um
+    if layer is None:
+        layer = viewer.add_points(
+            store.centres_um,
+            name=name,
+            features=feats,
+            size=size,
+            face_color=gene,
+            face_colormap=colormap,
+            face_contrast_limits=lim,
+            border_width=0,
+            opacity=opacity,
+            metadata={"stgen": {"kind": "spots", "gene": gene}},
+        )
+    else:
+        layer.data = store.centres_um
+        layer.features = feats
+        layer.size = size
+        layer.face_color = gene
+        layer.face_colormap = colormap
+        layer.face_contrast_limits = lim
+        layer.refresh_colors()
+    return layer
+
+
+def update_tiles_points(viewer: Any, store: PredictionStore, visible: bool = True) -> Any:
+    """Points layer of tile centres whose features (all genes + code) show on hover."""
+    layer = find_layer(viewer, TILES_LAYER)
+    feats = _features(store)
+    if layer is None:
+        layer = viewer.add_points(
+            store.centres_um,
+            name=TILES_LAYER,
+            features=feats,
+            size=0.25 * store.grid.tile_um,
+            face_color="transparent",
+            border_color="white",
+            border_width=0.05,
+            opacity=0.6,
+            visible=visible,
+            metadata={"stgen": {"kind": "tiles"}},
+        )
+    else:
+        layer.data = store.centres_um
+        layer.features = feats
+    return layer
+
+
+def _features(store: PredictionStore) -> Any:
+    import pandas as pd
+
+    df = pd.DataFrame(store.expr, columns=store.genes, copy=False)
+    df["genst_code"] = store.code
+    return df

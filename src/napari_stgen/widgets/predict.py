@@ -1,0 +1,571 @@
+"""Predict expression dock widget: live gene heatmaps for the view, an ROI or the whole slide.
+
+Thin Qt layer over :mod:`napari_stgen.inference.engine`: every request runs in a napari
+``thread_worker`` generator that yields one batch at a time, so heatmaps fill in while the
+UI stays responsive; a newer request cancels the older one; results accumulate in the
+viewer's :class:`~napari_stgen.widgets.state.PredictionStore`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QEvent, QObject, QStringListModel, Qt, QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QCompleter,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_stgen.widgets.state import find_slide_layer, get_state
+
+MODES = ("Visible region", "ROI layer", "Whole slide")
+DISPLAYS = ("Heatmap", "Spot circles")
+COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "red", "green", "blue")
+DEBOUNCE_MS = 300
+
+
+def list_models(kinds: tuple[str, ...] = ("genst", "histotx")) -> list[str]:
+    """Model names offered in the picker: 'default' then other checkpoints in weights/."""
+    wdir = Path(__file__).resolve().parents[1] / "weights"
+    names = ["default"]
+    for p in sorted(wdir.glob("*.safetensors")):
+        kind = p.stem.split("_")[0]
+        side = p.with_suffix(".json")
+        if side.exists():
+            try:
+                kind = str(json.loads(side.read_text()).get("kind", kind))
+            except (OSError, ValueError):
+                pass
+        if kind in kinds and p.stem != "genst_default":
+            names.append(str(p))
+    return names
+
+
+def camera_of(viewer: Any) -> Any:
+    """The viewer's 2D camera (``viewer.scene.camera`` in napari >= 0.9, else ``.camera``)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
+
+
+@dataclass
+class Request:
+    """What one prediction run should cover (built on the UI thread, planned in the worker)."""
+
+    mode: str  # 'region' | 'roi' | 'slide'
+    region_um: tuple[float, float, float, float] | None = None
+    shapes: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    labels: tuple[np.ndarray, tuple, tuple] | None = None
+
+
+def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_size: int):
+    """Worker generator: load model, plan tiles, then predict batch by batch."""
+    from napari_stgen.errors import Cancelled
+    from napari_stgen.inference import engine
+    from napari_stgen.inference.cache import default_cache
+
+    try:
+        pred = state.predictor(model)
+        token.check()
+        if req.mode == "region":
+            grid, tiles = engine.plan_region(slide, pred, req.region_um)
+            centre = (
+                (req.region_um[1] + req.region_um[3]) / 2,
+                (req.region_um[0] + req.region_um[2]) / 2,
+            )
+        elif req.mode == "roi":
+            grid, tiles = engine.plan_roi(slide, pred, req.shapes, req.labels)
+            centre = None
+        else:
+            grid, tiles = engine.plan_whole_slide(slide, pred)
+            centre = None
+        yield ("plan", pred, grid, len(tiles))
+        yield from (
+            ("part", p)
+            for p in engine.predict_tiles(
+                slide,
+                pred,
+                tiles,
+                grid=grid,
+                cancel=token,
+                batch_size=batch_size,
+                cache=default_cache(),
+                centre_um=centre,
+            )
+        )
+    except Cancelled:
+        return
+
+
+def _estimate_job(state: Any, slide: Any, model: str):
+    from napari_stgen.inference import engine
+    from napari_stgen.inference.cache import default_cache
+
+    pred = state.predictor(model)
+    grid, tiles = engine.plan_whole_slide(slide, pred)
+    return engine.estimate(slide, pred, tiles, grid=grid, cache=default_cache())
+
+
+class _CloseWatcher(QObject):
+    """Stops the widget's work when its top-level window closes."""
+
+    def __init__(self, callback: Any) -> None:
+        super().__init__()
+        self._callback = callback
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt API)
+        if event.type() == QEvent.Type.Close:
+            self._callback()
+        return False
+
+
+class PredictWidget(QWidget):
+    """Plugins ▸ napari-stgen ▸ Predict expression."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.batch_size = 64
+        self.workers: list[Any] = []  # running workers (newest last)
+        self._token: Any = None
+        self._pbar: Any = None
+        self._pending_estimate: Any = None
+        self._panel: list[str] = []
+        self._watched: Any = None
+        self._build_ui()
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(DEBOUNCE_MS)
+        self._timer.timeout.connect(self._on_live_timeout)
+        cam = camera_of(self.viewer)
+        cam.events.center.connect(self._on_camera)
+        cam.events.zoom.connect(self._on_camera)
+        self.viewer.dims.events.current_step.connect(self._on_camera)
+        self.viewer.layers.events.inserted.connect(self._refresh_roi_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_roi_layers)
+        self._closer = _CloseWatcher(self.shutdown)
+        tokens = self._tokens = []  # captured by the destroyed hook (no reference to self)
+        self.destroyed.connect(lambda *_: [t.cancel() for t in tokens])
+        self._refresh_roi_layers()
+        self._load_model_async()
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        lay = QVBoxLayout(self)
+        form = QFormLayout()
+        lay.addLayout(form)
+        self.model_combo = QComboBox()
+        for name in list_models():
+            self.model_combo.addItem(Path(name).stem if name != "default" else name, name)
+        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
+        form.addRow("Model", self.model_combo)
+        self.device_label = QLabel("loading model…")
+        form.addRow("Device", self.device_label)
+
+        self.gene_edit = QLineEdit()
+        self.gene_edit.setPlaceholderText("gene symbol, e.g. ERBB2 (Enter to add)")
+        self._gene_model = QStringListModel([])
+        comp = QCompleter(self._gene_model, self)
+        comp.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+        comp.setFilterMode(Qt.MatchFlag.MatchContains)
+        self.gene_edit.setCompleter(comp)
+        self.gene_edit.returnPressed.connect(self._add_gene_from_edit)
+        add = QPushButton("Add")
+        add.clicked.connect(self._add_gene_from_edit)
+        row = QHBoxLayout()
+        row.addWidget(self.gene_edit)
+        row.addWidget(add)
+        form.addRow("Genes", row)
+        self.gene_list = QListWidget()
+        self.gene_list.setMaximumHeight(90)
+        self.gene_list.setToolTip("Genes to show; select and press Delete (or Remove) to drop")
+        rm = QPushButton("Remove selected")
+        rm.clicked.connect(self._remove_selected_genes)
+        form.addRow(self.gene_list)
+        form.addRow(rm)
+
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems(MODES)
+        self.mode_combo.currentIndexChanged.connect(self._on_mode_changed)
+        form.addRow("Region", self.mode_combo)
+        self.roi_combo = QComboBox()
+        self.roi_combo.setEnabled(False)
+        form.addRow("ROI layer", self.roi_combo)
+        self.live_check = QCheckBox("Follow the view (live)")
+        form.addRow(self.live_check)
+
+        self.display_combo = QComboBox()
+        self.display_combo.addItems(DISPLAYS)
+        self.display_combo.currentIndexChanged.connect(lambda *_: self._redraw_all())
+        form.addRow("Display", self.display_combo)
+        self.cmap_combo = QComboBox()
+        self.cmap_combo.addItems(COLORMAPS)
+        self.cmap_combo.currentTextChanged.connect(self._apply_style)
+        form.addRow("Colormap", self.cmap_combo)
+        self.opacity_slider = QSlider(Qt.Orientation.Horizontal)
+        self.opacity_slider.setRange(0, 100)
+        self.opacity_slider.setValue(70)
+        self.opacity_slider.valueChanged.connect(self._apply_style)
+        form.addRow("Opacity", self.opacity_slider)
+        self.blend_combo = QComboBox()
+        self.blend_combo.addItems(["translucent", "additive"])
+        self.blend_combo.currentTextChanged.connect(self._apply_style)
+        form.addRow("Blending", self.blend_combo)
+        self.points_check = QCheckBox("Tile values on hover (points layer)")
+        self.points_check.setChecked(True)
+        form.addRow(self.points_check)
+
+        btns = QHBoxLayout()
+        self.predict_btn = QPushButton("Predict")
+        self.predict_btn.clicked.connect(self.predict)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.cancel_btn.setEnabled(False)
+        btns.addWidget(self.predict_btn)
+        btns.addWidget(self.cancel_btn)
+        lay.addLayout(btns)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        lay.addWidget(self.status_label)
+        lay.addStretch(1)
+
+    # ------------------------------------------------------------------ genes
+    @property
+    def genes(self) -> list[str]:
+        """Genes currently chosen for display."""
+        return [self.gene_list.item(i).text() for i in range(self.gene_list.count())]
+
+    def set_genes(self, genes: list[str]) -> None:
+        """Replace the chosen genes (unknown names are reported and skipped)."""
+        self.gene_list.clear()
+        for g in genes:
+            self.add_gene(g)
+
+    def add_gene(self, gene: str) -> bool:
+        """Add ``gene`` (case-insensitive match against the panel); False if unknown."""
+        gene = gene.strip()
+        if not gene:
+            return False
+        if self._panel:
+            match = {g.upper(): g for g in self._panel}.get(gene.upper())
+            if match is None:
+                self._notify(f"{gene!r} is not in the model's gene panel", error=True)
+                return False
+            gene = match
+        if gene not in self.genes:
+            self.gene_list.addItem(gene)
+            if len(self.state.store):
+                self._redraw_gene(gene)
+        return True
+
+    def _add_gene_from_edit(self) -> None:
+        for g in self.gene_edit.text().replace(",", " ").split():
+            self.add_gene(g)
+        self.gene_edit.clear()
+
+    def _remove_selected_genes(self) -> None:
+        for item in self.gene_list.selectedItems():
+            self.gene_list.takeItem(self.gene_list.row(item))
+
+    # ------------------------------------------------------------------ model
+    def _on_model_changed(self, *_: Any) -> None:
+        self.state.set_model(self.model_combo.currentData())
+        self.device_label.setText("loading model…")
+        self._load_model_async()
+
+    def _load_model_async(self) -> None:
+        from napari.qt.threading import thread_worker
+
+        name = self.model_combo.currentData() or "default"
+        self.state.set_model(name)
+        worker = thread_worker(self.state.predictor, start_thread=False)(name)
+        worker.returned.connect(self._on_model_loaded)
+        worker.errored.connect(self._on_model_error)
+        self._start(worker)
+
+    def _on_model_loaded(self, pred: Any) -> None:
+        from napari_stgen.inference.device import describe_device
+
+        self._panel = list(pred.genes)
+        self._gene_model.setStringList(self._panel)
+        self.device_label.setText(f"{describe_device(pred.device)} · {len(self._panel)} genes")
+        if not self.genes and self._panel:
+            self.add_gene("ERBB2" if "ERBB2" in self._panel else self._panel[0])
+
+    def _on_model_error(self, exc: BaseException) -> None:
+        self.device_label.setText("no model")
+        self._notify(f"cannot load model: {exc}", error=True)
+
+    # ------------------------------------------------------------------ regions
+    def visible_region_um(self) -> tuple[float, float, float, float]:
+        """World rectangle (x0, y0, x1, y1) µm on screen (camera centre, zoom, canvas size)."""
+        from napari_stgen.inference.tiles import visible_region_um
+
+        cam = camera_of(self.viewer)
+        return visible_region_um(cam.center, cam.zoom, self.viewer.canvas.size)
+
+    def _roi_layers(self) -> list[Any]:
+        from napari.layers import Labels, Shapes
+
+        return [ly for ly in self.viewer.layers if isinstance(ly, (Shapes, Labels))]
+
+    def _refresh_roi_layers(self, *_: Any) -> None:
+        current = self.roi_combo.currentText()
+        self.roi_combo.clear()
+        names = [ly.name for ly in self._roi_layers()]
+        self.roi_combo.addItems(names)
+        if current in names:
+            self.roi_combo.setCurrentText(current)
+
+    def _on_mode_changed(self, *_: Any) -> None:
+        self.roi_combo.setEnabled(self.mode_combo.currentText() == "ROI layer")
+        self._pending_estimate = None
+        self.predict_btn.setText("Predict")
+
+    def _roi_request(self) -> Request:
+        from napari.layers import Labels, Shapes
+
+        from napari_stgen.errors import StgenError
+
+        name = self.roi_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise StgenError("ROI mode: add a Shapes or Labels layer and choose it")
+        layer = self.viewer.layers[name]
+        if isinstance(layer, Shapes):
+            shapes = [
+                (st, np.asarray(layer.data_to_world(v))[:, -2:])
+                for st, v in zip(layer.shape_type, layer.data, strict=True)
+            ]
+            if not shapes:
+                raise StgenError(f"ROI layer {name!r} has no shapes")
+            return Request("roi", shapes=shapes)
+        if isinstance(layer, Labels):
+            data = np.asarray(layer.data)
+            if data.ndim != 2:
+                raise StgenError(f"ROI layer {name!r} must be 2D")
+            tr = tuple(float(v) for v in layer.translate[-2:])
+            return Request("roi", labels=(data, tuple(layer.scale[-2:]), tr))
+        raise StgenError(f"ROI layer {name!r} is not a Shapes or Labels layer")
+
+    # ------------------------------------------------------------------ running
+    def _current_slide(self) -> Any:
+        from napari_stgen.errors import StgenError
+
+        layer = find_slide_layer(self.viewer)
+        if layer is None:
+            raise StgenError("open a slide first (File ▸ Open or File ▸ Open Sample)")
+        return self.state.set_slide_layer(layer)
+
+    def predict(self) -> Any:
+        """Start a prediction for the chosen mode (cancelling any running one)."""
+        from napari.qt.threading import thread_worker
+
+        from napari_stgen.errors import StgenError
+
+        mode = self.mode_combo.currentText()
+        try:
+            slide = self._current_slide()
+            if mode == "Visible region":
+                req = Request("region", region_um=self.visible_region_um())
+            elif mode == "ROI layer":
+                req = self._roi_request()
+            else:
+                if self._pending_estimate is None:
+                    return self._estimate_whole_slide(slide)
+                self._pending_estimate = None
+                self.predict_btn.setText("Predict")
+                req = Request("slide")
+        except StgenError as e:
+            self._notify(str(e), error=True)
+            return None
+        self.cancel()
+        from napari_stgen.inference.engine import CancelToken
+
+        token = self._token = CancelToken()
+        self._tokens.append(token)
+        worker = thread_worker(_job, start_thread=False)(
+            self.state, slide, self.state.model_name, req, token, self.batch_size
+        )
+        worker.yielded.connect(lambda msg, w=worker, t=token: self._on_yield(msg, w, t))
+        worker.errored.connect(lambda e: self._notify(f"prediction failed: {e}", error=True))
+        worker.finished.connect(lambda t=token: self._on_finished(t))
+        self.cancel_btn.setEnabled(True)
+        self.status_label.setText("preparing…")
+        self._start(worker)
+        return worker
+
+    def _estimate_whole_slide(self, slide: Any) -> Any:
+        from napari.qt.threading import thread_worker
+
+        self.status_label.setText("estimating whole-slide work…")
+        worker = thread_worker(_estimate_job, start_thread=False)(
+            self.state, slide, self.state.model_name
+        )
+
+        def done(est: Any) -> None:
+            self._pending_estimate = est
+            self.status_label.setText(
+                f"Whole slide: {est.tiles:,} tissue tiles ({est.cached:,} cached), "
+                f"about {est.seconds:,.0f} s at {est.tiles_per_s:.0f} tiles/s. "
+                "Press Confirm to start."
+            )
+            self.predict_btn.setText(f"Confirm (~{est.seconds:,.0f} s)")
+
+        worker.returned.connect(done)
+        worker.errored.connect(lambda e: self._notify(f"estimate failed: {e}", error=True))
+        self._start(worker)
+        return worker
+
+    def _start(self, worker: Any) -> None:
+        self.workers.append(worker)
+        worker.finished.connect(
+            lambda w=worker: self.workers.remove(w) if w in self.workers else None
+        )
+        self._watch_window()
+        worker.start()
+
+    def _on_yield(self, msg: tuple, worker: Any, token: Any) -> None:
+        if token.cancelled:
+            return
+        if msg[0] == "plan":
+            _, pred, grid, n = msg
+            self.state.store.ensure(self.state.slide, pred, grid)
+            self._close_pbar()
+            from napari.utils import progress
+
+            self._pbar = progress(total=max(n, 1), desc="Predicting expression")
+            self.status_label.setText(f"{n} tissue tiles to predict")
+            if n == 0:
+                self.status_label.setText("no tissue tiles in this region")
+            return
+        part = msg[1]
+        self.state.store.add_result(part)
+        self._redraw_all(part.tiles)
+        if self._pbar is not None:
+            self._pbar.n = part.done
+            self._pbar.refresh()
+        cached = f", {part.cached} from cache" if part.cached else ""
+        self.status_label.setText(f"{part.done}/{part.total} tiles{cached}")
+
+    def _on_finished(self, token: Any) -> None:
+        if token is self._token:
+            self._close_pbar()
+            self.cancel_btn.setEnabled(False)
+            if token.cancelled:
+                self.status_label.setText("cancelled")
+        if token in self._tokens:
+            self._tokens.remove(token)
+
+    def _close_pbar(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+    def cancel(self) -> None:
+        """Cancel the running prediction (it stops after its current batch)."""
+        if self._token is not None:
+            self._token.cancel()
+        for w in list(self.workers):
+            if hasattr(w, "quit"):
+                w.quit()
+        self._close_pbar()
+        self.cancel_btn.setEnabled(False)
+
+    def shutdown(self) -> None:
+        """Stop live updates and all work (the viewer is closing)."""
+        self._timer.stop()
+        self.live_check.setChecked(False)
+        for t in list(self._tokens):
+            t.cancel()
+        self.cancel()
+
+    def _watch_window(self) -> None:
+        win = self.window()
+        if win is not self and win is not self._watched:
+            win.installEventFilter(self._closer)
+            self._watched = win
+
+    # ------------------------------------------------------------------ live
+    def _on_camera(self, *_: Any) -> None:
+        if self.live_check.isChecked() and self.mode_combo.currentText() == "Visible region":
+            self._timer.start()
+
+    def _on_live_timeout(self) -> None:
+        if self.live_check.isChecked():
+            self.predict()
+
+    # ------------------------------------------------------------------ display
+    def _style(self) -> dict[str, Any]:
+        return {
+            "colormap": self.cmap_combo.currentText(),
+            "opacity": self.opacity_slider.value() / 100.0,
+        }
+
+    def _redraw_gene(self, gene: str, new_tiles: np.ndarray | None = None) -> None:
+        from napari_stgen.widgets import layers as L
+
+        store = self.state.store
+        if store.grid is None or len(store) == 0 or gene not in store.genes:
+            return
+        if self.display_combo.currentText() == "Heatmap":
+            L.update_heatmap(
+                self.viewer,
+                store,
+                gene,
+                new_tiles,
+                blending=self.blend_combo.currentText(),
+                **self._style(),
+            )
+            old = L.find_layer(self.viewer, L.spots_name(gene))
+            if old is not None:
+                old.visible = False
+        else:
+            L.update_spots(self.viewer, store, gene, **self._style())
+            old = L.find_layer(self.viewer, L.heatmap_name(gene))
+            if old is not None:
+                old.visible = False
+
+    def _redraw_all(self, new_tiles: np.ndarray | None = None) -> None:
+        from napari_stgen.widgets import layers as L
+
+        for g in self.genes:
+            self._redraw_gene(g, new_tiles)
+        if self.points_check.isChecked() and len(self.state.store):
+            L.update_tiles_points(self.viewer, self.state.store)
+
+    def _apply_style(self, *_: Any) -> None:
+        from napari_stgen.widgets import layers as L
+
+        st = self._style()
+        for g in self.genes:
+            for name in (L.heatmap_name(g), L.spots_name(g)):
+                layer = L.find_layer(self.viewer, name)
+                if layer is None:
+                    continue
+                layer.opacity = st["opacity"]
+                if name == L.heatmap_name(g):
+                    layer.colormap = st["colormap"]
+                    layer.blending = self.blend_combo.currentText()
+                else:
+                    layer.face_colormap = st["colormap"]
+                    layer.refresh_colors()
+
+    def _notify(self, msg: str, error: bool = False) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        self.status_label.setText(msg)
+        (show_error if error else show_info)(msg)

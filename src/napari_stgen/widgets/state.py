@@ -1,0 +1,297 @@
+"""Per-viewer shared state of the napari-stgen widgets (psygnal signals, no Qt).
+
+``get_state(viewer)`` returns the one :class:`StgenState` of a viewer. It holds the slide
+layer and its opened slide, the model name (and loaded predictors), code names, and the
+:class:`PredictionStore`: every tile predicted in this viewer (tile indices, centres µm,
+expression, gene codes), accumulated across views, which the Codebook, Synthesize and
+Export widgets read instead of running the model again.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+from psygnal import Signal
+
+from napari_stgen.coords import Grid
+
+__all__ = ["PredictionStore", "StgenState", "get_state", "slide_from_layer", "find_slide_layer"]
+
+
+class PredictionStore:
+    """Slide-wide accumulation of per-tile predictions of one model on one slide.
+
+    Rows are unique grid cells; adding a cell again overwrites its row. ``changed`` emits
+    the (n, 2) cells just added (or an empty array after :meth:`reset`).
+    """
+
+    changed = Signal(object)
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.grid: Grid | None = None
+        self.genes: list[str] = []
+        self.slide_key: str | None = None
+        self.model_checksum: str | None = None
+        self.model_name: str | None = None
+        self.mpp: float | None = None
+        self._alloc(0, 0)
+
+    def _alloc(self, n_cells: int, n_genes: int, cap: int = 256) -> None:
+        self._row_of = np.full(n_cells, -1, dtype=np.int64)
+        self._tiles = np.zeros((cap, 2), dtype=np.int64)
+        self._expr = np.zeros((cap, n_genes), dtype=np.float32)
+        self._code = np.zeros(cap, dtype=np.int64)
+        self._n = 0
+
+    # ---------------------------------------------------------------- identity
+    def matches(self, slide_key: str, model_checksum: str, grid: Grid) -> bool:
+        """Whether this store holds results of this slide, model and grid."""
+        return (
+            self.slide_key == slide_key
+            and self.model_checksum == model_checksum
+            and self.grid == grid
+        )
+
+    def reset(
+        self,
+        grid: Grid | None = None,
+        genes: list[str] | None = None,
+        slide_key: str | None = None,
+        model_checksum: str | None = None,
+        model_name: str | None = None,
+        mpp: float | None = None,
+    ) -> None:
+        """Forget all predictions and start a store for a new slide/model/grid."""
+        with self._lock:
+            self.grid, self.genes = grid, list(genes or [])
+            self.slide_key, self.model_checksum, self.model_name = (
+                slide_key,
+                model_checksum,
+                model_name,
+            )
+            self.mpp = mpp
+            n_cells = grid.shape[0] * grid.shape[1] if grid is not None else 0
+            self._alloc(n_cells, len(self.genes))
+        self.changed.emit(np.zeros((0, 2), dtype=np.int64))
+
+    def ensure(self, slide: Any, predictor: Any, grid: Grid) -> None:
+        """Reset unless the store already holds this slide, model and grid."""
+        from napari_stgen.inference.cache import slide_key
+
+        key = slide_key(slide)
+        if not self.matches(key, predictor.checksum, grid):
+            self.reset(
+                grid, list(predictor.genes), key, predictor.checksum, predictor.name, slide.mpp
+            )
+
+    # ---------------------------------------------------------------- writing
+    def add(self, tiles: np.ndarray, expr: np.ndarray, code: np.ndarray) -> None:
+        """Insert or overwrite predictions of grid cells ``tiles`` (n, 2)."""
+        if self.grid is None:
+            raise RuntimeError("PredictionStore.add before reset(grid, genes, ...)")
+        tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
+        if len(tiles) == 0:
+            return
+        expr = np.asarray(expr, dtype=np.float32)
+        code = np.asarray(code, dtype=np.int64)
+        with self._lock:
+            flat = tiles[:, 0] * self.grid.shape[1] + tiles[:, 1]
+            rows = self._row_of[flat]
+            new = rows < 0
+            n_new = int(new.sum())
+            if self._n + n_new > len(self._tiles):
+                cap = max(2 * len(self._tiles), self._n + n_new)
+                self._tiles = _grow(self._tiles, cap)
+                self._expr = _grow(self._expr, cap)
+                self._code = _grow(self._code, cap)
+            rows = rows.copy()
+            rows[new] = np.arange(self._n, self._n + n_new)
+            self._row_of[flat[new]] = rows[new]
+            self._tiles[rows] = tiles
+            self._expr[rows] = expr
+            self._code[rows] = code
+            self._n += n_new
+        self.changed.emit(tiles)
+
+    def add_result(self, result: Any) -> None:
+        """Add an engine :class:`PartialResult`."""
+        self.add(result.tiles, result.expr, result.code)
+
+    # ---------------------------------------------------------------- reading
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def tiles(self) -> np.ndarray:
+        """(N, 2) grid cells (row, col) of the stored predictions."""
+        return self._tiles[: self._n]
+
+    @property
+    def expr(self) -> np.ndarray:
+        """(N, G) float32 predicted expression (the model's normalization)."""
+        return self._expr[: self._n]
+
+    @property
+    def code(self) -> np.ndarray:
+        """(N,) int64 gene-code index per tile."""
+        return self._code[: self._n]
+
+    @property
+    def centres_um(self) -> np.ndarray:
+        """(N, 2) world (y, x) µm of the tile centres."""
+        if self.grid is None:
+            return np.zeros((0, 2))
+        return np.asarray(self.grid.origin_um) + (self.tiles + 0.5) * self.grid.tile_um
+
+    @property
+    def xy_px(self) -> np.ndarray:
+        """(N, 2) level-0 pixel (x, y) of the tile centres (AnnData ``obsm['spatial']``)."""
+        if not self.mpp:
+            raise RuntimeError("store has no slide µm/px")
+        return self.centres_um[:, ::-1] / self.mpp
+
+    @property
+    def tile_ids(self) -> list[str]:
+        """Stable tile names ``tile_<row>_<col>`` (AnnData ``obs_names``)."""
+        return [f"tile_{r}_{c}" for r, c in self.tiles]
+
+    def gene_index(self, gene: str) -> int:
+        """Column of ``gene`` in :attr:`expr` (KeyError naming the gene if absent)."""
+        try:
+            return self.genes.index(gene)
+        except ValueError:
+            raise KeyError(f"gene {gene!r} is not in the model's panel") from None
+
+    def rows_of(self, tiles: np.ndarray) -> np.ndarray:
+        """Store rows of grid cells ``tiles`` (-1 where not predicted)."""
+        tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
+        if self.grid is None or len(tiles) == 0:
+            return np.full(len(tiles), -1, dtype=np.int64)
+        return self._row_of[tiles[:, 0] * self.grid.shape[1] + tiles[:, 1]]
+
+    def rows_in_region(self, region_um: tuple[float, float, float, float]) -> np.ndarray:
+        """Rows whose tile centre lies in world (x0, y0, x1, y1) µm."""
+        x0, y0, x1, y1 = region_um
+        c = self.centres_um
+        sel = (c[:, 1] >= x0) & (c[:, 1] < x1) & (c[:, 0] >= y0) & (c[:, 0] < y1)
+        return np.flatnonzero(sel)
+
+    def canvas(
+        self, values: np.ndarray, fill: float = np.nan, dtype: Any = np.float32
+    ) -> np.ndarray:
+        """Slide-wide grid image (rows, cols) with ``values`` (N,) at the stored cells."""
+        assert self.grid is not None
+        out = np.full(self.grid.shape, fill, dtype=dtype)
+        t = self.tiles
+        out[t[:, 0], t[:, 1]] = values
+        return out
+
+
+def _grow(a: np.ndarray, cap: int) -> np.ndarray:
+    out = np.zeros((cap,) + a.shape[1:], dtype=a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+class StgenState:
+    """Shared state of one viewer's napari-stgen widgets."""
+
+    slide_changed = Signal(object)  # the slide layer (or None)
+    model_changed = Signal(str)
+    code_names_changed = Signal(dict)
+
+    def __init__(self) -> None:
+        self.slide_layer: Any = None
+        self.slide: Any = None
+        self.model_name: str = "default"
+        self.store = PredictionStore()
+        self.code_names: dict[int, str] = {}
+        self._predictors: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def set_slide_layer(self, layer: Any) -> Any:
+        """Use ``layer`` (a slide image layer) as the current slide; returns the opened slide."""
+        if layer is self.slide_layer and self.slide is not None:
+            return self.slide
+        self.slide = slide_from_layer(layer) if layer is not None else None
+        self.slide_layer = layer
+        self.slide_changed.emit(layer)
+        return self.slide
+
+    def set_model(self, name: str) -> None:
+        """Choose the model (name or checkpoint path) used by the widgets."""
+        if name != self.model_name:
+            self.model_name = name
+            self.model_changed.emit(name)
+
+    def predictor(self, name: str | None = None) -> Any:
+        """The loaded GenST predictor for ``name`` (default: the current model), loaded once."""
+        name = name or self.model_name
+        with self._lock:
+            pred = self._predictors.get(name)
+            if pred is None:
+                from napari_stgen.inference.predictor import load_genst
+
+                pred = load_genst(name)
+                self._predictors[name] = pred
+            return pred
+
+    def set_code_name(self, code: int, name: str) -> None:
+        """Name a gene code (empty name removes it); travels with exports."""
+        name = name.strip()
+        if name:
+            self.code_names[int(code)] = name
+        else:
+            self.code_names.pop(int(code), None)
+        self.code_names_changed.emit(dict(self.code_names))
+
+
+_states: dict[int, StgenState] = {}
+
+
+def get_state(viewer: Any) -> StgenState:
+    """The :class:`StgenState` of ``viewer`` (created on first use, dropped with the viewer)."""
+    key = id(viewer)
+    st = _states.get(key)
+    if st is None:
+        st = _states[key] = StgenState()
+        weakref.finalize(viewer, _states.pop, key, None)
+    return st
+
+
+def slide_from_layer(layer: Any) -> Any:
+    """The :class:`~napari_stgen.io.slide.Slide` behind an image layer opened by napari-stgen.
+
+    Uses a Slide object in ``layer.metadata`` when present, else reopens the path recorded
+    in the metadata (or the layer's source) with its µm/px.
+    """
+    from napari_stgen.errors import StgenError
+    from napari_stgen.io.slide import Slide, open_slide
+
+    md = dict(getattr(layer, "metadata", {}) or {})
+    for v in (md.get("slide"), md.get("stgen_slide")):
+        if isinstance(v, Slide):
+            return v
+    info = md.get("stgen") if isinstance(md.get("stgen"), dict) else md
+    path = info.get("path") or md.get("path") or getattr(layer.source, "path", None)
+    if not path:
+        raise StgenError(f"layer {layer.name!r} was not opened from a slide file")
+    mpp = info.get("mpp") or md.get("mpp")
+    return open_slide(path, mpp=mpp)
+
+
+def find_slide_layer(viewer: Any) -> Any:
+    """The selected RGB image layer if any, else the top-most RGB image layer (or None)."""
+    from napari.layers import Image
+
+    active = viewer.layers.selection.active
+    if isinstance(active, Image) and active.rgb:
+        return active
+    for layer in reversed(viewer.layers):
+        if isinstance(layer, Image) and layer.rgb:
+            return layer
+    return None
