@@ -314,14 +314,16 @@ def to_rgb_uint8(arr: da.Array, axes: str, where: Path) -> da.Array:
                 f"{where}: has {n} planes along axis {a!r}; napari-stgen reads 2-D "
                 "brightfield (RGB or grayscale) slides"
             )
-    arr = arr[tuple(idx)]
+    if any(i == 0 for i in idx):
+        arr = arr[tuple(idx)]
     if "Y" not in kept or "X" not in kept:
         raise SlideReadError(f"{where}: no Y/X image axes in {axes!r}")
     chan = [a for a in kept if a in "CS"]
     if len(chan) > 1:
         raise SlideReadError(f"{where}: more than one channel axis in {axes!r}")
     order = [kept.index("Y"), kept.index("X")] + ([kept.index(chan[0])] if chan else [])
-    arr = arr.transpose(order)
+    if order != sorted(order):
+        arr = arr.transpose(order)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     c = arr.shape[2]
