@@ -247,14 +247,33 @@ def _resize_rgb(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BOX))
 
 
+def _resample(level: np.ndarray, d_yx: tuple[float, float], s: float, w: int, h: int) -> np.ndarray:
+    """(h, w) thumbnail whose pixel j is centred on level-0 pixel j / s (scanpy's convention).
+
+    ``level`` is a pyramid level with downsample ``d_yx`` (level-0 px per level px); box
+    filter, edges replicated so the half-pixel shift never reads outside.
+    """
+    from PIL import Image
+
+    a = np.ascontiguousarray(np.asarray(level)[..., :3], dtype=np.uint8)
+    dy, dx = d_yx
+    if s == 1.0 and dy == 1.0 and dx == 1.0 and a.shape[:2] == (h, w):
+        return a
+    pad = int(np.ceil(0.5 / (s * min(dx, dy)))) + 1
+    a = np.pad(a, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    b = 0.5 - 0.5 / s  # level-0 continuous coordinate of the thumbnail's left/top edge
+    box = (b / dx + pad, b / dy + pad, (b + w / s) / dx + pad, (b + h / s) / dy + pad)
+    return np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.BOX, box=box))
+
+
 def thumbnails_from_levels(
     levels: Sequence[Any], max_px: Sequence[int] = (HIRES_PX, LOWRES_PX)
 ) -> list[tuple[np.ndarray, float]]:
     """(image, scalefactor) per ``max_px`` from a pyramid (level 0 first, (H, W, 3) arrays).
 
     Reads the coarsest stored level that is at least as large as wanted (never level 0 of a
-    pyramid unless it is the only one large enough), then resizes so that a level-0 pixel
-    coordinate times the scalefactor is the thumbnail pixel coordinate (Visium convention).
+    pyramid unless it is the only one large enough), then resamples so that thumbnail pixel
+    j is centred on level-0 pixel j / scalefactor (the Visium / scanpy convention).
     """
     h0, w0 = int(levels[0].shape[0]), int(levels[0].shape[1])
     out = []
@@ -272,7 +291,9 @@ def thumbnails_from_levels(
             if a.ndim == 2:
                 a = np.repeat(a[..., None], 3, axis=2)
             cache[k] = a
-        out.append((_resize_rgb(cache[k], w, h), s))
+        lev = cache[k]
+        d = (h0 / lev.shape[0], w0 / lev.shape[1])
+        out.append((_resample(lev, d, s, w, h), s))
     return out
 
 

@@ -1,0 +1,333 @@
+"""AnnData export/import: round trips, scanpy alignment on real slides, atomic writes."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from napari_stgen.errors import StgenError
+from napari_stgen.io.anndata import (
+    GeneratedTile,
+    Roi,
+    predictions_to_anndata,
+    read_generated_tiles,
+    read_h5ad_layers,
+    write_h5ad,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def sample_paths() -> tuple[Path, Path]:
+    """The packaged HER2ST C3 sample slide and its spots CSV."""
+    try:
+        from napari_stgen.io.sample import sample_slide_path, sample_spots_path
+
+        return Path(sample_slide_path()), Path(sample_spots_path())
+    except ImportError:  # before the sample module lands
+        return REPO / "sample_data" / "her2st_C3.tif", REPO / "sample_data" / "her2st_C3_spots.csv"
+
+
+def _layers_by_type(layers, kind):
+    return [ly for ly in layers if ly[2] == kind]
+
+
+# ----------------------------------------------------------------------------- property test
+names = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1, max_size=8)
+
+
+@st.composite
+def exports(draw):
+    n = draw(st.integers(1, 30))
+    genes = draw(st.lists(names, min_size=1, max_size=6, unique=True))
+    finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+    expr = np.array(draw(st.lists(finite, min_size=n * len(genes), max_size=n * len(genes))))
+    expr = expr.astype(np.float32).reshape(n, len(genes))
+    xy = np.array(draw(st.lists(st.floats(0, 1e5), min_size=2 * n, max_size=2 * n))).reshape(n, 2)
+    mpp = draw(st.floats(0.1, 5.0))
+    n_codes = draw(st.integers(1, 8))
+    codes = np.array(draw(st.lists(st.integers(0, n_codes - 1), min_size=n, max_size=n)))
+    code_names = {k: draw(names) for k in range(n_codes) if draw(st.booleans())}
+    nv = [draw(st.integers(3, 6)) for _ in range(draw(st.integers(0, 3)))]
+    rois = [
+        Roi(
+            np.array(draw(st.lists(st.floats(0, 1e4), min_size=2 * k, max_size=2 * k))).reshape(
+                -1, 2
+            ),
+            draw(st.sampled_from(["polygon", "rectangle", "path"])),
+            draw(names),
+        )
+        for k in nv
+    ]
+    gen = []
+    for i in range(draw(st.integers(0, 2))):
+        g = genes[: draw(st.integers(1, len(genes)))]
+        gen.append(
+            GeneratedTile(
+                id=f"gen{i}",
+                image=np.array(
+                    draw(st.lists(st.integers(0, 255), min_size=4 * 5 * 3, max_size=4 * 5 * 3)),
+                    dtype=np.uint8,
+                ).reshape(4, 5, 3),
+                origin_yx_um=(draw(st.floats(0, 1e4)), draw(st.floats(0, 1e4))),
+                px_um=draw(st.floats(0.1, 2.0)),
+                genes=list(g),
+                condition=np.array(draw(st.lists(finite, min_size=len(g), max_size=len(g)))),
+                guidance_genes=draw(st.floats(0, 10)),
+                guidance_morph=draw(st.floats(0, 10)),
+                steps=draw(st.integers(1, 100)),
+                seed=draw(st.integers(0, 2**31 - 1)),
+                model="stmdit-test",
+                model_checksum=draw(st.text("0123456789abcdef", min_size=64, max_size=64)),
+            )
+        )
+    return expr, genes, xy, mpp, codes, code_names, rois, gen
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(exports())
+def test_roundtrip_export_import(case):
+    expr, genes, xy, mpp, codes, code_names, rois, gen = case
+    adata = predictions_to_anndata(
+        expr, genes, xy, mpp=mpp, codes=codes, code_names=code_names, rois=rois, generated=gen
+    )
+    with tempfile.TemporaryDirectory() as d:
+        path = write_h5ad(adata, Path(d) / "x.h5ad")
+        layers = read_h5ad_layers(path)
+        tiles = read_generated_tiles(path)
+
+    (pts,) = _layers_by_type(layers, "points")
+    data, meta, _ = pts
+    # coordinates in µm, napari (row, col) = (y, x)
+    np.testing.assert_allclose(data, xy[:, ::-1] * mpp, rtol=1e-12, atol=1e-9)
+    feats = meta["features"]
+    np.testing.assert_array_equal(feats[genes].to_numpy(np.float32), expr)
+    np.testing.assert_array_equal(feats["genst_code"].to_numpy(), codes)
+    if code_names:
+        want = [code_names.get(int(c), f"code {int(c)}") for c in codes]
+        assert [str(v) for v in feats["genst_code_name"]] == want
+    assert meta["metadata"]["mpp"] == pytest.approx(mpp)
+
+    shapes = _layers_by_type(layers, "shapes")
+    if rois:
+        (sh,) = shapes
+        assert len(sh[0]) == len(rois)  # every shape, not only the first
+        for v, r in zip(sh[0], rois, strict=True):
+            np.testing.assert_array_equal(v, r.vertices_yx_um)
+        assert sh[1]["shape_type"] == [r.shape_type for r in rois]
+        assert list(sh[1]["features"]["name"]) == [r.name for r in rois]
+    else:
+        assert not shapes
+
+    assert len(tiles) == len(gen)
+    imgs = [ly for ly in layers if ly[2] == "image" and "stgen_generated" in ly[1]["metadata"]]
+    for t, want, img in zip(tiles, gen, imgs, strict=True):
+        np.testing.assert_array_equal(t.image, want.image)
+        np.testing.assert_array_equal(t.condition, want.condition.astype(np.float32))
+        assert t.genes == want.genes
+        assert (t.seed, t.steps, t.model_checksum) == (want.seed, want.steps, want.model_checksum)
+        assert t.guidance_genes == want.guidance_genes
+        assert t.guidance_morph == want.guidance_morph
+        assert t.origin_yx_um == pytest.approx(want.origin_yx_um)
+        s = want.px_um
+        assert img[1]["scale"] == pytest.approx((s, s))
+        assert img[1]["translate"] == pytest.approx(
+            (want.origin_yx_um[0] + s / 2, want.origin_yx_um[1] + s / 2)
+        )
+
+
+# ----------------------------------------------------------------------------- real slides
+@pytest.fixture(scope="module")
+def sample_export(tmp_path_factory):
+    """The sample slide's spots with their measured log1p counts, exported."""
+    from napari_stgen.io.slide import open_slide
+
+    slide_path, spots_path = sample_paths()
+    if not slide_path.exists():
+        pytest.skip(f"sample slide missing: {slide_path}")
+    df = pd.read_csv(spots_path)
+    genes = [c for c in df.columns if c not in ("barcode", "x", "y")][:8]
+    out = tmp_path_factory.mktemp("export") / "c3.h5ad"
+    with open_slide(slide_path) as slide:
+        adata = predictions_to_anndata(
+            np.log1p(df[genes].to_numpy(np.float32)),
+            genes,
+            df[["x", "y"]].to_numpy(np.float64),
+            slide=slide,
+            obs_names=df["barcode"],
+            codes=np.arange(len(df)) % 4,
+            code_names={0: "stroma", 1: "tumour"},
+        )
+        write_h5ad(adata, out)
+        yield out, df, genes, slide
+
+
+def test_scanpy_spatial_plot_aligned(sample_export):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    path, df, genes, slide = sample_export
+    adata = sc.read_h5ad(path)
+    (lib,) = adata.uns["spatial"]
+    sf = adata.uns["spatial"][lib]["scalefactors"]
+    hires = adata.uns["spatial"][lib]["images"]["hires"]
+    s = sf["tissue_hires_scalef"]
+    assert max(hires.shape[:2]) <= 2000
+    # the hires image spans the whole slide at the scalefactor
+    assert hires.shape[1] == pytest.approx(slide.width * s, abs=1)
+    assert hires.shape[0] == pytest.approx(slide.height * s, abs=1)
+
+    ax = sc.pl.spatial(adata, color=genes[0], show=False)
+    ax = ax[0] if isinstance(ax, list) else ax
+    (img,) = ax.images
+    x0, x1, y1, y0 = img.get_extent()
+    boxes = [p.get_extents() for p in ax.collections[0].get_paths()]
+    centres = np.array([[(b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2] for b in boxes])
+    assert len(centres) == len(df)
+    # drawn where the spots are (hires px = level-0 px × scalefactor), inside the image
+    np.testing.assert_allclose(
+        np.sort(centres, axis=0), np.sort(df[["x", "y"]].to_numpy() * s, axis=0), atol=0.5
+    )
+    assert (centres[:, 0] > x0).all() and (centres[:, 0] < x1).all()
+    assert (centres[:, 1] > y0).all() and (centres[:, 1] < y1).all()
+    plt.close("all")
+
+    # the thumbnail under a spot shows the slide's tissue at that spot: mean colour of a
+    # 7×7 hires window against the level-0 window it stands for (and a 40 px shifted one)
+    def window(x, y):
+        h = 3.5 / s
+        return slide.read_region(x - h, y - h, x + h, y + h).reshape(-1, 3).mean(0)
+
+    diffs, shifted = [], []
+    for x, y in df[["x", "y"]].to_numpy()[::12]:
+        hx, hy = int(round(x * s)), int(round(y * s))
+        th = hires[hy - 3 : hy + 4, hx - 3 : hx + 4].reshape(-1, 3).mean(0)
+        diffs.append(np.abs(th - window(hx / s, hy / s)).max())
+        shifted.append(np.abs(th - window(hx / s + 40 / s, hy / s)).max())
+    assert np.median(diffs) < 6, diffs
+    assert np.median(diffs) < np.median(shifted) / 2, (diffs, shifted)
+
+
+def test_codebook_names_and_provenance(sample_export):
+    import anndata as ad
+
+    path, df, genes, slide = sample_export
+    a = ad.read_h5ad(path)
+    assert a.X.dtype == np.float32
+    assert list(a.var_names) == genes
+    assert list(a.obs_names) == df["barcode"].astype(str).tolist()
+    np.testing.assert_allclose(a.obsm["spatial"], df[["x", "y"]].to_numpy())
+    assert a.obs["genst_code_name"].dtype.name == "category"
+    assert a.obs["genst_code_name"].iloc[0] == "stroma"
+    assert a.obs["genst_code_name"].iloc[2] == "code 2"
+    st_ = a.uns["stgen"]
+    assert st_["schema"] == "napari-stgen/1"
+    assert st_["normalization"] == "log1p_cp10k"
+    assert st_["mpp"] == pytest.approx(slide.mpp)
+    assert Path(st_["slide"]["path"]).name == slide.path.name
+    assert list(st_["code_names"]["name"]) == ["stroma", "tumour"]
+
+
+def test_refuses_overwrite_and_bad_input(tmp_path):
+    a = predictions_to_anndata(np.zeros((2, 1)), ["G"], np.zeros((2, 2)), mpp=1.0)
+    p = write_h5ad(a, tmp_path / "a.h5ad")
+    with pytest.raises(StgenError, match=str(p.name)):
+        write_h5ad(a, p)
+    write_h5ad(a, p, overwrite=True)
+    with pytest.raises(StgenError, match="duplicate gene"):
+        predictions_to_anndata(np.zeros((2, 2)), ["G", "G"], np.zeros((2, 2)))
+    with pytest.raises(StgenError, match="2 expression rows but 3 positions"):
+        predictions_to_anndata(np.zeros((2, 1)), ["G"], np.zeros((3, 2)))
+    bad = tmp_path / "bad.h5ad"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(StgenError, match="bad.h5ad"):
+        read_h5ad_layers(bad)
+
+
+def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch):
+    import anndata as ad
+    import h5py
+
+    path = tmp_path / "out.h5ad"
+    old = predictions_to_anndata(np.ones((3, 2)), ["A", "B"], np.ones((3, 2)), mpp=0.5)
+    write_h5ad(old, path)
+    before = path.read_bytes()
+
+    new = predictions_to_anndata(np.zeros((50, 2)), ["A", "B"], np.zeros((50, 2)), mpp=0.5)
+    real = h5py.Group.create_dataset
+    calls = {"n": 0}
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the temp file exists and is half written
+            assert any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+            raise OSError("disk full (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", failing)
+    with pytest.raises(OSError, match="simulated"):
+        write_h5ad(new, path, overwrite=True)
+    monkeypatch.undo()
+    assert calls["n"] > 3
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.h5ad"]  # temp file removed
+    np.testing.assert_array_equal(ad.read_h5ad(path).X, old.X)
+
+
+def test_visium_mouse_crop_roundtrip(tmp_path):
+    """A real Visium crop: spots re-exported on he_crop.jpg stay on their tissue pixels."""
+    import anndata as ad
+
+    from napari_stgen.io.slide import open_slide
+
+    d = SHARED / "visium_mouse_brain_crop"
+    if not d.exists():
+        pytest.skip(f"shared data missing: {d}")
+    src = ad.read_h5ad(d / "spots.h5ad")
+    sf = src.uns["spatial"]["V1_Adult_Mouse_Brain"]["scalefactors"]
+    mpp = 55.0 / sf["spot_diameter_fullres"]  # Visium spots are 55 µm across
+
+    # a plain Visium file (no uns['stgen']) imports in µm through its scalefactors
+    layers = read_h5ad_layers(d / "spots.h5ad")
+    (pts,) = _layers_by_type(layers, "points")
+    np.testing.assert_allclose(pts[0], src.obsm["spatial"][:, ::-1] * mpp)
+    assert pts[1]["size"] == pytest.approx(55.0)
+
+    genes = list(src.var_names[:20])
+    xy = np.asarray(src.obsm["spatial"], dtype=np.float64)
+    with open_slide(d / "he_crop.jpg", mpp=mpp) as slide:
+        a = predictions_to_anndata(
+            src[:, genes].X.toarray() if hasattr(src.X, "toarray") else src[:, genes].X,
+            genes,
+            xy,
+            slide=slide,
+            obs_names=src.obs_names,
+            spot_diameter_um=55.0,
+        )
+        out = write_h5ad(a, tmp_path / "visium.h5ad")
+        full = np.asarray(slide.levels[0])
+    b = ad.read_h5ad(out)
+    np.testing.assert_allclose(b.obsm["spatial"], xy)
+    lib = b.uns["spatial"]["he_crop"]
+    assert lib["scalefactors"]["spot_diameter_fullres"] == pytest.approx(
+        sf["spot_diameter_fullres"]
+    )
+    hires, s = lib["images"]["hires"], lib["scalefactors"]["tissue_hires_scalef"]
+    assert s == 1.0  # the crop is smaller than 2000 px: hires is the image itself
+    for x, y in xy.astype(int):
+        np.testing.assert_array_equal(hires[y, x], full[y, x])
+    layers = read_h5ad_layers(out)
+    (pts,) = _layers_by_type(layers, "points")
+    np.testing.assert_allclose(pts[0], xy[:, ::-1] * mpp)
+    (thumb,) = [ly for ly in layers if ly[1]["metadata"].get("stgen_kind") == "thumbnail"]
+    assert thumb[1]["scale"] == pytest.approx((mpp / s, mpp / s))
