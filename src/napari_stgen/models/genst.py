@@ -1,0 +1,259 @@
+"""GenST: two VQ-VAEs (histology, genes) and the alignment from image to gene latent space.
+
+::
+
+    patch (224 µm, 128 px)
+      ├─ centre 112 µm @ 64 px ─┐
+      └─ whole 224 µm @ 64 px ──┴─ HistologyEncoder (shared conv) → grid (8×8×C)
+                                     │  → 1×1 → VQ (image codebook) → HistologyDecoder → patch
+                                     └─ pool(both scales) → Aligner MLP → ẑ (gene latent)
+    profile (G genes, log1p CP10k) → GeneEncoder MLP → z → VQ (gene codebook) → GeneDecoder → G
+    inference: ẑ → gene decoder  (soft)   or   ẑ → nearest gene code → gene decoder (quantized)
+
+Imports torch at module import: import lazily from GUI code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ConvBlock, UpBlock, VectorQuantizerEMA, norm
+
+# ImageNet-like RGB statistics are irrelevant here: H&E patch statistics of HER2ST.
+RGB_MEAN = (0.66, 0.58, 0.72)
+RGB_STD = (0.16, 0.18, 0.12)
+
+
+@dataclass
+class GenSTConfig:
+    """Architecture hyper-parameters (stored in the model card)."""
+
+    n_genes: int = 250
+    patch_px: int = 128  # model input edge (px) at ``mpp``
+    patch_um: float = 224.0
+    view_px: int = 64  # each scale is encoded at this size
+    multiscale: bool = True  # centre 112 µm crop + whole 224 µm context
+    channels: tuple[int, ...] = (32, 64, 96, 128)
+    img_latent: int = 32
+    img_codes: int = 256
+    gene_hidden: int = 256
+    gene_latent: int = 32
+    gene_codes: int = 64
+    align_hidden: int = 256
+    dropout: float = 0.2
+    decode: str = "soft"  # "soft" (continuous aligned latent) or "quantized"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mpp(self) -> float:
+        return self.patch_um / self.patch_px
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenSTConfig:
+        d = dict(d)
+        d["channels"] = tuple(d.get("channels", cls.channels))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def views(x: torch.Tensor, cfg: GenSTConfig) -> list[torch.Tensor]:
+    """The scales the encoder sees: [centre crop, downsampled whole] (or just resized whole)."""
+    v = cfg.view_px
+    if not cfg.multiscale:
+        if x.shape[-1] != v:
+            x = F.interpolate(x, size=(v, v), mode="area")
+        return [x]
+    s = x.shape[-1]
+    o = (s - s // 2) // 2
+    centre = x[..., o : o + s // 2, o : o + s // 2]
+    if centre.shape[-1] != v:
+        centre = F.interpolate(centre, size=(v, v), mode="area")
+    whole = F.interpolate(x, size=(v, v), mode="area") if s != v else x
+    return [centre, whole]
+
+
+def to_input(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) or float [0,1] (N, 3, H, W) → normalized float (N, 3, H, W)."""
+    if patches.dtype == torch.uint8:
+        patches = patches.permute(0, 3, 1, 2).float() / 255.0
+    m = torch.tensor(RGB_MEAN, device=patches.device, dtype=patches.dtype)[None, :, None, None]
+    s = torch.tensor(RGB_STD, device=patches.device, dtype=patches.dtype)[None, :, None, None]
+    return (patches - m) / s
+
+
+class HistologyEncoder(nn.Module):
+    """Conv encoder: view (3, 64, 64) → feature grid (C, 8, 8)."""
+
+    def __init__(self, channels: tuple[int, ...]):
+        super().__init__()
+        blocks, cin = [], 3
+        for i, c in enumerate(channels):
+            blocks.append(ConvBlock(cin, c, stride=2 if i < 3 else 1))
+            cin = c
+        self.blocks = nn.Sequential(*blocks)
+        self.out_ch = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class HistologyDecoder(nn.Module):
+    """Latent grid (D, 8, 8) → RGB view (3, 64, 64), normalized space."""
+
+    def __init__(self, latent: int, channels: tuple[int, ...]):
+        super().__init__()
+        ch = list(channels)[::-1]
+        self.inp = nn.Conv2d(latent, ch[0], 3, 1, 1)
+        ups = [UpBlock(ch[i], ch[i + 1]) for i in range(min(3, len(ch) - 1))]
+        self.ups = nn.Sequential(*ups)
+        last = ch[min(3, len(ch) - 1)]
+        self.out = nn.Sequential(norm(last), nn.SiLU(), nn.Conv2d(last, 3, 3, 1, 1))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ups(F.silu(self.inp(q))))
+
+
+class HistologyVQVAE(nn.Module):
+    """conv encoder → latent grid → VQ (image codebook) → decoder (reconstructs each view)."""
+
+    def __init__(self, cfg: GenSTConfig):
+        super().__init__()
+        self.encoder = HistologyEncoder(cfg.channels)
+        self.pre_q = nn.Conv2d(self.encoder.out_ch, cfg.img_latent, 1)
+        self.vq = VectorQuantizerEMA(cfg.img_codes, cfg.img_latent)
+        self.decoder = HistologyDecoder(cfg.img_latent, cfg.channels)
+
+    def quantize(self, h: torch.Tensor):
+        z = self.pre_q(h).permute(0, 2, 3, 1)  # (N, h, w, D)
+        q, idx, commit = self.vq(z)
+        return q.permute(0, 3, 1, 2), idx, commit
+
+    def forward(self, x: torch.Tensor):
+        """x: one normalized view (N, 3, 64, 64) → (reconstruction, code map, losses dict)."""
+        h = self.encoder(x)
+        q, idx, commit = self.quantize(h)
+        rec = self.decoder(q)
+        return rec, idx, {"rec": F.mse_loss(rec, x), "commit": commit}
+
+
+class GeneVQVAE(nn.Module):
+    """MLP encoder over the panel → latent → VQ (gene codebook) → MLP decoder → profile."""
+
+    def __init__(self, cfg: GenSTConfig):
+        super().__init__()
+        g, h, d = cfg.n_genes, cfg.gene_hidden, cfg.gene_latent
+        self.encoder = nn.Sequential(
+            nn.Linear(g, h), nn.LayerNorm(h), nn.SiLU(), nn.Dropout(0.1), nn.Linear(h, d)
+        )
+        self.vq = VectorQuantizerEMA(cfg.gene_codes, d)
+        self.decoder = nn.Sequential(nn.Linear(d, h), nn.LayerNorm(h), nn.SiLU(), nn.Linear(h, g))
+
+    def encode(self, y: torch.Tensor) -> torch.Tensor:
+        return self.encoder(y)
+
+    def forward(self, y: torch.Tensor):
+        z = self.encode(y)
+        q, idx, commit = self.vq(z)
+        rec = self.decoder(q)
+        rec_soft = self.decoder(z)
+        losses = {"rec": F.mse_loss(rec, y), "rec_soft": F.mse_loss(rec_soft, y), "commit": commit}
+        return rec, idx, z, losses
+
+
+class Aligner(nn.Module):
+    """Pooled multi-scale image features → gene latent ẑ."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(in_dim, hidden),
+            nn.LayerNorm(hidden),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, out_dim),
+        )
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net(f)
+
+
+class GenST(nn.Module):
+    """Histology VQ-VAE + gene VQ-VAE + aligner; ``predict`` maps patches to profiles."""
+
+    def __init__(self, cfg: GenSTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.histo = HistologyVQVAE(cfg)
+        self.gene = GeneVQVAE(cfg)
+        n_views = 2 if cfg.multiscale else 1
+        feat = self.histo.encoder.out_ch * 2 * n_views  # avg + max pool per view
+        self.align = Aligner(feat, cfg.align_hidden, cfg.gene_latent, cfg.dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(2.3))
+        # per-gene standardization of log1p CP10k targets (set from the training spots)
+        self.register_buffer("y_mean", torch.zeros(cfg.n_genes))
+        self.register_buffer("y_std", torch.ones(cfg.n_genes))
+
+    def image_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Normalized input (N, 3, P, P) → pooled features (N, F) and per-view grids."""
+        grids = [self.histo.encoder(v) for v in views(x, self.cfg)]
+        pooled = [torch.cat([g.mean((2, 3)), g.amax((2, 3))], 1) for g in grids]
+        return torch.cat(pooled, 1), grids
+
+    def image_to_gene_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        f, grids = self.image_features(x)
+        return self.align(f), grids
+
+    def decode_latent(self, zhat: torch.Tensor, mode: str | None = None):
+        """ẑ → (profile, gene code): soft decodes ẑ, quantized decodes its nearest code."""
+        mode = mode or self.cfg.decode
+        code = self.gene.vq.codes(zhat.float())
+        if mode == "quantized":
+            return self.gene.decoder(self.gene.vq.lookup(code)), code
+        return self.gene.decoder(zhat), code
+
+    def unstandardize(self, y: torch.Tensor) -> torch.Tensor:
+        """Standardized decoder output → log1p CP10k."""
+        return y * self.y_std + self.y_mean
+
+    def standardize(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.y_mean) / self.y_std
+
+    def predict(
+        self, x: torch.Tensor, mode: str | None = None, image_codes: bool = False, tta: int = 1
+    ):
+        """Normalized input → (expr log1p CP10k (N, G), gene code (N,), image codes | None).
+
+        ``tta`` > 1 averages the aligned latent over that many 90° rotations (1, 2 or 4;
+        8 adds the flipped versions).
+        """
+        zs = []
+        grids0 = None
+        for k in range(tta):
+            xi = torch.rot90(x, k % 4, dims=(2, 3))
+            if k >= 4:
+                xi = torch.flip(xi, dims=(3,))
+            zhat, grids = self.image_to_gene_latent(xi)
+            zs.append(zhat)
+            if grids0 is None:
+                grids0 = grids
+        zhat = torch.stack(zs).mean(0)
+        expr, code = self.decode_latent(zhat, mode)
+        icodes = None
+        if image_codes:
+            z = self.histo.pre_q(grids0[0]).permute(0, 2, 3, 1)
+            icodes = self.histo.vq.codes(z.float())
+        return self.unstandardize(expr.float()), code, icodes
+
+    def code_profiles(self) -> torch.Tensor:
+        """Decoded profile (log1p CP10k) of every gene code (K, G)."""
+        return self.unstandardize(self.gene.decoder(self.gene.vq.embed))

@@ -1,0 +1,127 @@
+"""Baselines for the GenST benchmark (BENCHMARKS.md), run on the same folds and genes.
+
+1. training mean (a constant: Pearson 0 by construction — the sanity floor);
+2. ridge regression on colour/texture features of the 112 µm spot patch;
+3. a supervised CNN regressor with GenST's image encoder (same conv blocks and channels) on
+   the 112 µm patch at 64 px, flips/rotations/colour jitter, 4-rotation test-time averaging.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .data import SectionData
+
+
+def centre_view(patches: np.ndarray, frac: float = 0.5, out_px: int = 64) -> np.ndarray:
+    """Centre crop of ``frac`` of the edge (224 µm → 112 µm), resized to ``out_px``."""
+    from ..inference.patches import _resize
+
+    s = patches.shape[1]
+    c = int(round(s * frac))
+    o = (s - c) // 2
+    crop = patches[:, o : o + c, o : o + c]
+    if c == out_px:
+        return np.ascontiguousarray(crop)
+    return np.stack([_resize(p, out_px) for p in crop])
+
+
+def mean_baseline(train: list[SectionData], n_test: int) -> np.ndarray:
+    """Predict the training mean for every test spot."""
+    y = np.concatenate([s.y for s in train], 0)
+    return np.repeat(y.mean(0, keepdims=True), n_test, axis=0)
+
+
+def colour_texture_features(patches: np.ndarray) -> np.ndarray:
+    """Per patch: RGB/HSV/HED means, stds and percentiles, gradient energy at two scales,
+    grey-level histogram and tissue fraction. (N, F) float32."""
+    from skimage.color import rgb2hed, rgb2hsv
+
+    from ..inference.patches import tissue_fraction
+
+    feats = []
+    for p in patches:
+        f = []
+        x = p.astype(np.float32) / 255.0
+        for img in (x, rgb2hsv(x), rgb2hed(x)):
+            flat = img.reshape(-1, 3)
+            f += list(flat.mean(0)) + list(flat.std(0))
+            f += list(np.percentile(flat, [10, 50, 90], axis=0).ravel())
+        g = x.mean(-1)
+        for s in (1, 2):
+            gs = g[::s, ::s]
+            gy, gx = np.gradient(gs)
+            mag = np.sqrt(gx**2 + gy**2)
+            f += [mag.mean(), mag.std(), np.percentile(mag, 90)]
+        f += list(np.histogram(g, bins=8, range=(0, 1))[0] / g.size)
+        feats.append(f)
+    out = np.asarray(feats, dtype=np.float32)
+    return np.concatenate([out, tissue_fraction(patches)[:, None]], 1)
+
+
+def ridge_baseline(train: list[SectionData], test_patches: np.ndarray) -> np.ndarray:
+    """RidgeCV (alpha by leave-one-out over a log grid) on standardized features."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    Xtr = colour_texture_features(np.concatenate([centre_view(s.patches) for s in train], 0))
+    ytr = np.concatenate([s.y for s in train], 0)
+    Xte = colour_texture_features(centre_view(test_patches))
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+    model.fit(Xtr, ytr)
+    return model.predict(Xte).astype(np.float32)
+
+
+def cnn_baseline(
+    train: list[SectionData],
+    test_patches: np.ndarray,
+    epochs: int = 30,
+    seed: int = 0,
+    channels: tuple[int, ...] = (32, 64, 96, 128),
+    progress: bool = False,
+) -> np.ndarray:
+    """Supervised CNN regressor (GenST's encoder blocks → global pool → linear)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from tqdm import tqdm
+
+    from ..models.genst import HistologyEncoder, to_input
+    from .genst import _cosine, augment
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    X = np.concatenate([centre_view(s.patches) for s in train], 0)
+    Y = np.concatenate([s.y for s in train], 0)
+    mu, sd = Y.mean(0), Y.std(0) + 1e-3
+    Yt = torch.from_numpy((Y - mu) / sd)
+    enc = HistologyEncoder(channels)
+    head = nn.Sequential(nn.Dropout(0.2), nn.Linear(enc.out_ch, Y.shape[1]))
+    model = nn.Sequential(enc, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    bs = 32
+    spe = max(1, len(X) // bs)
+    total, step = spe * epochs, 0
+    for _ in tqdm(range(epochs), desc="CNN baseline", disable=not progress):
+        model.train()
+        perm = rng.permutation(len(X))
+        for b in range(spe):
+            idx = perm[b * bs : (b + 1) * bs]
+            x = augment(X[idx], rng, 0.05)
+            loss = F.mse_loss(model(x), Yt[idx])
+            for pg in opt.param_groups:
+                pg["lr"] = 1e-3 * _cosine(step, total)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    model.eval()
+    Xte = centre_view(test_patches)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(Xte), 64):
+            x = to_input(torch.from_numpy(np.ascontiguousarray(Xte[i : i + 64])))
+            p = torch.stack([model(torch.rot90(x, k, dims=(2, 3))) for k in range(4)]).mean(0)
+            out.append(p.numpy())
+    return (np.concatenate(out, 0) * sd + mu).astype(np.float32)

@@ -1,0 +1,138 @@
+"""Leave-one-section-out evaluation of GenST and its baselines (BENCHMARKS.md protocol).
+
+Genes: the 50 benchmark genes (highest log1p CP10k variance over all spots of all sections,
+present in every section). Metric: per-gene Pearson on the held-out section, averaged.
+GenST is reported decoded from the continuous aligned latent ("soft") and from its nearest
+gene code ("quantized"), with and without test-time spatial smoothing over neighbouring spots
+(which uses only the held-out section's images, not its expression).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..io.her2st import smooth_over_neighbours
+from .data import SectionData, load_dataset
+from .metrics import pearson_per_gene
+
+
+def _score(pred: np.ndarray, te: SectionData, idx: list[int]) -> dict:
+    r = pearson_per_gene(pred[:, idx], te.y[:, idx])
+    return {"mean_pearson": round(float(r.mean()), 4), "per_gene": [round(float(v), 4) for v in r]}
+
+
+def evaluate_predictions(
+    pred: np.ndarray, te: SectionData, idx: list[int], smooth: bool = True
+) -> dict:
+    """Scores of a prediction (panel columns) without and with neighbour smoothing."""
+    out = {"raw": _score(pred, te, idx)}
+    if smooth:
+        out["smoothed"] = _score(smooth_over_neighbours(pred, te.neighbours(), 0.5), te, idx)
+    return out
+
+
+def run_fold(
+    data_dir: str | Path,
+    holdout: str,
+    model: str | Path | None = None,
+    tcfg=None,
+    baselines: bool = True,
+    cnn_epochs: int = 30,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+    log=print,
+) -> dict:
+    """Train (or load) GenST without ``holdout``, score it and the baselines on ``holdout``.
+
+    Returns a JSON-ready dict with mean Pearson over the 50 benchmark genes per method.
+    """
+    import torch
+
+    from ..errors import StgenError
+    from .baselines import cnn_baseline, mean_baseline, ridge_baseline
+    from .genst import TrainConfig, predict_patches, train_genst
+
+    sections, panel, bench = load_dataset(data_dir, cache_dir=cache_dir)
+    names = [s.name for s in sections]
+    if holdout not in names:
+        raise StgenError(f"{data_dir}: no section {holdout!r}; sections: {names}")
+    te = next(s for s in sections if s.name == holdout)
+    tr = [s for s in sections if s.name != holdout]
+    res: dict = {
+        "holdout": holdout,
+        "train_sections": [s.name for s in tr],
+        "n_test_spots": int(len(te.y)),
+        "genes": bench,
+        "metric": "mean Pearson over the 50 benchmark genes (held-out section)",
+    }
+    t0 = time.time()
+    if model is None:
+        tcfg = tcfg or TrainConfig()
+        net, hist = train_genst(tr, panel, None, tcfg, progress=progress, log=log)
+        res["genst_train_seconds"] = round(time.time() - t0, 1)
+        res["train_config"] = dict(tcfg.__dict__)
+        mpanel = panel
+        res["image_codes"] = hist["image_codes"]
+    else:
+        from ..inference.predictor import load_genst
+
+        pred = load_genst(model, device="cpu")
+        net, mpanel = pred.model, pred.genes
+        res["model"] = {"name": pred.name, "path": str(pred.path), "sha256": pred.checksum}
+        trained_on = pred.card.get("data", {}).get("sections", [])
+        res["model_saw_holdout"] = holdout in trained_on
+        if pred.patch_px != te.patches.shape[1]:
+            raise StgenError(f"{pred.path}: patch size {pred.patch_px} differs from the cache")
+    missing = [g for g in bench if g not in mpanel]
+    if missing:
+        raise StgenError(f"model panel lacks benchmark genes {missing[:5]}")
+    idx_model = [mpanel.index(g) for g in bench]
+    idx_panel = [panel.index(g) for g in bench]
+    # te.y is in `panel` order; bring model predictions into panel order for the 50 genes
+    genst: dict = {}
+    for mode in ("soft", "quantized"):
+        for tta in (1, 4):
+            e, codes = predict_patches(net, te.patches, tta=tta, mode=mode)
+            full = np.zeros((len(e), len(panel)), np.float32)
+            full[:, idx_panel] = e[:, idx_model]
+            genst[f"{mode}_tta{tta}"] = evaluate_predictions(full, te, idx_panel)
+            if mode == "soft" and tta == 4:
+                from ..models.layers import VectorQuantizerEMA  # noqa: F401
+
+                counts = np.bincount(codes, minlength=net.cfg.gene_codes)
+                p = counts / counts.sum()
+                ent = -(p[p > 0] * np.log(p[p > 0])).sum()
+                res["test_gene_codes"] = {
+                    "codes_used": int((counts > 0).sum()),
+                    "perplexity": round(float(np.exp(ent)), 2),
+                }
+    res["genst"] = genst
+    head = genst["soft_tta4"]
+    res["summary"] = {
+        "genst": head["raw"]["mean_pearson"],
+        "genst_smoothed": head["smoothed"]["mean_pearson"],
+        "genst_quantized": genst["quantized_tta4"]["raw"]["mean_pearson"],
+    }
+    if baselines:
+        torch.manual_seed(0)
+        t1 = time.time()
+        res["baselines"] = {
+            "train_mean": evaluate_predictions(mean_baseline(tr, len(te.y)), te, idx_panel),
+            "ridge": evaluate_predictions(ridge_baseline(tr, te.patches), te, idx_panel),
+        }
+        t2 = time.time()
+        cnn = cnn_baseline(tr, te.patches, epochs=cnn_epochs, progress=progress)
+        res["baselines"]["cnn"] = evaluate_predictions(cnn, te, idx_panel)
+        res["baseline_seconds"] = {"ridge": round(t2 - t1, 1), "cnn": round(time.time() - t2, 1)}
+        for k, v in res["baselines"].items():
+            res["summary"][k] = v["raw"]["mean_pearson"]
+            res["summary"][k + "_smoothed"] = v["smoothed"]["mean_pearson"]
+    return res
+
+
+def dumps(res: dict) -> str:
+    return json.dumps(res, indent=2)

@@ -1,0 +1,430 @@
+"""GenST training: gene VQ-VAE, then alignment + histology VQ-VAE jointly; checkpointing.
+
+Stage A (gene VQ-VAE): standardized log1p CP10k profiles of the training spots → MLP
+encoder → EMA VQ → MLP decoder; loss = quantized + continuous reconstruction + commitment.
+Stage B (alignment): spot patch (augmented) → multi-scale conv encoder → aligner → ẑ.
+  L = MSE(decoder(ẑ), y) + a·MSE(ẑ, z_gene) + b·InfoNCE(ẑ, z_gene) + c·CE(code logits, code)
+and, every ``recon_every`` steps, the histology VQ-VAE loss (reconstruction + commitment) on a
+batch of unlabelled tissue tiles (self-supervision of the same encoder, fills the image
+codebook). The gene encoder and codebook are frozen in stage B; the decoder is fine-tuned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..io.her2st import smooth_over_neighbours
+from .data import SectionData
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (stored in the model card)."""
+
+    epochs: int = 30
+    batch: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    gene_steps: int = 600
+    label_self_weight: float = 0.5  # label denoising: w·self + (1-w)·mean(array neighbours)
+    w_latent: float = 0.5
+    w_nce: float = 0.1
+    w_code: float = 0.1
+    decoder_lr_scale: float = 0.3
+    recon_every: int = 4
+    recon_batch: int = 16
+    w_recon: float = 0.5
+    colour_jitter: float = 0.05
+    seed: int = 0
+    threads: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def augment(batch: np.ndarray, rng: np.random.Generator, jitter: float):
+    """uint8 (N, H, W, 3) → normalized float tensor (N, 3, H, W) with flips, 90° rotations and
+    mild per-channel colour (stain-like) scale/shift jitter."""
+    import torch
+
+    from ..models.genst import to_input
+
+    out = np.empty_like(batch)
+    for i, p in enumerate(batch):
+        q = np.rot90(p, int(rng.integers(4)))
+        if rng.random() < 0.5:
+            q = q[:, ::-1]
+        out[i] = q
+    x = torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255.0
+    if jitter > 0:
+        n = len(batch)
+        scale = 1 + jitter * torch.from_numpy(rng.standard_normal((n, 3, 1, 1))).float()
+        shift = jitter * torch.from_numpy(rng.standard_normal((n, 3, 1, 1))).float()
+        bright = 1 + jitter * torch.from_numpy(rng.standard_normal((n, 1, 1, 1))).float()
+        x = ((x - 0.5) * scale * bright + 0.5 + shift).clamp(0, 1)
+    return to_input(x)
+
+
+def denoised_targets(sections: list[SectionData], self_weight: float) -> np.ndarray:
+    """Targets of all spots, each mixed with its array neighbours' mean (label denoising)."""
+    ys = []
+    for s in sections:
+        if self_weight >= 1.0:
+            ys.append(s.y)
+        else:
+            ys.append(smooth_over_neighbours(s.y, s.neighbours(), self_weight))
+    return np.concatenate(ys, 0).astype(np.float32)
+
+
+def _cosine(step: int, total: int, warm: int = 50) -> float:
+    warm = max(1, min(warm, total // 10))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+def train_gene_vqvae(model, y_std: np.ndarray, steps: int, rng, batch: int = 128, log=None):
+    """Stage A on standardized profiles; returns the final losses."""
+    import torch
+
+    g = model.gene
+    g.train()
+    opt = torch.optim.AdamW(g.parameters(), lr=2e-3, weight_decay=1e-4)
+    Y = torch.from_numpy(y_std)
+    last = {}
+    for step in range(steps):
+        idx = torch.from_numpy(rng.integers(0, len(Y), min(batch, len(Y))))
+        y = Y[idx]
+        y_in = y + 0.1 * torch.randn_like(y)
+        z = g.encode(y_in)
+        q, code, commit = g.vq(z)
+        loss_q = torch.nn.functional.mse_loss(g.decoder(q), y)
+        loss_s = torch.nn.functional.mse_loss(g.decoder(z), y)
+        loss = loss_q + loss_s + commit
+        for pg in opt.param_groups:
+            pg["lr"] = 2e-3 * _cosine(step, steps, 30)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        last = {k: float(v.detach()) for k, v in (("rec_q", loss_q), ("rec_soft", loss_s))}
+    if log:
+        log(f"gene VQ-VAE: {last}")
+    return last
+
+
+def train_genst(
+    train: list[SectionData],
+    panel: list[str],
+    cfg=None,
+    tcfg: TrainConfig | None = None,
+    resume_path: str | Path | None = None,
+    progress: bool = True,
+    log=print,
+):
+    """Train a GenST model on ``train`` sections; returns (model, history dict)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from ..models.genst import GenST, GenSTConfig, views
+
+    tcfg = tcfg or TrainConfig()
+    torch.set_num_threads(max(1, tcfg.threads))
+    torch.manual_seed(tcfg.seed)
+    rng = np.random.default_rng(tcfg.seed)
+    cfg = cfg or GenSTConfig(n_genes=len(panel))
+    cfg.n_genes = len(panel)
+    model = GenST(cfg)
+
+    Y = denoised_targets(train, tcfg.label_self_weight)
+    mu, sd = Y.mean(0), Y.std(0) + 1e-3
+    model.y_mean.copy_(torch.from_numpy(mu))
+    model.y_std.copy_(torch.from_numpy(sd))
+    Ys = (Y - mu) / sd
+    X = np.concatenate([s.patches for s in train], 0)
+    tiles = np.concatenate([s.tiles for s in train], 0)
+    hist: dict = {"n_spots": int(len(X)), "n_tiles": int(len(tiles))}
+    t0 = time.time()
+
+    steps_per_epoch = max(1, len(X) // tcfg.batch)
+    total = steps_per_epoch * tcfg.epochs
+    start_epoch = 0
+    state = None
+    if resume_path is not None and Path(resume_path).exists():
+        state = load_resume(resume_path, model)
+        start_epoch = int(state["epoch"])
+        rng = np.random.default_rng(tcfg.seed + 1000 * start_epoch)
+        log(f"resumed from {resume_path} at epoch {start_epoch}")
+    else:
+        train_gene_vqvae(model, Ys, tcfg.gene_steps, rng, log=log)
+
+    # stage B: gene encoder + codebook frozen; decoder fine-tuned slowly
+    for p in model.gene.encoder.parameters():
+        p.requires_grad_(False)
+    dec_params = list(model.gene.decoder.parameters())
+    other = [
+        p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("gene.")
+    ]
+    opt = torch.optim.AdamW(
+        [
+            {"params": other, "lr_scale": 1.0},
+            {"params": dec_params, "lr_scale": tcfg.decoder_lr_scale},
+        ],
+        lr=tcfg.lr,
+        weight_decay=tcfg.weight_decay,
+    )
+    if state is not None and "optimizer" in state:
+        _load_opt(opt, state["optimizer"])
+    Yt = torch.from_numpy(Ys)
+    with torch.no_grad():
+        model.gene.eval()
+        Zg = model.gene.encode(Yt)
+        code_g = model.gene.vq.codes(Zg)
+    hist["gene_codes_train"] = model.gene.vq.health(code_g)
+
+    step = start_epoch * steps_per_epoch
+    bar = tqdm(range(start_epoch, tcfg.epochs), desc="GenST", disable=not progress, unit="epoch")
+    for epoch in bar:
+        model.train()
+        model.gene.eval()  # frozen gene VQ (no EMA updates)
+        perm = rng.permutation(len(X))
+        sums: dict[str, float] = {}
+        for b in range(steps_per_epoch):
+            idx = perm[b * tcfg.batch : (b + 1) * tcfg.batch]
+            x = augment(X[idx], rng, tcfg.colour_jitter)
+            y = Yt[idx]
+            zg = Zg[idx]
+            zhat, _ = model.image_to_gene_latent(x)
+            l_expr = F.mse_loss(model.gene.decoder(zhat), y)
+            l_lat = F.mse_loss(zhat, zg)
+            a = F.normalize(zhat, dim=1)
+            bvec = F.normalize(zg, dim=1)
+            logits = model.logit_scale.exp().clamp(max=100) * a @ bvec.t()
+            tgt = torch.arange(len(idx))
+            l_nce = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.t(), tgt))
+            dist = model.gene.vq.distances(zhat)
+            code_logits = -4.0 * dist / dist.detach().mean(1, keepdim=True).clamp_min(1e-6)
+            l_code = F.cross_entropy(code_logits, code_g[idx])
+            loss = l_expr + tcfg.w_latent * l_lat + tcfg.w_nce * l_nce + tcfg.w_code * l_code
+            parts = {"expr": l_expr, "lat": l_lat, "nce": l_nce, "code": l_code}
+            if tcfg.recon_every and b % tcfg.recon_every == 0 and len(tiles):
+                tix = rng.integers(0, len(tiles), tcfg.recon_batch)
+                xt = augment(tiles[tix], rng, tcfg.colour_jitter)
+                v = views(xt, cfg)[0]
+                _, _, lv = model.histo(v)
+                l_rec = lv["rec"] + lv["commit"]
+                loss = loss + tcfg.w_recon * l_rec
+                parts["recon"] = lv["rec"]
+            lr = tcfg.lr * _cosine(step, total)
+            for pg in opt.param_groups:
+                pg["lr"] = lr * pg["lr_scale"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        ep = {k: v / steps_per_epoch for k, v in sums.items()}
+        hist.setdefault("epochs", []).append(ep)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in ep.items()})
+        if resume_path is not None:
+            save_resume(resume_path, model, opt, epoch + 1, tcfg)
+    hist["train_seconds"] = time.time() - t0
+    hist["image_codes"] = model.histo.vq.health()
+    model.eval()
+    return model, hist
+
+
+# ----------------------------------------------------------------- resumable state (no pickle)
+def _opt_tensors(opt) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": [], "scalars": {}}
+    for g in sd["param_groups"]:
+        meta["param_groups"].append({k: v for k, v in g.items()})
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if hasattr(v, "shape"):
+                tensors[f"opt.{pid}.{k}"] = v
+            else:
+                meta["scalars"][f"{pid}.{k}"] = float(v)
+    return tensors, meta
+
+
+def _load_opt(opt, packed: tuple[dict, dict]) -> None:
+    tensors, meta = packed
+    state: dict = {}
+    for key, v in tensors.items():
+        _, pid, k = key.split(".", 2)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_resume(path: str | Path, model, opt, epoch: int, tcfg: TrainConfig) -> None:
+    """Resumable training state (model + optimizer + epoch) as a safetensors checkpoint."""
+    from ..models.checkpoint import save_checkpoint
+
+    t, meta = _opt_tensors(opt)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(t)
+    card = {
+        "kind": "genst_resume",
+        "epoch": epoch,
+        "optimizer": meta,
+        "config": model.cfg.to_dict(),
+        "train": tcfg.__dict__,
+    }
+    save_checkpoint(path, tensors, card)
+
+
+def load_resume(path: str | Path, model) -> dict:
+    import torch
+
+    from ..models.checkpoint import load_checkpoint
+
+    tensors, card = load_checkpoint(path, "genst_resume")
+    msd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(msd)
+    model.histo.vq.initted.fill_(1)
+    opt_t = {k: v for k, v in tensors.items() if k.startswith("opt.")}
+    del torch
+    return {"epoch": card["epoch"], "optimizer": (opt_t, card["optimizer"])}
+
+
+def predict_patches(model, patches: np.ndarray, tta: int = 4, batch: int = 64, mode=None):
+    """(expr (N, G) log1p CP10k, gene codes (N,)) for uint8 patches, on CPU, no grad."""
+    import torch
+
+    from ..models.genst import to_input
+
+    model.eval()
+    outs, codes = [], []
+    with torch.inference_mode():
+        for i in range(0, len(patches), batch):
+            x = to_input(torch.from_numpy(np.ascontiguousarray(patches[i : i + batch])))
+            e, c, _ = model.predict(x, mode=mode, tta=tta)
+            outs.append(e.numpy())
+            codes.append(c.numpy())
+    return np.concatenate(outs, 0), np.concatenate(codes, 0)
+
+
+def model_card(model, panel: list[str], bench: list[str], tcfg: TrainConfig, **extra) -> dict:
+    """The GenST model card (without sha256, which the sidecar adds)."""
+    cfg = model.cfg
+    card = {
+        "kind": "genst",
+        "name": extra.pop("name", "genst"),
+        "architecture": {"class": "GenST", **cfg.to_dict()},
+        "genes": list(panel),
+        "benchmark_genes": list(bench),
+        "mpp": cfg.mpp,
+        "patch_px": cfg.patch_px,
+        "patch_um": cfg.patch_um,
+        "normalization": "log1p(counts / total * 10000) per spot",
+        "input": "uint8 RGB patch centred on the spot, patch_um µm at mpp µm/px",
+        "train": {k: v for k, v in tcfg.__dict__.items()},
+        "tensor_shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+        "n_codes": cfg.gene_codes,
+    }
+    card.update(extra)
+    return json.loads(json.dumps(card, default=str))
+
+
+def codebook_health(model, sections: list[SectionData], tta: int = 1) -> dict:
+    """Gene codebook usage by the training profiles and by the images (aligned), and the
+    image codebook's running usage."""
+    import torch
+
+    Y = np.concatenate([s.y for s in sections], 0)
+    with torch.inference_mode():
+        zg = model.gene.encode(model.standardize(torch.from_numpy(Y)))
+        prof = model.gene.vq.health(model.gene.vq.codes(zg))
+    X = np.concatenate([s.patches for s in sections], 0)
+    _, codes = predict_patches(model, X, tta=tta)
+    img = model.gene.vq.health(torch.from_numpy(codes))
+    for d in (prof, img):
+        d.pop("restarts", None)
+        d["perplexity"] = round(d["perplexity"], 2)
+    hist = model.histo.vq.health()
+    hist["perplexity"] = round(hist["perplexity"], 2)
+    return {"gene_codes_profiles": prof, "gene_codes_images": img, "image_codebook": hist}
+
+
+def train_and_save(
+    data_dir,
+    out,
+    tcfg: TrainConfig | None = None,
+    holdout: str | None = None,
+    resume: bool = False,
+    cache_dir=None,
+    name: str | None = None,
+    folds_json=None,
+    progress: bool = True,
+    command: str | None = None,
+    cfg=None,
+) -> Path:
+    """Train on the sections of ``data_dir`` (minus ``holdout``) and write checkpoint + card."""
+    import datetime
+    import platform
+
+    from ..errors import StgenError
+    from ..models.checkpoint import save_checkpoint
+    from .data import load_dataset
+
+    tcfg = tcfg or TrainConfig()
+    out = Path(out)
+    sections, panel, bench = load_dataset(data_dir, cache_dir=cache_dir)
+    names = [s.name for s in sections]
+    if holdout is not None and holdout not in names:
+        raise StgenError(f"{data_dir}: no section {holdout!r}; sections: {names}")
+    train = [s for s in sections if s.name != holdout]
+    resume_path = out.with_name(out.stem + ".resume.safetensors")
+    if not resume and resume_path.exists():
+        resume_path.unlink()
+    model, hist = train_genst(train, panel, cfg, tcfg, resume_path=resume_path, progress=progress)
+    folds = None
+    if folds_json is not None:
+        folds = json.loads(Path(folds_json).read_text())
+    card = model_card(
+        model,
+        panel,
+        bench,
+        tcfg,
+        name=name or out.stem,
+        tta=4,
+        data={
+            "dir": str(data_dir),
+            "sections": [s.name for s in train],
+            "n_spots": int(sum(len(s.y) for s in train)),
+            "n_unlabelled_tiles": int(sum(len(s.tiles) for s in train)),
+            "source": "HER2ST (Andersson et al. 2021), sections B4, C2-C5",
+            "label_denoising": f"target = {tcfg.label_self_weight}*self + "
+            f"{1 - tcfg.label_self_weight:.2f}*mean(array neighbours)",
+        },
+        command=command
+        or f"stgen train genst --data {data_dir} --out {out} --epochs {tcfg.epochs} "
+        f"--seed {tcfg.seed}"
+        + (f" --holdout {holdout}" if holdout else ""),
+        codebook=codebook_health(model, train),
+        training={
+            "seconds": round(hist["train_seconds"], 1),
+            "threads": tcfg.threads,
+            "machine": f"{platform.machine()} CPU",
+            "final_losses": hist["epochs"][-1] if hist.get("epochs") else {},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        evaluation=folds,
+    )
+    save_checkpoint(out, model.state_dict(), card)
+    if resume_path.exists():
+        resume_path.unlink()
+    resume_side = resume_path.with_suffix(".json")
+    if resume_side.exists():
+        resume_side.unlink()
+    return out
