@@ -1,0 +1,231 @@
+"""``stgen train stmdit``, ``stgen evaluate stmdit`` and ``stgen synthesize``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import StgenError
+
+
+def register_train(sub) -> None:
+    p = sub.add_parser("stmdit", help="train the STMDiT tile generator")
+    p.add_argument("--data", required=True, help="HER2ST directory (S.jpg, S.tsv.gz, ...)")
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <out>.state")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--holdout", nargs="*", default=[], help="sections left out (fold model)")
+    p.add_argument(
+        "--labels",
+        default="both",
+        choices=["real", "ptpl", "both"],
+        help="measured spots, GenST pseudo-labels on every tissue tile, or both",
+    )
+    p.add_argument("--genst", default="default", help="GenST checkpoint (condition encoders)")
+    p.add_argument("--ae", default=None, help="pre-trained tile autoencoder (else trained)")
+    p.add_argument("--ae-steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=48)
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from ..training.stmdit import train_stmdit
+
+    path = train_stmdit(
+        args.data,
+        args.out,
+        steps=args.steps,
+        seed=args.seed,
+        resume=args.resume,
+        threads=args.threads,
+        holdout=args.holdout,
+        labels=args.labels,
+        genst=args.genst,
+        ae_path=args.ae,
+        ae_steps=args.ae_steps,
+        batch=args.batch,
+        command="stgen " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    print(path)
+    return 0
+
+
+def register_evaluate(sub) -> None:
+    p = sub.add_parser("stmdit", help="evaluate STMDiT on a held-out section (prints JSON)")
+    p.add_argument("--data", required=True)
+    p.add_argument(
+        "--holdout",
+        required=True,
+        help="held-out section (the model must not "
+        "have been trained on it: train a fold model with --holdout)",
+    )
+    p.add_argument("--model", default="default")
+    p.add_argument("--genst", default="default", help="GenST re-predictor")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args) -> int:
+    import torch
+
+    from ..training.evaluate_stmdit import evaluate_stmdit
+
+    torch.set_num_threads(args.threads)
+    res = evaluate_stmdit(
+        args.data,
+        args.holdout,
+        model=args.model,
+        genst=args.genst,
+        seeds=args.seeds,
+        steps=args.steps,
+    )
+    text = json.dumps(res, indent=1)
+    if args.out:
+        import os
+
+        tmp = Path(args.out).with_name(Path(args.out).name + ".partial")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.out)
+    print(text)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("synthesize", help="generate an H&E tile conditioned on gene expression")
+    p.add_argument("--out", required=True, help="output PNG (µm/px in metadata + .json sidecar)")
+    p.add_argument(
+        "--genes",
+        nargs="*",
+        default=[],
+        metavar="GENE=VALUE",
+        help="log1p CP10k values; genes not given: predicted at --context, "
+        "else the training median",
+    )
+    p.add_argument(
+        "--from-h5ad",
+        default=None,
+        metavar="H5AD",
+        help="conditioning profile "
+        "from an AnnData row (X in log1p CP10k, e.g. `stgen predict` output)",
+    )
+    p.add_argument("--obs", default=None, metavar="ID", help="obs name of the row in --from-h5ad")
+    p.add_argument("--context", default=None, metavar="SLIDE", help="slide for morphology")
+    p.add_argument(
+        "--at",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("X", "Y"),
+        help="tile centre on --context in µm",
+    )
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="µm/px of a --context slide without resolution metadata",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance-genes", type=float, default=None)
+    p.add_argument("--guidance-morph", type=float, default=None)
+    p.add_argument("--model", default="default", help="STMDiT checkpoint name or path")
+    p.add_argument("--genst", default="default", help="GenST model for context genes")
+    p.set_defaults(func=_synthesize)
+
+
+def _profile_from_h5ad(model, path: str, obs: str):
+    import anndata
+    import numpy as np
+    import scipy.sparse as sp
+
+    p = Path(path)
+    if not p.is_file():
+        raise StgenError(f"{p}: file not found")
+    try:
+        a = anndata.read_h5ad(p)
+    except Exception as e:  # noqa: BLE001 - h5py/anndata raise many types
+        raise StgenError(f"{p}: cannot read AnnData: {e}") from e
+    if obs not in a.obs_names:
+        raise StgenError(f"{p}: no obs {obs!r} (has {a.n_obs} rows, e.g. {list(a.obs_names[:3])})")
+    row = a[obs].X
+    row = np.asarray(row.toarray() if sp.issparse(row) else row, np.float32).ravel()
+    pos = {str(g): i for i, g in enumerate(a.var_names)}
+    shared = [g for g in model.genes if g in pos]
+    if not shared:
+        raise StgenError(f"{p}: none of its genes is in the STMDiT panel")
+    return {g: float(row[pos[g]]) for g in shared}
+
+
+def _synthesize(args) -> int:
+    import numpy as np
+    import torch
+
+    from ..inference.synthesis import (
+        gene_vector,
+        load_stmdit,
+        parse_gene_overrides,
+        predicted_profile,
+        save_tile_png,
+        synthesize,
+    )
+
+    torch.set_num_threads(1)
+    overrides = parse_gene_overrides(args.genes)
+    if (args.from_h5ad is None) != (args.obs is None):
+        raise StgenError("--from-h5ad and --obs go together")
+    if (args.context is None) != (args.at is None):
+        raise StgenError("--context SLIDE and --at X Y go together")
+    model = load_stmdit(args.model)
+    gene_vector(model, overrides)  # unknown gene names fail before any slide is read
+    base = None
+    ctx = None
+    meta: dict = {"model": model.name, "model_sha256": model.checksum, "seed": args.seed}
+    if args.context is not None:
+        from ..inference.patches import read_patches
+        from ..io.slide import open_slide
+
+        with open_slide(args.context, mpp=args.mpp) as slide:
+            mpp = args.mpp or slide.mpp
+            if not mpp:
+                raise StgenError(f"{args.context}: no µm/px in the file; pass --mpp")
+            xy_px = np.array([[args.at[0] / mpp, args.at[1] / mpp]])
+            ctx = read_patches(slide, xy_px, 3 * model.tile_um, model.context_px, mpp=mpp)
+        meta["context"] = {"slide": str(args.context), "at_um": list(args.at)}
+        if args.from_h5ad is None:
+            from ..inference.predictor import load_genst
+
+            base = predicted_profile(model, ctx, load_genst(args.genst, device="cpu"))[0]
+            meta["base_profile"] = "GenST prediction at the context location"
+    if args.from_h5ad is not None:
+        h = _profile_from_h5ad(model, args.from_h5ad, args.obs)
+        base = gene_vector(model, h, base)
+        meta["base_profile"] = f"{args.from_h5ad} obs {args.obs} ({len(h)} panel genes)"
+    meta.setdefault("base_profile", "training median")
+    g = gene_vector(model, overrides, base)
+    steps = args.steps if args.steps is not None else model.default_steps
+    sg, sm = model.default_guidance
+    sg = sg if args.guidance_genes is None else args.guidance_genes
+    sm = sm if args.guidance_morph is None else args.guidance_morph
+    tile = synthesize(
+        model, g, ctx, seed=args.seed, steps=steps, guidance_genes=sg, guidance_morph=sm
+    )[0]
+    meta.update(
+        {
+            "steps": steps,
+            "guidance_genes": sg,
+            "guidance_morph": sm,
+            "overrides": overrides,
+            "genes": model.genes,
+            "conditioning": [round(float(v), 4) for v in g],
+        }
+    )
+    save_tile_png(args.out, tile, model.mpp, meta)
+    print(f"{args.out}: {tile.shape[1]}x{tile.shape[0]} px at {model.mpp} µm/px")
+    return 0

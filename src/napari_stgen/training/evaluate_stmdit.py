@@ -1,0 +1,353 @@
+"""STMDiT evaluation on a held-out section (BENCHMARKS.md, "STMDiT tile generation").
+
+- Fidelity: condition on the measured expression of the held-out spots, generate, re-predict
+  with GenST and take the per-gene Pearson between conditioning and re-predicted values (the 50
+  benchmark genes), as a fraction of the ceiling (GenST on the real tiles of the same spots).
+  GenST sees 224 µm; a generated tile is 112 µm, so two read-outs are reported: ``tile`` (the
+  112 µm tile reflect-padded to 224 µm, for real and generated tiles alike: only tile content
+  counts) and ``context`` (the tile pasted into its real surroundings, as the viewer shows it;
+  the unconditional tile in the same surroundings gives the floor). An independent oracle (ridge
+  regression on colour/texture features trained on the measured spots of the training sections,
+  not GenST) repeats the fidelity read-out, since training uses GenST pseudo-labels.
+- Control: for each of the top-10 genes, sweep its value over the training 1st–99th percentile
+  with the other genes at the training median, several seeds; Spearman(slider, re-predicted).
+- Realism: KID and Fréchet distance between generated and real held-out tiles in the feature
+  space of GenST's histology encoder (Inception weights cannot be downloaded here).
+- Speed: seconds per tile on CPU at the default step count.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+SLIDER_VALUES = 7
+
+
+def pearson_per_gene(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r per column (NaN where either column is constant)."""
+    a = np.asarray(a, np.float64) - np.mean(a, 0)
+    b = np.asarray(b, np.float64) - np.mean(b, 0)
+    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(0) / den, np.nan)
+
+
+def mean_r(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.nanmean(pearson_per_gene(a, b)))
+
+
+# ----------------------------------------------------------------------------- oracle
+
+
+def colour_texture_features(tiles: np.ndarray) -> np.ndarray:
+    """Hand-made colour/texture features per tile (RGB + HED statistics, gradients)."""
+    from skimage.color import rgb2hed
+
+    t = np.asarray(tiles, np.float32) / 255.0
+    feats = []
+    for x in t:
+        hed = rgb2hed(x)
+        f = []
+        for img in (x, hed):
+            flat = img.reshape(-1, 3)
+            f += list(flat.mean(0)) + list(flat.std(0))
+            f += list(np.percentile(flat, [10, 50, 90], axis=0).ravel())
+        g = x.mean(-1)
+        for s in (1, 2):
+            gs = g[::s, ::s]
+            gy, gx = np.gradient(gs)
+            mag = np.hypot(gx, gy)
+            f += [mag.mean(), mag.std()]
+        h = hed[..., 0]
+        f += list(np.histogram(h, bins=8, range=(-0.1, 0.3))[0] / h.size)
+        f += [float((g < 0.6).mean()), float((x.max(-1) - x.min(-1) > 0.08).mean())]
+        feats.append(f)
+    return np.asarray(feats, np.float32)
+
+
+class RidgeOracle:
+    """Independent expression read-out: ridge on ``colour_texture_features``."""
+
+    def __init__(self, tiles: np.ndarray, expr: np.ndarray):
+        from sklearn.linear_model import RidgeCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        self.model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 4, 12)))
+        self.model.fit(colour_texture_features(tiles), expr)
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        return self.model.predict(colour_texture_features(tiles)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- realism
+
+
+def kid(fx: np.ndarray, fy: np.ndarray, n_sub: int = 50, sub: int = 100, seed: int = 0) -> float:
+    """Kernel Inception Distance (unbiased MMD², cubic polynomial kernel), mean over subsets."""
+    rng = np.random.default_rng(seed)
+    m = min(sub, len(fx), len(fy))
+    d = fx.shape[1]
+    vals = []
+    for _ in range(n_sub):
+        x = fx[rng.choice(len(fx), m, replace=False)]
+        y = fy[rng.choice(len(fy), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        vals.append(
+            (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+            + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * kxy.mean()
+        )
+    return float(np.mean(vals))
+
+
+def frechet(fx: np.ndarray, fy: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets."""
+    from scipy import linalg
+
+    mx, my = fx.mean(0), fy.mean(0)
+    cx, cy = np.cov(fx, rowvar=False), np.cov(fy, rowvar=False)
+    s, _ = linalg.sqrtm(cx @ cy, disp=False)
+    s = np.real(s)
+    return float(((mx - my) ** 2).sum() + np.trace(cx + cy - 2 * s))
+
+
+class FeatureSpace:
+    """GenST histology-encoder features, z-scored on the real reference set; PCA-32 for FD."""
+
+    def __init__(self, enc, real_tiles: np.ndarray, n_pca: int = 32):
+        self.enc = enc
+        f = enc.tile_features(real_tiles)
+        self.mu, self.sd = f.mean(0), f.std(0) + 1e-6
+        z = (f - self.mu) / self.sd
+        _, _, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
+        self.pca = vt[:n_pca].T
+        self.real = z
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        return (self.enc.tile_features(tiles) - self.mu) / self.sd
+
+    def scores(self, tiles: np.ndarray) -> dict:
+        z = self(tiles)
+        return {
+            "kid": round(kid(self.real, z), 4),
+            "fd_pca32": round(frechet(self.real @ self.pca, z @ self.pca), 3),
+        }
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _context3(img: np.ndarray, xy: np.ndarray, t: int) -> np.ndarray:
+    from .stmdit import crop
+
+    return np.stack([crop(img, x, y, 3 * t) for x, y in xy])
+
+
+def evaluate_stmdit(
+    data_dir: str | Path,
+    holdout: str,
+    model: str | Path = "default",
+    genst: str | Path = "default",
+    seeds: int = 3,
+    steps: int | None = None,
+    guidance: tuple[float, float] | None = None,
+    cache_dir: str | Path | None = None,
+    log=None,
+) -> dict:
+    """All figures of the protocol for one held-out section, as a JSON-able dict."""
+    import torch
+    from scipy.stats import spearmanr
+
+    from ..errors import StgenError
+    from ..inference.synthesis import load_stmdit, synthesize
+    from ..io.her2st import benchmark_genes, read_sections
+    from ..models.stmdit import GenSTCondition
+    from .stmdit import (
+        TILE_MPP,
+        genst_patches_for_tiles,
+        genst_predict,
+        load_genst_model,
+        section_features,
+        section_image,
+    )
+
+    def say(msg):
+        if log is not None:
+            log(msg)
+
+    m = load_stmdit(model)
+    steps = m.default_steps if steps is None else int(steps)
+    sg, sm = m.default_guidance if guidance is None else guidance
+    secs = read_sections(data_dir)
+    names = [s.name for s in secs]
+    if holdout not in names:
+        raise StgenError(f"{data_dir}: no section {holdout!r}; available: {names}")
+    held = list(m.card.get("data", {}).get("held_out", []))
+    test = next(s for s in secs if s.name == holdout)
+    train = [s for s in secs if s.name != holdout]
+    bench = [g for g in benchmark_genes(secs, 50) if g in m.genes]
+    bi = np.array([m.genes.index(g) for g in bench])
+    gmodel, gcard, gpath, gsha = load_genst_model(genst)
+    gpos = {g: i for i, g in enumerate(gcard["genes"])}
+    gb = np.array([gpos[g] for g in bench])
+    t = m.tile_px
+    px = int(gcard["patch_px"])
+
+    feat = section_features(test, m.genes, m.enc, None, tile_px=t, cache_dir=cache_dir)
+    tiles, ctx2, expr = feat["spot_tiles"], feat["spot_ctx"], feat["spot_expr"]
+    img = section_image(test, TILE_MPP, cache_dir or _default_cache())
+    ctx3 = _context3(img, feat["spot_xy"], t)
+    n = len(tiles)
+    say(f"{holdout}: {n} spots, {len(bench)} benchmark genes")
+
+    def repredict(gen_tiles: np.ndarray) -> dict:
+        return {
+            "tile": genst_predict(gmodel, genst_patches_for_tiles(gen_tiles, px))[:, gb],
+            "context": genst_predict(gmodel, genst_patches_for_tiles(gen_tiles, px, ctx2))[:, gb],
+        }
+
+    y = expr[:, bi]
+    real_pred = repredict(tiles)
+    ceiling = {k: mean_r(y, v) for k, v in real_pred.items()}
+    # independent oracle trained on the measured spots of the training sections
+    tr_feats = [
+        section_features(s, m.genes, m.enc, None, tile_px=t, cache_dir=cache_dir) for s in train
+    ]
+    oracle = RidgeOracle(
+        np.concatenate([f["spot_tiles"] for f in tr_feats]),
+        np.concatenate([f["spot_expr"][:, bi] for f in tr_feats]),
+    )
+    ceiling["oracle"] = mean_r(y, oracle.predict(tiles))
+    say(f"ceiling {ceiling}")
+
+    g_full = expr
+    sets = {
+        "genes": (g_full, None, sg, sm),
+        "genes+morph": (g_full, ctx3, sg, sm),
+        "morph": (g_full, ctx3, 0.0, sm),
+        "uncond": (g_full, None, 0.0, 0.0),
+    }
+    fid: dict = {}
+    gen_tiles: dict = {}
+    for name, (g, c, s_g, s_m) in sets.items():
+        t0 = time.time()
+        out = synthesize(m, g, c, seed=1000, steps=steps, guidance_genes=s_g, guidance_morph=s_m)
+        gen_tiles[name] = out
+        rp = repredict(out)
+        row = {k: round(mean_r(y, v), 4) for k, v in rp.items()}
+        row["oracle"] = round(mean_r(y, oracle.predict(out)), 4)
+        for k in ("tile", "context", "oracle"):
+            row[f"{k}_pct_of_ceiling"] = round(100 * row[k] / ceiling[k], 1)
+        row["seconds"] = round(time.time() - t0, 1)
+        fid[name] = row
+        say(f"{name}: {row}")
+
+    # control: slider sweeps of the top-10 genes, others at the training median
+    top10 = bench[:10]
+    ctrl: dict = {}
+    for gname in top10:
+        j = m.genes.index(gname)
+        lo, hi = m.gene_range[j]
+        vals = np.linspace(lo, hi, SLIDER_VALUES)
+        prof = np.tile(m.gene_median, (SLIDER_VALUES, 1)).astype(np.float32)
+        prof[:, j] = vals
+        rep, per_seed = [], []
+        for s in range(seeds):
+            out = synthesize(
+                m, prof, None, seed=2000 + s, steps=steps, guidance_genes=sg, guidance_morph=sm
+            )
+            r = genst_predict(gmodel, genst_patches_for_tiles(out, px))[:, gpos[gname]]
+            rep.append(r)
+            per_seed.append(spearmanr(vals, r).statistic)
+        rep = np.stack(rep)  # (seeds, values)
+        ctrl[gname] = {
+            "values": [round(float(v), 3) for v in vals],
+            "repredicted_mean": [round(float(v), 3) for v in rep.mean(0)],
+            "spearman_pooled": round(
+                float(spearmanr(np.tile(vals, seeds), rep.ravel()).statistic), 3
+            ),
+            "spearman_per_seed_mean": round(float(np.nanmean(per_seed)), 3),
+            "spearman_seed_mean_curve": round(float(spearmanr(vals, rep.mean(0)).statistic), 3),
+        }
+    say(f"control done {ctrl}")
+
+    # realism in GenST histology-encoder space (the default GenST = the re-predictor)
+    space = FeatureSpace(GenSTCondition.from_genst(gmodel), tiles)
+    realism = {k: space.scores(v) for k, v in gen_tiles.items()}
+    with torch.inference_mode():
+        from ..models.stmdit import images_to_tensor, tensor_to_images
+
+        rec = tensor_to_images(m.ae.decode(m.ae.encode(images_to_tensor(tiles))[0]))
+    realism["autoencoder_reconstruction"] = space.scores(rec)
+    other = np.concatenate([f["spot_tiles"] for f in tr_feats])
+    rng = np.random.default_rng(0)
+    realism["real_training_sections"] = space.scores(other[rng.choice(len(other), n, False)])
+
+    # speed
+    g1 = m.gene_median[None]
+    synthesize(m, g1, None, seed=0, steps=steps)
+    speed = {}
+    for label, c in (("genes", None), ("genes+morph", ctx3[:1])):
+        ts = []
+        for r in range(3):
+            t0 = time.perf_counter()
+            synthesize(m, g1, c, seed=r, steps=steps, guidance_genes=sg, guidance_morph=sm)
+            ts.append(time.perf_counter() - t0)
+        speed[f"s_per_tile_{label}_batch1"] = round(float(np.median(ts)), 3)
+    t0 = time.perf_counter()
+    synthesize(m, np.repeat(g1, 16, 0), ctx3[:16], seed=0, steps=steps)
+    speed["s_per_tile_genes+morph_batch16"] = round((time.perf_counter() - t0) / 16, 3)
+    speed["torch_threads"] = torch.get_num_threads()
+
+    ctrl_vals = [v["spearman_pooled"] for v in ctrl.values()]
+    return {
+        "holdout": holdout,
+        "model": {
+            "name": m.name,
+            "sha256": m.checksum,
+            "trained_without_holdout": holdout in held,
+            "train_sections": m.card.get("data", {}).get("sections"),
+        },
+        "genst": {
+            "path": gpath.name,
+            "sha256": gsha,
+            "same_as_condition_encoders": gsha == m.card.get("genst", {}).get("sha256"),
+        },
+        "n_spots": n,
+        "genes": bench,
+        "steps": steps,
+        "guidance_genes": sg,
+        "guidance_morph": sm,
+        "ceiling": {k: round(v, 4) for k, v in ceiling.items()},
+        "fidelity": fid,
+        "control": {
+            "genes": top10,
+            "seeds": seeds,
+            "mean_spearman_pooled": round(float(np.mean(ctrl_vals)), 3),
+            "mean_spearman_per_seed": round(
+                float(np.mean([v["spearman_per_seed_mean"] for v in ctrl.values()])), 3
+            ),
+            "mean_spearman_seed_mean_curve": round(
+                float(np.mean([v["spearman_seed_mean_curve"] for v in ctrl.values()])), 3
+            ),
+            "per_gene": ctrl,
+        },
+        "realism": {
+            "feature_space": "GenST histology encoder ([mean,max]-pooled, z-scored on "
+            "the real held-out tiles); Inception weights cannot be downloaded here",
+            **realism,
+        },
+        "speed": speed,
+    }
+
+
+def _default_cache() -> Path:
+    from .stmdit import DEFAULT_CACHE
+
+    return DEFAULT_CACHE

@@ -1,0 +1,241 @@
+"""STMDiT: a tiny model trained on real HER2ST patches (section C3) — training, sampling, CLI.
+
+The tiny model uses its own frozen condition encoders (PCA of the profiles, autoencoder
+features) instead of GenST so the tests do not depend on a GenST checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny(her2st_dir, tmp_path_factory):
+    from napari_stgen.io.her2st import gene_panel, read_sections
+    from napari_stgen.models.stmdit import OwnCondition
+    from napari_stgen.training.stmdit import (
+        STMDiTTrainConfig,
+        assemble,
+        load_ae,
+        section_features,
+        train_autoencoder,
+        train_dit,
+    )
+
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("stmdit")
+    ae_path = train_autoencoder(
+        her2st_dir,
+        d / "ae.safetensors",
+        steps=30,
+        batch=8,
+        sections=["C3"],
+        cache_dir=d,
+        progress=False,
+    )
+    ae = load_ae(ae_path)
+    sec = read_sections(her2st_dir, ["C3"])[0]
+    panel = gene_panel([sec], 40)
+    if "ERBB2" not in panel:
+        panel = panel[:-1] + ["ERBB2"]
+    enc = OwnCondition.fit(sec.target(panel), ae, 8)
+    feats = section_features(sec, panel, enc, None, tile_px=64, cache_dir=d)
+    data = assemble([feats], "real")
+    tcfg = STMDiTTrainConfig(
+        steps=40,
+        batch=16,
+        dim=64,
+        depth=2,
+        heads=2,
+        n_gene_tokens=4,
+        labels="real",
+        save_every=20,
+        lr=1e-3,
+    )
+    ckpt = train_dit(
+        data, ae, enc, panel, d / "tiny.safetensors", tcfg, resume=False, progress=False
+    )
+    return {
+        "ckpt": ckpt,
+        "data": data,
+        "ae": ae,
+        "enc": enc,
+        "panel": panel,
+        "tcfg": tcfg,
+        "dir": d,
+        "ctx": feats,
+    }
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    from napari_stgen.inference.synthesis import load_stmdit
+
+    return load_stmdit(tiny["ckpt"])
+
+
+def _fixed_batch_loss(dit, model, data, n=32):
+    from napari_stgen.training.stmdit import encode_latents
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.from_numpy(encode_latents(model.ae, data["tiles"][:n])) * model.latent_scale
+    gz = torch.from_numpy((data["expr"][:n] - model.gene_mean) / model.gene_std).float()
+    pool = torch.from_numpy((data["pool"][:n] - model.pool_mean) / model.pool_std).float()
+    morph = torch.from_numpy((data["morph"][:n] - model.morph_mean) / model.morph_std).float()
+    t = torch.rand(n, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
+    on = torch.ones(n, dtype=torch.bool)
+    with torch.no_grad():
+        v = dit(xt, t, pool, gz, morph, on, on)
+    return float((v - (noise - x0)).pow(2).mean())
+
+
+def test_tiny_dit_loss_falls_on_real_patches(tiny, model):
+    from napari_stgen.models.stmdit import STMDiT
+
+    torch.manual_seed(tiny["tcfg"].seed)
+    init = STMDiT(model.dit.cfg).eval()
+    before = _fixed_batch_loss(init, model, tiny["data"])
+    after = _fixed_batch_loss(model.dit, model, tiny["data"])
+    assert after < 0.85 * before, (before, after)
+    hist = model.card["loss_history"]
+    assert hist[-1][1] < hist[0][1] or after < before
+
+
+def test_training_resumes_to_the_same_weights(tiny, model):
+    from napari_stgen.inference.synthesis import load_stmdit
+    from napari_stgen.training.stmdit import train_dit
+
+    out = tiny["dir"] / "resumed.safetensors"
+    args = (tiny["data"], tiny["ae"], tiny["enc"], tiny["panel"], out, tiny["tcfg"])
+    assert train_dit(*args, resume=False, progress=False, stop_after=25) is None
+    assert not out.exists()
+    train_dit(*args, resume=True, progress=False)  # continues from the step-25 state
+    m2 = load_stmdit(out)
+    for (k, a), (_, b) in zip(
+        model.dit.state_dict().items(), m2.dit.state_dict().items(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_sampling_is_deterministic_per_seed(model):
+    from napari_stgen.inference.synthesis import gene_vector, synthesize
+
+    g = gene_vector(model, {"ERBB2": 3.0})
+    a = synthesize(model, g, None, seed=7, steps=6)
+    b = synthesize(model, g, None, seed=7, steps=6)
+    c = synthesize(model, g, None, seed=8, steps=6)
+    assert a.dtype == np.uint8 and a.shape == (1, 64, 64, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_dual_guidance_zero_scales_is_the_unconditional_branch(model, tiny):
+    from napari_stgen.inference.synthesis import (
+        condition_features,
+        gene_vector,
+        guided_velocity,
+        synthesize,
+    )
+
+    ctx = np.stack([tiny["ctx"]["spot_tiles"][0]] * 1)
+    ctx3 = np.tile(ctx, (1, 3, 3, 1))  # a (1, 192, 192, 3) context patch of real tissue
+    g = gene_vector(model, {"ERBB2": 4.0})
+    pool, gz, morph, has_m = condition_features(model, g, ctx3)
+    assert has_m
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.full((1,), 0.6)
+    with torch.no_grad():
+        v = guided_velocity(model.dit, x, t, pool, gz, morph, True, 0.0, 0.0)
+        off = torch.zeros(1, dtype=torch.bool)
+        v00 = model.dit(x, t, pool, gz, morph, off, off)
+        v_g = guided_velocity(model.dit, x, t, pool, gz, morph, True, 2.0, 1.0)
+    assert torch.allclose(v, v00, atol=1e-5)
+    assert not torch.allclose(v_g, v00, atol=1e-4)
+    # end to end: with both scales 0 the conditions do not matter
+    a = synthesize(model, g, ctx3, seed=3, steps=4, guidance_genes=0.0, guidance_morph=0.0)
+    b = synthesize(
+        model, gene_vector(model), None, seed=3, steps=4, guidance_genes=0.0, guidance_morph=0.0
+    )
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_changing_a_gene_changes_the_tile(model):
+    from napari_stgen.inference.synthesis import gene_vector, synthesize
+
+    lo, hi = model.gene_range[model.genes.index("ERBB2")]
+    a = synthesize(
+        model, gene_vector(model, {"ERBB2": float(lo)}), None, seed=1, steps=6, guidance_genes=3.0
+    )
+    b = synthesize(
+        model,
+        gene_vector(model, {"ERBB2": float(hi) + 2}),
+        None,
+        seed=1,
+        steps=6,
+        guidance_genes=3.0,
+    )
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
+
+
+def test_unknown_gene_is_a_clear_error(model):
+    from napari_stgen.errors import StgenError
+    from napari_stgen.inference.synthesis import gene_vector, parse_gene_overrides
+
+    with pytest.raises(StgenError, match="NOT_A_GENE"):
+        gene_vector(model, {"NOT_A_GENE": 1.0})
+    with pytest.raises(StgenError, match="GENE=VALUE"):
+        parse_gene_overrides(["ERBB2"])
+
+
+def _stgen(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "napari_stgen.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_synthesize_writes_rgb_png_with_mpp(tiny, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "tile.png"
+    r = _stgen(
+        "synthesize",
+        "--model",
+        str(tiny["ckpt"]),
+        "--out",
+        str(out),
+        "--genes",
+        "ERBB2=3.5",
+        "--seed",
+        "2",
+        "--steps",
+        "4",
+    )
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        assert im.mode == "RGB" and im.size == (64, 64)
+        assert float(im.text["stgen:mpp"]) == pytest.approx(1.75)
+        arr = np.asarray(im)
+    assert arr.std() > 0
+    side = json.loads(out.with_name("tile.png.json").read_text())
+    assert side["mpp"] == pytest.approx(1.75) and side["overrides"] == {"ERBB2": 3.5}
+
+
+def test_cli_synthesize_bad_gene_exits_2_with_one_line(tiny, tmp_path):
+    out = tmp_path / "bad.png"
+    r = _stgen("synthesize", "--model", str(tiny["ckpt"]), "--out", str(out), "--genes", "ERBB2X=1")
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and "ERBB2X" in lines[0] and "ERBB2" in lines[0]
+    assert not out.exists()
