@@ -618,7 +618,7 @@ def read_h5ad_layers(path: str | os.PathLike, include_image: bool = True) -> lis
     sf = _plain(dict(lib.get("scalefactors", {}) or {}))
     base = path.stem
     origin = np.asarray(st.get("origin_yx_um", (0.0, 0.0)), dtype=np.float64).ravel()[:2]
-    common = {"path": str(path), "mpp": mpp, "mpp_source": mpp_src, "library_id": lib_id}
+    common = {"h5ad_path": str(path), "mpp": mpp, "mpp_source": mpp_src, "library_id": lib_id}
     layers: list[LayerData] = []
 
     images = lib.get("images", {}) or {}

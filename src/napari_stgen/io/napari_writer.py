@@ -93,9 +93,11 @@ def _find_slide(layers: Sequence[LayerData]) -> LayerData | None:
 def _slide_mpp(slide_layer: LayerData | None, points_meta: list[dict]) -> tuple[float, str]:
     if slide_layer is not None:
         md = _meta(slide_layer[1])
-        for k in ("mpp",):
-            if md.get(k):
-                return float(md[k]), f"slide layer metadata['{k}']"
+        if md.get("mpp"):
+            return float(md["mpp"]), "slide layer metadata['mpp']"
+        st = md.get("stgen") if isinstance(md.get("stgen"), dict) else {}
+        if st.get("mpp"):
+            return float(st["mpp"]), "slide layer metadata['stgen']['mpp']"
         sl = md.get("slide")
         if sl is not None and getattr(sl, "mpp", None):
             return float(sl.mpp), "slide layer metadata['slide'].mpp"
@@ -218,9 +220,14 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
     blocks, yx_all, obs_parts, names = [], [], [], []
     diam = []
     uns_base: dict[str, Any] = {}
+    seen: set[tuple[int, int]] = set()
     for (data, meta, _), md in zip(points, pmeta, strict=True):
         yx = _world_yx(data, meta)
         n = len(yx)
+        key = (n, hash(np.ascontiguousarray(yx).tobytes()))
+        if key in seen:  # the same spots shown twice (e.g. one display layer per gene)
+            continue
+        seen.add(key)
         feats = meta.get("features")
         feats = pd.DataFrame(feats).reset_index(drop=True) if feats is not None else pd.DataFrame()
         if len(feats) != n:
@@ -239,9 +246,16 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
         )
         names.append(ids)
         yx_all.append(yx)
-        size = np.asarray(meta.get("size", 10.0), dtype=np.float64)
-        diam.append(float(np.median(size)) * float(_vec2(meta.get("scale"), 1.0)[-1]))
         st = md.get("stgen") or {}
+        if st.get("kind") in ("spots", "tiles") and "obs_kind" not in st and n > 1:
+            # the Predict widget's display layers: drawn smaller than the tiles they stand for
+            from scipy.spatial import cKDTree
+
+            diam.append(float(np.median(cKDTree(yx).query(yx, k=2)[0][:, 1])))
+            uns_base.setdefault("obs_kind", "tiles")
+        else:
+            size = np.asarray(meta.get("size", 10.0), dtype=np.float64)
+            diam.append(float(np.median(size)) * float(_vec2(meta.get("scale"), 1.0)[-1]))
         for k in ("model", "slide", "region_um", "grid", "code_names", "obs_kind", "normalization"):
             if k in st and k not in uns_base:
                 uns_base[k] = st[k]
@@ -261,7 +275,7 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
         ids = [f"{o}:{i}" for o, i in zip(obs.get("layer", [""] * len(ids)), ids, strict=True)]
         if len(set(ids)) != len(ids):
             ids = [f"{i}_{k}" for k, i in enumerate(ids)]
-    if len(points) == 1 and "layer" in obs:
+    if len(blocks) == 1 and "layer" in obs:
         obs = obs.drop(columns="layer")
 
     codes = None
@@ -299,11 +313,8 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
     if np.any(origin != 0):
         extra["origin_yx_um"] = origin
     if slide_layer is not None and "slide" not in uns_base:
-        sp = (
-            slide_md.get("path")
-            or slide_md.get("slide_path")
-            or getattr(slide_md.get("slide"), "path", None)
-        )
+        st = slide_md.get("stgen") if isinstance(slide_md.get("stgen"), dict) else {}
+        sp = st.get("path") or getattr(slide_md.get("slide"), "path", None)
         h, w = _levels(slide_layer[0])[0].shape[:2]
         k = float(_vec2(slide_layer[1].get("scale"), 1.0)[-1]) / mpp  # level-0 px per layer px
         h, w = round(h * k), round(w * k)
@@ -361,3 +372,45 @@ def write_layers(
 def write_h5ad(path: str, layer_data: list[LayerData]) -> list[str]:
     """npe2 writer (File ▸ Save Layers): napari's save dialog has confirmed overwriting."""
     return [str(write_layers(path, layer_data, overwrite=True))]
+
+
+def store_layer_data(store: Any, code_names: dict | None = None, model: Any = None) -> LayerData:
+    """A points layer tuple for a Predict-widget ``PredictionStore`` (every predicted tile).
+
+    Carries the tile ids, grid cells, all genes, gene codes, code names, grid and model
+    provenance, so the writer records them exactly as ``stgen predict --grid`` does.
+    """
+    import pandas as pd
+
+    from .anndata import _model_record
+
+    if store.grid is None or len(store) == 0:
+        raise StgenError("no predictions to export yet")
+    feats = pd.DataFrame(store.expr, columns=list(store.genes), copy=False)
+    feats["genst_code"] = store.code
+    feats["grid_row"] = store.tiles[:, 0]
+    feats["grid_col"] = store.tiles[:, 1]
+    feats["barcode"] = store.tile_ids
+    g = store.grid
+    st: dict[str, Any] = {
+        "obs_kind": "tiles",
+        "grid": {
+            "origin_yx_um": np.asarray(g.origin_um, dtype=np.float64),
+            "tile_um": float(g.tile_um),
+            "shape": np.asarray(g.shape, dtype=np.int64),
+        },
+    }
+    if store.mpp:
+        st["mpp"] = float(store.mpp)
+    if model is not None:
+        st["model"] = {k: v for k, v in _model_record(model).items() if v is not None}
+    if code_names:
+        ks = sorted(int(k) for k in code_names)
+        st["code_names"] = {"code": ks, "name": [str(code_names[k]) for k in ks]}
+    meta = {
+        "name": "predicted tiles",
+        "features": feats,
+        "size": float(g.tile_um),
+        "metadata": {"stgen_genes": list(store.genes), "stgen": st},
+    }
+    return (store.centres_um, meta, "points")

@@ -1,0 +1,155 @@
+"""napari side of export: the npe2 writer (File ▸ Save Layers), the reader round trip and the
+Export widget, on the sample slide with its real spots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_stgen.io.anndata import GeneratedTile
+
+
+@pytest.fixture
+def viewer_with_layers(make_napari_viewer, sample_slide_path, sample_spots_path):
+    """Slide (via the plugin reader), spots with measured genes, two ROIs, a generated tile."""
+    viewer = make_napari_viewer()
+    (slide_layer,) = viewer.open(str(sample_slide_path), plugin="napari-stgen")
+    mpp = slide_layer.scale[-1]
+    df = pd.read_csv(sample_spots_path)
+    genes = [c for c in df.columns if c not in ("barcode", "x", "y")][:6]
+    feats = np.log1p(df[genes].astype(np.float32))
+    feats.insert(0, "barcode", df["barcode"].astype(str))
+    viewer.add_points(
+        df[["y", "x"]].to_numpy() * mpp,
+        features=feats,
+        size=100.0,
+        name="measured spots",
+        metadata={"stgen_genes": genes},
+    )
+    rois = [
+        np.array([[1000.0, 2000.0], [1000.0, 3000.0], [2500.0, 3000.0], [2500.0, 2000.0]]),
+        np.array([[3000.0, 3000.0], [3500.0, 4200.0], [4000.0, 3100.0]]),
+    ]
+    viewer.add_shapes(rois, shape_type=["rectangle", "polygon"], name="ROIs")
+    rng = np.random.default_rng(0)
+    tile = GeneratedTile(
+        id="gen_ERBB2_high",
+        image=rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+        origin_yx_um=(2000.0, 2500.0),
+        px_um=3.5,
+        genes=genes,
+        condition=feats[genes].to_numpy()[0],
+        guidance_genes=2.5,
+        guidance_morph=1.0,
+        steps=8,
+        seed=7,
+        model="stmdit_default",
+        model_checksum="ab" * 32,
+    )
+    data, kw, _ = tile.layer_data()
+    viewer.add_image(data, **kw)
+    return viewer, df, genes, mpp, rois, tile
+
+
+def _check_h5ad(path: Path, df, genes, mpp, rois, tile):
+    import anndata as ad
+
+    a = ad.read_h5ad(path)
+    assert list(a.obs_names) == df["barcode"].astype(str).tolist()
+    np.testing.assert_allclose(a.obsm["spatial"], df[["x", "y"]].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(a[:, genes].X, np.log1p(df[genes].to_numpy(np.float32)))
+    st = a.uns["stgen"]
+    assert st["mpp"] == pytest.approx(mpp)
+    assert Path(st["slide"]["path"]).name == "her2st_C3.tif"
+    assert list(st["rois"]["n_vertices"]) == [4, 3]  # both shapes, not only the first
+    np.testing.assert_allclose(st["rois"]["vertices_yx_um"], np.concatenate(rois), atol=1e-9)
+    rec = st["generated"][tile.id]
+    np.testing.assert_array_equal(rec["image"], tile.image)
+    assert rec["seed"] == 7 and rec["model_checksum"] == tile.model_checksum
+    lib = a.uns["spatial"][next(iter(a.uns["spatial"]))]
+    s = lib["scalefactors"]["tissue_hires_scalef"]
+    assert max(lib["images"]["hires"].shape[:2]) == pytest.approx(2000, abs=1)
+    assert lib["images"]["hires"].shape[1] == pytest.approx(9270 * s, abs=1)
+    # spot circles ~ 100 µm
+    assert lib["scalefactors"]["spot_diameter_fullres"] * mpp == pytest.approx(100.0)
+    return a
+
+
+def test_writer_and_reader_roundtrip(viewer_with_layers, make_napari_viewer, tmp_path):
+    viewer, df, genes, mpp, rois, tile = viewer_with_layers
+    out = tmp_path / "session.h5ad"
+    written = viewer.layers.save(str(out), selected=False, plugin="napari-stgen")
+    assert [Path(p) for p in written] == [out]
+    _check_h5ad(out, df, genes, mpp, rois, tile)
+
+    # napari reads it back (plugin reader → read_h5ad_layers) in the same µm places
+    v2 = make_napari_viewer()
+    layers = v2.open(str(out), plugin="napari-stgen")
+    by_type = {type(ly).__name__: ly for ly in layers}
+    pts = next(ly for ly in layers if type(ly).__name__ == "Points")
+    np.testing.assert_allclose(pts.data, viewer.layers["measured spots"].data, atol=1e-9)
+    np.testing.assert_allclose(pts.features[genes].to_numpy(), np.log1p(df[genes].to_numpy()))
+    shapes = by_type["Shapes"]
+    assert shapes.shape_type == ["rectangle", "polygon"]
+    for a, b in zip(shapes.data, rois, strict=True):
+        np.testing.assert_allclose(a, b)
+    gen = v2.layers[f"generated {tile.id}"]
+    np.testing.assert_allclose(gen.scale, viewer.layers[f"generated {tile.id}"].scale)
+    np.testing.assert_allclose(gen.translate, viewer.layers[f"generated {tile.id}"].translate)
+    assert gen.metadata["stgen_generated"]["seed"] == 7
+    thumb = next(ly for ly in layers if ly.metadata.get("stgen_kind") == "thumbnail")
+    # the thumbnail covers the slide's extent in µm
+    ext = np.asarray(thumb.data.shape[:2]) * np.asarray(thumb.scale)
+    np.testing.assert_allclose(ext, np.array([9936, 9270]) * mpp, rtol=2e-3)
+
+
+def test_export_widget(viewer_with_layers, qtbot, tmp_path):
+    from napari_stgen.widgets.export import ExportWidget
+    from napari_stgen.widgets.state import get_state
+
+    viewer, df, genes, mpp, rois, tile = viewer_with_layers
+    w = ExportWidget(viewer)
+    qtbot.addWidget(w)
+    listed = [w.layer_list.item(i).text() for i in range(w.layer_list.count())]
+    assert set(listed) == {"measured spots", "ROIs", f"generated {tile.id}"}
+
+    out = tmp_path / "widget.h5ad"
+    w.path_edit.setText(str(out))
+    worker = w.export()
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=30000):
+        pass
+    _check_h5ad(out, df, genes, mpp, rois, tile)
+
+    # refuses to overwrite unless ticked
+    assert w.export() is None
+    assert "exists" in w.status.text()
+
+    # the session's prediction store shows up and exports as tiles with their grid
+    from napari_stgen.coords import Grid
+
+    store = get_state(viewer).store
+    grid = Grid(origin_um=(0.0, 0.0), tile_um=112.0, shape=(60, 56))
+    store.reset(grid, genes, "k", "cafe", "default", mpp)
+    tiles = np.array([[10, 20], [10, 21], [30, 5]])
+    store.add(tiles, np.arange(18, dtype=np.float32).reshape(3, 6), np.array([4, 4, 9]))
+    get_state(viewer).set_code_name(4, "tumour")
+    assert w.layer_list.item(0).text().startswith("\u2731 predicted tiles")
+    for i in range(1, w.layer_list.count()):
+        w.layer_list.item(i).setCheckState(w.layer_list.item(i).checkState().Unchecked)
+    w.overwrite.setChecked(True)
+    with qtbot.waitSignal(w.export().finished, timeout=30000):
+        pass
+    import anndata as ad
+
+    a = ad.read_h5ad(out)
+    assert list(a.obs_names) == ["tile_10_20", "tile_10_21", "tile_30_5"]
+    np.testing.assert_allclose(a.obsm["spatial"], (tiles[:, ::-1] + 0.5) * 112.0 / mpp)
+    assert list(a.obs["genst_code_name"]) == ["tumour", "tumour", "code 9"]
+    assert a.uns["stgen"]["grid"]["tile_um"] == 112.0
+    assert a.uns["spatial"][next(iter(a.uns["spatial"]))]["scalefactors"][
+        "spot_diameter_fullres"
+    ] == pytest.approx(112.0 / mpp)
