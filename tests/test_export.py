@@ -331,3 +331,26 @@ def test_visium_mouse_crop_roundtrip(tmp_path):
     np.testing.assert_allclose(pts[0], xy[:, ::-1] * mpp)
     (thumb,) = [ly for ly in layers if ly[1]["metadata"].get("stgen_kind") == "thumbnail"]
     assert thumb[1]["scale"] == pytest.approx((mpp / s, mpp / s))
+
+
+def test_squidpy_neighbourhood_functions(sample_export):
+    """squidpy's graph functions run on the export (skipped where squidpy is not installed)."""
+    sq = pytest.importorskip("squidpy")
+    import anndata as ad
+
+    path, df, genes, slide = sample_export
+    a = ad.read_h5ad(path)
+    sq.gr.spatial_neighbors(a, coord_type="generic", n_neighs=6)
+    conn = a.obsp["spatial_connectivities"]
+    assert conn.shape == (len(df), len(df))
+    # neighbours are adjacent spots: within 1.5 array pitches (2 × spot diameter)
+    dist = a.obsp["spatial_distances"]
+    pitch = 2 * a.uns["spatial"]["her2st_C3"]["scalefactors"]["spot_diameter_fullres"]
+    assert np.median(dist.data) < 1.5 * pitch
+    sq.gr.spatial_autocorr(a, mode="moran", genes=genes, n_perms=10, n_jobs=1)
+    assert np.isfinite(a.uns["moranI"]["I"]).all()
+    a.obs["genst_code_name"] = a.obs["genst_code_name"].astype("category")
+    sq.gr.nhood_enrichment(a, cluster_key="genst_code_name", n_perms=10, n_jobs=1,
+                           show_progress_bar=False)  # fmt: skip
+    z = a.uns["genst_code_name_nhood_enrichment"]["zscore"]
+    assert z.shape == (4, 4)
