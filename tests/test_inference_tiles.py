@@ -43,6 +43,17 @@ def test_read_tiles_is_pixel_identical_to_read_patches_on_centres(slide):
     np.testing.assert_array_equal(got, want)
     # the last cell reaches past the slide edge: its bottom-right corner is white padding
     assert (got[-1, -1, -1] == 255).all()
+    # context windows larger than the cell (multiscale GenST: 224 µm around 112 µm cells)
+    got = T.read_tiles(slide, g, tiles, 128, patch_um=224.0)
+    np.testing.assert_array_equal(got, read_patches(slide, xy_px, 224.0, 128))
+
+
+def test_tile_um_of_uses_card_then_multiscale_centre():
+    from types import SimpleNamespace as NS
+
+    assert T.tile_um_of(NS(patch_um=224.0, card={"architecture": {"multiscale": True}})) == 112
+    assert T.tile_um_of(NS(patch_um=224.0, card={"architecture": {"multiscale": False}})) == 224
+    assert T.tile_um_of(NS(patch_um=224.0, card={"tile_um": 100.0})) == 100
 
 
 def test_tile_content_matches_slide_pixels_at_its_world_position(slide):

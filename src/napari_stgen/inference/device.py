@@ -10,23 +10,22 @@ _VALID = ("auto", "cpu", "cuda", "mps")
 def select_device(preference: str = "auto") -> str:
     """Resolve ``preference`` ('auto'|'cpu'|'cuda'|'mps'|'cuda:N') to an available device.
 
-    'auto' picks cuda, then mps, then cpu. Asking for an unavailable accelerator raises
-    :class:`StgenError` naming it.
+    'auto' picks cuda, then mps, then cpu (the GenST predictor's own rule); asking for an
+    unknown or unavailable device raises :class:`StgenError` naming it.
     """
-    import torch
+    from napari_stgen.inference.predictor import pick_device
 
     pref = (preference or "auto").lower()
     if pref.split(":")[0] not in _VALID:
         raise StgenError(f"unknown device {preference!r}: use one of {', '.join(_VALID)}")
-    cuda = torch.cuda.is_available()
-    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    if pref == "auto":
-        return "cuda" if cuda else ("mps" if mps else "cpu")
-    if pref.startswith("cuda") and not cuda:
-        raise StgenError(f"device {preference!r} requested but CUDA is not available")
-    if pref == "mps" and not mps:
-        raise StgenError("device 'mps' requested but Apple MPS is not available")
-    return pref
+    dev = pick_device(pref)
+    if dev == "mps":
+        import torch
+
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise StgenError("device 'mps' requested but Apple MPS is not available")
+    return dev
 
 
 def describe_device(device: str) -> str:

@@ -24,6 +24,7 @@ from napari_stgen.inference.tiles import (
     slide_grid,
     split_blocks,
     tile_centres_um,
+    tile_um_of,
     tiles_in_labels,
     tiles_in_region,
     tiles_in_shapes,
@@ -106,7 +107,7 @@ def _tp_key(predictor: Any) -> str:
 
 
 def _keys(skey: str, predictor: Any, grid: Grid, tiles: np.ndarray) -> list[tuple]:
-    ck, t = predictor.checksum, grid.tile_um
+    ck, t = predictor.checksum, (grid.tile_um, float(predictor.patch_um))
     return [(skey, ck, t, int(r), int(c)) for r, c in tiles]
 
 
@@ -136,7 +137,7 @@ def predict_tiles(
     to ``centre_um`` (y, x) if given, and predicted ``batch_size`` at a time. Raises
     :class:`Cancelled` at the first check after ``cancel`` is set.
     """
-    grid = grid or slide_grid(slide, predictor.patch_um)
+    grid = grid or slide_grid(slide, tile_um_of(predictor))
     tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
     total = len(tiles)
     cancel = cancel or CancelToken()
@@ -170,7 +171,7 @@ def predict_tiles(
     for btiles in blocks:
         cancel.check()
         btiles = _centre_out(grid, btiles, centre_um)
-        patches = read_tiles(slide, grid, btiles, predictor.patch_px)
+        patches = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
         for s in range(0, len(btiles), batch_size):
             cancel.check()
             t0 = time.perf_counter()
@@ -194,7 +195,7 @@ def plan_region(
     slide: Any, predictor: Any, region_um: Sequence[float], tissue_only: bool = True
 ) -> tuple[Grid, np.ndarray]:
     """Grid and cells to predict for a world region (x0, y0, x1, y1) µm."""
-    grid = slide_grid(slide, predictor.patch_um)
+    grid = slide_grid(slide, tile_um_of(predictor))
     tiles = tiles_in_region(grid, region_um)
     if tissue_only:
         tiles = filter_tissue(slide, grid, tiles)
@@ -212,7 +213,7 @@ def plan_roi(
 
     ``labels`` is ``(array, scale, translate)`` of a labels layer in µm.
     """
-    grid = slide_grid(slide, predictor.patch_um)
+    grid = slide_grid(slide, tile_um_of(predictor))
     parts = []
     if shapes:
         parts.append(tiles_in_shapes(grid, shapes))
@@ -227,7 +228,7 @@ def plan_roi(
 
 def plan_whole_slide(slide: Any, predictor: Any) -> tuple[Grid, np.ndarray]:
     """Grid and every tissue cell of the slide."""
-    grid = slide_grid(slide, predictor.patch_um)
+    grid = slide_grid(slide, tile_um_of(predictor))
     r, c = np.nonzero(_mask(slide, grid))
     return grid, np.stack([r, c], axis=1).astype(np.int64)
 
@@ -282,7 +283,7 @@ def measure_throughput(slide: Any, predictor: Any, n: int = 32) -> float:
     """Tiles per second of read + predict, measured on ``n`` tissue cells of the slide."""
     grid, tiles = plan_whole_slide(slide, predictor)
     if len(tiles) == 0:
-        grid = slide_grid(slide, predictor.patch_um)
+        grid = slide_grid(slide, tile_um_of(predictor))
         tiles = np.array([[0, 0]], dtype=np.int64)
     sel = tiles[np.linspace(0, len(tiles) - 1, min(n, len(tiles))).astype(int)]
     t0 = time.perf_counter()
@@ -305,7 +306,7 @@ def estimate(
     tiles_per_s: float | None = None,
 ) -> Estimate:
     """Tiles left to compute and seconds, from ``tiles_per_s`` or the last measured rate."""
-    grid = grid or slide_grid(slide, predictor.patch_um)
+    grid = grid or slide_grid(slide, tile_um_of(predictor))
     tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
     cached = 0
     if cache is not None and len(tiles):

@@ -18,6 +18,7 @@ from napari_stgen.coords import Grid
 from napari_stgen.errors import StgenError
 
 __all__ = [
+    "tile_um_of",
     "slide_grid",
     "tile_centres_um",
     "tiles_in_region",
@@ -37,6 +38,22 @@ def _mpp(slide: Any) -> float:
             f"{slide.path}: slide has no µm/px resolution; reopen it with an explicit mpp"
         )
     return float(slide.mpp)
+
+
+def tile_um_of(predictor: Any) -> float:
+    """Edge (µm) of the grid cell a model predicts for: its spot, not its context window.
+
+    A card's ``tile_um`` wins; a multiscale GenST (centre crop + whole-patch context) predicts
+    for the central half of its ``patch_um`` window; otherwise the whole patch.
+    """
+    t = getattr(predictor, "tile_um", None)
+    card = getattr(predictor, "card", None) or {}
+    t = t or card.get("tile_um")
+    if t:
+        return float(t)
+    if (card.get("architecture") or {}).get("multiscale"):
+        return float(predictor.patch_um) / 2.0
+    return float(predictor.patch_um)
 
 
 def slide_grid(slide: Any, tile_um: float) -> Grid:
@@ -217,12 +234,15 @@ def _level_for(slide: Any, target_mpp: float) -> int:
     return level
 
 
-def read_tiles(slide: Any, grid: Grid, tiles: np.ndarray, out_px: int) -> np.ndarray:
-    """Read cells ``tiles`` as uint8 (N, out_px, out_px, 3) with one read of their bounding box.
+def read_tiles(
+    slide: Any, grid: Grid, tiles: np.ndarray, out_px: int, patch_um: float | None = None
+) -> np.ndarray:
+    """Patches of ``patch_um`` (default: the cell size) centred on cells, one read in all.
 
-    Pixel-identical to ``read_patches(slide, centres, grid.tile_um, out_px)`` on the cell
-    centres (same level choice, integer windows and resampling), but the level is read once
-    for the whole block instead of once per tile.
+    Returns uint8 (N, out_px, out_px, 3), pixel-identical to ``read_patches(slide, centres,
+    patch_um, out_px)`` on the cell centres (same level choice, integer windows and
+    resampling), but the level is read once for the bounding box of all windows instead of
+    once per tile. A patch larger than the cell carries context around it.
     """
     from napari_stgen.inference.patches import _resize
 
@@ -231,11 +251,12 @@ def read_tiles(slide: Any, grid: Grid, tiles: np.ndarray, out_px: int) -> np.nda
     if len(tiles) == 0:
         return out
     mpp = _mpp(slide)
-    level = _level_for(slide, grid.tile_um / out_px)
+    patch_um = float(patch_um or grid.tile_um)
+    level = _level_for(slide, patch_um / out_px)
     arr = slide.levels[level]
     dy, dx = slide.height / arr.shape[0], slide.width / arr.shape[1]
     c = tile_centres_um(grid, tiles)[:, ::-1] / mpp  # level-0 (x, y) px
-    size0 = grid.tile_um / mpp
+    size0 = patch_um / mpp
     x0 = np.round(c[:, 0] - size0 / 2).astype(np.int64)
     y0 = np.round(c[:, 1] - size0 / 2).astype(np.int64)
     s0 = int(round(size0))

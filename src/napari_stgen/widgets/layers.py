@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 TILES_LAYER = "stgen tiles"
+UNITS = ("um", "um")
 
 
 def heatmap_name(gene: str) -> str:
@@ -104,6 +105,7 @@ def update_heatmap(
                 blending=blending,
                 contrast_limits=robust_limits(store.expr[:, gi]),
                 interpolation2d="nearest",
+                units=UNITS,
                 metadata={"stgen": {"kind": "heatmap", "gene": gene, "key": md_key}},
             )
         else:
@@ -151,6 +153,7 @@ def update_spots(
             face_contrast_limits=lim,
             border_width=0,
             opacity=opacity,
+            units=UNITS,
             metadata={"stgen": {"kind": "spots", "gene": gene}},
         )
     else:
@@ -179,6 +182,7 @@ def update_tiles_points(viewer: Any, store: PredictionStore, visible: bool = Tru
             border_width=0.05,
             opacity=0.6,
             visible=visible,
+            units=UNITS,
             metadata={"stgen": {"kind": "tiles"}},
         )
     else:

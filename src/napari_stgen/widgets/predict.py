@@ -146,6 +146,7 @@ class PredictWidget(QWidget):
         self._pending_estimate: Any = None
         self._panel: list[str] = []
         self._watched: Any = None
+        self._closed = False
         self._build_ui()
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -300,6 +301,8 @@ class PredictWidget(QWidget):
     def _on_model_loaded(self, pred: Any) -> None:
         from napari_stgen.inference.device import describe_device
 
+        if self._closed:
+            return
         self._panel = list(pred.genes)
         self._gene_model.setStringList(self._panel)
         self.device_label.setText(f"{describe_device(pred.device)} · {len(self._panel)} genes")
@@ -307,6 +310,8 @@ class PredictWidget(QWidget):
             self.add_gene("ERBB2" if "ERBB2" in self._panel else self._panel[0])
 
     def _on_model_error(self, exc: BaseException) -> None:
+        if self._closed:
+            return
         self.device_label.setText("no model")
         self._notify(f"cannot load model: {exc}", error=True)
 
@@ -347,7 +352,7 @@ class PredictWidget(QWidget):
         layer = self.viewer.layers[name]
         if isinstance(layer, Shapes):
             shapes = [
-                (st, np.asarray(layer.data_to_world(v))[:, -2:])
+                (st, np.asarray([layer.data_to_world(p) for p in v])[:, -2:])
                 for st, v in zip(layer.shape_type, layer.data, strict=True)
             ]
             if not shapes:
@@ -417,6 +422,8 @@ class PredictWidget(QWidget):
         )
 
         def done(est: Any) -> None:
+            if self._closed:
+                return
             self._pending_estimate = est
             self.status_label.setText(
                 f"Whole slide: {est.tiles:,} tissue tiles ({est.cached:,} cached), "
@@ -439,7 +446,7 @@ class PredictWidget(QWidget):
         worker.start()
 
     def _on_yield(self, msg: tuple, worker: Any, token: Any) -> None:
-        if token.cancelled:
+        if token.cancelled or self._closed:
             return
         if msg[0] == "plan":
             _, pred, grid, n = msg
@@ -462,13 +469,15 @@ class PredictWidget(QWidget):
         self.status_label.setText(f"{part.done}/{part.total} tiles{cached}")
 
     def _on_finished(self, token: Any) -> None:
+        if token in self._tokens:
+            self._tokens.remove(token)
+        if self._closed:
+            return
         if token is self._token:
             self._close_pbar()
             self.cancel_btn.setEnabled(False)
             if token.cancelled:
                 self.status_label.setText("cancelled")
-        if token in self._tokens:
-            self._tokens.remove(token)
 
     def _close_pbar(self) -> None:
         if self._pbar is not None:
@@ -483,21 +492,22 @@ class PredictWidget(QWidget):
             if hasattr(w, "quit"):
                 w.quit()
         self._close_pbar()
-        self.cancel_btn.setEnabled(False)
+        if not self._closed:
+            self.cancel_btn.setEnabled(False)
 
     def shutdown(self) -> None:
         """Stop live updates and all work (the viewer is closing)."""
+        self._closed = True
         self._timer.stop()
-        self.live_check.setChecked(False)
         for t in list(self._tokens):
             t.cancel()
         self.cancel()
 
     def _watch_window(self) -> None:
         win = self.window()
-        if win is not self and win is not self._watched:
+        if win is not self and id(win) != self._watched:
             win.installEventFilter(self._closer)
-            self._watched = win
+            self._watched = id(win)  # no strong reference: the window owns us
 
     # ------------------------------------------------------------------ live
     def _on_camera(self, *_: Any) -> None:
@@ -505,7 +515,7 @@ class PredictWidget(QWidget):
             self._timer.start()
 
     def _on_live_timeout(self) -> None:
-        if self.live_check.isChecked():
+        if self.live_check.isChecked() and not self._closed:
             self.predict()
 
     # ------------------------------------------------------------------ display
@@ -567,5 +577,7 @@ class PredictWidget(QWidget):
     def _notify(self, msg: str, error: bool = False) -> None:
         from napari.utils.notifications import show_error, show_info
 
+        if self._closed:
+            return
         self.status_label.setText(msg)
         (show_error if error else show_info)(msg)
