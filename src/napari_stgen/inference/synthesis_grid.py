@@ -254,12 +254,13 @@ class RegionProfile:
 
 
 def known_from_store(
-    store: Any, slide: Any, predictor: Any, cells: np.ndarray | None = None
+    store: Any, slide: Any, predictor: Any, cells: np.ndarray | SynthesisPlan | None = None
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(cells, expr) a PredictionStore already holds for this slide and model (or None).
 
     Call it on the thread that writes the store (the GUI thread), then hand the copies to a
-    worker. ``cells`` restricts the lookup.
+    worker. ``cells`` (grid cells, or a plan: the cells under its region and tiles)
+    restricts the lookup.
     """
     from .cache import slide_key
     from .tiles import slide_grid, tile_um_of
@@ -269,6 +270,9 @@ def known_from_store(
     grid = slide_grid(slide, tile_um_of(predictor))
     if not store.matches(slide_key(slide), predictor.checksum, grid):
         return None
+    if isinstance(cells, SynthesisPlan):
+        boxes = np.concatenate([np.asarray(cells.region_um)[None], cells.tile_boxes_um()])
+        cells = overlap_weights(grid, boxes)[0]
     if cells is None:
         return store.tiles.copy(), store.expr.copy()
     cells = np.asarray(cells, np.int64).reshape(-1, 2)
