@@ -50,16 +50,15 @@ def run(args: argparse.Namespace) -> int:
         print("stgen: error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     bar = None
-    progress = None
-    if not args.quiet:
-        from tqdm import tqdm
 
-        bar = tqdm(total=0, unit="patch", desc="predict", file=sys.stderr, leave=False)
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:  # created on the first batch: bad input errors stay one line
+            from tqdm import tqdm
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+            bar = tqdm(total=total, unit="patch", desc="predict", file=sys.stderr, leave=False)
+        bar.n = done
+        bar.refresh()
 
     try:
         path = predict_slide(
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             overwrite=args.overwrite,
             batch_size=args.batch_size,
-            progress=progress,
+            progress=None if args.quiet else progress,
         )
     finally:
         if bar is not None:

@@ -107,10 +107,14 @@ def predict_centres(
     xy_px: np.ndarray,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    grid: Any = None,
+    tiles: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(expr (N, G) float32, code (N,) int64) for patches centred on level-0 ``xy_px``.
 
-    Reads and predicts ``batch_size`` patches at a time so memory stays bounded.
+    Reads and predicts about ``batch_size`` patches at a time so memory stays bounded. With
+    ``grid`` and its cells ``tiles`` (matching ``xy_px``), patches are read block-wise
+    (``inference.tiles.read_tiles``: pixel-identical to ``read_patches``, one read a block).
     """
     from .patches import read_patches
 
@@ -119,14 +123,37 @@ def predict_centres(
     expr = np.empty((n, g), dtype=np.float32)
     code = np.empty(n, dtype=np.int64)
     bs = max(1, int(batch_size))
-    for i in range(0, n, bs):
-        patches = read_patches(slide, xy[i : i + bs], predictor.patch_um, predictor.patch_px)
-        out = predictor.predict(patches)
-        expr[i : i + bs] = np.asarray(out.expr, dtype=np.float32)
-        code[i : i + bs] = np.asarray(out.code, dtype=np.int64)
+    if grid is not None and tiles is not None:
+        from .tiles import read_tiles, split_blocks
+
+        t = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
+        row_of = {(int(r), int(c)): i for i, (r, c) in enumerate(t)}
+        side = max(1, int(np.sqrt(bs)))
+        jobs = [
+            (np.array([row_of[(int(r), int(c))] for r, c in b]), b)
+            for b in split_blocks(t, block=side)
+        ]
+        read = lambda job: read_tiles(slide, grid, job[1], predictor.patch_px)  # noqa: E731
+    else:
+        jobs = [(np.arange(i, min(i + bs, n)), None) for i in range(0, n, bs)]
+        read = lambda job: read_patches(  # noqa: E731
+            slide, xy[job[0]], predictor.patch_um, predictor.patch_px
+        )
+    done = 0
+    for job in jobs:
+        out = predictor.predict(read(job))
+        expr[job[0]] = np.asarray(out.expr, dtype=np.float32)
+        code[job[0]] = np.asarray(out.code, dtype=np.int64)
+        done += len(job[0])
         if progress is not None:
-            progress(min(i + bs, n), n)
+            progress(done, n)
     return expr, code
+
+
+def _load(model: str, device: str) -> Any:
+    from .predictor import load_genst
+
+    return load_genst(model, device=device)
 
 
 def predict_slide(
@@ -148,7 +175,7 @@ def predict_slide(
     """Predict expression over a slide and write ``out`` (.h5ad); returns its path.
 
     Exactly one of ``spots`` (CSV ``barcode,x,y`` level-0 px; extra columns go to ``obs``,
-    renamed ``<col>_obs`` when they clash with a gene) or ``grid`` (tissue cells of the
+    renamed ``<col>_csv`` when they clash with a gene) or ``grid`` (tissue cells of the
     model-patch grid). ``region_um`` (x0, y0, x1, y1) keeps spots / cells inside it.
     ``predictor`` reuses a loaded GenST model instead of ``load_genst(model, device)``.
     """
@@ -163,11 +190,7 @@ def predict_slide(
         raise StgenError(f"{out} already exists; pass --overwrite to replace it")
     r = _region(region_um)
     table = read_spots_csv(spots) if spots is not None else None
-    if predictor is None:
-        from .predictor import load_genst
-
-        predictor = load_genst(model, device=device)
-    with open_for_prediction(slide_path, mpp) as slide:
+    with open_for_prediction(slide_path, mpp) as slide:  # bad input fails before the model
         extra: dict[str, Any] = {}
         if table is not None:
             xy = table[["x", "y"]].to_numpy(np.float64)
@@ -190,9 +213,13 @@ def predict_slide(
                 )
             obs_names = table["barcode"].tolist()
             obs = table.drop(columns=["barcode", "x", "y"])
+            predictor = predictor or _load(model, device)
+            panel = set(predictor.genes)  # keep CSV columns apart from predicted genes
+            obs = obs.rename(columns={c: f"{c}_csv" for c in obs.columns if c in panel})
             kind, grid_rec, diam = "spots", None, None
             extra["spots_csv"] = str(Path(spots).resolve())
         else:
+            predictor = predictor or _load(model, device)
             tiles, xy, g = grid_centres(slide, predictor.patch_um, r)
             if len(tiles) == 0:
                 raise StgenError(f"{slide_path}: no tissue found" + (" in --region" if r else ""))
@@ -206,7 +233,9 @@ def predict_slide(
                 "tile_um": float(g.tile_um),
                 "shape": np.asarray(g.shape, dtype=np.int64),
             }
-        expr, code = predict_centres(slide, predictor, xy, batch_size, progress)
+        expr, code = predict_centres(
+            slide, predictor, xy, batch_size, progress, *((g, tiles) if grid else ())
+        )
         if code_names is None:
             code_names = {}
         adata = predictions_to_anndata(
