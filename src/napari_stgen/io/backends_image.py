@@ -18,7 +18,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import SlideReadError
-from .slide import CHUNK_PX, Slide, _convert_block, _regular_chunks
+from .slide import CHUNK_PX, Slide, TileSource, _convert_block, tiled_dask
 
 _UNIT_UM_PER_INCH = 25400.0
 
@@ -78,20 +78,11 @@ class _Decoded:
 
 
 def _level(dec: _Decoded, shape: tuple[int, int], name: str) -> da.Array:
-    h, w = shape
-
-    def block(block_info=None) -> np.ndarray:
-        (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+    def read_tile(ty: int, tx: int) -> np.ndarray:
         a = dec.get()
-        return np.ascontiguousarray(a[y0:y1, x0:x1])
+        return a[ty * CHUNK_PX : (ty + 1) * CHUNK_PX, tx * CHUNK_PX : (tx + 1) * CHUNK_PX]
 
-    return da.map_blocks(
-        block,
-        chunks=(_regular_chunks(h, CHUNK_PX), _regular_chunks(w, CHUNK_PX), (3,)),
-        dtype=np.uint8,
-        meta=np.empty((0, 0, 3), np.uint8),
-        name=name,
-    )
+    return tiled_dask(TileSource((*shape, 3), (CHUNK_PX, CHUNK_PX), np.uint8, read_tile), name)
 
 
 def open_image(path: Path) -> Slide:

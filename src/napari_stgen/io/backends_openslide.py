@@ -12,7 +12,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import SlideReadError
-from .slide import CHUNK_PX, OPENSLIDE_HINT, Slide, _regular_chunks
+from .slide import CHUNK_PX, OPENSLIDE_HINT, Slide, TileSource, tiled_dask
 
 
 def _import_openslide() -> Any:
@@ -59,19 +59,15 @@ def open_openslide(path: Path) -> Slide:
 
 
 def _level_array(osr: Any, level: int, ds: float, shape: tuple[int, int], name: str) -> da.Array:
-    def block(block_info=None) -> np.ndarray:
-        (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
-        im = osr.read_region((int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0))
+    h, w = shape
+
+    def read_tile(ty: int, tx: int) -> np.ndarray:
+        y0, x0 = ty * CHUNK_PX, tx * CHUNK_PX
+        size = (min(CHUNK_PX, w - x0), min(CHUNK_PX, h - y0))
+        im = osr.read_region((int(round(x0 * ds)), int(round(y0 * ds))), level, size)
         rgba = np.asarray(im)
         rgb = rgba[..., :3].astype(np.uint16)
         a = rgba[..., 3:].astype(np.uint16)
         return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
-    h, w = shape
-    return da.map_blocks(
-        block,
-        chunks=(_regular_chunks(h, CHUNK_PX), _regular_chunks(w, CHUNK_PX), (3,)),
-        dtype=np.uint8,
-        meta=np.empty((0, 0, 3), np.uint8),
-        name=name,
-    )
+    return tiled_dask(TileSource((h, w, 3), (CHUNK_PX, CHUNK_PX), np.uint8, read_tile), name)

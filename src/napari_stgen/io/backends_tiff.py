@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import numpy as np
 
 from ..errors import SlideReadError
-from .slide import Slide, to_rgb_uint8
+from .slide import Slide, TileSource, tiled_dask, to_rgb_uint8
 
 _MPP_RE = re.compile(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 # ResolutionUnit values: 2 inch, 3 cm, plus tifffile's non-standard mm / µm
@@ -22,27 +23,33 @@ MAX_PLAUSIBLE_MPP = 20.0
 
 
 def open_tiff(path: Path) -> Slide:
-    """Open a TIFF-family slide lazily (level arrays read tile by tile on demand)."""
+    """Open a TIFF-family slide lazily (level arrays read tile by tile on demand).
+
+    Levels stored as one tiled (or stripped) page are read directly: each dask chunk is one
+    TIFF tile, read under the file lock and decoded in the worker thread. Other layouts (planar
+    OME, multi-page levels) go through tifffile's zarr store.
+    """
     import tifffile
-    import zarr
 
     try:
         tf = tifffile.TiffFile(path)
     except Exception as e:  # noqa: BLE001 - tifffile raises many types on corrupt input
         raise SlideReadError(f"{path}: not a readable TIFF ({_short(e)})") from None
+    tf.filehandle.set_lock(True)  # dask reads tiles from several threads
+    stores: list[Any] = []
     try:
         series, extra = _pick_series(tf, path)
         level_series = list(series.levels) + extra
         _check_complete(tf, level_series, path)
+        token = _file_token(path)
         levels = []
-        stores = []
         for k, s in enumerate(level_series):
-            store = s.aszarr() if s in extra else series.aszarr(level=k)
-            stores.append(store)
-            z = zarr.open_array(store, mode="r") if s in extra else _open_level(store)
-            axes = _axes_for(s, z.ndim, path)
-            token = f"stgen-tiff-{_file_token(path)}-{k}"
-            arr = da.from_zarr(z, name=token, inline_array=True)
+            name = f"stgen-tiff-{token}-{k}"
+            page = s.pages[0] if len(s.pages) == 1 else None
+            if page is not None and _direct_ok(page) and len(s.shape) == len(page.shape):
+                arr, axes = _direct_level(page, tf.filehandle, name), page.axes
+            else:
+                arr, axes = _zarr_level(series, s, k, s in extra, name, stores, path)
             levels.append(to_rgb_uint8(arr, axes, path))
         # decode one tile of the coarsest stored level now, so corrupt data fails at open
         lv = levels[-1]
@@ -50,11 +57,12 @@ def open_tiff(path: Path) -> Slide:
         mpp, source = _tiff_mpp(tf, series, path)
         fmt = "svs" if tf.is_svs else "ome-tiff" if tf.is_ome else "tiff"
         props = _properties(tf)
-    except SlideReadError:
-        tf.close()
-        raise
     except Exception as e:  # noqa: BLE001
+        for st in stores:
+            st.close()
         tf.close()
+        if isinstance(e, SlideReadError):
+            raise
         raise SlideReadError(f"{path}: cannot read TIFF data ({_short(e)})") from None
     closers = [s.close for s in stores if hasattr(s, "close")] + [tf.close]
     return Slide(
@@ -67,6 +75,62 @@ def open_tiff(path: Path) -> Slide:
         properties=props,
         closers=closers,
     )
+
+
+def _direct_ok(page: Any) -> bool:
+    return (
+        getattr(page, "imagedepth", 1) == 1
+        and (page.planarconfig == 1 or page.samplesperpixel == 1)
+        and page.axes in ("YXS", "YX")
+        and page.dtype is not None
+        and len(page.dataoffsets) > 0
+    )
+
+
+def _direct_level(page: Any, fh: Any, name: str) -> da.Array:
+    """A dask array over one TIFF page whose chunks are its tiles (or strips)."""
+    h, w = page.shape[:2]
+    if page.is_tiled:
+        th, tw = page.tilelength, page.tilewidth
+    else:
+        th, tw = min(page.rowsperstrip or h, h), w
+    per_row = -(-w // tw)
+    offsets, counts = page.dataoffsets, page.databytecounts
+    decode = page.decode
+    jt, jh = page.jpegtables, page.jpegheader
+    fill = np.iinfo(page.dtype).max if page.dtype.kind == "u" else 0
+    tail = page.shape[2:]
+
+    def read_tile(ty: int, tx: int) -> np.ndarray:
+        i = ty * per_row + tx
+        th_ = min(th, h - ty * th)
+        tw_ = min(tw, w - tx * tw)
+        if not counts[i]:
+            return np.full((th_, tw_, *tail), fill, page.dtype)
+        with fh.lock:
+            fh.seek(offsets[i])
+            data = fh.read(counts[i])
+        seg, _, _ = decode(data, i, jpegtables=jt, jpegheader=jh)
+        seg = seg.reshape(seg.shape[1], seg.shape[2], -1)[:th_, :tw_]
+        return seg if tail else seg[..., 0]
+
+    return tiled_dask(TileSource(page.shape, (th, tw), page.dtype, read_tile), name)
+
+
+def _split(n: int, c: int) -> tuple[int, ...]:
+    full, rest = divmod(n, c)
+    return (c,) * full + ((rest,) if rest else ())
+
+
+def _zarr_level(
+    series: Any, s: Any, k: int, is_extra: bool, name: str, stores: list, path: Path
+) -> tuple[da.Array, str]:
+    import zarr
+
+    store = s.aszarr() if is_extra else series.aszarr(level=k)
+    stores.append(store)
+    z = zarr.open_array(store, mode="r") if is_extra else _open_level(store)
+    return da.from_zarr(z, name=name, inline_array=True), _axes_for(s, z.ndim, path)
 
 
 def _open_level(store: Any) -> Any:
@@ -133,9 +197,9 @@ def _check_complete(tf: Any, level_series: list[Any], path: Path) -> None:
             if page is None:
                 continue
             offs, counts = page.dataoffsets, page.databytecounts
-            if not offs:
+            if not len(offs):
                 continue
-            end = max(o + c for o, c in zip(offs, counts, strict=False))
+            end = int((np.asarray(offs, np.int64) + np.asarray(counts, np.int64)).max())
             if end > size:
                 raise SlideReadError(
                     f"{path}: file is truncated (image data runs to byte {end}, "

@@ -288,6 +288,67 @@ def sniff(p: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------
+# Lazy tiled arrays for backends
+
+
+class TileSource:
+    """Array-like over a tiled image, for ``dask.array.from_array``.
+
+    ``read_tile(ty, tx)`` returns tile (ty, tx) clipped to the image, shape (h, w, *rest).
+    ``__getitem__`` reads only the tiles a slice covers; dask chunks equal to tiles make that
+    exactly one tile per chunk, and the graph stays a lazy blockwise layer however many tiles.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        tile: tuple[int, int],
+        dtype: Any,
+        read_tile: Callable[[int, int], np.ndarray],
+    ) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(dtype)
+        self.tile = (int(tile[0]), int(tile[1]))
+        self._read = read_tile
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        (y0, y1, sy), (x0, x1, sx) = (key[i].indices(self.shape[i]) for i in (0, 1))
+        y1, x1 = max(y0, y1), max(x0, x1)
+        th, tw = self.tile
+        out = np.empty((y1 - y0, x1 - x0, *self.shape[2:]), self.dtype)
+        for ty in range(y0 // th, -(-y1 // th)):
+            for tx in range(x0 // tw, -(-x1 // tw)):
+                t = self._read(ty, tx)
+                ty0, tx0 = ty * th, tx * tw
+                a0, a1 = max(y0, ty0), min(y1, ty0 + t.shape[0])
+                b0, b1 = max(x0, tx0), min(x1, tx0 + t.shape[1])
+                part = t[a0 - ty0 : a1 - ty0, b0 - tx0 : b1 - tx0]
+                out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = part
+        return out[(slice(None, None, sy), slice(None, None, sx), *key[2:])]
+
+
+def tiled_dask(source: TileSource, name: str) -> da.Array:
+    """Dask array whose chunks are the source's tiles (nothing is read until computed)."""
+    chunks = (
+        _regular_chunks(source.shape[0], source.tile[0]),
+        _regular_chunks(source.shape[1], source.tile[1]),
+    ) + tuple((n,) for n in source.shape[2:])
+    return da.from_array(
+        source,
+        chunks=chunks,
+        name=name,
+        inline_array=True,
+        asarray=False,
+        fancy=False,
+        meta=np.empty((0,) * source.ndim, source.dtype),
+    )
+
+
+# ------------------------------------------------------------------------------------------
 # Pixel conversion and lazy pyramid construction (shared by all backends)
 
 
