@@ -28,7 +28,7 @@ def register_train(sub) -> None:
     p.add_argument("--genst", default="default", help="GenST checkpoint (condition encoders)")
     p.add_argument("--ae", default=None, help="pre-trained tile autoencoder (else trained)")
     p.add_argument("--ae-steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--batch", type=int, default=32)
     p.set_defaults(func=_train)
 
 

@@ -119,11 +119,13 @@ def gene_vector(
 def predicted_profile(
     model: STMDiTModel, context_patches: np.ndarray, predictor: Any
 ) -> np.ndarray:
-    """GenST's prediction (N, G) on the centre tile of each context patch, in the STMDiT panel."""
+    """GenST's prediction (N, G) at the centre of each context patch, in the STMDiT panel
+    (genes GenST does not predict keep the training median). The predictor's patch
+    (``predictor.patch_um``, usually 224 µm) is cut from the 336 µm context and resized."""
     ctx = _check_context(model, context_patches)
-    t = model.tile_px
-    centre = ctx[:, t : 2 * t, t : 2 * t]
-    patches = _resize_batch(centre, predictor.patch_px)
+    size = min(int(round(float(predictor.patch_um) / model.mpp)), ctx.shape[1])
+    o = (ctx.shape[1] - size) // 2
+    patches = _resize_batch(ctx[:, o : o + size, o : o + size], int(predictor.patch_px))
     expr = np.asarray(predictor.predict(patches).expr, np.float32)
     pos = {g: i for i, g in enumerate(predictor.genes)}
     out = np.tile(median_profile(model), (len(ctx), 1))
@@ -389,7 +391,7 @@ def load_stmdit(name_or_path: str | Path = "default", device: str = "cpu") -> ST
         mpp=float(card["mpp"]),
         tile_px=int(card["tile_px"]),
         card=card,
-        checksum=card.get("sha256", ""),
+        checksum=_sha256(path),
         name=str(card.get("name", Path(path).stem)),
         device=dev,
         **st,
@@ -406,6 +408,12 @@ _STATS = (
     "morph_mean",
     "morph_std",
 )
+
+
+def _sha256(path: Path) -> str:
+    from ..models.checkpoint import sha256_file
+
+    return sha256_file(path)
 
 
 def _sub(tensors: dict, prefix: str) -> dict:

@@ -337,7 +337,7 @@ class STMDiTTrainConfig:
     """Training hyper-parameters (stored in the card)."""
 
     steps: int = 3000
-    batch: int = 48
+    batch: int = 32
     lr: float = 3e-4
     p_drop_gene: float = 0.2
     p_drop_morph: float = 0.2
@@ -349,7 +349,7 @@ class STMDiTTrainConfig:
     threads: int = 1
     save_every: int = 100
     tile_px: int = 64
-    dim: int = 160
+    dim: int = 128
     depth: int = 6
     heads: int = 4
     n_gene_tokens: int = 16

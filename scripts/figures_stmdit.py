@@ -1,0 +1,153 @@
+"""Figures for docs/synthesis.md: real vs generated tiles, slider sweeps (ERBB2 + an immune gene).
+
+    python scripts/figures_stmdit.py --model PATH --holdout C3 [--data DIR] [--out-dir docs/images]
+
+Real tiles are held-out spots of ``--holdout`` (use a fold model trained without it); each
+generated tile is conditioned on that spot's measured expression. Slider sweeps vary one gene over
+the training 1st–99th percentile, other genes at the training median, three seeds; the number
+under each tile is GenST's re-prediction of that gene on the generated tile.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+IMMUNE = ("IGKC", "CD74", "PTPRC", "IGHG3", "IGLC2", "HLA-DRA")
+
+
+def _save(fig, path: Path) -> None:
+    import os
+
+    tmp = path.with_name(path.stem + ".partial.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    print(path)
+
+
+def real_vs_generated(m, gmodel, gcard, data, holdout, out: Path, n: int = 8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_stgen.inference.synthesis import synthesize
+    from napari_stgen.io.her2st import read_sections
+    from napari_stgen.training.evaluate_stmdit import _context3
+    from napari_stgen.training.stmdit import (
+        TILE_MPP,
+        genst_patches_for_tiles,
+        genst_predict,
+        section_features,
+        section_image,
+    )
+
+    sec = read_sections(data, [holdout])[0]
+    f = section_features(sec, m.genes, m.enc, None, tile_px=m.tile_px)
+    j = m.genes.index("ERBB2")
+    # spots spanning the ERBB2 range, tissue-rich
+    order = np.argsort(f["spot_expr"][:, j])
+    pick = order[np.linspace(0, len(order) - 1, n).round().astype(int)]
+    real = f["spot_tiles"][pick]
+    g = f["spot_expr"][pick]
+    img = section_image(sec, TILE_MPP, Path(f"{ROOT}/scratch/stmdit_cache"))
+    ctx = _context3(img, f["spot_xy"][pick], m.tile_px)
+    rows = {
+        "real": real,
+        "genes": synthesize(m, g, None, seed=0),
+        "genes+morph": synthesize(m, g, ctx, seed=0),
+        "morph only": synthesize(m, g, ctx, seed=0, guidance_genes=0.0),
+        "unconditional": synthesize(m, g, None, seed=0, guidance_genes=0.0, guidance_morph=0.0),
+    }
+    px = int(gcard["patch_px"])
+    gi = gcard["genes"].index("ERBB2")
+    fig, ax = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.45 * len(rows)))
+    for r, (name, tiles) in enumerate(rows.items()):
+        pred = genst_predict(gmodel, genst_patches_for_tiles(tiles, px))[:, gi]
+        for c in range(n):
+            a = ax[r, c]
+            a.imshow(tiles[c])
+            a.set_xticks([])
+            a.set_yticks([])
+            a.set_xlabel(f"{pred[c]:.2f}", fontsize=7, labelpad=1)
+            if c == 0:
+                a.set_ylabel(name, fontsize=8)
+            if r == 0:
+                a.set_title(f"ERBB2 {g[c, j]:.2f}", fontsize=7)
+    fig.suptitle(
+        f"Held-out section {holdout}: real spot tiles (112 µm) and tiles generated from their "
+        "measured expression\n(title: measured ERBB2; under each tile: GenST's re-predicted ERBB2)",
+        fontsize=8,
+    )
+    _save(fig, out)
+    plt.close(fig)
+
+
+def slider(m, gmodel, gcard, gene: str, out: Path, seeds: int = 3, values: int = 7) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_stgen.inference.synthesis import synthesize
+    from napari_stgen.training.stmdit import genst_patches_for_tiles, genst_predict
+
+    j = m.genes.index(gene)
+    lo, hi = m.gene_range[j]
+    vals = np.linspace(lo, hi, values)
+    prof = np.tile(m.gene_median, (values, 1)).astype(np.float32)
+    prof[:, j] = vals
+    px = int(gcard["patch_px"])
+    gi = gcard["genes"].index(gene)
+    fig, ax = plt.subplots(seeds, values, figsize=(1.3 * values, 1.45 * seeds))
+    for s in range(seeds):
+        tiles = synthesize(m, prof, None, seed=s)
+        pred = genst_predict(gmodel, genst_patches_for_tiles(tiles, px))[:, gi]
+        for c in range(values):
+            a = ax[s, c]
+            a.imshow(tiles[c])
+            a.set_xticks([])
+            a.set_yticks([])
+            a.set_xlabel(f"{pred[c]:.2f}", fontsize=7, labelpad=1)
+            if s == 0:
+                a.set_title(f"{vals[c]:.2f}", fontsize=7)
+            if c == 0:
+                a.set_ylabel(f"seed {s}", fontsize=8)
+    fig.suptitle(
+        f"{gene} slider (title: conditioning value, log1p CP10k; other genes at the training "
+        f"median)\nunder each tile: GenST's re-predicted {gene}",
+        fontsize=8,
+    )
+    _save(fig, out)
+    plt.close(fig)
+
+
+def main() -> None:
+    import torch
+
+    from napari_stgen.inference.synthesis import load_stmdit
+    from napari_stgen.training.stmdit import load_genst_model
+
+    torch.set_num_threads(1)
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="default")
+    p.add_argument("--holdout", default="C3")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "her2st"))
+    p.add_argument("--genst", default="default")
+    p.add_argument("--out-dir", default=str(ROOT / "docs" / "images"))
+    a = p.parse_args()
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    m = load_stmdit(a.model)
+    gmodel, gcard, _, _ = load_genst_model(a.genst)
+    real_vs_generated(m, gmodel, gcard, a.data, a.holdout, out / "stmdit_real_vs_generated.png")
+    slider(m, gmodel, gcard, "ERBB2", out / "stmdit_slider_ERBB2.png")
+    immune = next(g for g in IMMUNE if g in m.genes)
+    slider(m, gmodel, gcard, immune, out / f"stmdit_slider_{immune}.png")
+
+
+if __name__ == "__main__":
+    main()
