@@ -84,11 +84,13 @@ def test_predict_sample_spots(genst_model, sample_slide_path, sample_spots_path,
     assert f"{top[0]}_csv" in a.obs.columns
 
 
-def test_predict_her2st_jpeg_needs_mpp(genst_model, her2st_dir, tmp_path):
+def test_predict_her2st_jpeg_needs_mpp(genst_model, her2st_dir, tmp_path, capsys):
     import anndata as ad
+    import torch
 
     from napari_stgen.io.her2st import mpp_from_pitch
 
+    torch.set_num_threads(1)
     sel = pd.read_csv(her2st_dir / "C4_selection.tsv", sep="\t")
     spots = sel.iloc[::6]
     csv = tmp_path / "c4_spots.csv"
@@ -98,21 +100,19 @@ def test_predict_her2st_jpeg_needs_mpp(genst_model, her2st_dir, tmp_path):
     ).to_csv(csv, index=False)  # fmt: skip
     out = tmp_path / "c4.h5ad"
     jpg = str(her2st_dir / "C4.jpg")
+    args = ["predict", jpg, "--spots", str(csv), "--out", str(out), "--model", genst_model]
 
-    r = stgen("predict", jpg, "--spots", str(csv), "--out", str(out), "--model", genst_model)
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and "--mpp" in r.stderr and "C4.jpg" in r.stderr
+    assert main(args) == 2  # a JPEG has no resolution: one line asking for --mpp
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--mpp" in err and "C4.jpg" in err
 
     mpp = mpp_from_pitch(sel[["x", "y"]].to_numpy(), sel[["pixel_x", "pixel_y"]].to_numpy())
-    r = stgen(
-        "predict", jpg, "--spots", str(csv), "--out", str(out), "--mpp", f"{mpp:.5f}",
-        "--model", genst_model, "--device", "cpu", "--quiet",
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    assert main([*args, "--mpp", f"{mpp:.5f}", "--device", "cpu", "--quiet"]) == 0
     a = ad.read_h5ad(out)
     assert a.n_obs == len(spots)
     assert a.uns["stgen"]["mpp"] == pytest.approx(mpp, rel=1e-4)
     assert a.uns["stgen"]["slide"]["format"] == "image"
+    np.testing.assert_allclose(a.obsm["spatial"], spots[["pixel_x", "pixel_y"]].to_numpy())
 
 
 def test_predict_grid_region(genst_model, sample_slide_path, tmp_path):

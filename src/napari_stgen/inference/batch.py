@@ -273,6 +273,20 @@ def _cached_predictor(model: str, device: str) -> Any:
     return _PREDICTORS[key]
 
 
+def _predict_in_task(slide: str, out: str, spots: str | None, options: dict, pred: Any) -> Path:
+    return predict_slide(
+        slide,
+        out,
+        spots=spots,
+        grid=bool(options.get("grid")) and spots is None,
+        mpp=options.get("mpp"),
+        region_um=options.get("region_um"),
+        overwrite=bool(options.get("overwrite")),
+        batch_size=int(options.get("batch_size", 64)),
+        predictor=pred,
+    )
+
+
 def predict_task(slide: str, out: str, spots: str | None, options: dict) -> dict:
     """One cohort task: predict one slide, never raise (the row says what happened)."""
     import time
@@ -287,18 +301,12 @@ def predict_task(slide: str, out: str, spots: str | None, options: dict) -> dict
             torch.set_num_threads(threads)
         if spots is None and not options.get("grid"):
             raise StgenError(f"{slide}: no spots CSV found for this slide in --spots-dir")
+        import dask
+
         pred = _cached_predictor(options.get("model", "default"), options.get("device", "auto"))
-        path = predict_slide(
-            slide,
-            out,
-            spots=spots,
-            grid=bool(options.get("grid")) and spots is None,
-            mpp=options.get("mpp"),
-            region_um=options.get("region_um"),
-            overwrite=bool(options.get("overwrite")),
-            batch_size=int(options.get("batch_size", 64)),
-            predictor=pred,
-        )
+        # inside a dask.distributed worker, slide reads must not go back to the cluster
+        with dask.config.set(scheduler="threads"):
+            path = _predict_in_task(slide, out, spots, options, pred)
         import h5py
 
         with h5py.File(path, "r") as f:

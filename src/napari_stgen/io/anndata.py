@@ -287,7 +287,7 @@ def thumbnails_from_levels(
                 k = i
         if k not in cache:
             a = levels[k]
-            a = a.compute() if hasattr(a, "compute") else np.asarray(a)
+            a = a.compute(scheduler="threads") if hasattr(a, "compute") else np.asarray(a)
             if a.ndim == 2:
                 a = np.repeat(a[..., None], 3, axis=2)
             cache[k] = a
