@@ -354,3 +354,41 @@ def test_squidpy_neighbourhood_functions(sample_export):
                            show_progress_bar=False)  # fmt: skip
     z = a.uns["genst_code_name_nhood_enrichment"]["zscore"]
     assert z.shape == (4, 4)
+
+
+def test_writer_samples_codebook_labels_at_spots(tmp_path):
+    """A Codebook labels layer (label = code + 1, names in features) gives each spot its code
+    and name; shapes of every layer become ROIs; duplicate display layers are written once."""
+    import anndata as ad
+
+    from napari_stgen.io.napari_writer import write_layers
+
+    mpp, tile = 0.5, 100.0
+    labels = np.zeros((4, 5), dtype=np.int32)
+    labels[1, 2] = 3 + 1
+    labels[2, 3] = 0 + 1
+    names = pd.DataFrame({"index": [0, 1, 2, 3, 4], "code": [-1, 0, 1, 2, 3],
+                          "name": ["", "stroma", "", "", "tumour"]})  # fmt: skip
+    lab_meta = {"name": "codes", "scale": (tile, tile), "translate": (tile / 2, tile / 2),
+                "features": names, "metadata": {"stgen": {"kind": "codes"}}}  # fmt: skip
+    lab = (labels, lab_meta, "labels")
+    yx = np.array([[150.0, 250.0], [250.0, 350.0]])  # centres of cells (1, 2) and (2, 3)
+    feats = pd.DataFrame({"ERBB2": [1.5, 0.5], "barcode": ["s1", "s2"]})
+    pts = (yx, {"name": "spots", "features": feats, "size": 50.0, "scale": (1.0, 1.0),
+                "translate": (0.0, 0.0), "metadata": {}}, "points")  # fmt: skip
+    slide = (np.zeros((1000, 1200, 3), np.uint8), {"name": "slide", "rgb": True,
+             "scale": (mpp, mpp), "translate": (0.0, 0.0), "metadata": {}}, "image")  # fmt: skip
+    shp = ([np.array([[0.0, 0.0], [10.0, 10.0]]), np.array([[5.0, 5.0], [9.0, 1.0], [1, 1]])],
+           {"name": "ROIs", "shape_type": ["rectangle", "polygon"], "scale": (1.0, 1.0),
+            "translate": (0.0, 0.0)}, "shapes")  # fmt: skip
+    out = write_layers(tmp_path / "codes.h5ad", [slide, lab, pts, pts, shp])
+    a = ad.read_h5ad(out)
+    assert list(a.obs_names) == ["s1", "s2"]
+    assert list(a.obs["genst_code"]) == [3, 0]
+    assert list(a.obs["genst_code_name"]) == ["tumour", "stroma"]
+    np.testing.assert_allclose(a.obsm["spatial"], yx[:, ::-1] / mpp)
+    assert list(a.uns["stgen"]["rois"]["n_vertices"]) == [2, 3]
+    sf = a.uns["spatial"]["slide"]["scalefactors"]
+    assert sf["spot_diameter_fullres"] == pytest.approx(50.0 / mpp)
+    with pytest.raises(StgenError, match="nothing to export"):
+        write_layers(tmp_path / "empty.h5ad", [slide])

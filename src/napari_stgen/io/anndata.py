@@ -204,8 +204,10 @@ def _as_code_table(code_names: Mapping | Sequence[str] | None) -> dict[int, str]
     if code_names is None:
         return {}
     if isinstance(code_names, Mapping):
-        return {int(k): str(v) for k, v in code_names.items()}
-    return {i: str(n) for i, n in enumerate(code_names)}
+        items = code_names.items()
+    else:
+        items = enumerate(code_names)
+    return {int(k): str(v) for k, v in items if v is not None and str(v).strip()}
 
 
 def _model_record(model: Any) -> dict:
