@@ -1,0 +1,428 @@
+"""HistoTx inference: image features, measured spots from AnnData, windowed prediction.
+
+::
+
+    model = load_histotx("default")                     # CheckpointError on a bad file
+    meas = measured_from_anndata("spots.h5ad", model.genes)   # or an AnnData / None
+    res = predict_with_measurements(slide, model, centres_xy_px, meas)
+    res.expr      # (N, G) float32 log1p CP10k at the centres, panel order = model.genes
+    res.n_context # (N,) measured spots each prediction saw (0 = image only)
+
+Every query centre gets a window: its own image token, the image tokens of the nearest
+measured spots (or, image-only, of the nearest other queries) and the transcript tokens of
+the nearest measured spots within ``radius_um``. No torch or napari at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError, StgenError
+
+KIND = "histotx"
+PATCH_UM = 224.0  # image token = a 224 µm patch at 128 px; features of its centre and whole
+PATCH_PX = 128
+FEATURES = "colour-texture v1: centre 112 µm + whole 224 µm views at 64 px, 60 features each"
+
+
+# ----------------------------------------------------------------------------- image features
+def _texture(views: np.ndarray) -> np.ndarray:
+    """RGB/HSV/HED moments and percentiles, gradient energy (2 scales), grey histogram,
+    tissue fraction: (N, 60) float32 for uint8 (N, h, w, 3) views."""
+    from skimage.color import rgb2hed, rgb2hsv
+
+    from .patches import tissue_fraction
+
+    out = np.empty((len(views), 60), np.float32)
+    for i, p in enumerate(views):
+        x = p.astype(np.float32) / 255.0
+        f: list[float] = []
+        for img in (x, rgb2hsv(x), rgb2hed(x)):
+            flat = img.reshape(-1, 3)
+            f += list(flat.mean(0)) + list(flat.std(0))
+            f += list(np.percentile(flat, [10, 50, 90], axis=0).ravel())
+        g = x.mean(-1)
+        for s in (1, 2):
+            gy, gx = np.gradient(g[::s, ::s])
+            mag = np.sqrt(gx**2 + gy**2)
+            f += [mag.mean(), mag.std(), np.percentile(mag, 90)]
+        f += list(np.histogram(g, bins=8, range=(0, 1))[0] / g.size)
+        out[i, :59] = f
+    out[:, 59] = tissue_fraction(views)
+    return out
+
+
+def image_features(patches: np.ndarray) -> np.ndarray:
+    """(N, 120) float32 features of uint8 (N, 128, 128, 3) patches of 224 µm."""
+    from .patches import _resize
+
+    p = np.asarray(patches)
+    if p.ndim != 4 or p.shape[1:] != (PATCH_PX, PATCH_PX, 3) or p.dtype != np.uint8:
+        raise StgenError(
+            f"HistoTx needs uint8 (N, {PATCH_PX}, {PATCH_PX}, 3) patches, got {p.shape}"
+        )
+    if len(p) == 0:
+        return np.zeros((0, 120), np.float32)
+    o = PATCH_PX // 4
+    centre = p[:, o : o + PATCH_PX // 2, o : o + PATCH_PX // 2]
+    whole = np.stack([_resize(x, PATCH_PX // 2) for x in p])
+    return np.concatenate([_texture(centre), _texture(whole)], 1)
+
+
+# ----------------------------------------------------------------------------- measured spots
+@dataclass
+class Measured:
+    """Measured spots mapped onto a model panel."""
+
+    xy_px: np.ndarray  # (M, 2) level-0 pixel (x, y)
+    expr: np.ndarray  # (M, G) log1p CP10k on the panel (0 where absent)
+    present: np.ndarray  # (G,) bool: panel genes the measurement has
+    obs_names: list[str]
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_overlap(self) -> int:
+        return int(self.present.sum())
+
+
+def _is_counts(x: np.ndarray) -> bool:
+    sample = x[: min(len(x), 200)]
+    return bool(np.all(sample >= 0) and np.allclose(sample, np.round(sample)) and sample.max() > 20)
+
+
+def measured_from_anndata(adata: Any, genes: list[str], source: str | None = None) -> Measured:
+    """Measured spots of an AnnData (or a path to .h5ad) on the panel ``genes``.
+
+    Coordinates: ``obsm['spatial']`` (level-0 px x, y). Expression: ``layers['counts']``,
+    ``raw`` or integer-valued ``X`` are normalized to log1p CP10k over *all* the file's genes;
+    a non-integer ``X`` is taken as already log1p-normalized. Raises StgenError naming the file
+    when there are no coordinates or no gene overlaps the panel.
+    """
+    import scipy.sparse as sp
+
+    name = source or "measured spots"
+    if isinstance(adata, (str, Path)):
+        import anndata
+
+        name = str(adata)
+        if not Path(adata).is_file():
+            raise StgenError(f"{adata}: measured-spots file not found")
+        try:
+            adata = anndata.read_h5ad(adata)
+        except Exception as e:  # noqa: BLE001 - h5py raises several types
+            raise StgenError(f"{name}: cannot read AnnData ({e})") from e
+    if "spatial" not in adata.obsm:
+        raise StgenError(f"{name}: no obsm['spatial'] spot coordinates (level-0 px x, y)")
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    var = [str(g) for g in adata.var_names]
+    if "counts" in adata.layers:
+        x, counts = adata.layers["counts"], True
+    elif adata.raw is not None and adata.raw.shape[1] == adata.shape[1]:
+        x, counts = adata.raw.X, True
+    else:
+        x, counts = adata.X, None
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    x = np.asarray(x, dtype=np.float64)
+    notes = []
+    if counts is None:
+        counts = _is_counts(x)
+        notes.append("X read as raw counts" if counts else "X read as log1p-normalized")
+    if counts:
+        tot = x.sum(1, keepdims=True)
+        tot[tot == 0] = 1.0
+        x = np.log1p(x / tot * 1e4)
+    pos = {g: i for i, g in enumerate(var)}
+    present = np.array([g in pos for g in genes], bool)
+    if not present.any():
+        raise StgenError(
+            f"{name}: none of its {len(var)} genes is in the model's {len(genes)}-gene panel "
+            f"(e.g. file: {var[:3]}, panel: {genes[:3]})"
+        )
+    expr = np.zeros((len(xy), len(genes)), np.float32)
+    cols = [pos[g] for g, p in zip(genes, present, strict=True) if p]
+    expr[:, present] = x[:, cols]
+    if not np.isfinite(expr).all() or not np.isfinite(xy).all():
+        raise StgenError(f"{name}: non-finite expression or coordinates")
+    return Measured(xy, expr, present, [str(o) for o in adata.obs_names], name, notes)
+
+
+# ----------------------------------------------------------------------------- windows
+def neighbour_order(query_xy: np.ndarray, site_xy: np.ndarray, k: int, radius: float):
+    """Indices (Q, k) of the k nearest sites to each query (−1 beyond ``radius`` / missing)."""
+    q = np.asarray(query_xy, np.float64).reshape(-1, 2)
+    s = np.asarray(site_xy, np.float64).reshape(-1, 2)
+    out = np.full((len(q), k), -1, np.int64)
+    if len(s) == 0 or k == 0:
+        return out
+    from scipy.spatial import cKDTree
+
+    kk = min(k, len(s))
+    d, idx = cKDTree(s).query(q, k=kk)
+    d, idx = d.reshape(len(q), kk), idx.reshape(len(q), kk)
+    idx = np.where(d <= radius, idx, -1)
+    out[:, :kk] = idx
+    return out
+
+
+def predict_sites(
+    model: Any,
+    query_feat: np.ndarray,
+    query_xy_um: np.ndarray,
+    ctx_feat: np.ndarray,
+    ctx_xy_um: np.ndarray,
+    tx: np.ndarray | None = None,
+    tx_present: np.ndarray | None = None,
+    tx_xy_um: np.ndarray | None = None,
+    max_img: int = 64,
+    max_tx: int = 64,
+    radius_um: float = 1500.0,
+    batch: int = 64,
+    exclude_self: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Profiles (Q, G) log1p CP10k at the queries and how many transcript tokens each saw.
+
+    A query's window: its own image token first, then the image tokens of the nearest
+    ``max_img - 1`` context sites and the transcript tokens (log1p CP10k, panel order,
+    ``tx_present`` marks measured genes) of the nearest ``max_tx`` measured sites, all within
+    ``radius_um``. ``exclude_self`` drops context sites at the query's own position.
+    """
+    import torch
+
+    qf = np.asarray(query_feat, np.float32)
+    qxy = np.asarray(query_xy_um, np.float64).reshape(-1, 2)
+    nq, g = len(qxy), model.cfg.n_genes
+    if nq == 0:
+        return np.zeros((0, g), np.float32), np.zeros(0, np.int64)
+    cxy = np.asarray(ctx_xy_um, np.float64).reshape(-1, 2)
+    cf = np.asarray(ctx_feat, np.float32)
+    ci = neighbour_order(qxy, cxy, max_img - 1 + (1 if exclude_self else 0), radius_um)
+    if exclude_self and len(cxy):
+        same = np.zeros_like(ci, bool)
+        ok = ci >= 0
+        d = np.linalg.norm(cxy[np.maximum(ci, 0)] - qxy[:, None], axis=-1)
+        same[ok] = d[ok] < 1e-6
+        ci = np.where(same, -1, ci)
+    use_tx = tx is not None and tx_xy_um is not None and len(tx_xy_um) > 0
+    if use_tx:
+        txy = np.asarray(tx_xy_um, np.float64).reshape(-1, 2)
+        ti = neighbour_order(qxy, txy, max_tx, radius_um)
+        ty = model.standardize(torch.from_numpy(np.asarray(tx, np.float32))).numpy()
+        pres = np.ones(g, np.float32) if tx_present is None else np.asarray(tx_present, np.float32)
+        ty = ty * pres
+    else:
+        ti = np.full((nq, 0), -1, np.int64)
+    out = np.empty((nq, g), np.float32)
+    model.eval()
+    with torch.inference_mode():
+        for s in range(0, nq, batch):
+            e = min(s + batch, nq)
+            b = e - s
+            ic = ci[s:e]
+            n_img = 1 + ic.shape[1]
+            feat = np.zeros((b, n_img, cf.shape[1] if cf.ndim == 2 else qf.shape[1]), np.float32)
+            pos = np.zeros((b, n_img, 2), np.float32)
+            valid = np.zeros((b, n_img), bool)
+            feat[:, 0], valid[:, 0] = qf[s:e], True
+            okc = ic >= 0
+            if okc.any():
+                feat[:, 1:][okc] = cf[ic[okc]]
+                rel = cxy[np.maximum(ic, 0)] - qxy[s:e, None]
+                pos[:, 1:][okc] = rel[okc]
+                valid[:, 1:] = okc
+            args = [torch.from_numpy(feat), torch.from_numpy(pos), torch.from_numpy(valid)]
+            if use_tx and ti.shape[1]:
+                it = ti[s:e]
+                okt = it >= 0
+                t = np.zeros((b, it.shape[1], g), np.float32)
+                m = np.zeros((b, it.shape[1], g), np.float32)
+                tp = np.zeros((b, it.shape[1], 2), np.float32)
+                t[okt] = ty[it[okt]]
+                m[okt] = pres
+                tp[okt] = (txy[np.maximum(it, 0)] - qxy[s:e, None])[okt]
+                args += [torch.from_numpy(x) for x in (t, m, tp, okt)]
+            args = [a.to(device) for a in args]
+            y = model(*args)[:, 0]
+            out[s:e] = model.unstandardize(y).float().cpu().numpy()
+            if progress is not None:
+                progress(e, nq)
+    n_ctx = (ti >= 0).sum(1) if use_tx else np.zeros(nq, np.int64)
+    return out, n_ctx.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- loading
+class HistoTxPredictor:
+    """A loaded HistoTx model: ``genes``, ``mpp``, ``patch_px``, ``patch_um``, ``card``."""
+
+    def __init__(self, model: Any, card: dict, path: Path, checksum: str, device: str):
+        self.model, self.card, self.path, self.checksum, self.device = (
+            model,
+            card,
+            path,
+            checksum,
+            device,
+        )
+        self.kind = KIND
+        self.genes: list[str] = list(card["genes"])
+        self.patch_px = int(card.get("patch_px", PATCH_PX))
+        self.patch_um = float(card.get("patch_um", PATCH_UM))
+        self.mpp = self.patch_um / self.patch_px
+        self.name = str(card.get("name", path.stem))
+        w = card.get("window", {})
+        self.max_img = int(w.get("max_img", 64))
+        self.max_tx = int(w.get("max_tx", 64))
+        self.radius_um = float(w.get("radius_um", 1500.0))
+
+    def __repr__(self) -> str:
+        return f"HistoTxPredictor({self.name!r}, genes={len(self.genes)}, device={self.device!r})"
+
+    def features(self, patches: np.ndarray) -> np.ndarray:
+        return image_features(patches)
+
+
+def build_model(tensors: dict, card: dict, path: Path):
+    """A HistoTx module from checkpoint tensors + card; CheckpointError on a mismatch."""
+    from ..models.histotx import HistoTx, HistoTxConfig
+
+    try:
+        cfg = HistoTxConfig.from_dict(card["architecture"])
+        genes = card["genes"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: model card lacks a valid {e}") from e
+    if len(genes) != cfg.n_genes:
+        raise CheckpointError(
+            f"{path}: gene panel has {len(genes)} genes but the model predicts {cfg.n_genes}"
+        )
+    if card.get("image_features", FEATURES) != FEATURES:
+        raise CheckpointError(f"{path}: image features {card.get('image_features')!r} unknown")
+    model = HistoTx(cfg)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: weights do not match the architecture: {str(e).splitlines()[:2]}"
+        ) from e
+    return model.eval()
+
+
+def load_histotx(name_or_path: str | Path = "default", device: str = "auto") -> HistoTxPredictor:
+    """Load a HistoTx checkpoint by name (``"default"``) or path."""
+    from ..models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
+    from .predictor import pick_device
+
+    path = resolve_checkpoint(name_or_path, KIND)
+    tensors, card = load_checkpoint(path, KIND)
+    model = build_model(tensors, card, path)
+    dev = pick_device(device)
+    model.to(dev)
+    return HistoTxPredictor(model, card, path, sha256_file(path), dev)
+
+
+# ----------------------------------------------------------------------------- slides
+@dataclass
+class HistoTxResult:
+    """Output of ``predict_with_measurements``."""
+
+    expr: np.ndarray  # (N, G) float32 log1p CP10k, order = genes
+    genes: list[str]
+    n_context: np.ndarray  # (N,) measured spots (transcript tokens) each prediction used
+    image_only: bool
+    measured: Measured | None = None
+    info: dict = field(default_factory=dict)
+
+
+def slide_mpp(slide: Any, mpp: float | None = None) -> float:
+    m = float(mpp if mpp is not None else (getattr(slide, "mpp", None) or 0.0))
+    if m <= 0:
+        raise StgenError(f"{getattr(slide, 'path', 'slide')}: no µm/px; pass --mpp")
+    return m
+
+
+def predict_with_measurements(
+    slide: Any,
+    model: HistoTxPredictor | str | Path,
+    centres_xy_px: np.ndarray,
+    measured: Any = None,
+    *,
+    mpp: float | None = None,
+    image_only: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    batch: int = 64,
+) -> HistoTxResult:
+    """Expression at level-0 pixel centres (x, y) of ``slide`` from the image and, when given,
+    the measured spots (AnnData / .h5ad path / ``Measured``) on the same slide.
+
+    ``slide``: a Slide or an (H, W, 3) array (then ``mpp`` is required). ``image_only`` ignores
+    the measurements (for comparison). Raises StgenError for measured spots whose genes do
+    not overlap the panel or that lack ``obsm['spatial']``.
+    """
+    from .patches import read_patches
+
+    pred = model if isinstance(model, HistoTxPredictor) else load_histotx(model)
+    m = slide_mpp(slide, mpp) if not isinstance(slide, np.ndarray) or mpp else None
+    if m is None:
+        raise StgenError("predict_with_measurements: an image array needs mpp=")
+    c = np.asarray(centres_xy_px, np.float64).reshape(-1, 2)
+    meas = measured
+    if meas is not None and not isinstance(meas, Measured):
+        meas = measured_from_anndata(meas, pred.genes)
+    total = len(c) + (len(meas.xy_px) if meas is not None and not image_only else 0)
+    done = [0]
+
+    def feats(xy: np.ndarray) -> np.ndarray:
+        out = []
+        for s in range(0, len(xy), 256):
+            p = read_patches(slide, xy[s : s + 256], pred.patch_um, pred.patch_px, mpp=m)
+            out.append(image_features(p))
+            done[0] += len(p)
+            if progress is not None:
+                progress(done[0], 2 * total)
+        return np.concatenate(out) if out else np.zeros((0, 120), np.float32)
+
+    qf = feats(c)
+    q_um = c * m
+    use = meas is not None and not image_only and len(meas.xy_px) > 0
+    if use:
+        cf = feats(meas.xy_px)
+        c_um = meas.xy_px * m
+        tx, pres, t_um = meas.expr, meas.present, c_um
+    else:
+        cf, c_um, tx, pres, t_um = qf, q_um, None, None, None
+
+    def prog(d: int, n: int) -> None:
+        if progress is not None:
+            progress(total + d * total // max(n, 1), 2 * total)
+
+    expr, nctx = predict_sites(
+        pred.model,
+        qf,
+        q_um,
+        cf,
+        c_um,
+        tx,
+        pres,
+        t_um,
+        max_img=pred.max_img,
+        max_tx=pred.max_tx,
+        radius_um=pred.radius_um,
+        batch=batch,
+        exclude_self=not use,
+        progress=prog,
+        device=pred.device,
+    )
+    info = {"model": pred.name, "checksum": pred.checksum, "mpp": m, "image_only": not use}
+    if meas is not None:
+        info.update(
+            measured_source=meas.source,
+            measured_spots=len(meas.xy_px),
+            genes_overlap=meas.n_overlap,
+            notes=meas.notes,
+        )
+    return HistoTxResult(expr, list(pred.genes), nctx, not use, meas, info)

@@ -1,0 +1,158 @@
+"""HistoTx: early fusion of H&E image tokens and measured-transcript tokens in one transformer.
+
+::
+
+    image token  (every spot / query tile):  Linear(image features) + pos(x, y µm) + m_img
+    transcript token (every measured spot):  MLP([profile, gene-present mask]) + pos + m_tx
+    one sequence → L × [pre-norm attention with a learned per-head distance bias → MLP]
+    head on the image tokens → profile (standardized log1p CP10k over the gene panel)
+
+Positions are µm relative to the window centre, embedded with Fourier features; every
+attention head also adds ``-slope_h · distance / 100 µm`` to its logits (a learned, 2-D
+ALiBi-like locality prior), so nearby measurements weigh more. With no transcript tokens the
+model is an image model over the window's tiles. Imports torch at import: import lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class HistoTxConfig:
+    """Architecture hyper-parameters (stored in the model card)."""
+
+    n_genes: int = 250
+    img_dim: int = 120  # image feature size per token
+    dim: int = 96
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    n_freq: int = 8  # Fourier frequencies per axis
+    min_wavelength_um: float = 100.0
+    max_wavelength_um: float = 4000.0
+    dropout: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HistoTxConfig:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class FourierPos(nn.Module):
+    """(…, 2) µm → (…, dim): sin/cos at log-spaced wavelengths, then a linear map."""
+
+    def __init__(self, cfg: HistoTxConfig):
+        super().__init__()
+        wl = torch.logspace(
+            math.log10(cfg.min_wavelength_um), math.log10(cfg.max_wavelength_um), cfg.n_freq
+        )
+        self.register_buffer("freq", 2 * math.pi / wl, persistent=False)
+        self.proj = nn.Linear(4 * cfg.n_freq, cfg.dim)
+
+    def forward(self, pos_um: torch.Tensor) -> torch.Tensor:
+        a = pos_um[..., :, None] * self.freq  # (…, 2, F)
+        f = torch.cat([a.sin(), a.cos()], -1).flatten(-2)
+        return self.proj(f)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; attention logits get an additive (B, H, L, L) bias."""
+
+    def __init__(self, cfg: HistoTxConfig):
+        super().__init__()
+        d, h = cfg.dim, cfg.heads
+        self.heads = h
+        self.n1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.n2 = nn.LayerNorm(d)
+        hid = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, hid), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hid, d)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.p_drop = cfg.dropout
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.n1(x)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.p_drop if self.training else 0.0
+        )
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.mlp(self.n2(x)))
+
+
+class HistoTx(nn.Module):
+    """Early-fusion transformer; ``forward`` returns standardized profiles at image tokens."""
+
+    def __init__(self, cfg: HistoTxConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, g = cfg.dim, cfg.n_genes
+        self.img_in = nn.Sequential(nn.LayerNorm(cfg.img_dim), nn.Linear(cfg.img_dim, d))
+        self.tx_in = nn.Sequential(nn.Linear(2 * g, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.pos = FourierPos(cfg)
+        self.modality = nn.Parameter(torch.zeros(2, d))
+        nn.init.normal_(self.modality, std=0.02)
+        # per-head locality slopes (softplus), initialised log-spaced: 0.05 … 2 per 100 µm
+        init = torch.logspace(math.log10(0.05), math.log10(2.0), cfg.heads)
+        self.slope_raw = nn.Parameter(torch.log(torch.expm1(init)))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, g)
+        # normalization statistics (set from the training spots)
+        self.register_buffer("feat_mean", torch.zeros(cfg.img_dim))
+        self.register_buffer("feat_std", torch.ones(cfg.img_dim))
+        self.register_buffer("y_mean", torch.zeros(g))
+        self.register_buffer("y_std", torch.ones(g))
+
+    def standardize(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.y_mean) / self.y_std
+
+    def unstandardize(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.y_std + self.y_mean
+
+    def forward(
+        self,
+        img_feat: torch.Tensor,
+        img_pos: torch.Tensor,
+        img_valid: torch.Tensor,
+        tx: torch.Tensor | None = None,
+        tx_mask: torch.Tensor | None = None,
+        tx_pos: torch.Tensor | None = None,
+        tx_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Standardized profiles (B, N, G) at the image tokens.
+
+        img_feat (B, N, F) raw image features; img_pos (B, N, 2) µm; img_valid (B, N) bool.
+        tx (B, M, G) standardized profiles (0 where a gene is absent); tx_mask (B, M, G) 1 where
+        measured; tx_pos (B, M, 2) µm; tx_valid (B, M) bool. Omit tx for image-only.
+        """
+        f = (img_feat - self.feat_mean) / self.feat_std
+        h = self.img_in(f) + self.pos(img_pos) + self.modality[0]
+        pos, valid = img_pos, img_valid
+        n = h.shape[1]
+        if tx is not None and tx.shape[1] > 0:
+            t = self.tx_in(torch.cat([tx * tx_mask, tx_mask], -1))
+            t = t + self.pos(tx_pos) + self.modality[1]
+            h = torch.cat([h, t], 1)
+            pos = torch.cat([img_pos, tx_pos], 1)
+            valid = torch.cat([img_valid, tx_valid], 1)
+        dist = torch.cdist(pos, pos) / 100.0  # (B, L, L) in units of 100 µm
+        slope = F.softplus(self.slope_raw)[None, :, None, None]
+        bias = -slope * dist[:, None]
+        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
+        for blk in self.blocks:
+            h = blk(h, bias)
+        return self.head(self.norm(h[:, :n]))
