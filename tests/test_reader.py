@@ -13,13 +13,27 @@ from napari_stgen.errors import SlideReadError
 from napari_stgen.io.napari_reader import get_reader
 
 
-def test_get_reader_declines_what_it_cannot_read(tmp_path: Path, sample_slide_path: Path) -> None:
+def test_get_reader_declines_what_it_cannot_read(
+    tmp_path: Path, sample_slide_path: Path, tissue_rgb: np.ndarray
+) -> None:
+    from test_slide_formats import _write_ome_zarr
+
     csv = tmp_path / "table.csv"
     csv.write_text("a,b\n1,2\n")
     plain_dir = tmp_path / "folder"
     plain_dir.mkdir()
     assert get_reader(str(csv)) is None
     assert get_reader(str(plain_dir)) is None
+    not_image = tmp_path / "table.zarr"  # a zarr group without OME multiscales
+    not_image.mkdir()
+    (not_image / ".zgroup").write_text('{"zarr_format": 2}')
+    (not_image / ".zattrs").write_text('{"spatialdata_attrs": {}}')
+    assert get_reader(str(not_image)) is None
+    for layout in ("cyx", "yxc"):  # OME-Zarr 0.4 (zarr v2) and 0.5 (zarr v3)
+        zp = tmp_path / f"img_{layout}.zarr"
+        _write_ome_zarr(zp, [tissue_rgb[:300, :300]], 0.5, layout)
+        layers = get_reader(str(zp))(str(zp))
+        assert layers[0][1]["scale"] == (0.5, 0.5)
     assert get_reader([str(sample_slide_path), str(sample_slide_path)]) is None
     assert callable(get_reader(str(sample_slide_path)))
     assert callable(get_reader([str(sample_slide_path)]))

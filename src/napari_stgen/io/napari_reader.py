@@ -40,13 +40,27 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
         fn = getattr(_ad, "read_h5ad_layers", None)
         return None if fn is None else (lambda _path: fn(p))
     if p.is_dir():
-        if ext != ".zarr" and not any(
-            (p / n).exists() for n in (".zattrs", ".zgroup", "zarr.json")
-        ):
-            return None
-    elif ext not in _SLIDE_EXTS:
+        # only OME-Zarr images: other zarr stores (SpatialData, AnnData…) are left to others
+        return read_slide_layers if _is_ome_zarr_image(p) else None
+    if ext not in _SLIDE_EXTS:
         return None
+    # claim files by extension so a broken slide gets a precise error rather than "no reader"
     return read_slide_layers
+
+
+def _is_ome_zarr_image(p: Path) -> bool:
+    import json
+
+    for name in (".zattrs", "zarr.json"):
+        f = p / name
+        if f.is_file():
+            try:
+                attrs = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return False
+            attrs = attrs.get("attributes", attrs)  # zarr v3 keeps attrs under "attributes"
+            return bool(attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales"))
+    return (p / ".zarray").is_file()
 
 
 def read_slide_layers(path: str | list[str]) -> list[LayerData]:
