@@ -133,8 +133,9 @@ def predict_tiles(
     """Predict the given grid cells batch by batch.
 
     Cached cells are yielded first in one result. The rest are read in blocks of
-    ``block``×``block`` cells (one ``read_region`` each), ordered by distance of the block
-    to ``centre_um`` (y, x) if given, and predicted ``batch_size`` at a time. Raises
+    ``block``×``block`` cells (one read each), ordered by distance of the block to
+    ``centre_um`` (y, x) if given (cells too, so results grow from the centre), and
+    predicted ``batch_size`` at a time (the first batch smaller, for a quick first view). Raises
     :class:`Cancelled` at the first check after ``cancel`` is set.
     """
     grid = grid or slide_grid(slide, tile_um_of(predictor))
@@ -172,11 +173,15 @@ def predict_tiles(
         cancel.check()
         btiles = _centre_out(grid, btiles, centre_um)
         patches = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
-        for s in range(0, len(btiles), batch_size):
+        s = 0
+        while s < len(btiles):
             cancel.check()
+            # the very first batch is small so the first results show quickly
+            n = batch_size if done > 0 else min(batch_size, max(8, batch_size // 4))
             t0 = time.perf_counter()
-            bt = btiles[s : s + batch_size]
-            out = predictor.predict(patches[s : s + batch_size])
+            bt = btiles[s : s + n]
+            out = predictor.predict(patches[s : s + n])
+            s += n
             dt = time.perf_counter() - t0
             expr = np.asarray(out.expr, dtype=np.float32)
             code = np.asarray(out.code, dtype=np.int64)

@@ -125,6 +125,7 @@ def update_heatmap(
         data[t[:, 0], t[:, 1]] = v
         layer.refresh()
     _auto_limits(layer, store.expr[:, gi])
+    layer.visible = True
     return layer
 
 
@@ -135,12 +136,18 @@ def update_spots(
     *,
     colormap: str = "inferno",
     opacity: float = 0.9,
+    extra_genes: tuple[str, ...] = (),
 ) -> Any:
-    """Create or update the spot-circle Points layer of ``gene`` (features = all genes)."""
+    """Create or update the spot-circle Points layer of ``gene``.
+
+    Its features are ``gene``, ``extra_genes`` and the code (kept small so updates stay cheap
+    while batches stream in; the tiles layer carries every gene).
+    """
     name = spots_name(gene)
     layer = find_layer(viewer, name)
-    feats = _features(store)
-    lim = robust_limits(store.expr[:, store.gene_index(gene)])
+    cols = [gene] + [g for g in extra_genes if g != gene and g in store.genes]
+    feats = _features(store, cols)
+    lim = robust_limits(feats[gene].to_numpy())
     size = 0.9 * store.grid.tile_um
     if layer is None:
         layer = viewer.add_points(
@@ -157,13 +164,15 @@ def update_spots(
             metadata={"stgen": {"kind": "spots", "gene": gene}},
         )
     else:
-        layer.data = store.centres_um
-        layer.features = feats
+        with layer.events.blocker_all():
+            layer.data = store.centres_um
+            layer.features = feats
         layer.size = size
-        layer.face_color = gene
         layer.face_colormap = colormap
         layer.face_contrast_limits = lim
-        layer.refresh_colors()
+        layer.face_color = gene
+        layer.refresh()
+    layer.visible = True
     return layer
 
 
@@ -186,14 +195,20 @@ def update_tiles_points(viewer: Any, store: PredictionStore, visible: bool = Tru
             metadata={"stgen": {"kind": "tiles"}},
         )
     else:
-        layer.data = store.centres_um
-        layer.features = feats
+        with layer.events.blocker_all():
+            layer.data = store.centres_um
+            layer.features = feats
+        layer.refresh()
     return layer
 
 
-def _features(store: PredictionStore) -> Any:
+def _features(store: PredictionStore, genes: list[str] | None = None) -> Any:
     import pandas as pd
 
-    df = pd.DataFrame(store.expr, columns=store.genes, copy=False)
+    if genes is None:
+        df = pd.DataFrame(store.expr, columns=store.genes, copy=False)
+    else:
+        idx = [store.gene_index(g) for g in genes]
+        df = pd.DataFrame(store.expr[:, idx], columns=genes)
     df["genst_code"] = store.code
     return df

@@ -461,7 +461,8 @@ class PredictWidget(QWidget):
             return
         part = msg[1]
         self.state.store.add_result(part)
-        self._redraw_all(part.tiles)
+        # heatmaps per batch (cheap, in place); the all-gene hover layer once at the end
+        self._redraw_all(part.tiles, points=False)
         if self._pbar is not None:
             self._pbar.n = part.done
             self._pbar.refresh()
@@ -473,6 +474,10 @@ class PredictWidget(QWidget):
             self._tokens.remove(token)
         if self._closed:
             return
+        if len(self.state.store) and self.points_check.isChecked():
+            from napari_stgen.widgets import layers as L
+
+            L.update_tiles_points(self.viewer, self.state.store)
         if token is self._token:
             self._close_pbar()
             self.cancel_btn.setEnabled(False)
@@ -544,17 +549,18 @@ class PredictWidget(QWidget):
             if old is not None:
                 old.visible = False
         else:
-            L.update_spots(self.viewer, store, gene, **self._style())
+            L.update_spots(self.viewer, store, gene, extra_genes=tuple(self.genes), **self._style())
             old = L.find_layer(self.viewer, L.heatmap_name(gene))
             if old is not None:
                 old.visible = False
 
-    def _redraw_all(self, new_tiles: np.ndarray | None = None) -> None:
+    def _redraw_all(self, new_tiles: np.ndarray | None = None, points: bool = True) -> None:
+        """Redraw every chosen gene; the all-gene tiles layer only when ``points``."""
         from napari_stgen.widgets import layers as L
 
         for g in self.genes:
             self._redraw_gene(g, new_tiles)
-        if self.points_check.isChecked() and len(self.state.store):
+        if points and self.points_check.isChecked() and len(self.state.store):
             L.update_tiles_points(self.viewer, self.state.store)
 
     def _apply_style(self, *_: Any) -> None:

@@ -238,7 +238,16 @@ class StgenState:
 
                 pred = load_genst(name)
                 self._predictors[name] = pred
+                self._predictors.setdefault(pred.name, pred)  # also by card name
             return pred
+
+    def loaded_predictor(self) -> Any:
+        """The already-loaded predictor whose results are in the store (or None; no loading)."""
+        with self._lock:
+            for pred in self._predictors.values():
+                if pred.checksum == self.store.model_checksum:
+                    return pred
+            return self._predictors.get(self.model_name)
 
     def set_code_name(self, code: int, name: str) -> None:
         """Name a gene code (empty name removes it); travels with exports."""
@@ -255,11 +264,16 @@ _states: dict[int, StgenState] = {}
 
 def get_state(viewer: Any) -> StgenState:
     """The :class:`StgenState` of ``viewer`` (created on first use, dropped with the viewer)."""
-    key = id(viewer)
+    # plugin widgets receive the viewer wrapped in a proxy (a new one per widget): key the
+    # state by the wrapped viewer so every widget of a viewer shares one state
+    real = viewer
+    while hasattr(real, "__wrapped__"):
+        real = real.__wrapped__
+    key = id(real)
     st = _states.get(key)
     if st is None:
         st = _states[key] = StgenState()
-        weakref.finalize(viewer, _states.pop, key, None)
+        weakref.finalize(real, _states.pop, key, None)
     return st
 
 

@@ -1,0 +1,393 @@
+"""Codebook explorer dock widget: what each GenST gene code means on this slide.
+
+Reads the viewer's prediction store (filled by the Predict widget; never re-runs the model
+on stored tiles) and shows: a Labels layer of code indices in µm with a stable colour per
+code, a usage histogram (all predicted tiles or the visible region), and for the selected
+code its decoded gene profile against the slide mean, exemplar tiles read lazily from the
+slide, and its tiles highlighted (``show_selected_label``). Codes can be named; names live
+in the shared state, so exports carry them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtGui import QImage, QPixmap
+from qtpy.QtWidgets import (
+    QComboBox,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_stgen.inference import codebook as cb
+from napari_stgen.widgets.state import get_state
+
+CODES_LAYER = "GenST codes"
+N_EXEMPLARS = 8
+THUMB_PX = 96
+
+
+def _profiles_job(state: Any) -> Any:
+    pred = state.loaded_predictor() or state.predictor()
+    return pred, pred.code_profiles()
+
+
+def _thumbs_job(slide: Any, grid: Any, tiles: np.ndarray, code: int) -> tuple[int, np.ndarray]:
+    from napari_stgen.inference.tiles import read_tiles
+
+    return code, read_tiles(slide, grid, tiles, THUMB_PX)
+
+
+def update_codes_layer(viewer: Any, state: Any, n_codes: int) -> Any:
+    """Create/update the Labels layer of code indices (label = code + 1) over the slide grid."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    store = state.store
+    data = cb.code_map(store.grid, store.tiles, store.code)
+    if CODES_LAYER in viewer.layers:
+        layer = viewer.layers[CODES_LAYER]
+        if layer.data.shape == data.shape:
+            layer.data[...] = data
+            layer.refresh()
+        else:
+            layer.data = data
+        layer.scale, layer.translate = store.grid.scale, store.grid.translate
+    else:
+        cmap = DirectLabelColormap(color_dict={**cb.code_colors(n_codes), None: (0, 0, 0, 0)})
+        layer = viewer.add_labels(
+            data,
+            name=CODES_LAYER,
+            scale=store.grid.scale,
+            translate=store.grid.translate,
+            opacity=0.55,
+            colormap=cmap,
+            units=("um", "um"),
+            metadata={"stgen": {"kind": "codes"}},
+        )
+    layer.features = _code_features(state, n_codes)
+    return layer
+
+
+def _code_features(state: Any, n_codes: int) -> Any:
+    import pandas as pd
+
+    names = [state.code_names.get(k, "") for k in range(n_codes)]
+    return pd.DataFrame(
+        {"index": np.arange(n_codes + 1), "code": [-1] + list(range(n_codes)), "name": [""] + names}
+    )
+
+
+class CodebookWidget(QWidget):
+    """Plugins ▸ napari-stgen ▸ Codebook."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.predictor: Any = None
+        self.profiles: np.ndarray | None = None
+        self.selected: int | None = None
+        self.workers: list[Any] = []
+        self.thumbnails: np.ndarray | None = None
+        self._closed = False
+        self._build_ui()
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(300)
+        self._timer.timeout.connect(self.refresh)
+        self.state.store.changed.connect(self._on_store_changed)
+        self.state.code_names_changed.connect(self._on_names_changed)
+        self.destroyed.connect(
+            self._disconnect_factory(self.state, self._on_store_changed, self._on_names_changed)
+        )
+        self._load_profiles()
+
+    @staticmethod
+    def _disconnect_factory(state: Any, on_store: Any, on_names: Any) -> Any:
+        def _disc(*_: Any) -> None:
+            for sig, slot in (
+                (state.store.changed, on_store),
+                (state.code_names_changed, on_names),
+            ):
+                try:
+                    sig.disconnect(slot)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+
+        return _disc
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        lay = QVBoxLayout(self)
+        self.health_label = QLabel("Predict some tiles first (Predict expression widget).")
+        self.health_label.setWordWrap(True)
+        lay.addWidget(self.health_label)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Usage over"))
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(["all predicted tiles", "visible region"])
+        self.scope_combo.currentIndexChanged.connect(lambda *_: self._draw_hist())
+        row.addWidget(self.scope_combo)
+        self.refresh_btn = QPushButton("Refresh")
+        self.refresh_btn.clicked.connect(self.refresh)
+        row.addWidget(self.refresh_btn)
+        lay.addLayout(row)
+
+        self.hist_fig = Figure(figsize=(4, 2.0), tight_layout=True)
+        self.hist_canvas = FigureCanvasQTAgg(self.hist_fig)
+        self.hist_canvas.setMinimumHeight(150)
+        self.hist_canvas.mpl_connect("pick_event", self._on_pick)
+        lay.addWidget(self.hist_canvas)
+
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Code"))
+        self.code_spin = QSpinBox()
+        self.code_spin.setRange(0, 0)
+        self.code_spin.valueChanged.connect(self.select_code)
+        row.addWidget(self.code_spin)
+        self.name_edit = QLineEdit()
+        self.name_edit.setPlaceholderText("name this code, e.g. tumour epithelium")
+        self.name_edit.editingFinished.connect(self._on_name_edited)
+        row.addWidget(self.name_edit)
+        lay.addLayout(row)
+        self.code_label = QLabel("")
+        self.code_label.setWordWrap(True)
+        lay.addWidget(self.code_label)
+
+        self.gene_fig = Figure(figsize=(4, 2.6), tight_layout=True)
+        self.gene_canvas = FigureCanvasQTAgg(self.gene_fig)
+        self.gene_canvas.setMinimumHeight(200)
+        lay.addWidget(self.gene_canvas)
+
+        lay.addWidget(QLabel("Exemplar tiles of this code (nearest to its decoded profile)"))
+        self.gallery = QGridLayout()
+        self.thumb_labels = []
+        for i in range(N_EXEMPLARS):
+            lab = QLabel()
+            lab.setFixedSize(THUMB_PX, THUMB_PX)
+            lab.setAlignment(Qt.AlignmentFlag.AlignCenter)
+            self.gallery.addWidget(lab, i // 4, i % 4)
+            self.thumb_labels.append(lab)
+        lay.addLayout(self.gallery)
+        lay.addStretch(1)
+
+    # ------------------------------------------------------------------ data
+    def _start(self, worker: Any) -> None:
+        self.workers.append(worker)
+        worker.finished.connect(
+            lambda w=worker: self.workers.remove(w) if w in self.workers else None
+        )
+        worker.start()
+
+    def _load_profiles(self) -> None:
+        from napari.qt.threading import thread_worker
+
+        worker = thread_worker(_profiles_job, start_thread=False)(self.state)
+        worker.returned.connect(self._on_profiles)
+        worker.errored.connect(lambda e: self._notify(f"cannot load the model: {e}"))
+        self._start(worker)
+
+    def _on_profiles(self, res: tuple[Any, np.ndarray]) -> None:
+        if self._closed:
+            return
+        self.predictor, self.profiles = res
+        self.code_spin.setRange(0, self.predictor.n_codes - 1)
+        self.refresh()
+
+    def _on_store_changed(self, *_: Any) -> None:
+        if not self._closed:
+            self._timer.start()
+
+    def _on_names_changed(self, names: dict) -> None:
+        if self._closed:
+            return
+        if CODES_LAYER in self.viewer.layers and self.predictor is not None:
+            self.viewer.layers[CODES_LAYER].features = _code_features(
+                self.state, self.predictor.n_codes
+            )
+        self._draw_hist()
+
+    def refresh(self) -> None:
+        """Rebuild the code map, histogram and the selected code's panels from the store."""
+        store = self.state.store
+        if self._closed or self.profiles is None or store.grid is None or not len(store):
+            return
+        if store.model_checksum != self.predictor.checksum:
+            self._load_profiles()  # the store holds another model's predictions
+            return
+        layer = update_codes_layer(self.viewer, self.state, self.predictor.n_codes)
+        if not getattr(self, "_label_hooked", False):
+            layer.events.selected_label.connect(self._on_selected_label)
+            self._label_hooked = True
+        h = cb.codebook_health(store.code, self.predictor.n_codes)
+        self.health_label.setText(
+            f"{h['tiles']:,} tiles · codes used {h['used']}/{h['n_codes']} · "
+            f"perplexity {h['perplexity']:.1f} · dead codes {h['dead']}"
+        )
+        self._draw_hist()
+        if self.selected is None:
+            counts = cb.usage_counts(store.code, self.predictor.n_codes)
+            self.select_code(int(np.argmax(counts)))
+        else:
+            self.select_code(self.selected, force=True)
+
+    def _scope_rows(self) -> np.ndarray:
+        store = self.state.store
+        if self.scope_combo.currentText() == "visible region":
+            from napari_stgen.inference.tiles import visible_region_um
+            from napari_stgen.widgets.predict import camera_of
+
+            cam = camera_of(self.viewer)
+            return store.rows_in_region(
+                visible_region_um(cam.center, cam.zoom, self.viewer.canvas.size)
+            )
+        return np.arange(len(store))
+
+    def usage(self) -> np.ndarray:
+        """Tiles per code in the chosen scope."""
+        return cb.usage_counts(self.state.store.code[self._scope_rows()], self.predictor.n_codes)
+
+    def _draw_hist(self) -> None:
+        if self.predictor is None or not len(self.state.store):
+            return
+        n = self.predictor.n_codes
+        counts = self.usage()
+        colors = cb.code_colors(n)
+        self.hist_fig.clear()
+        ax = self.hist_fig.add_subplot(111)
+        bars = ax.bar(
+            np.arange(n), counts, color=[colors[k + 1][:3] for k in range(n)], picker=True
+        )
+        for k, b in enumerate(bars):
+            b.set_gid(str(k))
+            if k == self.selected:
+                b.set_edgecolor("black")
+                b.set_linewidth(1.5)
+        ax.set_xlabel("gene code (click a bar)")
+        ax.set_ylabel("tiles")
+        ax.set_xlim(-1, n)
+        for k, name in self.state.code_names.items():
+            if k < n and counts[k]:
+                ax.annotate(name, (k, counts[k]), fontsize=7, rotation=60, ha="left", va="bottom")
+        self.hist_canvas.draw_idle()
+
+    def _on_pick(self, event: Any) -> None:
+        gid = event.artist.get_gid()
+        if gid is not None:
+            self.code_spin.setValue(int(gid))
+
+    def _on_selected_label(self, *_: Any) -> None:
+        lab = int(self.viewer.layers[CODES_LAYER].selected_label)
+        if lab > 0 and lab - 1 != self.selected:
+            self.code_spin.setValue(lab - 1)
+
+    # ------------------------------------------------------------------ selection
+    def summary(self, k: int) -> cb.CodeSummary:
+        """Library summary of code ``k`` over the stored predictions."""
+        st = self.state.store
+        return cb.summarize_code(
+            k, st.expr, st.code, self.profiles, st.genes, n_exemplars=N_EXEMPLARS
+        )
+
+    def select_code(self, k: int, force: bool = False) -> None:
+        """Show code ``k``: profile bar chart, exemplars, highlight its tiles, its name."""
+        if self.profiles is None or not len(self.state.store):
+            return
+        k = int(k)
+        if k == self.selected and not force:
+            return
+        self.selected = k
+        if self.code_spin.value() != k:
+            self.code_spin.blockSignals(True)
+            self.code_spin.setValue(k)
+            self.code_spin.blockSignals(False)
+        self.name_edit.setText(self.state.code_names.get(k, ""))
+        s = self.summary(k)
+        self.current_summary = s
+        self.code_label.setText(
+            f"code {k}: {s.count:,} tiles ({100 * s.fraction:.1f} %) · top up: "
+            + ", ".join(g for g, _ in s.up[:5])
+        )
+        self._draw_genes(s)
+        if CODES_LAYER in self.viewer.layers:
+            layer = self.viewer.layers[CODES_LAYER]
+            layer.selected_label = k + 1
+            layer.show_selected_label = True
+        self._draw_hist()
+        self._load_thumbs(s)
+
+    def _draw_genes(self, s: cb.CodeSummary) -> None:
+        self.gene_fig.clear()
+        ax = self.gene_fig.add_subplot(111)
+        items = s.up[:8] + s.down[:8][::-1]
+        if items:
+            names = [g for g, _ in items][::-1]
+            vals = np.array([v for _, v in items][::-1])
+            ax.barh(names, vals, color=np.where(vals > 0, "#c0392b", "#2e86c1"))
+            ax.axvline(0, color="grey", lw=0.8)
+            ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel("decoded profile − slide mean (log1p CP10k)")
+        ax.set_title(
+            f"code {s.code}"
+            + (f" · {self.state.code_names[s.code]}" if s.code in self.state.code_names else ""),
+            fontsize=9,
+        )
+        self.gene_canvas.draw_idle()
+
+    def _load_thumbs(self, s: cb.CodeSummary) -> None:
+        from napari.qt.threading import thread_worker
+
+        for lab in self.thumb_labels:
+            lab.clear()
+        if not len(s.exemplars) or self.state.slide is None:
+            return
+        tiles = self.state.store.tiles[s.exemplars]
+        worker = thread_worker(_thumbs_job, start_thread=False)(
+            self.state.slide, self.state.store.grid, tiles, s.code
+        )
+        worker.returned.connect(self._on_thumbs)
+        self._start(worker)
+
+    def _on_thumbs(self, res: tuple[int, np.ndarray]) -> None:
+        code, imgs = res
+        if self._closed or code != self.selected:
+            return
+        self.thumbnails = imgs
+        for lab, img in zip(self.thumb_labels, imgs, strict=False):
+            img = np.ascontiguousarray(img)
+            qimg = QImage(
+                img.data, img.shape[1], img.shape[0], 3 * img.shape[1], QImage.Format.Format_RGB888
+            )
+            lab.setPixmap(QPixmap.fromImage(qimg.copy()))
+
+    def _on_name_edited(self) -> None:
+        if self.selected is not None:
+            self.state.set_code_name(self.selected, self.name_edit.text())
+
+    def name_code(self, k: int, name: str) -> None:
+        """Name code ``k`` (stored in the shared state; exports carry it)."""
+        self.state.set_code_name(k, name)
+        if k == self.selected:
+            self.name_edit.setText(name)
+
+    def _notify(self, msg: str) -> None:
+        from napari.utils.notifications import show_error
+
+        if not self._closed:
+            self.health_label.setText(msg)
+            show_error(msg)
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        self._closed = True
+        super().closeEvent(event)
