@@ -137,7 +137,7 @@ def _gene_columns(feats: Any, md: dict) -> list[str]:
     return [
         str(c)
         for c in feats.columns
-        if feats[c].dtype.kind == "f" and str(c) not in NON_GENE and not str(c).startswith("_")
+        if feats[c].dtype.kind in "fiu" and str(c) not in NON_GENE and not str(c).startswith("_")
     ]
 
 
@@ -247,13 +247,17 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
         names.append(ids)
         yx_all.append(yx)
         st = md.get("stgen") or {}
-        if st.get("kind") in ("spots", "tiles") and "obs_kind" not in st and n > 1:
+        predict_layer = st.get("kind") == "tiles" or (st.get("kind") == "spots" and "gene" in st)
+        if predict_layer and "obs_kind" not in st and n > 1:
             # the Predict widget's display layers: drawn smaller than the tiles they stand for
             from scipy.spatial import cKDTree
 
             diam.append(float(np.median(cKDTree(yx).query(yx, k=2)[0][:, 1])))
             uns_base.setdefault("obs_kind", "tiles")
+            uns_base.setdefault("normalization", "log1p_cp10k")
         else:
+            if "normalization" not in st and st.get("source"):  # e.g. the sample's measured counts
+                uns_base.setdefault("normalization", str(st["source"]))
             size = np.asarray(meta.get("size", 10.0), dtype=np.float64)
             diam.append(float(np.median(size)) * float(_vec2(meta.get("scale"), 1.0)[-1]))
         for k in ("model", "slide", "region_um", "grid", "code_names", "obs_kind", "normalization"):
