@@ -392,3 +392,44 @@ def test_writer_samples_codebook_labels_at_spots(tmp_path):
     assert sf["spot_diameter_fullres"] == pytest.approx(50.0 / mpp)
     with pytest.raises(StgenError, match="nothing to export"):
         write_layers(tmp_path / "empty.h5ad", [slide])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(exports(), st.floats(0.2, 2.0), st.tuples(st.floats(-500, 500), st.floats(-500, 500)))
+def test_roundtrip_through_napari_writer(case, mpp, origin):
+    """napari layer tuples → writer → h5ad → reader gives the same µm layers back."""
+    from napari_stgen.io.napari_writer import write_layers
+
+    expr, genes, xy, _, codes, code_names, rois, gen = case
+    yx_um = xy[:, ::-1] * mpp + np.asarray(origin)
+    feats = pd.DataFrame(expr, columns=genes)
+    feats["genst_code"] = codes
+    feats["barcode"] = [f"s{i}" for i in range(len(xy))]
+    slide = (np.zeros((64, 48, 3), np.uint8), {"name": "slide", "rgb": True, "scale": (mpp, mpp),
+             "translate": origin, "metadata": {}}, "image")  # fmt: skip
+    pts = (yx_um, {"name": "spots", "features": feats, "size": 30.0,
+                   "metadata": {"stgen_genes": genes}}, "points")  # fmt: skip
+    layers = [slide, pts]
+    if rois:
+        kw = {"name": "ROIs", "shape_type": [r.shape_type for r in rois]}
+        layers.append(([r.vertices_yx_um for r in rois], kw, "shapes"))
+    layers += [t.layer_data() for t in gen]
+    with tempfile.TemporaryDirectory() as d:
+        back = read_h5ad_layers(write_layers(Path(d) / "w.h5ad", layers))
+    (p,) = _layers_by_type(back, "points")
+    np.testing.assert_allclose(p[0], yx_um, rtol=1e-9, atol=1e-6)
+    np.testing.assert_array_equal(p[1]["features"][genes].to_numpy(np.float32), expr)
+    np.testing.assert_array_equal(p[1]["features"]["genst_code"], codes)
+    assert p[1]["size"] == pytest.approx(30.0)
+    if rois:
+        (sh,) = _layers_by_type(back, "shapes")
+        for v, r in zip(sh[0], rois, strict=True):
+            np.testing.assert_allclose(v, r.vertices_yx_um)
+    imgs = [ly for ly in back if "stgen_generated" in ly[1]["metadata"]]
+    assert len(imgs) == len(gen)
+    for ly, t in zip(imgs, gen, strict=True):
+        np.testing.assert_array_equal(ly[0], t.image)
+        assert ly[1]["translate"] == pytest.approx(t.layer_data()[1]["translate"])
+        assert ly[1]["metadata"]["stgen_generated"]["seed"] == t.seed
+    (thumb,) = [ly for ly in back if ly[1]["metadata"].get("stgen_kind") == "thumbnail"]
+    assert thumb[1]["translate"] == pytest.approx(origin)
