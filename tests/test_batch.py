@@ -111,14 +111,26 @@ def test_predict_batch_local_cluster(genst_model, cohort, tmp_path):
     assert c4.n_obs == len(pd.read_csv(spots / "C4crop_spots.csv"))
     assert c4.uns["stgen"]["slide"]["width"] == 2400
 
-    # resumable: a rerun (in-process cluster this time) skips the finished slides
+    # an existing cluster (--scheduler ADDRESS): same numbers again, and a rerun into the
+    # same directory skips the finished slides (resumable)
+    from distributed import LocalCluster
+
     before = (out / "C3.h5ad").stat().st_mtime_ns
-    rows = run_batch(
-        [str(s) for s in slides], out, spots_dir=spots, processes=False, workers=1,
-        model=genst_model, device="cpu", progress=False,
-    )  # fmt: skip
-    assert [row["status"] for row in rows] == ["skipped", "skipped", "failed"]
-    assert (out / "C3.h5ad").stat().st_mtime_ns == before
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:  # fmt: skip
+        addr = cluster.scheduler_address
+        rows = run_batch(
+            [str(s) for s in slides], out, spots_dir=spots, scheduler=addr, model=genst_model,
+            device="cpu", progress=False,
+        )  # fmt: skip
+        assert [row["status"] for row in rows] == ["skipped", "skipped", "failed"]
+        assert (out / "C3.h5ad").stat().st_mtime_ns == before
+        (row,) = run_batch(
+            [str(slides[0])], tmp_path / "again", spots_dir=spots, scheduler=addr,
+            model=genst_model, device="cpu", progress=False,
+        )  # fmt: skip
+    assert row["status"] == "ok", row
+    np.testing.assert_allclose(ad.read_h5ad(row["output"]).X, b.X, rtol=1e-4, atol=1e-4)
 
 
 def test_batch_bad_arguments(tmp_path):
