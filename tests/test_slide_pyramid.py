@@ -126,6 +126,22 @@ def test_best_level(sample_slide_path: Path) -> None:
         assert s.best_level(1e6) == s.level_count - 1
 
 
+def test_copy_and_pickle(sample_slide_path: Path) -> None:
+    import copy
+    import pickle
+
+    with open_slide(sample_slide_path, mpp=0.7) as s:
+        assert copy.deepcopy(s) is s  # napari deep-copies layer metadata holding the slide
+        lv = copy.deepcopy(s.levels)  # napari's "duplicate layer" deep-copies the data
+        np.testing.assert_array_equal(lv[4].compute(), s.levels[4].compute())
+        s2 = pickle.loads(pickle.dumps(s))  # re-opens the file (dask workers)
+        assert s2.mpp == 0.7 and s2.path == s.path and s2 is not s
+        np.testing.assert_array_equal(
+            s2.read_region(0, 0, 500, 500, 2), s.read_region(0, 0, 500, 500, 2)
+        )
+        s2.close()
+
+
 def test_close_and_context_manager(sample_slide_path: Path) -> None:
     s = open_slide(sample_slide_path)
     with s as same:

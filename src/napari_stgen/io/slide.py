@@ -174,6 +174,17 @@ class Slide:
             except Exception:  # noqa: BLE001 - closing must not raise
                 pass
 
+    def __copy__(self) -> Slide:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Slide:
+        return self  # a read-only handle: napari's "duplicate layer" deep-copies metadata
+
+    def __reduce__(self) -> tuple:
+        """Pickle as "open this path again" (e.g. to send a slide to dask workers)."""
+        mpp = self.mpp if self.mpp_source == "argument" else None
+        return (open_slide, (str(self.path), mpp))
+
     def __enter__(self) -> Slide:
         return self
 
