@@ -197,6 +197,15 @@ def test_resolution_tags(tmp_path: Path, tissue_rgb: np.ndarray) -> None:
         assert s.mpp is None
 
 
+def test_stripped_tiff_is_chunked_in_row_groups(tmp_path: Path, tissue_rgb: np.ndarray) -> None:
+    p = tmp_path / "stripped.tif"
+    tifffile.imwrite(p, tissue_rgb, rowsperstrip=16, compression="zlib", metadata=None)
+    with open_slide(p) as s:
+        assert s.levels[0].chunks[0][0] == 256 and s.levels[0].chunks[1] == (1200,)
+        np.testing.assert_array_equal(s.levels[0].compute(), tissue_rgb)
+        np.testing.assert_array_equal(s.read_region(7, 250, 1107, 530), tissue_rgb[250:530, 7:1107])
+
+
 def test_gray16_and_rgba_are_converted(tmp_path: Path, tissue_rgb: np.ndarray) -> None:
     gray = tissue_rgb.mean(axis=2).astype(np.uint16) * 257
     p = tmp_path / "gray16.tif"

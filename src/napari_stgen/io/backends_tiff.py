@@ -88,12 +88,13 @@ def _direct_ok(page: Any) -> bool:
 
 
 def _direct_level(page: Any, fh: Any, name: str) -> da.Array:
-    """A dask array over one TIFF page whose chunks are its tiles (or strips)."""
+    """A dask array over one TIFF page whose chunks are its tiles (or groups of strips)."""
     h, w = page.shape[:2]
     if page.is_tiled:
-        th, tw = page.tilelength, page.tilewidth
+        th, tw, group = page.tilelength, page.tilewidth, 1
     else:
         th, tw = min(page.rowsperstrip or h, h), w
+        group = max(1, -(-256 // th))  # strips are grouped into chunks of >= 256 rows
     per_row = -(-w // tw)
     offsets, counts = page.dataoffsets, page.databytecounts
     decode = page.decode
@@ -101,10 +102,10 @@ def _direct_level(page: Any, fh: Any, name: str) -> da.Array:
     fill = np.iinfo(page.dtype).max if page.dtype.kind == "u" else 0
     tail = page.shape[2:]
 
-    def read_tile(ty: int, tx: int) -> np.ndarray:
-        i = ty * per_row + tx
-        th_ = min(th, h - ty * th)
-        tw_ = min(tw, w - tx * tw)
+    def read_segment(sy: int, sx: int) -> np.ndarray:
+        i = sy * per_row + sx
+        th_ = min(th, h - sy * th)
+        tw_ = min(tw, w - sx * tw)
         if not counts[i]:
             return np.full((th_, tw_, *tail), fill, page.dtype)
         with fh.lock:
@@ -114,12 +115,13 @@ def _direct_level(page: Any, fh: Any, name: str) -> da.Array:
         seg = seg.reshape(seg.shape[1], seg.shape[2], -1)[:th_, :tw_]
         return seg if tail else seg[..., 0]
 
-    return tiled_dask(TileSource(page.shape, (th, tw), page.dtype, read_tile), name)
+    def read_chunk(cy: int, cx: int) -> np.ndarray:
+        if group == 1:
+            return read_segment(cy, cx)
+        rows = range(cy * group, min((cy + 1) * group, -(-h // th)))
+        return np.concatenate([read_segment(sy, cx) for sy in rows], axis=0)
 
-
-def _split(n: int, c: int) -> tuple[int, ...]:
-    full, rest = divmod(n, c)
-    return (c,) * full + ((rest,) if rest else ())
+    return tiled_dask(TileSource(page.shape, (th * group, tw), page.dtype, read_chunk), name)
 
 
 def _zarr_level(
