@@ -41,6 +41,7 @@ from ..coords import Grid
 from ..errors import Cancelled, StgenError
 
 __all__ = [
+    "load_generator",
     "SynthesisPlan",
     "RegionProfile",
     "Conditioning",
@@ -62,6 +63,19 @@ __all__ = [
 
 R = TypeVar("R")
 LATENT_FACTOR = 4  # the tile autoencoder downsamples ×4
+
+
+# ----------------------------------------------------------------------------- model
+def load_generator(name_or_path: str = "default", device: str = "cpu") -> Any:
+    """``load_stmdit`` plus the checkpoint file's sha256 as ``checksum`` when the card lacks it
+    (the record of every generated tile names the exact weights)."""
+    from ..models.checkpoint import resolve_checkpoint, sha256_file
+    from .synthesis import load_stmdit
+
+    model = load_stmdit(name_or_path, device=device)
+    if not getattr(model, "checksum", ""):
+        model.checksum = sha256_file(resolve_checkpoint(name_or_path, "stmdit"))
+    return model
 
 
 # ----------------------------------------------------------------------------- geometry

@@ -56,25 +56,45 @@ def list_stmdit_models() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- worker jobs
-def _load_job(state: Any, stmdit_name: str) -> tuple[Any, Any]:
-    from napari_stgen.inference.synthesis import load_stmdit
+class _Failed:
+    """A worker's clear, expected failure (StgenError): shown, not raised in the Qt loop."""
 
-    model = load_stmdit(stmdit_name)
-    return model, state.predictor()
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _load_job(state: Any, stmdit_name: str) -> Any:
+    from napari_stgen.errors import StgenError
+    from napari_stgen.inference.synthesis_grid import load_generator
+
+    try:
+        return load_generator(stmdit_name), state.predictor()
+    except StgenError as e:
+        return _Failed(f"could not load the models: {e}")
 
 
 def _profile_job(slide: Any, model: Any, predictor: Any, plan: Any, known: Any, token: Any):
+    from napari_stgen.errors import Cancelled, StgenError
     from napari_stgen.inference import synthesis_grid as sg
 
-    prof = yield from sg.iter_region_profile(slide, model, predictor, plan, known, cancel=token)
-    return prof
+    try:
+        return (yield from sg.iter_region_profile(slide, model, predictor, plan, known, token))
+    except Cancelled:
+        return None
+    except StgenError as e:
+        return _Failed(f"region prediction failed: {e}")
 
 
 def _generate_job(slide: Any, model: Any, profile: Any, cond: Any, params: dict, token: Any):
+    from napari_stgen.errors import Cancelled, StgenError
     from napari_stgen.inference import synthesis_grid as sg
 
-    res = yield from sg.iter_synthesize(slide, model, profile, cond, cancel=token, **params)
-    return res
+    try:
+        return (yield from sg.iter_synthesize(slide, model, profile, cond, cancel=token, **params))
+    except Cancelled:
+        return None
+    except StgenError as e:
+        return _Failed(f"generation failed: {e}")
 
 
 class _CloseWatcher(QObject):
@@ -145,7 +165,9 @@ class SynthesizeWidget(QWidget):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.state = get_state(napari_viewer)
+        # napari hands plugin widgets a PublicOnlyProxy per widget: key the shared state by
+        # the real viewer so the Predict / Export widgets see the same store
+        self.state = get_state(getattr(napari_viewer, "__wrapped__", napari_viewer))
         self.model: Any = None
         self.predictor: Any = None
         self._model_name: str | None = None
@@ -327,7 +349,11 @@ class SynthesizeWidget(QWidget):
         pred_name = self.state.model_name
         worker = thread_worker(_load_job, start_thread=False)(self.state, name)
 
-        def done(models: tuple[Any, Any]) -> None:
+        def done(models: Any) -> None:
+            if isinstance(models, _Failed):
+                self._after_load = []
+                self._notify(models.message, error=True)
+                return
             self.model, self.predictor = models
             self._model_name, self._pred_name = name, pred_name
             self._on_models_loaded()
@@ -609,7 +635,11 @@ class SynthesizeWidget(QWidget):
             layer.shape_type = ["rectangle"] * len(shapes)
 
     def _on_profile(self, prof: Any, token: Any, slide: Any) -> None:
-        if token is not self._tokens.get("profile") or token.cancelled:
+        if token is not self._tokens.get("profile") or token.cancelled or prof is None:
+            return
+        if isinstance(prof, _Failed):
+            self._generate_after_profile = False
+            self._notify(prof.message, error=True)
             return
         if prof.new is not None and len(prof.new):
             self.state.store.ensure(slide, self.predictor, prof.grid)
@@ -686,7 +716,10 @@ class SynthesizeWidget(QWidget):
         return worker
 
     def _on_generated(self, res: Any, token: Any) -> None:
-        if token is not self._tokens.get("generate") or token.cancelled:
+        if token is not self._tokens.get("generate") or token.cancelled or res is None:
+            return
+        if isinstance(res, _Failed):
+            self._notify(res.message, error=True)
             return
         self.result = res
         tr = res.plan.layer_transform()
@@ -853,9 +886,9 @@ class SynthesizeWidget(QWidget):
 
     def _start(self, worker: Any, kind: str) -> None:
         win = self.window()
-        if win is not self and win is not self._watched:
+        if win is not self and id(win) != self._watched:
             win.installEventFilter(self._closer)
-            self._watched = win
+            self._watched = id(win)  # an id, not the window: no reference cycle to leak it
         worker._stgen_kind = kind
         self.workers.append(worker)
         worker.finished.connect(
