@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--cnn-epochs", type=int, default=30)
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--merge", nargs="*", default=None, help="combine per-fold JSON files")
     ap.add_argument("--maps", default=None, help="held-out section for the map figure")
     ap.add_argument("--map-genes", nargs="*", default=["ERBB2", "IGKC", "COL1A1", "MUCL1"])
     args = ap.parse_args(argv)
@@ -118,22 +119,27 @@ def main(argv=None) -> int:
             args.threads,
         )
         return 0
-    folds = args.folds or list_sections(args.data)
-    tcfg = TrainConfig(threads=args.threads)
-    if args.epochs:
-        tcfg.epochs = args.epochs
     results = []
-    for h in folds:
-        r = run_fold(
-            args.data,
-            h,
-            tcfg=tcfg,
-            baselines=not args.no_baselines,
-            cnn_epochs=args.cnn_epochs,
-            progress=True,
-        )
-        results.append(r)
-        print(json.dumps({"holdout": h, **r["summary"]}), file=sys.stderr, flush=True)
+    if args.merge:
+        for f in args.merge:
+            d = json.loads(Path(f).read_text())
+            results.extend(d["folds"] if "folds" in d else [d])
+        results.sort(key=lambda r: r["holdout"])
+    else:
+        tcfg = TrainConfig(threads=args.threads)
+        if args.epochs:
+            tcfg.epochs = args.epochs
+        for h in args.folds or list_sections(args.data):
+            r = run_fold(
+                args.data,
+                h,
+                tcfg=tcfg,
+                baselines=not args.no_baselines,
+                cnn_epochs=args.cnn_epochs,
+                progress=True,
+            )
+            results.append(r)
+            print(json.dumps({"holdout": h, **r["summary"]}), file=sys.stderr, flush=True)
     keys = sorted({k for r in results for k in r["summary"]})
     mean = {k: round(float(np.mean([r["summary"][k] for r in results])), 4) for k in keys}
     res = {

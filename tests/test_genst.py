@@ -176,3 +176,27 @@ def test_default_checkpoint_predicts_sample(sample_slide_path, sample_spots_path
     r = pearson_per_gene(out.expr[:, idx], np.log1p(df[top].to_numpy(float)))
     assert r.mean() > 0.2, dict(zip(top, r.round(2), strict=True))
     assert (r > 0).mean() >= 0.8
+
+
+def test_vector_quantizer_restarts_dead_codes():
+    import torch
+
+    from napari_stgen.models.layers import VectorQuantizerEMA
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    def run(idle: int) -> tuple[dict, int]:
+        q = VectorQuantizerEMA(32, 4, max_idle_steps=idle)
+        q.train()
+        q(torch.randn(64, 4) * 0.01)  # initialised on one tight blob: most codes then starve
+        for _ in range(60):
+            z = torch.randn(128, 4) + 5 * torch.randint(0, 8, (128, 1)).float()
+            _, idx, commit = q(z)
+        assert torch.isfinite(commit)
+        return q.health(idx), q.restarts
+
+    h_no, r_no = run(0)
+    h_yes, r_yes = run(10)
+    assert r_yes > 0 and h_yes["codes_used"] > h_no["codes_used"]
+    assert h_yes["perplexity"] > h_no["perplexity"]

@@ -54,6 +54,9 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Any], card: dict) -> Pa
     meta = {CARD_KEY: json.dumps(card, sort_keys=True)}
     tmp = path.with_name(f".{path.name}.partial")
     save_file(clean, str(tmp), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     side = dict(card)
     side["sha256"] = sha256_file(path)

@@ -45,7 +45,7 @@ class GenSTConfig:
     gene_codes: int = 64
     align_hidden: int = 256
     dropout: float = 0.2
-    decode: str = "soft"  # "soft" (continuous aligned latent) or "quantized"
+    decode: str = "soft"  # "soft" (aligned latent), "quantized" (nearest code), "expected"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -63,6 +63,11 @@ class GenSTConfig:
         d["channels"] = tuple(d.get("channels", cls.channels))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def code_logits(dist: torch.Tensor) -> torch.Tensor:
+    """Code logits from squared distances (N, K), scaled by each row's mean distance."""
+    return -4.0 * dist / dist.detach().mean(1, keepdim=True).clamp_min(1e-6)
 
 
 def views(x: torch.Tensor, cfg: GenSTConfig) -> list[torch.Tensor]:
@@ -216,9 +221,15 @@ class GenST(nn.Module):
     def decode_latent(self, zhat: torch.Tensor, mode: str | None = None):
         """ẑ → (profile, gene code): soft decodes ẑ, quantized decodes its nearest code."""
         mode = mode or self.cfg.decode
-        code = self.gene.vq.codes(zhat.float())
+        dist = self.gene.vq.distances(zhat.float())
+        code = dist.argmin(1)
         if mode == "quantized":
             return self.gene.decoder(self.gene.vq.lookup(code)), code
+        if mode == "expected":
+            # expectation of the code profiles under the code posterior (the softmax that the
+            # code-agreement loss trains)
+            p = torch.softmax(code_logits(dist), dim=1)
+            return p @ self.gene.decoder(self.gene.vq.embed), code
         return self.gene.decoder(zhat), code
 
     def unstandardize(self, y: torch.Tensor) -> torch.Tensor:

@@ -67,16 +67,20 @@ class VectorQuantizerEMA(nn.Module):
         eps: float = 1e-5,
         beta: float = 0.25,
         dead_threshold: float = 0.05,
+        max_idle_steps: int = 0,
     ):
         super().__init__()
         self.n_codes, self.dim, self.decay, self.eps, self.beta = n_codes, dim, decay, eps, beta
         self.dead_threshold = dead_threshold
+        self.max_idle_steps = max_idle_steps
         embed = torch.randn(n_codes, dim) / math.sqrt(dim)
         self.register_buffer("embed", embed)
         self.register_buffer("cluster_size", torch.ones(n_codes))
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("usage", torch.zeros(n_codes))
         self.register_buffer("initted", torch.zeros((), dtype=torch.uint8))
+        # training steps since each code was last chosen (not saved in checkpoints)
+        self.register_buffer("idle", torch.zeros(n_codes), persistent=False)
         self.restarts = 0
 
     def distances(self, flat: torch.Tensor) -> torch.Tensor:
@@ -112,8 +116,12 @@ class VectorQuantizerEMA(nn.Module):
         n = self.cluster_size.sum()
         size = (self.cluster_size + self.eps) / (n + self.n_codes * self.eps) * n
         self.embed.copy_(self.embed_avg / size[:, None])
-        # dead-code restarts: codes whose EMA usage fell below threshold jump to batch vectors
+        # dead-code restarts: codes whose EMA size fell below ``dead_threshold`` (or, when
+        # ``max_idle_steps`` > 0, unchosen for that many steps) jump to batch vectors
+        self.idle.add_(1).mul_((counts == 0).to(self.idle.dtype))
         dead = self.cluster_size < self.dead_threshold
+        if self.max_idle_steps > 0:
+            dead |= self.idle > self.max_idle_steps
         nd = int(dead.sum())
         if nd:
             pick = flat[torch.randint(0, flat.shape[0], (nd,), device=flat.device)]
@@ -121,6 +129,7 @@ class VectorQuantizerEMA(nn.Module):
             self.embed[dead] = pick
             self.embed_avg[dead] = pick
             self.cluster_size[dead] = 1.0
+            self.idle[dead] = 0
             self.restarts += nd
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

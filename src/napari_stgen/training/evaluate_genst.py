@@ -94,7 +94,7 @@ def run_fold(
     idx_panel = [panel.index(g) for g in bench]
     # te.y is in `panel` order; bring model predictions into panel order for the 50 genes
     genst: dict = {}
-    for mode in ("soft", "quantized"):
+    for mode in ("soft", "quantized", "expected"):
         for tta in (1, 4):
             e, codes = predict_patches(net, te.patches, tta=tta, mode=mode)
             full = np.zeros((len(e), len(panel)), np.float32)
@@ -111,11 +111,17 @@ def run_fold(
                     "perplexity": round(float(np.exp(ent)), 2),
                 }
     res["genst"] = genst
-    head = genst["soft_tta4"]
+    head = genst[f"{net.cfg.decode}_tta4"]
+    res["decode"] = net.cfg.decode
     res["summary"] = {
         "genst": head["raw"]["mean_pearson"],
         "genst_smoothed": head["smoothed"]["mean_pearson"],
         "genst_quantized": genst["quantized_tta4"]["raw"]["mean_pearson"],
+        "genst_quantized_smoothed": genst["quantized_tta4"]["smoothed"]["mean_pearson"],
+        "genst_soft": genst["soft_tta4"]["raw"]["mean_pearson"],
+        "genst_soft_smoothed": genst["soft_tta4"]["smoothed"]["mean_pearson"],
+        "genst_expected": genst["expected_tta4"]["raw"]["mean_pearson"],
+        "genst_expected_smoothed": genst["expected_tta4"]["smoothed"]["mean_pearson"],
     }
     if baselines:
         torch.manual_seed(0)

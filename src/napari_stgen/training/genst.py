@@ -41,6 +41,7 @@ class TrainConfig:
     recon_batch: int = 16
     w_recon: float = 0.5
     colour_jitter: float = 0.05
+    decode: str = "quantized"  # inference decoding written to the card (see models.md)
     seed: int = 0
     threads: int = 1
     extra: dict = field(default_factory=dict)
@@ -130,7 +131,7 @@ def train_genst(
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from ..models.genst import GenST, GenSTConfig, views
+    from ..models.genst import GenST, GenSTConfig, code_logits, views
 
     tcfg = tcfg or TrainConfig()
     torch.set_num_threads(max(1, tcfg.threads))
@@ -206,9 +207,7 @@ def train_genst(
             logits = model.logit_scale.exp().clamp(max=100) * a @ bvec.t()
             tgt = torch.arange(len(idx))
             l_nce = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.t(), tgt))
-            dist = model.gene.vq.distances(zhat)
-            code_logits = -4.0 * dist / dist.detach().mean(1, keepdim=True).clamp_min(1e-6)
-            l_code = F.cross_entropy(code_logits, code_g[idx])
+            l_code = F.cross_entropy(code_logits(model.gene.vq.distances(zhat)), code_g[idx])
             loss = l_expr + tcfg.w_latent * l_lat + tcfg.w_nce * l_nce + tcfg.w_code * l_code
             parts = {"expr": l_expr, "lat": l_lat, "nce": l_nce, "code": l_code}
             if tcfg.recon_every and b % tcfg.recon_every == 0 and len(tiles):
@@ -234,6 +233,7 @@ def train_genst(
         if resume_path is not None:
             save_resume(resume_path, model, opt, epoch + 1, tcfg)
     hist["train_seconds"] = time.time() - t0
+    model.cfg.decode = tcfg.decode
     hist["image_codes"] = model.histo.vq.health()
     model.eval()
     return model, hist
