@@ -70,10 +70,18 @@ def napari_figure(h5ad: Path, gene: str, out: Path) -> None:
             ly.visible = False  # the full-resolution slide is open underneath
         if type(ly).__name__ == "Points":
             pts = ly
+    from napari_stgen.io.anndata import robust_limits
+
     pts.face_color = gene
     pts.face_colormap = "viridis"
+    pts.face_contrast_limits = robust_limits(pts.features[gene].to_numpy())
     pts.refresh_colors()
     viewer.reset_view()
+    # frame the spots (the tissue), as sc.pl.spatial does
+    lo, hi = pts.data.min(0) - 300.0, pts.data.max(0) + 300.0
+    canvas = np.asarray(viewer.screenshot(canvas_only=True, flash=False).shape[:2], float)
+    viewer.camera.center = tuple((lo + hi) / 2)
+    viewer.camera.zoom = float(np.min(canvas / (hi - lo)))
     viewer.scale_bar.visible = True
     viewer.text_overlay.visible = True
     viewer.text_overlay.text = (

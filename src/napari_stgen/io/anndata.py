@@ -599,6 +599,16 @@ def h5ad_mpp(adata: Any) -> tuple[float, str]:
     return 1.0, "none (pixels)"
 
 
+def robust_limits(values: np.ndarray) -> tuple[float, float]:
+    """Colour limits from the 2nd-98th percentiles of the finite values (never empty)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (0.0, 1.0)
+    lo, hi = (float(x) for x in np.percentile(v, [2, 98]))
+    return (lo, hi if hi > lo else lo + 1.0)
+
+
 def read_h5ad_layers(path: str | os.PathLike, include_image: bool = True) -> list[LayerData]:
     """napari layers from an h5ad, in world µm.
 
@@ -666,6 +676,7 @@ def read_h5ad_layers(path: str | os.PathLike, include_image: bool = True) -> lis
     if genes and len(adata):
         pkw["face_color"] = genes[0]
         pkw["face_colormap"] = "viridis"
+        pkw["face_contrast_limits"] = robust_limits(xmat[:, 0])
 
     grid = st.get("grid")
     if grid and "genst_code" in adata.obs and {"grid_row", "grid_col"} <= set(adata.obs):
