@@ -451,7 +451,7 @@ def test_widget_point_and_live_mode(ui, qtbot, models):
     pred, model = models
     slide = widget.state.set_slide_layer(viewer.layers[0])
     cy, cx = _tissue_centre_um(slide, pred)
-    points = viewer.add_points(name="click", size=20)
+    points = viewer.add_points(name="click", size=20, units="um")
     widget.region_combo.setCurrentText("click")
     widget.live_check.setChecked(True)
     points.add([cy, cx])

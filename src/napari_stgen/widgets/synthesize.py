@@ -686,7 +686,11 @@ class SynthesizeWidget(QWidget):
             return None
         if not self._ensure_models(self.generate):
             return None
-        plan = sg.plan_region(region, self.model.mpp, self.model.tile_px)
+        try:
+            plan = sg.plan_region(region, self.model.mpp, self.model.tile_px)
+        except StgenError as e:
+            self._notify(str(e), error=True)
+            return None
         if self.profile is None or self.profile.plan.region_um != plan.region_um:
             self._generate_after_profile = True
             self._region_sig = None
