@@ -15,7 +15,7 @@ the nearest measured spots within ``radius_um``. No torch or napari at import.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,8 @@ def measured_from_anndata(adata: Any, genes: list[str], source: str | None = Non
     """Measured spots of an AnnData (or a path to .h5ad) on the panel ``genes``.
 
     Coordinates: ``obsm['spatial']`` (level-0 px x, y). Expression: ``layers['counts']``,
-    ``raw`` or integer-valued ``X`` are normalized to log1p CP10k over *all* the file's genes;
+    ``raw`` or integer-valued ``X`` are normalized to log1p CP10k over *all* the file's genes
+    (or over ``obs['total_counts']`` when present, for files holding a subset of genes);
     a non-integer ``X`` is taken as already log1p-normalized. Raises StgenError naming the file
     when there are no coordinates or no gene overlaps the panel.
     """
@@ -135,6 +136,9 @@ def measured_from_anndata(adata: Any, genes: list[str], source: str | None = Non
         notes.append("X read as raw counts" if counts else "X read as log1p-normalized")
     if counts:
         tot = x.sum(1, keepdims=True)
+        if "total_counts" in adata.obs:  # library size over the whole transcriptome
+            tot = np.asarray(adata.obs["total_counts"], np.float64).reshape(-1, 1)
+            notes.append("CP10k over obs['total_counts']")
         tot[tot == 0] = 1.0
         x = np.log1p(x / tot * 1e4)
     pos = {g: i for i, g in enumerate(var)}
@@ -186,6 +190,7 @@ def predict_sites(
     exclude_self: bool = False,
     progress: Callable[[int, int], None] | None = None,
     device: str = "cpu",
+    use_image: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Profiles (Q, G) log1p CP10k at the queries and how many transcript tokens each saw.
 
@@ -193,6 +198,7 @@ def predict_sites(
     ``max_img - 1`` context sites and the transcript tokens (log1p CP10k, panel order,
     ``tx_present`` marks measured genes) of the nearest ``max_tx`` measured sites, all within
     ``radius_um``. ``exclude_self`` drops context sites at the query's own position.
+    ``use_image=False`` withholds every image token's pixels (transcripts only).
     """
     import torch
 
@@ -248,7 +254,11 @@ def predict_sites(
                 m[okt] = pres
                 tp[okt] = (txy[np.maximum(it, 0)] - qxy[s:e, None])[okt]
                 args += [torch.from_numpy(x) for x in (t, m, tp, okt)]
-            args = [a.to(device) for a in args]
+            else:
+                args += [None, None, None, None]
+            if not use_image:
+                args.append(torch.zeros(b, n_img, dtype=torch.bool))
+            args = [a if a is None else a.to(device) for a in args]
             y = model(*args)[:, 0]
             out[s:e] = model.unstandardize(y).float().cpu().numpy()
             if progress is not None:
@@ -259,22 +269,27 @@ def predict_sites(
 
 # ----------------------------------------------------------------------------- loading
 class HistoTxPredictor:
-    """A loaded HistoTx model: ``genes``, ``mpp``, ``patch_px``, ``patch_um``, ``card``."""
+    """A loaded HistoTx model: ``genes``, ``mpp``, ``patch_px``, ``patch_um``, ``card``, ...
+
+    ``predict(patches)`` is the GenST-compatible call (image only, each patch alone, no
+    gene codes: ``code`` is −1); the windowed, position-aware paths are
+    ``predict_with_measurements`` and ``predict_tiles``.
+    """
 
     def __init__(self, model: Any, card: dict, path: Path, checksum: str, device: str):
-        self.model, self.card, self.path, self.checksum, self.device = (
-            model,
-            card,
-            path,
-            checksum,
-            device,
-        )
+        self.model = model
+        self.card = card
+        self.path = path
+        self.checksum = checksum
+        self.device = device
         self.kind = KIND
         self.genes: list[str] = list(card["genes"])
         self.patch_px = int(card.get("patch_px", PATCH_PX))
         self.patch_um = float(card.get("patch_um", PATCH_UM))
         self.mpp = self.patch_um / self.patch_px
         self.name = str(card.get("name", path.stem))
+        self.n_codes = 0
+        self.batch_size = 64
         w = card.get("window", {})
         self.max_img = int(w.get("max_img", 64))
         self.max_tx = int(w.get("max_tx", 64))
@@ -285,6 +300,22 @@ class HistoTxPredictor:
 
     def features(self, patches: np.ndarray) -> np.ndarray:
         return image_features(patches)
+
+    def predict(self, patches: np.ndarray, **_: Any):
+        """Image-only expression of uint8 (N, patch_px, patch_px, 3) patches, each alone."""
+        from .predictor import Prediction
+
+        p = np.asarray(patches)
+        if p.ndim == 3:
+            p = p[None]
+        f = image_features(p)
+        xy = np.zeros((len(f), 2))
+        expr, _ = predict_sites(self.model, f, xy, f[:0], xy[:0], max_img=1, device=self.device)
+        return Prediction(expr=expr, code=np.full(len(f), -1, np.int64), image_codes=None)
+
+    def code_profiles(self) -> np.ndarray:
+        """HistoTx has no gene codebook: an empty (0, G) array."""
+        return np.zeros((0, len(self.genes)), np.float32)
 
 
 def build_model(tensors: dict, card: dict, path: Path):
@@ -325,7 +356,43 @@ def load_histotx(name_or_path: str | Path = "default", device: str = "auto") -> 
     return HistoTxPredictor(model, card, path, sha256_file(path), dev)
 
 
+def load_model(name_or_path: str | Path = "default", device: str = "auto") -> Any:
+    """GenST or HistoTx predictor, by the checkpoint card's ``kind``.
+
+    ``"default"`` is the default GenST; ``"histotx"`` the default HistoTx; a path or a name in
+    ``weights/`` is loaded as whatever its card says.
+    """
+    from ..models.checkpoint import read_card, resolve_checkpoint
+    from .predictor import load_genst
+
+    if str(name_or_path) in ("default", "genst_default"):
+        return load_genst("default", device=device)
+    if str(name_or_path) in ("histotx", "histotx_default"):
+        return load_histotx("default", device=device)
+    try:
+        path = resolve_checkpoint(name_or_path, KIND)
+    except CheckpointError:
+        return load_genst(name_or_path, device=device)
+    if read_card(path).get("kind") == KIND:
+        return load_histotx(path, device=device)
+    return load_genst(path, device=device)
+
+
+def is_histotx(predictor: Any) -> bool:
+    return getattr(predictor, "kind", None) == KIND
+
+
 # ----------------------------------------------------------------------------- slides
+@dataclass
+class MeasuredContext:
+    """Measured spots prepared for a slide: image features and µm positions computed once."""
+
+    measured: Measured
+    feats: np.ndarray  # (M, F)
+    xy_um: np.ndarray  # (M, 2)
+    mpp: float
+
+
 @dataclass
 class HistoTxResult:
     """Output of ``predict_with_measurements``."""
@@ -339,10 +406,113 @@ class HistoTxResult:
 
 
 def slide_mpp(slide: Any, mpp: float | None = None) -> float:
-    m = float(mpp if mpp is not None else (getattr(slide, "mpp", None) or 0.0))
-    if m <= 0:
-        raise StgenError(f"{getattr(slide, 'path', 'slide')}: no µm/px; pass --mpp")
-    return m
+    """µm/px of a Slide (or ``mpp``); StgenError when unknown. Arrays need ``mpp``."""
+    m = mpp if mpp is not None else getattr(slide, "mpp", None)
+    if m is None or float(m) <= 0:
+        raise StgenError(f"{getattr(slide, 'path', 'image array')}: no µm/px; pass --mpp / mpp=")
+    return float(m)
+
+
+def _as_predictor(model: Any) -> HistoTxPredictor:
+    if isinstance(model, HistoTxPredictor):
+        return model
+    return load_histotx(model)
+
+
+def slide_features(
+    slide: Any,
+    pred: HistoTxPredictor,
+    xy_px: np.ndarray,
+    mpp: float,
+    cancel: Any = None,
+    chunk: int = 128,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields (start, features) chunks of the patches centred on level-0 ``xy_px``."""
+    from .patches import read_patches
+
+    xy = np.asarray(xy_px, np.float64).reshape(-1, 2)
+    for s in range(0, len(xy), chunk):
+        if cancel is not None:
+            cancel.check()
+        p = read_patches(slide, xy[s : s + chunk], pred.patch_um, pred.patch_px, mpp=mpp)
+        yield s, image_features(p)
+
+
+def _all_features(slide, pred, xy_px, mpp, cancel=None) -> np.ndarray:
+    parts = [f for _, f in slide_features(slide, pred, xy_px, mpp, cancel)]
+    return np.concatenate(parts) if parts else np.zeros((0, 120), np.float32)
+
+
+def prepare_measured(
+    slide: Any, model: Any, measured: Any, mpp: float | None = None, cancel: Any = None
+) -> MeasuredContext:
+    """Measured spots (AnnData, .h5ad path or ``Measured``) with image features on ``slide``.
+
+    Compute once per (slide, measured file) and pass to ``predict_with_measurements`` /
+    ``predict_tiles`` (a widget keeps it while the measured layer is unchanged).
+    """
+    pred = _as_predictor(model)
+    m = slide_mpp(slide, mpp)
+    meas = (
+        measured if isinstance(measured, Measured) else measured_from_anndata(measured, pred.genes)
+    )
+    feats = _all_features(slide, pred, meas.xy_px, m, cancel)
+    return MeasuredContext(meas, feats, meas.xy_px * m, m)
+
+
+def iter_predict(
+    slide: Any,
+    model: Any,
+    centres_xy_px: np.ndarray,
+    context: MeasuredContext | None = None,
+    *,
+    mpp: float | None = None,
+    image_only: bool = False,
+    batch: int = 64,
+    cancel: Any = None,
+    query_feats: np.ndarray | None = None,
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """Yields (slice of the centres, expr (n, G), transcript tokens used (n,)) batch by batch.
+
+    With a ``context`` (and not ``image_only``) each centre sees the nearest measured spots'
+    image and transcript tokens; otherwise the nearest other centres' image tokens (all
+    centres' features are computed first). ``cancel`` needs a ``check()`` that raises.
+    """
+    pred = _as_predictor(model)
+    m = slide_mpp(slide, mpp)
+    c = np.asarray(centres_xy_px, np.float64).reshape(-1, 2)
+    use = context is not None and not image_only and len(context.xy_um) > 0
+    q_um = c * m
+    if not use and query_feats is None:
+        query_feats = _all_features(slide, pred, c, m, cancel)
+    for s in range(0, len(c), batch):
+        if cancel is not None:
+            cancel.check()
+        sl = slice(s, min(s + batch, len(c)))
+        qf = query_feats[sl] if query_feats is not None else _all_features(slide, pred, c[sl], m)
+        if use:
+            args = (
+                context.feats,
+                context.xy_um,
+                context.measured.expr,
+                context.measured.present,
+                context.xy_um,
+            )
+        else:
+            args = (query_feats, q_um, None, None, None)
+        expr, nctx = predict_sites(
+            pred.model,
+            qf,
+            q_um[sl],
+            *args,
+            max_img=pred.max_img,
+            max_tx=pred.max_tx,
+            radius_um=pred.radius_um,
+            batch=batch,
+            exclude_self=not use,
+            device=pred.device,
+        )
+        yield sl, expr, nctx
 
 
 def predict_with_measurements(
@@ -357,67 +527,35 @@ def predict_with_measurements(
     batch: int = 64,
 ) -> HistoTxResult:
     """Expression at level-0 pixel centres (x, y) of ``slide`` from the image and, when given,
-    the measured spots (AnnData / .h5ad path / ``Measured``) on the same slide.
+    the measured spots (AnnData, .h5ad path, ``Measured`` or a prepared ``MeasuredContext``).
 
-    ``slide``: a Slide or an (H, W, 3) array (then ``mpp`` is required). ``image_only`` ignores
-    the measurements (for comparison). Raises StgenError for measured spots whose genes do
-    not overlap the panel or that lack ``obsm['spatial']``.
+    ``slide``: a Slide or an (H, W, 3) array (then ``mpp`` is required). ``image_only``
+    ignores the measurements (for comparison). StgenError for measured spots without
+    ``obsm['spatial']`` or whose genes do not overlap the panel.
     """
-    from .patches import read_patches
-
-    pred = model if isinstance(model, HistoTxPredictor) else load_histotx(model)
-    m = slide_mpp(slide, mpp) if not isinstance(slide, np.ndarray) or mpp else None
-    if m is None:
-        raise StgenError("predict_with_measurements: an image array needs mpp=")
+    pred = _as_predictor(model)
+    m = slide_mpp(slide, mpp)
     c = np.asarray(centres_xy_px, np.float64).reshape(-1, 2)
-    meas = measured
-    if meas is not None and not isinstance(meas, Measured):
-        meas = measured_from_anndata(meas, pred.genes)
-    total = len(c) + (len(meas.xy_px) if meas is not None and not image_only else 0)
-    done = [0]
-
-    def feats(xy: np.ndarray) -> np.ndarray:
-        out = []
-        for s in range(0, len(xy), 256):
-            p = read_patches(slide, xy[s : s + 256], pred.patch_um, pred.patch_px, mpp=m)
-            out.append(image_features(p))
-            done[0] += len(p)
-            if progress is not None:
-                progress(done[0], 2 * total)
-        return np.concatenate(out) if out else np.zeros((0, 120), np.float32)
-
-    qf = feats(c)
-    q_um = c * m
-    use = meas is not None and not image_only and len(meas.xy_px) > 0
-    if use:
-        cf = feats(meas.xy_px)
-        c_um = meas.xy_px * m
-        tx, pres, t_um = meas.expr, meas.present, c_um
-    else:
-        cf, c_um, tx, pres, t_um = qf, q_um, None, None, None
-
-    def prog(d: int, n: int) -> None:
+    ctx = measured
+    if measured is not None and not isinstance(measured, MeasuredContext):
+        if image_only:
+            meas = (
+                measured
+                if isinstance(measured, Measured)
+                else measured_from_anndata(measured, pred.genes)
+            )
+            ctx = MeasuredContext(meas, np.zeros((0, 120), np.float32), np.zeros((0, 2)), m)
+        else:
+            ctx = prepare_measured(slide, pred, measured, m)
+    expr = np.zeros((len(c), len(pred.genes)), np.float32)
+    nctx = np.zeros(len(c), np.int64)
+    for sl, e, n in iter_predict(slide, pred, c, ctx, mpp=m, image_only=image_only, batch=batch):
+        expr[sl], nctx[sl] = e, n
         if progress is not None:
-            progress(total + d * total // max(n, 1), 2 * total)
-
-    expr, nctx = predict_sites(
-        pred.model,
-        qf,
-        q_um,
-        cf,
-        c_um,
-        tx,
-        pres,
-        t_um,
-        max_img=pred.max_img,
-        max_tx=pred.max_tx,
-        radius_um=pred.radius_um,
-        batch=batch,
-        exclude_self=not use,
-        progress=prog,
-        device=pred.device,
-    )
+            progress(sl.stop, len(c))
+    use = ctx is not None and not image_only
     info = {"model": pred.name, "checksum": pred.checksum, "mpp": m, "image_only": not use}
+    meas = ctx.measured if ctx is not None else None
     if meas is not None:
         info.update(
             measured_source=meas.source,
@@ -426,3 +564,41 @@ def predict_with_measurements(
             notes=meas.notes,
         )
     return HistoTxResult(expr, list(pred.genes), nctx, not use, meas, info)
+
+
+def predict_tiles(
+    slide: Any,
+    model: Any,
+    tiles: np.ndarray,
+    *,
+    grid: Any,
+    context: MeasuredContext | None = None,
+    image_only: bool = False,
+    cancel: Any = None,
+    batch_size: int = 64,
+) -> Iterator[Any]:
+    """``engine.predict_tiles`` for HistoTx: yields ``engine.PartialResult`` per batch of the
+    grid cells ``tiles`` (row, col), conditioned on ``context`` (``prepare_measured``) unless
+    ``image_only``. ``code`` is −1 (HistoTx has no codebook). Not cached (results depend on the
+    measured spots)."""
+    from .engine import PartialResult
+    from .tiles import tile_centres_um
+
+    t = np.asarray(tiles, np.int64).reshape(-1, 2)
+    m = slide_mpp(slide)
+    yx = tile_centres_um(grid, t)
+    xy_px = yx[:, ::-1] / m
+    done = 0
+    for sl, e, _ in iter_predict(
+        slide,
+        model,
+        xy_px,
+        context,
+        mpp=m,
+        image_only=image_only,
+        batch=batch_size,
+        cancel=cancel,
+    ):
+        bt = t[sl]
+        done += len(bt)
+        yield PartialResult(grid, bt, yx[sl], e, np.full(len(bt), -1, np.int64), done, len(t))

@@ -103,6 +103,7 @@ class HistoTx(nn.Module):
         self.img_in = nn.Sequential(nn.LayerNorm(cfg.img_dim), nn.Linear(cfg.img_dim, d))
         self.tx_in = nn.Sequential(nn.Linear(2 * g, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.pos = FourierPos(cfg)
+        self.no_image = nn.Parameter(torch.zeros(d))  # image token whose pixels are withheld
         self.modality = nn.Parameter(torch.zeros(2, d))
         nn.init.normal_(self.modality, std=0.02)
         # per-head locality slopes (softplus), initialised log-spaced: 0.05 … 2 per 100 µm
@@ -132,15 +133,21 @@ class HistoTx(nn.Module):
         tx_mask: torch.Tensor | None = None,
         tx_pos: torch.Tensor | None = None,
         tx_valid: torch.Tensor | None = None,
+        img_present: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Standardized profiles (B, N, G) at the image tokens.
 
         img_feat (B, N, F) raw image features; img_pos (B, N, 2) µm; img_valid (B, N) bool.
         tx (B, M, G) standardized profiles (0 where a gene is absent); tx_mask (B, M, G) 1 where
         measured; tx_pos (B, M, 2) µm; tx_valid (B, M) bool. Omit tx for image-only.
+        img_present (B, N) bool: False replaces a token's image by a learned "no image"
+        embedding (modality dropout in training; default all present).
         """
         f = (img_feat - self.feat_mean) / self.feat_std
-        h = self.img_in(f) + self.pos(img_pos) + self.modality[0]
+        e = self.img_in(f)
+        if img_present is not None:
+            e = torch.where(img_present[..., None], e, self.no_image.to(e.dtype))
+        h = e + self.pos(img_pos) + self.modality[0]
         pos, valid = img_pos, img_valid
         n = h.shape[1]
         if tx is not None and tx.shape[1] > 0:

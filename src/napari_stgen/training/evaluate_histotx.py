@@ -5,7 +5,10 @@ On the held-out section a seeded random half of the spots is hidden; the other h
 the hidden spots, mean over the 50 benchmark genes (BENCHMARKS.md genes, log1p CP10k):
 
 - ``histotx``: image tokens of the window's spots + transcript tokens of the visible spots;
+- ``histotx_adapted``: the same, after ``adapt_steps`` of masked fine-tuning on the visible
+  (measured) spots of the held-out section only (test-time adaptation);
 - ``histotx_image_only``: the same model without transcript tokens;
+- ``histotx_transcripts_only``: the same model with every image token's pixels withheld;
 - ``genst``: a GenST checkpoint (image only) when one is given — the result records whether
   it saw the held-out section in training;
 - ``nearest_neighbour``: the profile of the nearest visible spot;
@@ -95,6 +98,7 @@ def run_fold(
     gp: bool = True,
     cache_dir: str | Path | None = None,
     save_model: str | Path | None = None,
+    adapt_steps: int = 0,
     log=print,
 ) -> dict:
     """Train HistoTx without ``holdout`` (or load ``model``) and score all methods on it."""
@@ -178,11 +182,52 @@ def run_fold(
         radius_um=radius,
         exclude_self=True,
     )
+    tx_only, _ = predict_sites(
+        net,
+        q_f,
+        q_xy,
+        te.feats,
+        te.xy_um,
+        te.y[vis],
+        None,
+        te.xy_um[vis],
+        max_img=max_img,
+        max_tx=max_tx,
+        radius_um=radius,
+        exclude_self=True,
+        use_image=False,
+    )
     res["predict_seconds"] = round(time.time() - t1, 2)
+    adapted = None
+    if adapt_steps > 0:
+        from .histotx import adapt_to_measured
+
+        t2 = time.time()
+        net_a = adapt_to_measured(
+            net, te.feats[vis], te.xy_um[vis], te.y[vis], steps=adapt_steps, tcfg=tcfg
+        )
+        adapted, _ = predict_sites(
+            net_a,
+            q_f,
+            q_xy,
+            te.feats,
+            te.xy_um,
+            te.y[vis],
+            None,
+            te.xy_um[vis],
+            max_img=max_img,
+            max_tx=max_tx,
+            radius_um=radius,
+            exclude_self=True,
+        )
+        res["adapt_seconds"] = round(time.time() - t2, 1)
+        res["adapt_steps"] = adapt_steps
     res["mean_transcript_tokens"] = round(float(nctx.mean()), 1)
     methods = {
         "histotx": _score(fused[:, ib], true),
+        **({"histotx_adapted": _score(adapted[:, ib], true)} if adapted is not None else {}),
         "histotx_image_only": _score(img_only[:, ib], true),
+        "histotx_transcripts_only": _score(tx_only[:, ib], true),
         "nearest_neighbour": _score(nearest_neighbour(te.xy_um[vis], te.y[vis][:, ib], q_xy), true),
     }
     if gp:

@@ -54,6 +54,8 @@ class TrainConfig:
     p_image_only: float = 0.25
     p_gene_drop: float = 0.3
     w_visible: float = 0.1
+    p_no_image: float = 0.15  # fused windows whose image tokens are all withheld
+    p_drop_image: float = 0.15  # per-token image dropout in the other fused windows
     feat_noise: float = 0.5  # Gaussian noise on standardized image features (anti-memorizing)
     dim: int = 64
     depth: int = 3
@@ -148,6 +150,7 @@ class WindowSampler:
             "img_feat": np.zeros((b, n, fdim), np.float32),
             "img_pos": np.zeros((b, n, 2), np.float32),
             "img_valid": np.zeros((b, n), bool),
+            "img_present": np.ones((b, n), bool),
             "tx": np.zeros((b, n, g), np.float32),
             "tx_mask": np.zeros((b, n, g), np.float32),
             "tx_pos": np.zeros((b, n, 2), np.float32),
@@ -193,6 +196,10 @@ class WindowSampler:
             out["tx_pos"][i, : len(vis)] = rel[vis]
             out["tx_valid"][i, : len(vis)] = True
             out["weight"][i, :m] = np.where(hidden, 1.0, t.w_visible)
+            if rng.random() < t.p_no_image:
+                out["img_present"][i] = False
+            else:
+                out["img_present"][i] = rng.random(n) >= t.p_drop_image
         out["image_only"] = image_only
         m_tx = max(1, int(out["tx_valid"].sum(1).max()))
         for k in ("tx", "tx_mask", "tx_pos", "tx_valid"):
@@ -219,9 +226,7 @@ def train_histotx(
     from ..models.histotx import HistoTx, HistoTxConfig
 
     tcfg = tcfg or TrainConfig()
-    torch.set_num_threads(max(1, tcfg.threads))
     torch.manual_seed(tcfg.seed)
-    rng = np.random.default_rng(tcfg.seed)
     feats = np.concatenate([s.feats for s in sets])
     y = np.concatenate([s.y for s in sets])
     cfg = cfg or HistoTxConfig(
@@ -233,7 +238,18 @@ def train_histotx(
         model.feat_std.copy_(torch.from_numpy(feats.std(0) + 1e-4))
         model.y_mean.copy_(torch.from_numpy(y.mean(0)))
         model.y_std.copy_(torch.from_numpy(y.std(0) + 1e-3))
-    sampler = WindowSampler(sets, y.mean(0), y.std(0) + 1e-3, tcfg)
+    return _fit(model, sets, tcfg, log=log)
+
+
+def _fit(model, sets: list[SpotSet], tcfg: TrainConfig, log=None, warm: int = 100):
+    """Masked training of ``model`` on ``sets`` (normalization buffers already set)."""
+    import torch
+
+    torch.set_num_threads(max(1, tcfg.threads))
+    torch.manual_seed(tcfg.seed)
+    rng = np.random.default_rng(tcfg.seed)
+    y_mean, y_std = model.y_mean.numpy(), model.y_std.numpy()
+    sampler = WindowSampler(sets, y_mean, y_std, tcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     hist: dict = {"loss": [], "loss_fused": [], "loss_image": []}
     t0 = time.time()
@@ -256,11 +272,12 @@ def train_histotx(
                 tens["tx_mask"],
                 tens["tx_pos"],
                 tens["tx_valid"],
+                tens["img_present"],
             )
         w = tens["weight"]
         loss = (((pred - tens["target"]) ** 2).mean(-1) * w).sum() / w.sum().clamp_min(1e-6)
         for pg in opt.param_groups:
-            pg["lr"] = tcfg.lr * _cosine(step, tcfg.steps)
+            pg["lr"] = tcfg.lr * _cosine(step, tcfg.steps, warm)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -280,6 +297,42 @@ def train_histotx(
     hist["train_seconds"] = time.time() - t0
     model.eval()
     return model, hist
+
+
+def adapt_to_measured(
+    model,
+    feats: np.ndarray,
+    xy_um: np.ndarray,
+    y: np.ndarray,
+    steps: int = 200,
+    lr: float = 3e-4,
+    tcfg: TrainConfig | None = None,
+    seed: int = 0,
+    log=None,
+):
+    """Test-time adaptation: a copy of ``model`` fine-tuned by masking on the measured spots
+    of one slide (their image features, µm positions and log1p CP10k panel profiles ``y``).
+
+    Only measured spots are used (a window hides some of them and predicts them from the
+    others and the image), so nothing unmeasured is seen. Normalization statistics are kept.
+    """
+    import copy
+
+    tcfg = copy.copy(tcfg or TrainConfig())
+    tcfg.steps, tcfg.lr, tcfg.seed = steps, lr, seed
+    tcfg.batch = min(tcfg.batch, max(2, len(y) // 8))
+    m = copy.deepcopy(model)
+    if steps <= 0 or len(y) < 4:
+        return m.eval()
+    s = SpotSet(
+        "measured",
+        np.asarray(xy_um, np.float64),
+        np.asarray(xy_um, np.float64),
+        y,
+        np.asarray(feats, np.float32),
+        1.0,
+    )
+    return _fit(m, [s], tcfg, log=log, warm=min(20, steps // 5))[0]
 
 
 # ----------------------------------------------------------------------------- checkpoint

@@ -1,0 +1,152 @@
+"""HistoTx benchmark on all five HER2ST folds (leave-one-section-out, half the spots hidden).
+
+    python scripts/eval_histotx.py --data ../shared/data/her2st --genst default \
+        --out scratch/histotx/folds.json --plot docs/images/histotx_folds.png
+
+Per fold: train HistoTx on the other four sections (seeded), hide a seeded random half of the
+held-out spots, and score on the hidden spots (mean Pearson over the 50 benchmark genes):
+HistoTx image+transcripts, HistoTx image-only, GenST (``--genst``; the card says whether it
+saw the held-out section), nearest-neighbour and Gaussian-process interpolation of the
+visible spots. ``--genst-folds`` adds GenST figures from G's fold JSON (trained without the
+held-out section, scored on all its spots). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = [
+    ("histotx", "HistoTx image + transcripts"),
+    ("histotx_image_only", "HistoTx image only"),
+    ("genst", "GenST (--genst)"),
+    ("genst_fold", "GenST fold model (all spots)"),
+    ("nearest_neighbour", "nearest visible spot"),
+    ("gaussian_process", "Gaussian process (kriging)"),
+]
+
+
+def table(res: dict) -> str:
+    folds = [f["holdout"] for f in res["folds"]]
+    rows = ["| method | " + " | ".join(folds) + " | mean |", "|---" * (len(folds) + 2) + "|"]
+    for k, label in METHODS:
+        vals = [f["summary"].get(k) for f in res["folds"]]
+        if all(v is None for v in vals):
+            continue
+        v = [np.nan if x is None else x for x in vals]
+        cells = ["–" if np.isnan(x) else f"{x:.3f}" for x in v]
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | **{np.nanmean(v):.3f}** |")
+    return "\n".join(rows)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folds = [f["holdout"] for f in res["folds"]]
+    present = [(k, lab) for k, lab in METHODS if any(k in f["summary"] for f in res["folds"])]
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
+    w = 0.8 / len(present)
+    for i, (k, lab) in enumerate(present):
+        vals = [f["summary"].get(k, np.nan) for f in res["folds"]]
+        vals.append(np.nanmean(vals))
+        ax.bar(np.arange(len(folds) + 1) + (i - len(present) / 2 + 0.5) * w, vals, w, label=lab)
+    ax.set_xticks(np.arange(len(folds) + 1), folds + ["mean"])
+    ax.set_ylabel("mean Pearson, hidden spots (top-50)")
+    ax.set_title("HER2ST leave-one-section-out, half of the held-out spots hidden")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".partial.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/her2st")
+    )
+    ap.add_argument("--folds", nargs="*", default=None, help="sections (default: all)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hide", type=float, default=0.5)
+    ap.add_argument("--genst", default=None, help="GenST checkpoint to compare (e.g. default)")
+    ap.add_argument("--genst-folds", default=None, help="G's fold JSON (genst per holdout)")
+    ap.add_argument("--save-models", default=None, help="directory for the fold checkpoints")
+    ap.add_argument("--out", default="scratch/histotx/folds.json")
+    ap.add_argument("--plot", default=None, help="bar plot PNG")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from napari_stgen.io.her2st import list_sections
+    from napari_stgen.training.evaluate_histotx import run_fold
+    from napari_stgen.training.histotx import TrainConfig
+
+    torch.set_num_threads(1)
+    folds = a.folds or list_sections(a.data)
+    tcfg = TrainConfig(seed=a.seed)
+    if a.steps:
+        tcfg.steps = a.steps
+    gfold = {}
+    if a.genst_folds:
+        g = json.loads(Path(a.genst_folds).read_text())
+        for f in g.get("folds", []):
+            s = f.get("summary", {})
+            if "genst" in s:
+                gfold[f["holdout"]] = s["genst"]
+    out = Path(a.out)
+    res = {
+        "protocol": "leave-one-section-out; hidden = seeded random half of the held-out spots; "
+        "mean Pearson over the 50 benchmark genes (log1p CP10k) on the hidden spots",
+        "command": "python scripts/eval_histotx.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{os.cpu_count()} CPU cores, torch threads 1, no GPU",
+        "folds": [],
+    }
+    t0 = time.time()
+    for h in folds:
+        save = Path(a.save_models) / f"histotx_no{h}.safetensors" if a.save_models else None
+        r = run_fold(
+            a.data,
+            h,
+            tcfg,
+            genst_model=a.genst,
+            hide_frac=a.hide,
+            save_model=save,
+            log=lambda s, h=h: print(f"[{h}] {s}", file=sys.stderr, flush=True),
+        )
+        if h in gfold:
+            r["summary"]["genst_fold"] = gfold[h]
+        print(f"[{h}] {json.dumps(r['summary'])}", file=sys.stderr, flush=True)
+        res["folds"].append(r)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, out)
+    res["seconds"] = round(time.time() - t0, 1)
+    res["mean"] = {
+        k: round(float(np.mean([f["summary"][k] for f in res["folds"] if k in f["summary"]])), 4)
+        for k, _ in METHODS
+        if any(k in f["summary"] for f in res["folds"])
+    }
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, out)
+    if a.plot:
+        plot(res, Path(a.plot))
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
