@@ -21,6 +21,13 @@ from pathlib import Path
 import numpy as np
 
 
+def save_png(im: object, out: Path) -> None:
+    """A 256-colour PNG (keeps the docs light; H&E and viridis survive the palette)."""
+    from PIL import Image
+
+    im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+
+
 def predict(model: str, workdir: Path) -> Path:
     from napari_stgen.inference.batch import predict_slide
     from napari_stgen.io.sample import sample_slide_path, sample_spots_path
@@ -51,7 +58,10 @@ def scanpy_figure(h5ad: Path, gene: str, out: Path) -> float:
     fig = plt.gcf()
     stat = f" — Pearson r = {r:.2f} over {adata.n_obs} spots" if r == r else ""
     fig.suptitle(f"sc.pl.spatial(adata, color={gene!r}) on the exported h5ad{stat}")
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    fig.savefig(out, dpi=90, bbox_inches="tight")
+    from PIL import Image
+
+    save_png(Image.open(out), out)
     plt.close(fig)
     return r
 
@@ -90,7 +100,7 @@ def napari_figure(h5ad: Path, gene: str, out: Path) -> None:
     img = viewer.screenshot(canvas_only=False, flash=False)[..., :3]
     from PIL import Image
 
-    Image.fromarray(img).save(out)
+    save_png(Image.fromarray(img), out)
     viewer.close()
 
 
@@ -98,13 +108,13 @@ def side_by_side(left: Path, right: Path, out: Path) -> None:
     from PIL import Image
 
     a, b = Image.open(left).convert("RGB"), Image.open(right).convert("RGB")
-    h = max(a.height, b.height)
-    a = a.resize((round(a.width * h / a.height), h))
-    b = b.resize((round(b.width * h / b.height), h))
+    h = min(700, max(a.height, b.height))
+    a = a.resize((round(a.width * h / a.height), h), Image.Resampling.LANCZOS)
+    b = b.resize((round(b.width * h / b.height), h), Image.Resampling.LANCZOS)
     canvas = Image.new("RGB", (a.width + b.width + 20, h), "white")
     canvas.paste(a, (0, 0))
     canvas.paste(b, (a.width + 20, 0))
-    canvas.save(out)
+    save_png(canvas, out)
 
 
 def main() -> None:
