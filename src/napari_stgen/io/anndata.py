@@ -442,13 +442,11 @@ def predictions_to_anndata(
             raise StgenError(f"{n} rows but {len(c)} codes")
         obs_df["genst_code"] = c
         if table:
-            uniq = np.unique(c)
+            uniq, inv = np.unique(c, return_inverse=True)
             cats = [table.get(int(k), f"code {int(k)}") for k in uniq]
-            label = dict(zip(uniq.tolist(), cats, strict=True))
-            # categories in code order, unique names (two codes may share a name)
-            obs_df["genst_code_name"] = pd.Categorical(
-                [label[int(k)] for k in c], categories=list(dict.fromkeys(cats))
-            )
+            dedup = list(dict.fromkeys(cats))  # two codes may share a name
+            pos = np.array([dedup.index(n) for n in cats], dtype=np.int64)
+            obs_df["genst_code_name"] = pd.Categorical.from_codes(pos[inv], categories=dedup)
     if table:
         ks = sorted(table)
         stgen["code_names"] = {
