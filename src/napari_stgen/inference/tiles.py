@@ -24,6 +24,7 @@ __all__ = [
     "tiles_in_region",
     "tiles_in_shapes",
     "tiles_in_labels",
+    "tissue_pixels",
     "tissue_mask",
     "filter_tissue",
     "read_tiles",
@@ -157,13 +158,32 @@ _mask_lock = threading.Lock()
 _mask_cache: dict[tuple, np.ndarray] = {}
 
 
+def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Tissue pixels of a slide overview: stained and darker than the slide's background.
+
+    Stained = ``napari_stgen.inference.patches.tissue_mask`` (saturated or dark); darker =
+    grey level below an Otsu threshold of the overview clipped to [180, 215], which drops
+    faintly tinted glass (eosin haze around a section) that a fixed saturation cut keeps.
+    """
+    from skimage.filters import threshold_otsu
+
+    from napari_stgen.inference.patches import tissue_mask as stained
+
+    gray = np.asarray(rgb)[..., :3].astype(np.float32).mean(-1)
+    try:
+        t = float(threshold_otsu(gray))
+    except ValueError:  # a constant image
+        t = 215.0
+    return stained(rgb) & (gray < min(max(t, 180.0), 215.0))
+
+
 def tissue_mask(
     slide: Any, grid: Grid, min_fraction: float = 0.1, max_px: int = 2048
 ) -> np.ndarray:
     """Per-cell tissue flag (rows, cols) from a coarse thumbnail, computed once per slide.
 
     A cell is tissue when at least ``min_fraction`` of its thumbnail pixels are tissue by
-    ``napari_stgen.inference.patches.tissue_mask`` (stained: saturated or dark).
+    :func:`tissue_pixels`.
     """
     from napari_stgen.inference.cache import slide_key
 
@@ -174,9 +194,7 @@ def tissue_mask(
         return hit
     thumb = np.asarray(slide.thumbnail(max_px=max_px))[..., :3]
     th, tw = thumb.shape[:2]
-    from napari_stgen.inference.patches import tissue_mask as _tissue_pixels
-
-    tissue = _tissue_pixels(thumb)
+    tissue = tissue_pixels(thumb)
     mpp = _mpp(slide)
     # world µm of each thumbnail pixel centre (the thumbnail spans the whole level-0 image)
     ys = (np.arange(th) + 0.5) * (slide.height / th) * mpp
