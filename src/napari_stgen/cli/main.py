@@ -18,7 +18,7 @@ from .. import __version__
 from ..errors import StgenError
 
 # Modules that contribute commands; missing ones are skipped so areas can land independently.
-_AREAS = ("slide", "genst", "predict", "batch", "stmdit", "histotx")
+_AREAS = ("slide", "genst", "predict", "batch", "stmdit", "histotx", "demo")
 
 
 def _area_modules() -> list:

@@ -1,0 +1,151 @@
+"""``stgen demo``: the whole job on the bundled sample slide with the bundled checkpoints.
+
+Predicts expression at the sample's measured spots and on a tissue grid (GenST), writes both as
+.h5ad, compares predictions with the measured counts, draws a figure, and, when the STMDiT
+checkpoint is present, generates a tile at the spot with the highest predicted ERBB2 twice: as
+predicted and with ERBB2 raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="run predict (+ synthesize) on the bundled sample slide",
+        description=__doc__,
+    )
+    p.add_argument("--out-dir", default="stgen-demo", help="output folder (default stgen-demo)")
+    p.add_argument("--gene", default="ERBB2", help="gene shown in the figure (default ERBB2)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-synthesis", action="store_true", help="skip tile generation")
+    p.set_defaults(func=run)
+
+
+def _pearson(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..errors import StgenError
+    from ..inference.batch import predict_slide
+    from ..inference.predictor import load_genst
+    from anndata import read_h5ad
+    from ..io.sample import read_spots, sample_slide_path, sample_spots_path
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slide_path, spots_path = sample_slide_path(), sample_spots_path()
+    pred = load_genst("default")
+    if args.gene not in pred.genes:
+        raise StgenError(f"gene {args.gene!r} is not in the default model's panel")
+    print(f"model: {pred.name} ({len(pred.genes)} genes, {pred.mpp} µm/px, device {pred.device})")
+    spots_h5 = predict_slide(
+        slide_path, out / "sample_spots.h5ad", spots=spots_path, overwrite=args.overwrite,
+        predictor=pred,
+    )
+    grid_h5 = predict_slide(
+        slide_path, out / "sample_grid.h5ad", grid=True, overwrite=args.overwrite, predictor=pred
+    )
+    ad = read_h5ad(spots_h5)
+    measured = read_spots(spots_path).set_index("barcode").loc[ad.obs_names]
+    counts_genes = [g for g in measured.columns if g not in ("x", "y") and g in pred.genes]
+    # measured counts are raw; compare with the model's normalization (log1p CP10k of the panel
+    # columns present in the CSV is not the whole library, so use the CSV's total column if any)
+    total = measured["total_counts"] if "total_counts" in measured.columns else None
+    r = {}
+    for g in counts_genes:
+        m = measured[g].to_numpy(float)
+        m = np.log1p(m / total.to_numpy(float) * 1e4) if total is not None else np.log1p(m)
+        r[g] = _pearson(ad[:, g].X.ravel(), m)
+    summary = {
+        "slide": str(slide_path),
+        "spots_h5ad": str(spots_h5),
+        "grid_h5ad": str(grid_h5),
+        "n_spots": int(ad.n_obs),
+        "pearson_vs_measured": {
+            "mean": float(np.nanmean(list(r.values()))) if r else None,
+            "n_genes": len(r),
+            args.gene: r.get(args.gene),
+        },
+    }
+    summary["figure"] = str(_figure(ad, measured, total, args.gene, out / f"sample_{args.gene}.png"))
+    if not args.no_synthesis:
+        summary["synthesis"] = _synthesize(ad, slide_path, args.gene, out)
+    text = json.dumps(summary, indent=2)
+    (out / "summary.json").write_text(text)
+    print(text)
+    return 0
+
+
+def _figure(ad, measured, total, gene: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lib = next(iter(ad.uns["spatial"]))
+    img = ad.uns["spatial"][lib]["images"]["lowres"]
+    sf = ad.uns["spatial"][lib]["scalefactors"]["tissue_lowres_scalef"]
+    xy = np.asarray(ad.obsm["spatial"]) * sf
+    m = measured[gene].to_numpy(float)
+    m = np.log1p(m / total.to_numpy(float) * 1e4) if total is not None else np.log1p(m)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=100)
+    for ax, v, title in (
+        (axes[0], m, f"{gene} measured ({'log1p CP10k' if total is not None else 'log1p counts'})"),
+        (axes[1], ad[:, gene].X.ravel(), f"{gene} predicted by GenST"),
+    ):
+        ax.imshow(img)
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=18, cmap="magma", alpha=0.85)
+        fig.colorbar(sc, ax=ax, shrink=0.7)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _synthesize(ad, slide_path: Path, gene: str, out: Path) -> dict | str:
+    import numpy as np
+
+    from ..models.checkpoint import resolve_checkpoint
+
+    try:
+        resolve_checkpoint("default", "stmdit")
+    except Exception as e:  # noqa: BLE001 - generation is optional in the demo
+        return f"skipped: {e}"
+    from ..inference.patches import read_patches
+    from ..inference.synthesis import gene_vector, load_stmdit, save_tile_png, synthesize
+    from ..io.slide import open_slide
+
+    model = load_stmdit("default")
+    i = int(np.argmax(ad[:, gene].X.ravel()))
+    xy = np.asarray(ad.obsm["spatial"][i : i + 1], dtype=np.float64)
+    with open_slide(slide_path) as slide:
+        ctx_px = 3 * model.tile_px
+        ctx = read_patches(slide, xy, ctx_px * model.mpp, ctx_px)
+        real = read_patches(slide, xy, model.tile_px * model.mpp, model.tile_px)
+    base = ad[i].X.ravel()
+    genes = list(ad.var_names)
+    prof = {g: float(v) for g, v in zip(genes, base) if g in model.genes}
+    v0 = gene_vector(model, overrides=prof)
+    hi = gene_vector(model, overrides={**prof, gene: float(prof.get(gene, 0)) + 2.0})
+    tiles = synthesize(model, np.stack([v0, hi]), np.repeat(ctx, 2, 0), seed=0)
+    paths = {}
+    for name, t in (("real", real[0]), ("generated", tiles[0]), (f"generated_{gene}_up", tiles[1])):
+        paths[name] = str(save_tile_png(out / f"tile_{name}.png", t, model.mpp))
+    return {"spot": str(ad.obs_names[i]), "tiles": paths}
