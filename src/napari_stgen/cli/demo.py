@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -38,11 +37,11 @@ def _pearson(a, b) -> float:
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
+    from anndata import read_h5ad
 
     from ..errors import StgenError
     from ..inference.batch import predict_slide
     from ..inference.predictor import load_genst
-    from anndata import read_h5ad
     from ..io.sample import read_spots, sample_slide_path, sample_spots_path
 
     out = Path(args.out_dir)
@@ -53,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise StgenError(f"gene {args.gene!r} is not in the default model's panel")
     print(f"model: {pred.name} ({len(pred.genes)} genes, {pred.mpp} µm/px, device {pred.device})")
     spots_h5 = predict_slide(
-        slide_path, out / "sample_spots.h5ad", spots=spots_path, overwrite=args.overwrite,
+        slide_path,
+        out / "sample_spots.h5ad",
+        spots=spots_path,
+        overwrite=args.overwrite,
         predictor=pred,
     )
     grid_h5 = predict_slide(
@@ -81,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
             args.gene: r.get(args.gene),
         },
     }
-    summary["figure"] = str(_figure(ad, measured, total, args.gene, out / f"sample_{args.gene}.png"))
+    fig_path = out / f"sample_{args.gene}.png"
+    summary["figure"] = str(_figure(ad, measured, total, args.gene, fig_path))
     if not args.no_synthesis:
         summary["synthesis"] = _synthesize(ad, slide_path, args.gene, out)
     text = json.dumps(summary, indent=2)
@@ -141,7 +144,7 @@ def _synthesize(ad, slide_path: Path, gene: str, out: Path) -> dict | str:
         real = read_patches(slide, xy, model.tile_px * model.mpp, model.tile_px)
     base = ad[i].X.ravel()
     genes = list(ad.var_names)
-    prof = {g: float(v) for g, v in zip(genes, base) if g in model.genes}
+    prof = {g: float(v) for g, v in zip(genes, base, strict=True) if g in model.genes}
     v0 = gene_vector(model, overrides=prof)
     hi = gene_vector(model, overrides={**prof, gene: float(prof.get(gene, 0)) + 2.0})
     tiles = synthesize(model, np.stack([v0, hi]), np.repeat(ctx, 2, 0), seed=0)
