@@ -69,6 +69,14 @@ def register_evaluate(sub) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--parts",
+        nargs="*",
+        default=["fidelity", "control", "realism", "speed"],
+        choices=["fidelity", "control", "realism", "speed"],
+    )
+    p.add_argument("--guidance-genes", type=float, default=None)
+    p.add_argument("--guidance-morph", type=float, default=None)
     p.set_defaults(func=_evaluate)
 
 
@@ -78,6 +86,15 @@ def _evaluate(args) -> int:
     from ..training.evaluate_stmdit import evaluate_stmdit
 
     torch.set_num_threads(args.threads)
+    guidance = None
+    if args.guidance_genes is not None or args.guidance_morph is not None:
+        from ..inference.synthesis import load_stmdit
+
+        dg, dm = load_stmdit(args.model).default_guidance
+        guidance = (
+            dg if args.guidance_genes is None else args.guidance_genes,
+            dm if args.guidance_morph is None else args.guidance_morph,
+        )
     res = evaluate_stmdit(
         args.data,
         args.holdout,
@@ -85,6 +102,9 @@ def _evaluate(args) -> int:
         genst=args.genst,
         seeds=args.seeds,
         steps=args.steps,
+        guidance=guidance,
+        parts=tuple(args.parts),
+        log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     text = json.dumps(res, indent=1)
     if args.out:

@@ -363,8 +363,6 @@ def _decode(model: STMDiTModel, z: Any) -> np.ndarray:
 
 def load_stmdit(name_or_path: str | Path = "default", device: str = "cpu") -> STMDiTModel:
     """Load an STMDiT checkpoint ("default" or a path); CheckpointError on a bad file."""
-    import torch
-
     from ..errors import CheckpointError
     from ..models.stmdit import AEConfig, DiTConfig, STMDiT, TileAutoencoder, encoders_from_tensors
 
@@ -381,7 +379,6 @@ def load_stmdit(name_or_path: str | Path = "default", device: str = "cpu") -> ST
     dev = "cpu" if device in ("auto", None) else device
     ae.eval().to(dev)
     dit.eval().to(dev)
-    torch.set_grad_enabled(True)
     return STMDiTModel(
         ae=ae,
         dit=dit,

@@ -159,8 +159,12 @@ def evaluate_stmdit(
     guidance: tuple[float, float] | None = None,
     cache_dir: str | Path | None = None,
     log=None,
+    parts: tuple[str, ...] = ("fidelity", "control", "realism", "speed"),
 ) -> dict:
-    """All figures of the protocol for one held-out section, as a JSON-able dict."""
+    """All figures of the protocol for one held-out section, as a JSON-able dict.
+
+    ``parts`` selects among fidelity, control, realism and speed (fidelity is always run:
+    realism reuses its tiles)."""
     import torch
     from scipy.stats import spearmanr
 
@@ -216,13 +220,8 @@ def evaluate_stmdit(
     real_pred = repredict(tiles)
     ceiling = {k: mean_r(y, v) for k, v in real_pred.items()}
     # independent oracle trained on the measured spots of the training sections
-    tr_feats = [
-        section_features(s, m.genes, m.enc, None, tile_px=t, cache_dir=cache_dir) for s in train
-    ]
-    oracle = RidgeOracle(
-        np.concatenate([f["spot_tiles"] for f in tr_feats]),
-        np.concatenate([f["spot_expr"][:, bi] for f in tr_feats]),
-    )
+    tr_tiles = [_spot_tiles(s, t, cache_dir) for s in train]
+    oracle = RidgeOracle(np.concatenate(tr_tiles), np.concatenate([s.target(bench) for s in train]))
     ceiling["oracle"] = mean_r(y, oracle.predict(tiles))
     say(f"ceiling {ceiling}")
 
@@ -251,7 +250,7 @@ def evaluate_stmdit(
     # control: slider sweeps of the top-10 genes, others at the training median
     top10 = bench[:10]
     ctrl: dict = {}
-    for gname in top10:
+    for gname in top10 if "control" in parts else []:
         j = m.genes.index(gname)
         lo, hi = m.gene_range[j]
         vals = np.linspace(lo, hi, SLIDER_VALUES)
@@ -278,32 +277,34 @@ def evaluate_stmdit(
     say(f"control done {ctrl}")
 
     # realism in GenST histology-encoder space (the default GenST = the re-predictor)
-    space = FeatureSpace(GenSTCondition.from_genst(gmodel), tiles)
-    realism = {k: space.scores(v) for k, v in gen_tiles.items()}
-    with torch.inference_mode():
-        from ..models.stmdit import images_to_tensor, tensor_to_images
+    realism: dict = {}
+    if "realism" in parts:
+        space = FeatureSpace(GenSTCondition.from_genst(gmodel), tiles)
+        realism = {k: space.scores(v) for k, v in gen_tiles.items()}
+        with torch.inference_mode():
+            from ..models.stmdit import images_to_tensor, tensor_to_images
 
-        rec = tensor_to_images(m.ae.decode(m.ae.encode(images_to_tensor(tiles))[0]))
-    realism["autoencoder_reconstruction"] = space.scores(rec)
-    other = np.concatenate([f["spot_tiles"] for f in tr_feats])
-    rng = np.random.default_rng(0)
-    realism["real_training_sections"] = space.scores(other[rng.choice(len(other), n, False)])
+            rec = tensor_to_images(m.ae.decode(m.ae.encode(images_to_tensor(tiles))[0]))
+        realism["autoencoder_reconstruction"] = space.scores(rec)
+        other = np.concatenate(tr_tiles)
+        rng = np.random.default_rng(0)
+        realism["real_training_sections"] = space.scores(other[rng.choice(len(other), n, False)])
 
     # speed
     g1 = m.gene_median[None]
-    synthesize(m, g1, None, seed=0, steps=steps)
-    speed = {}
-    for label, c in (("genes", None), ("genes+morph", ctx3[:1])):
+    speed: dict = {}
+    for label, c in (("genes", None), ("genes+morph", ctx3[:1])) if "speed" in parts else ():
         ts = []
         for r in range(3):
             t0 = time.perf_counter()
             synthesize(m, g1, c, seed=r, steps=steps, guidance_genes=sg, guidance_morph=sm)
             ts.append(time.perf_counter() - t0)
         speed[f"s_per_tile_{label}_batch1"] = round(float(np.median(ts)), 3)
-    t0 = time.perf_counter()
-    synthesize(m, np.repeat(g1, 16, 0), ctx3[:16], seed=0, steps=steps)
-    speed["s_per_tile_genes+morph_batch16"] = round((time.perf_counter() - t0) / 16, 3)
-    speed["torch_threads"] = torch.get_num_threads()
+    if "speed" in parts:
+        t0 = time.perf_counter()
+        synthesize(m, np.repeat(g1, 16, 0), ctx3[:16], seed=0, steps=steps)
+        speed["s_per_tile_genes+morph_batch16"] = round((time.perf_counter() - t0) / 16, 3)
+        speed["torch_threads"] = torch.get_num_threads()
 
     ctrl_vals = [v["spearman_pooled"] for v in ctrl.values()]
     return {
@@ -329,12 +330,10 @@ def evaluate_stmdit(
         "control": {
             "genes": top10,
             "seeds": seeds,
-            "mean_spearman_pooled": round(float(np.mean(ctrl_vals)), 3),
-            "mean_spearman_per_seed": round(
-                float(np.mean([v["spearman_per_seed_mean"] for v in ctrl.values()])), 3
-            ),
-            "mean_spearman_seed_mean_curve": round(
-                float(np.mean([v["spearman_seed_mean_curve"] for v in ctrl.values()])), 3
+            "mean_spearman_pooled": _mean(ctrl_vals),
+            "mean_spearman_per_seed": _mean([v["spearman_per_seed_mean"] for v in ctrl.values()]),
+            "mean_spearman_seed_mean_curve": _mean(
+                [v["spearman_seed_mean_curve"] for v in ctrl.values()]
             ),
             "per_gene": ctrl,
         },
@@ -345,6 +344,18 @@ def evaluate_stmdit(
         },
         "speed": speed,
     }
+
+
+def _mean(v: list) -> float | None:
+    return round(float(np.mean(v)), 3) if v else None
+
+
+def _spot_tiles(sec, t: int, cache_dir) -> np.ndarray:
+    from .stmdit import TILE_MPP, crop, section_image
+
+    img = section_image(sec, TILE_MPP, cache_dir or _default_cache())
+    xy = np.asarray(sec.xy_px) * sec.mpp / TILE_MPP
+    return np.stack([crop(img, x, y, t) for x, y in xy])
 
 
 def _default_cache() -> Path:

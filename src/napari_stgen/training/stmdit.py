@@ -631,6 +631,7 @@ def train_stmdit(
     cache_dir: str | Path | None = None,
     command: str = "",
     progress: bool = True,
+    note: str = "",
     **overrides,
 ) -> Path:
     """Train STMDiT end to end on a HER2ST directory and write the checkpoint ``out``.
@@ -695,6 +696,8 @@ def train_stmdit(
         "genst": {"path": gpath.name, "sha256": gsha, "name": gcard.get("name", "")},
         "autoencoder": {"path": Path(ae_path).name},
     }
+    if note:
+        extra["training_note"] = note
     return train_dit(
         data, ae, enc, panel, out, tcfg, card_extra=extra, resume=resume, progress=progress
     )
