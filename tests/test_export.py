@@ -393,6 +393,16 @@ def test_writer_samples_codebook_labels_at_spots(tmp_path):
     with pytest.raises(StgenError, match="nothing to export"):
         write_layers(tmp_path / "empty.h5ad", [slide])
 
+    # the codebook map alone: one row per labelled cell, at the cell centre
+    b = ad.read_h5ad(write_layers(tmp_path / "map.h5ad", [slide, lab]))
+    assert list(b.obs_names) == ["tile_1_2", "tile_2_3"]
+    assert list(b.obs["genst_code"]) == [3, 0]
+    assert list(b.obs["genst_code_name"]) == ["tumour", "stroma"]
+    np.testing.assert_allclose(b.obsm["spatial"], yx[:, ::-1] / mpp)
+    assert b.uns["stgen"]["grid"]["tile_um"] == tile
+    (cb,) = [ly for ly in read_h5ad_layers(tmp_path / "map.h5ad") if ly[2] == "labels"]
+    np.testing.assert_array_equal(cb[0], labels)
+
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(exports(), st.floats(0.2, 2.0), st.tuples(st.floats(-500, 500), st.floats(-500, 500)))

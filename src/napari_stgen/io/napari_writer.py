@@ -158,6 +158,30 @@ def _labels_lookup(layer: LayerData, yx_um: np.ndarray) -> np.ndarray:
     return out
 
 
+def _label_cells(layer: LayerData) -> dict:
+    """Labelled cells of a codebook map (one pixel per grid cell): centres µm, codes, grid."""
+    data, meta, _ = layer
+    arr = np.asarray(_levels(data)[0])
+    while arr.ndim > 2:
+        arr = arr[0]
+    off = int(_meta(meta).get("stgen_code_offset", 1))
+    s = _vec2(meta.get("scale"), 1.0)
+    t = _vec2(meta.get("translate"), 0.0)
+    rr, cc = np.nonzero(arr >= off)
+    rc = np.stack([rr, cc], axis=1).astype(np.int64)
+    return {
+        "rc": rc,
+        "yx": rc * s + t,  # napari centres pixel (0, 0) on translate
+        "code": arr[rr, cc].astype(np.int64) - off,
+        "tile_um": float(s[-1]),
+        "grid": {
+            "origin_yx_um": t - s / 2,
+            "tile_um": float(s[-1]),
+            "shape": np.asarray(arr.shape, dtype=np.int64),
+        },
+    }
+
+
 def _code_names_from_labels(layer: LayerData, offset: int) -> dict[int, str]:
     md = _meta(layer[1])
     names = md.get("stgen_code_names")
@@ -264,6 +288,16 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
             if k in st and k not in uns_base:
                 uns_base[k] = st[k]
 
+    if not blocks and labels:  # a codebook map alone: one row per labelled grid cell
+        cells = _label_cells(labels[0])
+        blocks.append(([], None, len(cells["yx"])))
+        yx_all.append(cells["yx"])
+        obs_parts.append(pd.DataFrame({"grid_row": cells["rc"][:, 0], "grid_col": cells["rc"][:, 1],
+                                       "genst_code": cells["code"]}))  # fmt: skip
+        names.append([f"tile_{r}_{c}" for r, c in cells["rc"]])
+        diam.append(cells["tile_um"])
+        uns_base.setdefault("obs_kind", "tiles")
+        uns_base.setdefault("grid", cells["grid"])
     n_all = sum(b[2] for b in blocks)
     x = np.full((n_all, len(genes)), np.nan, dtype=np.float32)
     gpos = {g: i for i, g in enumerate(genes)}
