@@ -476,7 +476,12 @@ def _run_distributed(
 ) -> dict[int, dict]:
     import logging
 
-    from distributed import Client, LocalCluster, as_completed
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError as e:
+        raise StgenError(
+            "predict-batch needs dask.distributed: pip install 'napari-stgen[distributed]'"
+        ) from e
 
     cluster = None
     try:
