@@ -443,3 +443,23 @@ def test_roundtrip_through_napari_writer(case, mpp, origin):
         assert ly[1]["metadata"]["stgen_generated"]["seed"] == t.seed
     (thumb,) = [ly for ly in back if ly[1]["metadata"].get("stgen_kind") == "thumbnail"]
     assert thumb[1]["translate"] == pytest.approx(origin)
+
+
+def test_import_shows_a_gene_subset_for_whole_transcriptome_files():
+    """A file with more spots × genes than napari features should hold keeps the variable
+    genes (Visium's highly_variable flag first)."""
+    import anndata as ad
+
+    from napari_stgen.io.anndata import _feature_genes
+
+    d = SHARED / "visium_mouse_brain_crop"
+    if not d.exists():
+        pytest.skip(f"shared data missing: {d}")
+    a = ad.read_h5ad(d / "spots.h5ad")
+    assert len(_feature_genes(a)) == a.n_vars  # small: everything
+    hv = np.flatnonzero(a.var["highly_variable"].to_numpy(bool))
+    keep = _feature_genes(a, max_values=a.n_obs * len(hv))
+    np.testing.assert_array_equal(keep, hv)
+    keep = _feature_genes(a, max_values=a.n_obs * 10)  # fewer than the HV genes: top variance
+    x = a.X.toarray() if hasattr(a.X, "toarray") else a.X
+    assert len(keep) == 10 and set(keep) == set(np.argsort(-x.var(0))[:10])

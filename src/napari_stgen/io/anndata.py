@@ -44,6 +44,7 @@ NORMALIZATION = "log1p_cp10k"
 HIRES_PX = 2000
 LOWRES_PX = 600
 VISIUM_SPOT_UM = 55.0
+MAX_FEATURE_VALUES = 20_000_000  # spots × genes shown as napari point features on import
 
 LayerData = tuple[Any, dict, str]
 
@@ -597,6 +598,25 @@ def h5ad_mpp(adata: Any) -> tuple[float, str]:
     return 1.0, "none (pixels)"
 
 
+def _feature_genes(adata: Any, max_values: int = MAX_FEATURE_VALUES) -> np.ndarray:
+    """Columns to show as point features: all, unless spots × genes exceeds ``max_values``
+    (a whole-transcriptome Visium file); then the highly variable genes, else the most
+    variable ones, as many as fit."""
+    n, g = adata.n_obs, adata.n_vars
+    if n * g <= max_values or n == 0:
+        return np.arange(g)
+    k = max(1, max_values // n)
+    if "highly_variable" in adata.var and adata.var["highly_variable"].sum() > 0:
+        hv = np.flatnonzero(adata.var["highly_variable"].to_numpy(bool))
+        if len(hv) <= k:
+            return hv
+    x = adata.X
+    mean = np.asarray(x.mean(axis=0)).ravel()
+    sq = x.multiply(x).mean(axis=0) if hasattr(x, "multiply") else (np.asarray(x) ** 2).mean(0)
+    var = np.asarray(sq).ravel() - mean**2
+    return np.sort(np.argsort(-var)[:k])
+
+
 def robust_limits(values: np.ndarray) -> tuple[float, float]:
     """Colour limits from the 2nd-98th percentiles of the finite values (never empty)."""
     v = np.asarray(values, dtype=np.float64)
@@ -650,8 +670,9 @@ def read_h5ad_layers(path: str | os.PathLike, include_image: bool = True) -> lis
             )
         )
 
-    genes = [str(g) for g in adata.var_names]
-    xmat = adata.X
+    keep = _feature_genes(adata)
+    genes = [str(g) for g in adata.var_names[keep]]
+    xmat = adata.X[:, keep] if len(keep) < adata.n_vars else adata.X
     if hasattr(xmat, "toarray"):
         xmat = xmat.toarray()
     xmat = np.asarray(xmat, dtype=np.float32)
@@ -669,7 +690,13 @@ def read_h5ad_layers(path: str | os.PathLike, include_image: bool = True) -> lis
         "scale": (1.0, 1.0),
         "units": "um",
         "border_width": 0,
-        "metadata": {"stgen_kind": "spots", "stgen_genes": genes, "stgen": st, **common},
+        "metadata": {
+            "stgen_kind": "spots",
+            "stgen_genes": genes,
+            "stgen_genes_subset": len(genes) < adata.n_vars,
+            "stgen": st,
+            **common,
+        },
     }
     if genes and len(adata):
         pkw["face_color"] = genes[0]
