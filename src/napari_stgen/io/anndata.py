@@ -444,9 +444,9 @@ def predictions_to_anndata(
         obs_df["genst_code"] = c
         if table:
             uniq, inv = np.unique(c, return_inverse=True)
-            cats = [table.get(int(k), f"code {int(k)}") for k in uniq]
+            cats = [table.get(int(k), f"code {int(k)}") if k >= 0 else "no code" for k in uniq]
             dedup = list(dict.fromkeys(cats))  # two codes may share a name
-            pos = np.array([dedup.index(n) for n in cats], dtype=np.int64)
+            pos = np.array([dedup.index(name) for name in cats], dtype=np.int64)
             obs_df["genst_code_name"] = pd.Categorical.from_codes(pos[inv], categories=dedup)
     if table:
         ks = sorted(table)
@@ -459,7 +459,10 @@ def predictions_to_anndata(
         mpp = getattr(slide, "mpp", None)
     if mpp is not None:
         stgen["mpp"] = float(mpp)
-        stgen["mpp_source"] = "argument" if slide is None or mpp != slide.mpp else "slide"
+        if slide is None or mpp != slide.mpp:
+            stgen["mpp_source"] = "argument"
+        else:
+            stgen["mpp_source"] = str(getattr(slide, "mpp_source", None) or "slide")
     if slide is not None:
         stgen["slide"] = {
             "path": str(Path(getattr(slide, "path", "")).resolve())
@@ -492,6 +495,7 @@ def predictions_to_anndata(
     if library_id is None:
         p = getattr(slide, "path", None)
         library_id = Path(p).stem if p else "stgen"
+    library_id = str(library_id).replace("/", "_") or "stgen"  # an HDF5 group name
     stgen["library_id"] = library_id
 
     if spot_diameter_um is not None and mpp:
@@ -547,6 +551,8 @@ def write_h5ad(adata: Any, path: str | os.PathLike, overwrite: bool = False) -> 
         adata.write_h5ad(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes the file private (0600): give it the mode of the file it replaces
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         os.replace(tmp, path)
     except BaseException:
         try:
