@@ -153,3 +153,25 @@ def test_export_widget(viewer_with_layers, qtbot, tmp_path):
     assert a.uns["spatial"][next(iter(a.uns["spatial"]))]["scalefactors"][
         "spot_diameter_fullres"
     ] == pytest.approx(112.0 / mpp)
+
+
+def test_closed_export_widget_does_not_break_predictions(make_napari_viewer, qtbot):
+    """A closed (deleted) Export widget stops listening to the prediction store."""
+    from qtpy.QtCore import QCoreApplication, QEvent
+
+    from napari_stgen.coords import Grid
+    from napari_stgen.widgets.export import ExportWidget
+    from napari_stgen.widgets.state import get_state
+
+    viewer = make_napari_viewer()
+    w = ExportWidget(viewer)
+    store = get_state(viewer).store
+    store.reset(Grid((0.0, 0.0), 100.0, (4, 4)), ["A"], "k", "c", "m", 0.5)
+    store.add(np.array([[0, 0]]), np.ones((1, 1), np.float32), np.array([1]))
+    assert w.layer_list.count() == 1
+    w.close()
+    w.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    store.add(np.array([[1, 1]]), np.ones((1, 1), np.float32), np.array([2]))  # no error
+    viewer.add_points(np.zeros((1, 2)))  # nor from layer events
+    assert len(store) == 2

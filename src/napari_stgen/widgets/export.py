@@ -95,6 +95,23 @@ class ExportWidget(QWidget):
 
     def refresh(self, *_: Any) -> None:
         """Rebuild the checklist, keeping the user's ticks."""
+        try:
+            self._refresh()
+        except RuntimeError:  # the Qt side is gone (widget closed): stop listening
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        try:
+            self.state.store.changed.disconnect(self._store_changed)
+        except Exception:  # noqa: BLE001 - already disconnected
+            pass
+        for name in ("inserted", "removed", "moved"):
+            try:
+                getattr(self.viewer.layers.events, name).disconnect(self.refresh)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _refresh(self) -> None:
         prev = {
             self.layer_list.item(i).text(): self.layer_list.item(i).checkState()
             for i in range(self.layer_list.count())
