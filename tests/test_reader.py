@@ -97,9 +97,16 @@ def test_unknown_mpp_stays_in_pixels_and_says_so(
     p = tmp_path / "no_resolution.png"
     Image.fromarray(tissue_rgb).save(p)
     seen: list[str] = []
-    notification_manager.notification_ready.connect(lambda n: seen.append(str(n.message)))
-    viewer = make_napari_viewer()
-    viewer.open(str(p), plugin="napari-stgen")
+
+    def record(n) -> None:
+        seen.append(str(n.message))
+
+    notification_manager.notification_ready.connect(record)
+    try:
+        viewer = make_napari_viewer()
+        viewer.open(str(p), plugin="napari-stgen")
+    finally:
+        notification_manager.notification_ready.disconnect(record)
     layer = viewer.layers[0]
     np.testing.assert_allclose(layer.scale, [1.0, 1.0])
     assert layer.metadata["stgen"]["mpp_known"] is False
