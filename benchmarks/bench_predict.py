@@ -54,7 +54,7 @@ def viewport_region(slide, pred, w_px=1920, h_px=1080):
     return (cx - w_px / 2, cy - h_px / 2, cx + w_px / 2, cy + h_px / 2)
 
 
-def bench_latency(slide, pred, region, repeats=3):
+def bench_latency(slide, pred, region, repeats=3, naive_tiles=None):
     from napari_stgen.inference import engine
     from napari_stgen.inference.cache import TileCache
     from napari_stgen.inference.patches import read_patches
@@ -89,16 +89,24 @@ def bench_latency(slide, pred, region, repeats=3):
             "first_batch_s": statistics.median(first),
             "cached_revisit_s": cached,
         }
-    # naive loop on all tiles of the viewport: read each tile, predict it alone
+    # naive loop: read each tile, predict it alone (on every tile, or an evenly spread subset
+    # of naive_tiles of them, timed per tile and scaled to the viewport)
     grid, tiles = engine.plan_region(slide, pred, region, tissue_only=False)
-    xy = (tiles + 0.5)[:, ::-1] * grid.tile_um / slide.mpp
+    if naive_tiles and naive_tiles < len(tiles):
+        tiles_n = tiles[np.linspace(0, len(tiles) - 1, naive_tiles).round().astype(int)]
+    else:
+        tiles_n = tiles
+    xy = (tiles_n + 0.5)[:, ::-1] * grid.tile_um / slide.mpp
     t0 = time.perf_counter()
     for p in xy:
         patch = read_patches(slide, p[None], pred.patch_um, pred.patch_px)
         pred.predict(patch)
-    naive = time.perf_counter() - t0
-    out["naive_all_tiles_s"] = naive
-    out["speedup_vs_naive"] = naive / out["all_tiles"]["engine_s"]
+    per_tile = (time.perf_counter() - t0) / len(xy)
+    out["naive_tiles_timed"] = int(len(xy))
+    out["naive_per_tile_s"] = per_tile
+    out["naive_all_tiles_s"] = per_tile * len(tiles)
+    out["engine_per_tile_s"] = out["all_tiles"]["engine_s"] / len(tiles)
+    out["speedup_vs_naive"] = out["naive_all_tiles_s"] / out["all_tiles"]["engine_s"]
     return out
 
 
@@ -239,6 +247,13 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-soak", action="store_true")
     ap.add_argument("--skip-gui", action="store_true")
     ap.add_argument("--model", default="default")
+    ap.add_argument("--repeats", type=int, default=3, help="engine runs (median)")
+    ap.add_argument(
+        "--naive-tiles",
+        type=int,
+        default=0,
+        help="time the naive loop on this many tiles (0 = all) and scale",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -270,7 +285,7 @@ def main(argv=None) -> int:
         },
         "viewport_um": [round(v, 1) for v in region],
     }
-    report["latency"] = bench_latency(slide, pred, region)
+    report["latency"] = bench_latency(slide, pred, region, args.repeats, args.naive_tiles)
     lat = report["latency"]
     print(
         f"viewport 1920x1080 µm: {lat['all_tiles']['tiles']} tiles "

@@ -126,13 +126,22 @@ def test_roi_mode_predicts_only_inside_roi(ui, qtbot):
 
     from matplotlib.path import Path as MplPath
 
+    from napari_stgen.inference.tiles import tissue_mask
+
     all_cells = np.argwhere(np.ones(grid.shape, bool))
     inside = MplPath(tri).contains_points((all_cells + 0.5) * grid.tile_um)
-    want = {tuple(t) for t in all_cells[inside]}
+    tissue = tissue_mask(slide, grid)[all_cells[:, 0], all_cells[:, 1]]
+    want = {tuple(t) for t in all_cells[inside & tissue]}
     got = {tuple(t) for t in widget.state.store.tiles}
     assert got == want and len(want) >= 4
     layer = viewer.layers[f"{widget.genes[0]} (predicted)"]
     assert np.isfinite(layer.data).sum() == len(want)
+    # without the tissue filter: every cell whose centre is inside, nothing outside
+    widget.tissue_check.setChecked(False)
+    widget.predict()
+    _wait_idle(qtbot, widget)
+    got = {tuple(t) for t in widget.state.store.tiles}
+    assert got == {tuple(t) for t in all_cells[inside]}
 
 
 def test_newer_request_cancels_older(ui, qtbot):

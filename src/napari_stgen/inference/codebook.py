@@ -136,17 +136,18 @@ def summarize_code(
 
 
 def code_colors(n_codes: int) -> dict[int, np.ndarray]:
-    """Stable RGBA colour per label (``code + 1``); 0 and None are transparent.
+    """Stable RGBA colour per label (``code + 1``); label 0 is transparent.
 
-    The same code has the same colour on every slide and in every session (a fixed
-    qualitative palette cycled with lightness steps), matching the histogram bars.
+    Hues step by the golden ratio (neighbouring codes get far-apart hues) with alternating
+    saturation/brightness, so the same code has the same colour on every slide and in
+    every session, matching the histogram bars.
     """
-    import matplotlib
+    import colorsys
 
-    base = [matplotlib.colormaps[name].colors for name in ("tab20", "tab20b", "tab20c")]
-    pal = np.concatenate([np.asarray(b)[:, :3] for b in base])  # 60 colours
     out: dict[int, np.ndarray] = {0: np.zeros(4, np.float32)}
     for k in range(n_codes):
-        rgb = pal[k % len(pal)] * (0.8 ** (k // len(pal)))
-        out[k + 1] = np.append(rgb, 1.0).astype(np.float32)
+        h = (0.11 + k * 0.618033988749895) % 1.0
+        s = (0.85, 0.55, 0.95)[k % 3]
+        v = (0.95, 0.80, 0.65)[(k // 3) % 3]
+        out[k + 1] = np.array([*colorsys.hsv_to_rgb(h, s, v), 1.0], dtype=np.float32)
     return out

@@ -16,6 +16,7 @@ import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QGridLayout,
     QHBoxLayout,
@@ -139,14 +140,19 @@ class CodebookWidget(QWidget):
         self.scope_combo.addItems(["all predicted tiles", "visible region"])
         self.scope_combo.currentIndexChanged.connect(lambda *_: self._draw_hist())
         row.addWidget(self.scope_combo)
+        self.highlight_check = QCheckBox("only selected code")
+        self.highlight_check.setChecked(True)
+        self.highlight_check.setToolTip("Show only the selected code's tiles on the slide")
+        self.highlight_check.toggled.connect(self._on_highlight)
+        row.addWidget(self.highlight_check)
         self.refresh_btn = QPushButton("Refresh")
         self.refresh_btn.clicked.connect(self.refresh)
         row.addWidget(self.refresh_btn)
         lay.addLayout(row)
 
-        self.hist_fig = Figure(figsize=(4, 2.0), tight_layout=True)
+        self.hist_fig = Figure(figsize=(4, 2.2), tight_layout=True)
         self.hist_canvas = FigureCanvasQTAgg(self.hist_fig)
-        self.hist_canvas.setMinimumHeight(150)
+        self.hist_canvas.setMinimumHeight(190)
         self.hist_canvas.mpl_connect("pick_event", self._on_pick)
         lay.addWidget(self.hist_canvas)
 
@@ -282,6 +288,10 @@ class CodebookWidget(QWidget):
                 ax.annotate(name, (k, counts[k]), fontsize=7, rotation=60, ha="left", va="bottom")
         self.hist_canvas.draw_idle()
 
+    def _on_highlight(self, on: bool) -> None:
+        if CODES_LAYER in self.viewer.layers:
+            self.viewer.layers[CODES_LAYER].show_selected_label = bool(on)
+
     def _on_pick(self, event: Any) -> None:
         gid = event.artist.get_gid()
         if gid is not None:
@@ -323,7 +333,7 @@ class CodebookWidget(QWidget):
         if CODES_LAYER in self.viewer.layers:
             layer = self.viewer.layers[CODES_LAYER]
             layer.selected_label = k + 1
-            layer.show_selected_label = True
+            layer.show_selected_label = self.highlight_check.isChecked()
         self._draw_hist()
         self._load_thumbs(s)
 

@@ -69,6 +69,7 @@ class Request:
     region_um: tuple[float, float, float, float] | None = None
     shapes: list[tuple[str, np.ndarray]] = field(default_factory=list)
     labels: tuple[np.ndarray, tuple, tuple] | None = None
+    tissue_only: bool = True
 
 
 def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_size: int):
@@ -81,13 +82,13 @@ def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_siz
         pred = state.predictor(model)
         token.check()
         if req.mode == "region":
-            grid, tiles = engine.plan_region(slide, pred, req.region_um)
+            grid, tiles = engine.plan_region(slide, pred, req.region_um, req.tissue_only)
             centre = (
                 (req.region_um[1] + req.region_um[3]) / 2,
                 (req.region_um[0] + req.region_um[2]) / 2,
             )
         elif req.mode == "roi":
-            grid, tiles = engine.plan_roi(slide, pred, req.shapes, req.labels)
+            grid, tiles = engine.plan_roi(slide, pred, req.shapes, req.labels, req.tissue_only)
             centre = None
         else:
             grid, tiles = engine.plan_whole_slide(slide, pred)
@@ -208,6 +209,12 @@ class PredictWidget(QWidget):
         form.addRow("ROI layer", self.roi_combo)
         self.live_check = QCheckBox("Follow the view (live)")
         form.addRow(self.live_check)
+        self.tissue_check = QCheckBox("Skip background (tissue mask)")
+        self.tissue_check.setChecked(True)
+        self.tissue_check.setToolTip(
+            "Predict only grid cells whose overview pixels are stained tissue"
+        )
+        form.addRow(self.tissue_check)
 
         self.display_combo = QComboBox()
         self.display_combo.addItems(DISPLAYS)
@@ -397,6 +404,7 @@ class PredictWidget(QWidget):
         except StgenError as e:
             self._notify(str(e), error=True)
             return None
+        req.tissue_only = self.tissue_check.isChecked()
         self.cancel()
         from napari_stgen.inference.engine import CancelToken
 
