@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 METHODS = [
+    ("histotx_adapted", "HistoTx image + transcripts, adapted to the visible spots"),
     ("histotx", "HistoTx image + transcripts"),
+    ("histotx_transcripts_only", "HistoTx transcripts only"),
     ("histotx_image_only", "HistoTx image only"),
     ("genst", "GenST (--genst)"),
     ("genst_fold", "GenST fold model (all spots)"),
@@ -70,6 +72,32 @@ def plot(res: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _means(res: dict) -> dict:
+    return {
+        k: round(float(np.mean([f["summary"][k] for f in res["folds"] if k in f["summary"]])), 4)
+        for k, _ in METHODS
+        if any(k in f["summary"] for f in res["folds"])
+    }
+
+
+def merge(a) -> int:
+    """Combine per-fold JSON files (one run per fold, e.g. run in parallel) into ``--out``."""
+    parts = [json.loads(Path(p).read_text()) for p in a.merge]
+    res = dict(parts[0])
+    res["folds"] = sorted((f for p in parts for f in p["folds"]), key=lambda f: f["holdout"])
+    res["commands"] = [p.get("command") for p in parts]
+    res["mean"] = _means(res)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, out)
+    if a.plot:
+        plot(res, Path(a.plot))
+    print(table(res))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -79,12 +107,20 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hide", type=float, default=0.5)
+    ap.add_argument("--adapt-steps", type=int, default=200)
     ap.add_argument("--genst", default=None, help="GenST checkpoint to compare (e.g. default)")
-    ap.add_argument("--genst-folds", default=None, help="G's fold JSON (genst per holdout)")
+    ap.add_argument(
+        "--genst-folds", nargs="*", default=None, help="GenST fold JSON file(s) (eval_genst_folds)"
+    )
     ap.add_argument("--save-models", default=None, help="directory for the fold checkpoints")
     ap.add_argument("--out", default="scratch/histotx/folds.json")
     ap.add_argument("--plot", default=None, help="bar plot PNG")
+    ap.add_argument(
+        "--merge", nargs="*", default=None, help="only merge these per-fold JSON outputs"
+    )
     a = ap.parse_args(argv)
+    if a.merge:
+        return merge(a)
 
     import torch
 
@@ -98,9 +134,9 @@ def main(argv=None) -> int:
     if a.steps:
         tcfg.steps = a.steps
     gfold = {}
-    if a.genst_folds:
-        g = json.loads(Path(a.genst_folds).read_text())
-        for f in g.get("folds", []):
+    for gpath in a.genst_folds or []:
+        g = json.loads(Path(gpath).read_text())
+        for f in g.get("folds", [g] if "holdout" in g else []):
             s = f.get("summary", {})
             if "genst" in s:
                 gfold[f["holdout"]] = s["genst"]
@@ -123,6 +159,7 @@ def main(argv=None) -> int:
             genst_model=a.genst,
             hide_frac=a.hide,
             save_model=save,
+            adapt_steps=a.adapt_steps,
             log=lambda s, h=h: print(f"[{h}] {s}", file=sys.stderr, flush=True),
         )
         if h in gfold:
@@ -134,11 +171,7 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(res, indent=2) + "\n")
         os.replace(tmp, out)
     res["seconds"] = round(time.time() - t0, 1)
-    res["mean"] = {
-        k: round(float(np.mean([f["summary"][k] for f in res["folds"] if k in f["summary"]])), 4)
-        for k, _ in METHODS
-        if any(k in f["summary"] for f in res["folds"])
-    }
+    res["mean"] = _means(res)
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(json.dumps(res, indent=2) + "\n")
     os.replace(tmp, out)

@@ -30,7 +30,7 @@ def trained(c3):
     torch.set_num_threads(1)
     _, s, panel = c3
     tcfg = TrainConfig(
-        steps=150, batch=8, dim=32, depth=1, max_tokens=24, lr=3e-3, w_visible=0.5, seed=0
+        steps=150, batch=8, dim=32, depth=1, max_tokens=24, lr=3e-3, w_visible=1.0, seed=0
     )
     cfg = HistoTxConfig(n_genes=len(panel), img_dim=s.feats.shape[1], dim=32, depth=1, heads=2)
 
@@ -154,3 +154,32 @@ def test_cli_registers_histotx_commands():
     assert a.func.__name__ == "run_train"
     a = p.parse_args(["evaluate", "histotx", "--data", "D", "--holdout", "C3"])
     assert a.func.__name__ == "run_evaluate" and a.hide == 0.5
+
+
+def test_predict_tiles_on_sample_slide_with_measured_context(saved, c3, sample_slide_path):
+    """The widget path: grid cells of a region → PartialResults conditioned on measured spots."""
+    from napari_stgen.inference.engine import collect
+    from napari_stgen.inference.histotx import (
+        load_histotx,
+        load_model,
+        predict_tiles,
+        prepare_measured,
+    )
+    from napari_stgen.inference.tiles import slide_grid, tiles_in_region
+    from napari_stgen.io.slide import open_slide
+
+    sec, _, _ = c3
+    pred = load_histotx(saved, device="cpu")
+    assert load_model(saved, device="cpu").kind == "histotx"
+    ad = _anndata(sec.counts, sec.genes, sec.xy_px, sec.barcodes)
+    with open_slide(sample_slide_path) as slide:
+        ctx = prepare_measured(slide, pred, ad)
+        assert ctx.feats.shape == (sec.n_spots, 120)
+        x, y = sec.xy_px[0] * slide.mpp
+        grid = slide_grid(slide, pred.tile_um)
+        tiles = tiles_in_region(grid, (x - 300, y - 300, x + 300, y + 300))
+        res = collect(predict_tiles(slide, pred, tiles, grid=grid, context=ctx, batch_size=8))
+        alone = collect(predict_tiles(slide, pred, tiles, grid=grid, context=ctx, image_only=True))
+    assert res.total == len(tiles) == len(res) and (res.code == -1).all()
+    assert np.isfinite(res.expr).all() and res.expr.shape == (len(tiles), len(pred.genes))
+    assert not np.allclose(res.expr, alone.expr)

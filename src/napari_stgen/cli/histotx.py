@@ -41,6 +41,12 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps when training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hide", type=float, default=0.5, help="fraction of held-out spots hidden")
+    p.add_argument(
+        "--adapt-steps",
+        type=int,
+        default=200,
+        help="test-time adaptation steps on the visible spots (0: off)",
+    )
     p.add_argument("--no-gp", action="store_true", help="skip the Gaussian-process baseline")
     p.add_argument("--cache", default=None, help="image-feature cache directory")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -105,6 +111,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model=args.model,
         genst_model=args.genst,
         hide_frac=args.hide,
+        adapt_steps=max(0, args.adapt_steps),
         gp=not args.no_gp,
         cache_dir=args.cache,
         log=lambda s: print(s, file=sys.stderr, flush=True),

@@ -156,6 +156,38 @@ def measured_from_anndata(adata: Any, genes: list[str], source: str | None = Non
     return Measured(xy, expr, present, [str(o) for o in adata.obs_names], name, notes)
 
 
+def measured_from_layer(layer: Any, genes: list[str], slide_mpp: float) -> Measured:
+    """Measured spots from a napari Points layer (no napari import needed).
+
+    A layer read from an .h5ad (``metadata['h5ad_path']``, as ``io.anndata.read_h5ad_layers``
+    makes) is re-read from that file (raw counts, ``obsm['spatial']``). Otherwise positions
+    come from the layer's world (y, x) µm data (divided by ``slide_mpp`` into level-0 px) and
+    expression from its ``features`` columns named like panel genes.
+    """
+    import pandas as pd
+
+    name = str(getattr(layer, "name", "layer"))
+    meta = getattr(layer, "metadata", {}) or {}
+    path = meta.get("h5ad_path")
+    if path and Path(path).is_file():
+        return measured_from_anndata(path, genes)
+    feats = getattr(layer, "features", None)
+    if feats is None or not isinstance(feats, pd.DataFrame):
+        raise StgenError(f"layer {name!r}: no features table with gene columns")
+    import anndata
+
+    cols = [c for c in feats.columns if str(c) in set(genes)]
+    if not cols:
+        raise StgenError(
+            f"layer {name!r}: none of its feature columns is in the model's {len(genes)}-gene panel"
+        )
+    yx = np.asarray(layer.data, np.float64)[:, -2:]
+    a = anndata.AnnData(X=feats[cols].to_numpy(np.float32))
+    a.var_names = [str(c) for c in cols]
+    a.obsm["spatial"] = yx[:, ::-1] / float(slide_mpp)
+    return measured_from_anndata(a, genes, source=f"layer {name!r}")
+
+
 # ----------------------------------------------------------------------------- windows
 def neighbour_order(query_xy: np.ndarray, site_xy: np.ndarray, k: int, radius: float):
     """Indices (Q, k) of the k nearest sites to each query (−1 beyond ``radius`` / missing)."""
@@ -287,6 +319,7 @@ class HistoTxPredictor:
         self.patch_px = int(card.get("patch_px", PATCH_PX))
         self.patch_um = float(card.get("patch_um", PATCH_UM))
         self.mpp = self.patch_um / self.patch_px
+        self.tile_um = float(card.get("tile_um", self.patch_um / 2))
         self.name = str(card.get("name", path.stem))
         self.n_codes = 0
         self.batch_size = 64
@@ -391,6 +424,8 @@ class MeasuredContext:
     feats: np.ndarray  # (M, F)
     xy_um: np.ndarray  # (M, 2)
     mpp: float
+    model: Any = None  # a copy adapted to these spots (``adapt_steps`` > 0), else None
+    adapt_steps: int = 0
 
 
 @dataclass
@@ -444,12 +479,18 @@ def _all_features(slide, pred, xy_px, mpp, cancel=None) -> np.ndarray:
 
 
 def prepare_measured(
-    slide: Any, model: Any, measured: Any, mpp: float | None = None, cancel: Any = None
+    slide: Any,
+    model: Any,
+    measured: Any,
+    mpp: float | None = None,
+    cancel: Any = None,
+    adapt_steps: int = 0,
 ) -> MeasuredContext:
     """Measured spots (AnnData, .h5ad path or ``Measured``) with image features on ``slide``.
 
-    Compute once per (slide, measured file) and pass to ``predict_with_measurements`` /
-    ``predict_tiles`` (a widget keeps it while the measured layer is unchanged).
+    ``adapt_steps`` > 0 also fine-tunes a copy of the model by masking on these spots
+    (test-time adaptation; about a second per 10 steps on one CPU core). Compute once per
+    (slide, measured file) and pass to ``predict_with_measurements`` / ``predict_tiles``.
     """
     pred = _as_predictor(model)
     m = slide_mpp(slide, mpp)
@@ -457,7 +498,20 @@ def prepare_measured(
         measured if isinstance(measured, Measured) else measured_from_anndata(measured, pred.genes)
     )
     feats = _all_features(slide, pred, meas.xy_px, m, cancel)
-    return MeasuredContext(meas, feats, meas.xy_px * m, m)
+    ctx = MeasuredContext(meas, feats, meas.xy_px * m, m)
+    if adapt_steps > 0 and len(feats) >= 4:
+        from ..training.histotx import adapt_to_measured
+
+        if cancel is not None:
+            cancel.check()
+        y = meas.expr.copy()
+        # genes the file lacks: the model's own mean, so they add no error signal
+        y[:, ~meas.present] = pred.model.y_mean.cpu().numpy()[~meas.present]
+        net = adapt_to_measured(pred.model.cpu(), feats, ctx.xy_um, y, steps=adapt_steps)
+        pred.model.to(pred.device)
+        ctx.model = net.to(pred.device)
+        ctx.adapt_steps = adapt_steps
+    return ctx
 
 
 def iter_predict(
@@ -500,8 +554,9 @@ def iter_predict(
             )
         else:
             args = (query_feats, q_um, None, None, None)
+        net = context.model if use and context.model is not None else pred.model
         expr, nctx = predict_sites(
-            pred.model,
+            net,
             qf,
             q_um[sl],
             *args,
@@ -525,13 +580,15 @@ def predict_with_measurements(
     image_only: bool = False,
     progress: Callable[[int, int], None] | None = None,
     batch: int = 64,
+    adapt_steps: int = 0,
 ) -> HistoTxResult:
     """Expression at level-0 pixel centres (x, y) of ``slide`` from the image and, when given,
     the measured spots (AnnData, .h5ad path, ``Measured`` or a prepared ``MeasuredContext``).
 
     ``slide``: a Slide or an (H, W, 3) array (then ``mpp`` is required). ``image_only``
-    ignores the measurements (for comparison). StgenError for measured spots without
-    ``obsm['spatial']`` or whose genes do not overlap the panel.
+    ignores the measurements (for comparison); ``adapt_steps``: see ``prepare_measured``.
+    StgenError for measured spots without ``obsm['spatial']`` or whose genes do not overlap
+    the panel.
     """
     pred = _as_predictor(model)
     m = slide_mpp(slide, mpp)
@@ -546,7 +603,7 @@ def predict_with_measurements(
             )
             ctx = MeasuredContext(meas, np.zeros((0, 120), np.float32), np.zeros((0, 2)), m)
         else:
-            ctx = prepare_measured(slide, pred, measured, m)
+            ctx = prepare_measured(slide, pred, measured, m, adapt_steps=adapt_steps)
     expr = np.zeros((len(c), len(pred.genes)), np.float32)
     nctx = np.zeros(len(c), np.int64)
     for sl, e, n in iter_predict(slide, pred, c, ctx, mpp=m, image_only=image_only, batch=batch):
@@ -560,6 +617,7 @@ def predict_with_measurements(
         info.update(
             measured_source=meas.source,
             measured_spots=len(meas.xy_px),
+            adapt_steps=int(getattr(ctx, "adapt_steps", 0)),
             genes_overlap=meas.n_overlap,
             notes=meas.notes,
         )

@@ -347,6 +347,7 @@ def model_card(model, panel: list[str], bench: list[str], tcfg: TrainConfig, **e
         "patch_px": PATCH_PX,
         "patch_um": PATCH_UM,
         "mpp": PATCH_UM / PATCH_PX,
+        "tile_um": PATCH_UM / 2,  # the spot-sized centre a prediction is for
         "image_features": FEATURES,
         "normalization": "log1p(counts / total * 1e4) per spot (CP10k over all genes)",
         "window": {
