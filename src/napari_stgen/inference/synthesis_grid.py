@@ -17,9 +17,10 @@ The Synthesize widget's library (no Qt, no napari)::
   3×3-tile neighbourhood on the slide.
 - **Seams.** All tiles are denoised together on one latent canvas (MultiDiffusion): at every
   sampler step each tile's guided velocity is computed and the overlapping velocities are
-  averaged with feathered weights, so neighbouring tiles agree in their overlap; each tile is
-  then decoded and the decoded tiles are feather-blended in pixel space. A single-tile region
-  gives exactly ``napari_stgen.inference.synthesis.synthesize``'s tile.
+  averaged with feathered weights, so neighbouring tiles share one latent in their overlap.
+  The canvas is then decoded in one piece (the decoder is convolutional), so the image has
+  no seam at all; very large canvases are decoded tile by tile and feather-blended. A
+  single-tile region gives exactly ``napari_stgen.inference.synthesis.synthesize``'s tile.
 - **Record.** Every image carries a record accepted by ``napari_stgen.io.anndata.GeneratedTile``
   (region µm, gene vector, per-tile vectors, offsets, guidance, steps, seed, model checksum).
 
@@ -56,6 +57,7 @@ __all__ = [
     "read_contexts",
     "iter_generate",
     "iter_synthesize",
+    "seam_disagreement",
     "collect",
     "informative_genes",
     "slider_range",
@@ -63,6 +65,7 @@ __all__ = [
 
 R = TypeVar("R")
 LATENT_FACTOR = 4  # the tile autoencoder downsamples ×4
+MAX_CANVAS_DECODE_PX = 1024 * 1024  # larger canvases are decoded tile by tile, feathered
 
 
 # ----------------------------------------------------------------------------- model
@@ -479,6 +482,8 @@ def iter_generate(
     guidance_morph: float | None = None,
     cancel: Any = None,
     batch_size: int = 32,
+    share_overlap: bool = True,
+    tiles_out: list | None = None,
 ) -> Generator[tuple[int, int], None, np.ndarray]:
     """Denoise all tiles of ``plan`` on one latent canvas; returns uint8 (H, W, 3) = region.
 
@@ -486,6 +491,11 @@ def iter_generate(
     Yields (done, total) per sampler step and tile batch, then per decoded batch; raises
     ``Cancelled`` at the next step after ``cancel`` is set. Noise is drawn for the whole
     latent canvas from a CPU generator seeded with ``seed``: same inputs → same pixels.
+    ``share_overlap=False`` denoises every tile on its own (same initial noise; only the
+    pixel feathering joins them) — for comparison. The shared latent canvas is decoded in
+    one piece (up to ``MAX_CANVAS_DECODE_PX``; beyond, or when ``tiles_out`` is a list, tile
+    by tile with feathered blending; ``tiles_out`` then receives the decoded tiles, uint8
+    (N, t, t, 3)).
     """
     import torch
 
@@ -507,9 +517,14 @@ def iter_generate(
     lt = cfg.latent_px
     ch, cw = plan.canvas_hw
     ly, lx = (plan.tile_yx // f).T
+    n = plan.n_tiles
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     x = torch.randn((1, cfg.latent_ch, ch // f, cw // f), generator=gen).to(model.device)
-    n = plan.n_tiles
+
+    def crops_of(canvas: Any, idx: Sequence[int]) -> Any:
+        return torch.stack([canvas[0, :, ly[i] : ly[i] + lt, lx[i] : lx[i] + lt] for i in idx])
+
+    own = None if share_overlap else crops_of(x, range(n))  # per-tile latents
     wl = torch.as_tensor(_window(lt, plan.overlap_px // f), device=model.device)
     wsum = torch.zeros((ch // f, cw // f), device=model.device)
     for i in range(n):
@@ -522,52 +537,78 @@ def iter_generate(
     with torch.inference_mode():
         for s in range(steps):
             tok.check()
-            acc = torch.zeros_like(x[0]) if n > 1 else None
-            vs = []
+            dt = float(ts[s + 1] - ts[s])
+            acc = torch.zeros_like(x[0])
             for b0 in range(0, n, batch_size):
-                sl = slice(b0, min(b0 + batch_size, n))
-                crops = torch.stack(
-                    [
-                        x[0, :, ly[i] : ly[i] + lt, lx[i] : lx[i] + lt]
-                        for i in range(sl.start, sl.stop)
-                    ]
-                )
+                idx = range(b0, min(b0 + batch_size, n))
+                sl = slice(idx.start, idx.stop)
+                crops = crops_of(x, idx) if own is None else own[sl]
                 t = torch.full((len(crops),), float(ts[s]), device=model.device)
                 v = guided_velocity(model.dit, crops, t, pool[sl], gz[sl], morph[sl], has_m, sg, sm)
-                if acc is None:
-                    vs.append(v)
+                if own is not None:
+                    own[sl] = crops + dt * v
+                elif n == 1:
+                    acc = v[0]
                 else:
-                    for k, i in enumerate(range(sl.start, sl.stop)):
+                    for k, i in enumerate(idx):
                         acc[:, ly[i] : ly[i] + lt, lx[i] : lx[i] + lt] += v[k] * wl
                 done += 1
                 yield (done, total)
-            vel = vs[0] if acc is None else (acc / wsum)[None]
-            x = x + float(ts[s + 1] - ts[s]) * vel
-        z = x / model.latent_scale
-        th, tw = plan.tile_px, plan.tile_px
-        if n == 1:
-            img = tensor_to_images(model.ae.decode(z))[0]
-            done += 1
+            if own is None:
+                x = x + dt * (acc[None] if n == 1 else (acc / wsum)[None])
+        th = plan.tile_px
+        whole = own is None and n > 1 and ch * cw <= MAX_CANVAS_DECODE_PX and tiles_out is None
+        if whole:
+            # one decode of the shared latent canvas: no seams in pixel space at all
+            img = tensor_to_images(model.ae.decode(x / model.latent_scale))[0]
+            done += nb
             yield (done, total)
         else:
             wp = torch.as_tensor(_window(th, plan.overlap_px), device=model.device)
             out = torch.zeros((3, ch, cw), device=model.device)
             psum = torch.zeros((ch, cw), device=model.device)
+            decoded = []
             for b0 in range(0, n, batch_size):
                 tok.check()
                 idx = range(b0, min(b0 + batch_size, n))
-                zc = torch.stack([z[0, :, ly[i] : ly[i] + lt, lx[i] : lx[i] + lt] for i in idx])
-                dec = model.ae.decode(zc).clamp(-1, 1)
-                for k, i in enumerate(idx):
-                    py, px = int(plan.tile_yx[i, 0]), int(plan.tile_yx[i, 1])
-                    out[:, py : py + th, px : px + tw] += dec[k] * wp
-                    psum[py : py + th, px : px + tw] += wp
+                zc = crops_of(x, idx) if own is None else own[idx.start : idx.stop]
+                dec = model.ae.decode(zc / model.latent_scale)
+                decoded.append(dec)
+                if n > 1:
+                    for k, i in enumerate(idx):
+                        py, px = int(plan.tile_yx[i, 0]), int(plan.tile_yx[i, 1])
+                        out[:, py : py + th, px : px + th] += dec[k].clamp(-1, 1) * wp
+                        psum[py : py + th, px : px + th] += wp
                 done += 1
                 yield (done, total)
-            img = tensor_to_images((out / psum)[None])[0]
+            dec_all = torch.cat(decoded)
+            if tiles_out is not None:
+                tiles_out.append(tensor_to_images(dec_all))
+            img = (
+                tensor_to_images(dec_all)[0] if n == 1 else tensor_to_images((out / psum)[None])[0]
+            )
     oy, ox = plan.offset
     h, w = plan.out_hw
     return np.ascontiguousarray(img[oy : oy + h, ox : ox + w])
+
+
+def seam_disagreement(tiles: np.ndarray, plan: SynthesisPlan) -> float:
+    """Mean |difference| (0–255) of neighbouring decoded tiles over their shared overlap.
+
+    0 means neighbours agree pixel for pixel where they overlap (no ghosting at the seams).
+    """
+    t = np.asarray(tiles, np.float32)
+    pos = {(int(y), int(x)): i for i, (y, x) in enumerate(plan.tile_yx)}
+    st, ov = plan.stride_px, plan.overlap_px
+    diffs = []
+    for (y, x), i in pos.items():
+        j = pos.get((y, x + st))
+        if j is not None and ov:
+            diffs.append(np.abs(t[i][:, st:] - t[j][:, :ov]).mean())
+        j = pos.get((y + st, x))
+        if j is not None and ov:
+            diffs.append(np.abs(t[i][st:] - t[j][:ov]).mean())
+    return float(np.mean(diffs)) if diffs else 0.0
 
 
 @dataclass
@@ -686,7 +727,9 @@ def make_record(
             "offset_genes": np.asarray(list(cond.offsets), dtype=object),
             "offset_values": np.asarray(list(cond.offsets.values()), np.float32),
             "variant": int(variant),
-            "blend": "multidiffusion-latent + feathered-pixel",
+            "blend": "multidiffusion latent canvas, decoded whole"
+            if plan.canvas_hw[0] * plan.canvas_hw[1] <= MAX_CANVAS_DECODE_PX
+            else "multidiffusion latent canvas, tiles decoded and feathered",
         },
     )
     return gt.to_metadata()
