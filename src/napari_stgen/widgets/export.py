@@ -192,7 +192,8 @@ class ExportWidget(QWidget):
 
     def _model_record(self) -> Any:
         st = self.state.store
-        pred = self.state._predictors.get(st.model_name or self.state.model_name)
+        loaded = getattr(self.state, "_predictors", {}) or {}
+        pred = loaded.get(st.model_name or self.state.model_name)
         if pred is not None and pred.checksum == st.model_checksum:
             return pred
         return {"name": st.model_name, "checksum": st.model_checksum}
