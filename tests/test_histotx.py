@@ -113,9 +113,15 @@ def test_measurements_pull_predictions_toward_measured(saved, c3, sample_slide_p
     pred = load_histotx(saved, device="cpu")
     meas_idx = np.arange(0, sec.n_spots, 2)
     h5 = tmp_path / "measured.h5ad"
-    _anndata(
-        sec.counts[meas_idx], sec.genes, sec.xy_px[meas_idx], [sec.barcodes[i] for i in meas_idx]
-    ).write_h5ad(h5)
+    # panel genes only, with the library size over the whole transcriptome in obs
+    ad = _anndata(
+        sec.counts[meas_idx][:, sec.gene_index(panel)],
+        panel,
+        sec.xy_px[meas_idx],
+        [sec.barcodes[i] for i in meas_idx],
+    )
+    ad.obs["total_counts"] = sec.counts[meas_idx].sum(1)
+    ad.write_h5ad(h5)
     q = sec.xy_px[meas_idx[:40]]
     with open_slide(sample_slide_path) as slide:
         fused = predict_with_measurements(slide, pred, q, str(h5))
@@ -171,10 +177,11 @@ def test_predict_tiles_on_sample_slide_with_measured_context(saved, c3, sample_s
     sec, _, _ = c3
     pred = load_histotx(saved, device="cpu")
     assert load_model(saved, device="cpu").kind == "histotx"
-    ad = _anndata(sec.counts, sec.genes, sec.xy_px, sec.barcodes)
+    near = np.flatnonzero(np.linalg.norm(sec.xy_px - sec.xy_px[0], axis=1) * sec.mpp < 1000)
+    ad = _anndata(sec.counts[near], sec.genes, sec.xy_px[near], [sec.barcodes[i] for i in near])
     with open_slide(sample_slide_path) as slide:
         ctx = prepare_measured(slide, pred, ad)
-        assert ctx.feats.shape == (sec.n_spots, 120)
+        assert ctx.feats.shape == (len(near), 120)
         x, y = sec.xy_px[0] * slide.mpp
         grid = slide_grid(slide, pred.tile_um)
         tiles = tiles_in_region(grid, (x - 300, y - 300, x + 300, y + 300))

@@ -514,6 +514,37 @@ def prepare_measured(
     return ctx
 
 
+_CONTEXTS: dict[tuple, MeasuredContext] = {}
+
+
+def cached_context(
+    slide: Any,
+    model: HistoTxPredictor,
+    measured: Any,
+    adapt_steps: int = 200,
+    cancel: Any = None,
+    max_items: int = 4,
+) -> MeasuredContext:
+    """``prepare_measured`` remembered per (slide, model, measured spots, adapt_steps), so a
+    widget that predicts again (live view, new ROI) reuses the features and adapted model.
+    ``measured``: a ``Measured``, AnnData or .h5ad path."""
+    import hashlib
+
+    meas = (
+        measured if isinstance(measured, Measured) else measured_from_anndata(measured, model.genes)
+    )
+    h = hashlib.sha1(np.ascontiguousarray(meas.xy_px).tobytes())
+    h.update(np.ascontiguousarray(meas.expr).tobytes())
+    key = (str(getattr(slide, "path", id(slide))), model.checksum, h.hexdigest(), adapt_steps)
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        ctx = prepare_measured(slide, model, meas, cancel=cancel, adapt_steps=adapt_steps)
+        while len(_CONTEXTS) >= max_items:
+            _CONTEXTS.pop(next(iter(_CONTEXTS)))
+        _CONTEXTS[key] = ctx
+    return ctx
+
+
 def iter_predict(
     slide: Any,
     model: Any,

@@ -43,7 +43,7 @@ class SpotSet:
 class TrainConfig:
     """Training hyper-parameters (stored in the model card)."""
 
-    steps: int = 800
+    steps: int = 500
     batch: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -422,3 +422,17 @@ def train_and_save(
         evaluation=evaluation,
     )
     return save_model(out, model, card)
+
+
+def attach_evaluation(
+    src: str | Path, dest: str | Path, evaluation: dict, command: str | None = None
+) -> Path:
+    """Copy a HistoTx checkpoint to ``dest`` with ``evaluation`` (and ``command``) in its card
+    (fold figures are measured after the default model is trained)."""
+    from ..models.checkpoint import load_checkpoint, save_checkpoint
+
+    tensors, card = load_checkpoint(src, KIND)
+    card["evaluation"] = evaluation
+    if command:
+        card["command"] = command
+    return save_checkpoint(dest, tensors, card)
