@@ -133,7 +133,9 @@ def predict_centres(
             (np.array([row_of[(int(r), int(c))] for r, c in b]), b)
             for b in split_blocks(t, block=side)
         ]
-        read = lambda job: read_tiles(slide, grid, job[1], predictor.patch_px)  # noqa: E731
+        read = lambda job: read_tiles(  # noqa: E731
+            slide, grid, job[1], predictor.patch_px, predictor.patch_um
+        )
     else:
         jobs = [(np.arange(i, min(i + bs, n)), None) for i in range(0, n, bs)]
         read = lambda job: read_patches(  # noqa: E731
@@ -220,7 +222,10 @@ def predict_slide(
             extra["spots_csv"] = str(Path(spots).resolve())
         else:
             predictor = predictor or _load(model, device)
-            tiles, xy, g = grid_centres(slide, predictor.patch_um, r)
+            from .tiles import tile_um_of
+
+            # the cell a model predicts for (the centre of a multiscale model's context window)
+            tiles, xy, g = grid_centres(slide, tile_um_of(predictor), r)
             if len(tiles) == 0:
                 raise StgenError(f"{slide_path}: no tissue found" + (" in --region" if r else ""))
             obs_names = [f"tile_{a}_{b}" for a, b in tiles]
