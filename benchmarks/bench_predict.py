@@ -240,12 +240,30 @@ def _soak(app, viewer, widget, slide, pred, n_moves, wait_idle):
     }
 
 
+def print_latency(lat: dict) -> None:
+    print(
+        f"viewport 1920x1080 µm: {lat['all_tiles']['tiles']} tiles "
+        f"({lat['tissue_only']['tiles']} tissue)"
+    )
+    print(
+        f"engine {lat['all_tiles']['engine_s']:.2f} s, naive loop "
+        f"{lat['naive_all_tiles_s']:.2f} s ({lat['naive_tiles_timed']} tiles timed) -> "
+        f"{lat['speedup_vs_naive']:.1f}x faster"
+    )
+    print(
+        f"tissue-only {lat['tissue_only']['engine_s']:.2f} s, first batch "
+        f"{lat['tissue_only']['first_batch_s']:.2f} s, cached revisit "
+        f"{lat['tissue_only']['cached_revisit_s'] * 1000:.1f} ms"
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--moves", type=int, default=1000)
     ap.add_argument("--skip-soak", action="store_true")
     ap.add_argument("--skip-gui", action="store_true")
+    ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--model", default="default")
     ap.add_argument("--repeats", type=int, default=3, help="engine runs (median)")
     ap.add_argument(
@@ -285,27 +303,16 @@ def main(argv=None) -> int:
         },
         "viewport_um": [round(v, 1) for v in region],
     }
-    report["latency"] = bench_latency(slide, pred, region, args.repeats, args.naive_tiles)
-    lat = report["latency"]
-    print(
-        f"viewport 1920x1080 µm: {lat['all_tiles']['tiles']} tiles "
-        f"({lat['tissue_only']['tiles']} tissue)"
-    )
-    print(
-        f"engine {lat['all_tiles']['engine_s']:.2f} s, naive loop "
-        f"{lat['naive_all_tiles_s']:.2f} s -> {lat['speedup_vs_naive']:.1f}x faster"
-    )
-    print(
-        f"tissue-only {lat['tissue_only']['engine_s']:.2f} s, first batch "
-        f"{lat['tissue_only']['first_batch_s']:.2f} s, cached revisit "
-        f"{lat['tissue_only']['cached_revisit_s'] * 1000:.1f} ms"
-    )
+    if not args.skip_latency:
+        report["latency"] = bench_latency(slide, pred, region, args.repeats, args.naive_tiles)
+        print_latency(report["latency"])
     if not args.skip_gui:
         gui, soak = bench_gui(sample_slide_path(), args.moves, not args.skip_soak)
         report["gui"], report["soak"] = gui, soak
         print(
             f"widget: {gui['tiles']} tiles in {gui['widget_latency_s']:.2f} s, longest "
-            f"event-loop stall {gui['max_event_loop_stall_ms']:.0f} ms"
+            f"event-loop stall {gui['max_event_loop_stall_ms']:.0f} ms (same heartbeat, "
+            f"idle, same run: {gui['idle_max_gap_ms']:.0f} ms)"
         )
         if soak:
             print(f"soak: {soak['moves']} moves, RSS growth {soak['rss_growth_mb']:.1f} MB")

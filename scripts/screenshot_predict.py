@@ -107,6 +107,7 @@ def main(argv=None) -> int:
         edge_color="cyan",
         face_color="transparent",
         edge_width=20,
+        units=("um", "um"),
     )
     w.mode_combo.setCurrentText("ROI layer")
     w.roi_combo.setCurrentText("ROI")

@@ -148,6 +148,7 @@ class PredictWidget(QWidget):
         self._panel: list[str] = []
         self._watched: Any = None
         self._closed = False
+        self._done = 0
         self._build_ui()
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -460,15 +461,25 @@ class PredictWidget(QWidget):
             _, pred, grid, n = msg
             self.state.store.ensure(self.state.slide, pred, grid)
             self._close_pbar()
+            self._done = 0
+            self.status_label.setText(
+                f"{n} tissue tiles to predict" if n else "no tissue tiles in this region"
+            )
             from napari.utils import progress
 
-            self._pbar = progress(total=max(n, 1), desc="Predicting expression")
-            self.status_label.setText(f"{n} tissue tiles to predict")
-            if n == 0:
-                self.status_label.setText("no tissue tiles in this region")
+            # creating a progress bar may process events, so batches can arrive (re-entrantly)
+            # before it exists: it starts from what is already done
+            pbar = progress(total=max(n, 1), desc="Predicting expression")
+            if token.cancelled or self._closed:
+                pbar.close()
+                return
+            self._pbar = pbar
+            pbar.n = self._done
+            pbar.refresh()
             return
         part = msg[1]
         self.state.store.add_result(part)
+        self._done = part.done
         # heatmaps per batch (cheap, in place); the all-gene hover layer once at the end
         self._redraw_all(part.tiles, points=False)
         if self._pbar is not None:
