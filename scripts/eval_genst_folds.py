@@ -52,40 +52,58 @@ def plot_folds(res: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_maps(data: Path, holdout: str, genes: list[str], path: Path, threads: int) -> None:
-    """Train without ``holdout``, then draw measured vs predicted maps of ``genes``."""
+def plot_maps(fold: dict, genes: list[str], path: Path) -> None:
+    """Measured vs predicted maps of ``genes`` on a fold's held-out section (from the fold's
+    saved spot predictions: the model never saw this section)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from napari_stgen.training.data import load_dataset
-    from napari_stgen.training.genst import TrainConfig, predict_patches, train_genst
     from napari_stgen.training.metrics import pearson_per_gene
 
-    secs, panel, bench = load_dataset(data)
-    te = next(s for s in secs if s.name == holdout)
-    tr = [s for s in secs if s.name != holdout]
-    model, _ = train_genst(tr, panel, None, TrainConfig(threads=threads), progress=True)
-    pred, _ = predict_patches(model, te.patches, tta=4)
-    fig, axes = plt.subplots(2, len(genes), figsize=(2.6 * len(genes), 5.2), dpi=110)
-    xy = te.xy_px
+    sp = fold["spot_predictions"]
+    xy = np.asarray(sp["xy_px"])
+    meas, pred = np.asarray(sp["measured"]), np.asarray(sp["predicted"])
+    genes = [g for g in genes if g in sp["genes"]]
+    fig, axes = plt.subplots(2, len(genes), figsize=(2.6 * len(genes), 5.4), dpi=110)
     for j, g in enumerate(genes):
-        k = panel.index(g)
-        r = pearson_per_gene(pred[:, [k]], te.y[:, [k]])[0]
-        for i, (vals, lab) in enumerate(((te.y[:, k], "measured"), (pred[:, k], "predicted"))):
+        k = sp["genes"].index(g)
+        r = pearson_per_gene(pred[:, [k]], meas[:, [k]])[0]
+        for i, (vals, lab) in enumerate(((meas[:, k], "measured"), (pred[:, k], "predicted"))):
             ax = axes[i, j]
-            ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=14, cmap="magma")
+            ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=12, cmap="magma")
             ax.set_aspect("equal")
             ax.invert_yaxis()
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{g} {lab}" + (f" r={r:.2f}" if i else ""), fontsize=8)
-    fig.suptitle(f"GenST on held-out section {holdout} (trained on the other four)", fontsize=9)
+            ax.set_title(f"{g} {lab}" + (f" (r={r:.2f})" if i else ""), fontsize=8)
+    fig.suptitle(
+        f"GenST, held-out section {fold['holdout']} (trained on the other four); log1p CP10k",
+        fontsize=9,
+    )
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".partial.png")
     fig.savefig(tmp)
     os.replace(tmp, path)
+
+
+def update_card(path: Path, res: dict) -> None:
+    """Re-save a checkpoint (same tensors) with the fold figures in its model card."""
+    from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
+
+    tensors, card = load_checkpoint(path, "genst")
+    card["evaluation"] = {
+        "protocol": res["protocol"],
+        "machine": res["machine"],
+        "command": "python scripts/eval_genst_folds.py (per fold: stgen evaluate genst "
+        "--data ../shared/data/her2st --holdout SECTION)",
+        "headline": "genst = decoded from the nearest gene code (card architecture.decode), "
+        "4-rotation TTA; _smoothed = test-time smoothing over neighbouring spots",
+        "mean": res["mean"],
+        "per_fold": res["per_fold"],
+    }
+    save_checkpoint(path, tensors, card)
 
 
 def main(argv=None) -> int:
@@ -99,7 +117,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cnn-epochs", type=int, default=30)
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--merge", nargs="*", default=None, help="combine per-fold JSON files")
-    ap.add_argument("--maps", default=None, help="held-out section for the map figure")
+    ap.add_argument(
+        "--update-card", type=Path, default=None, help="write the fold figures into this card"
+    )
+    ap.add_argument("--maps", nargs="*", default=["C3"], help="held-out sections to map")
     ap.add_argument("--map-genes", nargs="*", default=["ERBB2", "IGKC", "COL1A1", "MUCL1"])
     args = ap.parse_args(argv)
 
@@ -110,15 +131,6 @@ def main(argv=None) -> int:
     from napari_stgen.training.genst import TrainConfig
 
     torch.set_num_threads(args.threads)
-    if args.maps:
-        plot_maps(
-            args.data,
-            args.maps,
-            args.map_genes,
-            Path(f"docs/images/genst_maps_{args.maps}.png"),
-            args.threads,
-        )
-        return 0
     results = []
     if args.merge:
         for f in args.merge:
@@ -154,6 +166,12 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(res, indent=2) + "\n")
     os.replace(tmp, args.out)
     plot_folds(res, args.plot)
+    if args.update_card:
+        update_card(args.update_card, res)
+    for r in results:
+        if r["holdout"] in (args.maps or []) and "spot_predictions" in r:
+            out = args.plot.with_name(f"genst_maps_{r['holdout']}.png")
+            plot_maps(r, args.map_genes, out)
     print(json.dumps({"mean": mean, "per_fold": res["per_fold"]}, indent=2))
     return 0
 

@@ -83,7 +83,8 @@ def _train(args: argparse.Namespace) -> int:
 def _strip(res: dict) -> dict:
     def walk(d):
         if isinstance(d, dict):
-            return {k: walk(v) for k, v in d.items() if k != "per_gene"}
+            drop = ("per_gene", "spot_predictions")
+            return {k: walk(v) for k, v in d.items() if k not in drop}
         return d
 
     return walk(res)

@@ -100,9 +100,16 @@ def run_fold(
             full = np.zeros((len(e), len(panel)), np.float32)
             full[:, idx_panel] = e[:, idx_model]
             genst[f"{mode}_tta{tta}"] = evaluate_predictions(full, te, idx_panel)
+            if mode == net.cfg.decode and tta == 4:
+                res["spot_predictions"] = {
+                    "barcodes": list(te.barcodes),
+                    "xy_px": np.round(te.xy_px, 1).tolist(),
+                    "genes": bench,
+                    "measured": np.round(te.y[:, idx_panel], 4).tolist(),
+                    "predicted": np.round(full[:, idx_panel], 4).tolist(),
+                    "gene_code": codes.tolist(),
+                }
             if mode == "soft" and tta == 4:
-                from ..models.layers import VectorQuantizerEMA  # noqa: F401
-
                 counts = np.bincount(codes, minlength=net.cfg.gene_codes)
                 p = counts / counts.sum()
                 ent = -(p[p > 0] * np.log(p[p > 0])).sum()

@@ -27,7 +27,7 @@ from .data import SectionData
 class TrainConfig:
     """Training hyper-parameters (stored in the model card)."""
 
-    epochs: int = 30
+    epochs: int = 20
     batch: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
