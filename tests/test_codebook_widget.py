@@ -31,7 +31,7 @@ def test_codebook_after_prediction_and_names_in_export(
     grid, tissue = engine.plan_whole_slide(slide, pred)
     cam = camera_of(viewer)
     cam.center = tuple(np.median(tissue, axis=0) * grid.tile_um)
-    cam.zoom = max(viewer.canvas.size) / (8 * grid.tile_um)
+    cam.zoom = max(viewer.canvas.size) / (5 * grid.tile_um)
     pw.predict()
     qtbot.waitUntil(lambda: not pw.workers, timeout=TIMEOUT)
     n = len(st.store)
