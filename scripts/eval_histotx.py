@@ -55,7 +55,7 @@ def plot(res: dict, path: Path) -> None:
 
     folds = [f["holdout"] for f in res["folds"]]
     present = [(k, lab) for k, lab in METHODS if any(k in f["summary"] for f in res["folds"])]
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4.6), dpi=120)
     w = 0.8 / len(present)
     for i, (k, lab) in enumerate(present):
         vals = [f["summary"].get(k, np.nan) for f in res["folds"]]
@@ -64,7 +64,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xticks(np.arange(len(folds) + 1), folds + ["mean"])
     ax.set_ylabel("mean Pearson, hidden spots (top-50)")
     ax.set_title("HER2ST leave-one-section-out, half of the held-out spots hidden")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial.png")

@@ -34,7 +34,7 @@ def measured_h5ad(her2st_dir, tmp_path):
 
 
 def test_widget_uses_measured_spots_layer(
-    make_napari_viewer, qtbot, sample_slide_path, measured_h5ad
+    make_napari_viewer, qtbot, sample_slide_path, measured_h5ad, monkeypatch
 ):
     import torch
 
@@ -42,6 +42,7 @@ def test_widget_uses_measured_spots_layer(
     from napari_stgen.models.checkpoint import WEIGHTS_DIR
 
     torch.set_num_threads(1)
+    monkeypatch.setattr(histotx, "DEFAULT_ADAPT_STEPS", 20)  # keep the test short
     ckpt = WEIGHTS_DIR / "histotx_default.safetensors"
     if not ckpt.is_file():
         pytest.skip("no shipped HistoTx checkpoint (weights/histotx_default.safetensors)")

@@ -515,21 +515,25 @@ def prepare_measured(
 
 
 _CONTEXTS: dict[tuple, MeasuredContext] = {}
+DEFAULT_ADAPT_STEPS = 200  # test-time adaptation steps widgets use (see ``prepare_measured``)
 
 
 def cached_context(
     slide: Any,
     model: HistoTxPredictor,
     measured: Any,
-    adapt_steps: int = 200,
+    adapt_steps: int | None = None,
     cancel: Any = None,
     max_items: int = 4,
 ) -> MeasuredContext:
     """``prepare_measured`` remembered per (slide, model, measured spots, adapt_steps), so a
     widget that predicts again (live view, new ROI) reuses the features and adapted model.
-    ``measured``: a ``Measured``, AnnData or .h5ad path."""
+    ``measured``: a ``Measured``, AnnData or .h5ad path; ``adapt_steps`` defaults to
+    ``DEFAULT_ADAPT_STEPS``."""
     import hashlib
 
+    if adapt_steps is None:
+        adapt_steps = DEFAULT_ADAPT_STEPS
     meas = (
         measured if isinstance(measured, Measured) else measured_from_anndata(measured, model.genes)
     )
