@@ -117,7 +117,7 @@ def _process(app, seconds):
         time.sleep(0.002)
 
 
-def bench_gui(slide_path, n_moves, do_soak):
+def bench_gui(slide_path, n_moves, do_soak, dask_cache_mb=None):
     import napari
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
@@ -126,6 +126,12 @@ def bench_gui(slide_path, n_moves, do_soak):
     from napari_stgen.widgets.predict import camera_of
 
     viewer = napari.Viewer(show=True)
+    if dask_cache_mb is not None:
+        # napari caches computed dask chunks (25 % of RAM by default) while you browse: bound
+        # it to tell napari's cache from growth of our own
+        from napari.utils import resize_dask_cache
+
+        resize_dask_cache(int(dask_cache_mb * 2**20))
     viewer.open(str(slide_path), plugin="napari-stgen")
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-stgen", "Predict expression")
     app = QApplication.instance()
@@ -264,6 +270,12 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-soak", action="store_true")
     ap.add_argument("--skip-gui", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument(
+        "--napari-dask-cache-mb",
+        type=float,
+        default=None,
+        help="resize napari's opportunistic dask chunk cache (0 = off); default: napari's",
+    )
     ap.add_argument("--model", default="default")
     ap.add_argument("--repeats", type=int, default=3, help="engine runs (median)")
     ap.add_argument(
@@ -307,7 +319,10 @@ def main(argv=None) -> int:
         report["latency"] = bench_latency(slide, pred, region, args.repeats, args.naive_tiles)
         print_latency(report["latency"])
     if not args.skip_gui:
-        gui, soak = bench_gui(sample_slide_path(), args.moves, not args.skip_soak)
+        gui, soak = bench_gui(
+            sample_slide_path(), args.moves, not args.skip_soak, args.napari_dask_cache_mb
+        )
+        report["napari_dask_cache_mb"] = args.napari_dask_cache_mb
         report["gui"], report["soak"] = gui, soak
         print(
             f"widget: {gui['tiles']} tiles in {gui['widget_latency_s']:.2f} s, longest "
