@@ -84,7 +84,8 @@ def merge(a) -> int:
     """Combine per-fold JSON files (one run per fold, e.g. run in parallel) into ``--out``."""
     parts = [json.loads(Path(p).read_text()) for p in a.merge]
     res = dict(parts[0])
-    res["folds"] = sorted((f for p in parts for f in p["folds"]), key=lambda f: f["holdout"])
+    folds = [f for p in parts for f in p.get("folds", [p] if "holdout" in p else [])]
+    res["folds"] = sorted(folds, key=lambda f: f["holdout"])
     res["commands"] = [p.get("command") for p in parts]
     res["mean"] = _means(res)
     out = Path(a.out)

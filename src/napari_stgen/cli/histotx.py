@@ -41,6 +41,7 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps when training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hide", type=float, default=0.5, help="fraction of held-out spots hidden")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the hidden/visible split")
     p.add_argument(
         "--adapt-steps",
         type=int,
@@ -111,6 +112,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model=args.model,
         genst_model=args.genst,
         hide_frac=args.hide,
+        split_seed=args.split_seed,
         adapt_steps=max(0, args.adapt_steps),
         gp=not args.no_gp,
         cache_dir=args.cache,
