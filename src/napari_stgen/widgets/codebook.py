@@ -208,6 +208,12 @@ class CodebookWidget(QWidget):
         if self._closed:
             return
         self.predictor, self.profiles = res
+        if not self.predictor.n_codes:
+            self.profiles = None
+            self.health_label.setText(
+                f"{self.predictor.name} has no gene codebook; choose a GenST model to explore codes"
+            )
+            return
         self.code_spin.setRange(0, self.predictor.n_codes - 1)
         self.refresh()
 

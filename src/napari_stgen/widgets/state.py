@@ -234,9 +234,11 @@ class StgenState:
         with self._lock:
             pred = self._predictors.get(name)
             if pred is None:
-                from napari_stgen.inference.predictor import load_genst
-
-                pred = load_genst(name)
+                try:  # GenST or HistoTx by the checkpoint card's kind
+                    from napari_stgen.inference.histotx import load_model
+                except ImportError:  # pragma: no cover - HistoTx not installed
+                    from napari_stgen.inference.predictor import load_genst as load_model
+                pred = load_model(name)
                 self._predictors[name] = pred
                 self._predictors.setdefault(pred.name, pred)  # also by card name
             return pred
