@@ -190,3 +190,26 @@ def test_predict_tiles_on_sample_slide_with_measured_context(saved, c3, sample_s
     assert res.total == len(tiles) == len(res) and (res.code == -1).all()
     assert np.isfinite(res.expr).all() and res.expr.shape == (len(tiles), len(pred.genes))
     assert not np.allclose(res.expr, alone.expr)
+
+
+def test_measured_from_points_layer_features(c3):
+    """A Points layer without an .h5ad behind it: µm (y, x) data + gene feature columns."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from napari_stgen.errors import StgenError
+    from napari_stgen.inference.histotx import measured_from_layer
+
+    sec, s, panel = c3
+    feats = pd.DataFrame(s.y[:10], columns=panel).drop(columns=panel[-5:])  # log1p, 15 genes
+    layer = SimpleNamespace(
+        name="spots", metadata={}, features=feats, data=sec.xy_px[:10, ::-1] * sec.mpp
+    )
+    m = measured_from_layer(layer, panel, sec.mpp)
+    np.testing.assert_allclose(m.xy_px, sec.xy_px[:10])
+    assert m.n_overlap == 15 and not m.present[-5:].any()
+    np.testing.assert_allclose(m.expr[:, :15], s.y[:10, :15], rtol=1e-6)
+    layer.features = pd.DataFrame({"area": np.ones(10)})
+    with pytest.raises(StgenError, match="spots"):
+        measured_from_layer(layer, panel, sec.mpp)
