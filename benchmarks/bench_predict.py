@@ -193,12 +193,16 @@ def bench_gui(slide_path, n_moves, do_soak, dask_cache_mb=None):
     QThreadPool.globalInstance().waitForDone(30_000)
     gc.collect()
     _process(app, 0.5)
+    py_closed, os_closed = threading.active_count(), os_threads()
+    _process(app, 35.0)  # Qt expires idle pool threads after 30 s
     gui["after_close"] = {
+        "python_threads_just_after_close": py_closed,
+        "os_threads_just_after_close": os_closed,
         "qt_pool_active": QThreadPool.globalInstance().activeThreadCount(),
         "python_threads_before_close": py_before,
-        "python_threads_after_close": threading.active_count(),
+        "python_threads_35s_after_close": threading.active_count(),
         "os_threads_before_close": os_before,
-        "os_threads_after_close": os_threads(),
+        "os_threads_35s_after_close": os_threads(),
     }
     return gui, soak
 
