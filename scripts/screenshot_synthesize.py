@@ -10,7 +10,8 @@ Writes docs/images/synthesize_*.png:
 - ``synthesize_before_after.png``: the region as scanned | generated at the predicted profile |
   generated with ERBB2 raised, same seed;
 - ``synthesize_sweep_<GENE>.png``: a strip of one tile generated at increasing slider values
-  (same seed, same neighbourhood), with the value GenST re-predicts on each generated tile.
+  (same seed, same neighbourhood, gene guidance ``--sweep-guidance``), with the value GenST
+  re-predicts on each generated tile, and below it what changed (|tile − first| × 8).
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-um", type=float, default=300.0, help="edge of the drawn region")
     ap.add_argument("--sweep", type=int, default=6, help="tiles in the slider sweep")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--percentile", type=float, default=10.0, help="region: predicted-expression percentile"
+    )
+    ap.add_argument(
+        "--sweep-guidance", type=float, default=6.0, help="gene guidance for the slider sweep"
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -106,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     slide = st.set_slide_layer(viewer.layers[0])
     pred = st.predictor(args.genst)
     grid, tissue = engine.plan_whole_slide(slide, pred)
-    # the tissue cell where the default model predicts the most ERBB2 (a tumour region)
     res = engine.collect(engine.predict_tiles(slide, pred, tissue, grid=grid))
     st.store.ensure(slide, pred, grid)
     st.store.add_result(res)
@@ -119,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             for a, b in res.tiles
         ]
     )
-    score = np.where(interior, res.expr[:, gi], -np.inf)
+    # the interior tile at the given percentile of predicted expression (low: room to raise it)
+    vals = res.expr[interior, gi]
+    target = np.percentile(vals, args.percentile)
+    score = np.where(interior, -np.abs(res.expr[:, gi] - target), -np.inf)
     r, c = res.tiles[int(np.argmax(score))]
     cy, cx = (r + 0.5) * grid.tile_um, (c + 0.5) * grid.tile_um
     half = args.size_um / 2
@@ -195,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     pts.add([cy, cx])
     wait_idle()
     w.variants_spin.setValue(1)
+    w.guid_genes.setValue(args.sweep_guidance)
     tiles, repred = [], []
     values = np.linspace(lo, hi, args.sweep)
     # GenST reads a patch_um window around a tile: the generated tile pasted into the scanned
@@ -213,12 +223,23 @@ def main(argv: list[str] | None = None) -> int:
         win[o : o + t_px, o : o + t_px] = np.asarray(Image.fromarray(tile).resize((t_px, t_px)))
         patch = np.asarray(Image.fromarray(win).resize((pred.patch_px, pred.patch_px), Image.BOX))
         repred.append(float(pred.predict(patch[None]).expr[0, gi]))
-    sweep = _hstack(
+    top = _hstack(
         [
-            _label(t, f"{args.gene} {v:.2f}\nGenST {rp:.2f}", 3)
+            _label(t, f"{args.gene} {v:.2f}\nGenST {rp:.3f}", 3)
             for t, v, rp in zip(tiles, values, repred, strict=True)
         ]
     )
+    # what the slider changed: |tile - first tile|, amplified ×8
+    diffs = [np.clip(np.abs(t.astype(int) - tiles[0]) * 8, 0, 255).astype(np.uint8) for t in tiles]
+    bottom = _hstack(
+        [
+            _label(
+                255 - d, f"|Δ| vs first ×8\nmean {np.abs(t.astype(int) - tiles[0]).mean():.1f}", 3
+            )
+            for d, t in zip(diffs, tiles, strict=True)
+        ]
+    )
+    sweep = np.concatenate([top, np.full((10, top.shape[1], 3), 255, np.uint8), bottom], 0)
     Image.fromarray(sweep).save(args.out / f"synthesize_sweep_{args.gene}.png")
     print("wrote", args.out / f"synthesize_sweep_{args.gene}.png")
     from scipy.stats import spearmanr
@@ -226,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     rho = float(spearmanr(values, repred).statistic)
     print(
         f"sweep {args.gene}: slider {np.round(values, 2).tolist()} → GenST "
-        f"{np.round(repred, 2).tolist()} (Spearman {rho:.2f})"
+        f"{np.round(repred, 3).tolist()} (Spearman {rho:.2f})"
     )
     viewer.close()
     return 0
