@@ -3,9 +3,10 @@
     python scripts/figures_stmdit.py --model PATH --holdout C3 [--data DIR] [--out-dir docs/images]
 
 Real tiles are held-out spots of ``--holdout`` (use a fold model trained without it); each
-generated tile is conditioned on that spot's measured expression. Slider sweeps vary one gene over
-the training 1st–99th percentile, other genes at the training median, three seeds; the number
-under each tile is GenST's re-prediction of that gene on the generated tile.
+generated tile is conditioned on that spot's measured expression. Slider sweeps
+(``--slider-model``, e.g. the shipped default) vary one gene over the training 1st–99th
+percentile, other genes at the training median, three seeds; the number under each tile is
+GenST's re-prediction of that gene on the generated tile.
 """
 
 from __future__ import annotations
@@ -133,7 +134,14 @@ def main() -> None:
 
     torch.set_num_threads(1)
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="default")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="model for real vs generated (a fold model trained without --holdout)",
+    )
+    p.add_argument(
+        "--slider-model", default=None, help="model for the slider sweeps (default: --model)"
+    )
     p.add_argument("--holdout", default="C3")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "her2st"))
     p.add_argument("--genst", default="default")
@@ -144,9 +152,10 @@ def main() -> None:
     m = load_stmdit(a.model)
     gmodel, gcard, _, _ = load_genst_model(a.genst)
     real_vs_generated(m, gmodel, gcard, a.data, a.holdout, out / "stmdit_real_vs_generated.png")
-    slider(m, gmodel, gcard, "ERBB2", out / "stmdit_slider_ERBB2.png")
-    immune = next(g for g in IMMUNE if g in m.genes)
-    slider(m, gmodel, gcard, immune, out / f"stmdit_slider_{immune}.png")
+    ms = load_stmdit(a.slider_model) if a.slider_model else m
+    slider(ms, gmodel, gcard, "ERBB2", out / "stmdit_slider_ERBB2.png")
+    immune = next(g for g in IMMUNE if g in ms.genes)
+    slider(ms, gmodel, gcard, immune, out / f"stmdit_slider_{immune}.png")
 
 
 if __name__ == "__main__":
