@@ -7,6 +7,8 @@ functions on real HER2ST patches (never random weights).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -141,8 +143,8 @@ def names(tmp_path_factory, sample_slide_path, sample_spots_path, her2st_dir):
     genst = "default"
     if not _default_exists("genst"):
         genst = str(_tiny_genst(sample_slide_path, sample_spots_path, d / "genst.safetensors"))
-    stmdit = "default"
-    if not _default_exists("stmdit"):
+    stmdit = os.environ.get("STGEN_TEST_STMDIT", "default")  # a candidate checkpoint to try
+    if stmdit == "default" and not _default_exists("stmdit"):
         stmdit = str(_tiny_stmdit(her2st_dir, d))
     return genst, stmdit
 
@@ -168,6 +170,11 @@ def _tissue_centre_um(slide, predictor):
     grid, tiles = engine.plan_whole_slide(slide, predictor)
     cy, cx = (np.median(tiles, axis=0) + 0.5) * grid.tile_um
     return float(cy), float(cx)
+
+
+def _changed(a, b) -> float:
+    """Fraction of pixel values that differ between two generated images."""
+    return float((np.asarray(a) != np.asarray(b)).mean())
 
 
 def _region(slide, predictor, w_um=230.0, h_um=150.0):
@@ -281,7 +288,8 @@ def test_grid_generation_deterministic_conditioned_and_recorded(models, slide, t
     r2 = run(hi, [3])
     np.testing.assert_array_equal(r1.images[0], r2.images[0])  # same seed + vector
     r3 = run(base, [3])
-    assert np.abs(r3.images[0].astype(int) - r2.images[0]).mean() > 0.5
+    # the same vector gives identical pixels, so any difference comes from the gene offset
+    assert _changed(r3.images[0], r2.images[0]) > 0.1
     # record: E's GeneratedTile accepts it and the h5ad round trip keeps it
     rec = r1.records[0]
     assert rec["seed"] == 3 and rec["steps"] == STEPS and len(rec["model_checksum"]) == 64
@@ -386,22 +394,23 @@ def test_widget_draw_generate_keep(ui, qtbot, models, tmp_path):
     np.testing.assert_array_equal(widget.preview_layer.data, first)
 
     row = widget.rows["ERBB2"]
-    widget.set_value("ERBB2", row.slider.maximum())
+    far = max((row.slider.minimum(), row.slider.maximum()), key=lambda v: abs(v - row.predicted))
+    widget.set_value("ERBB2", far)  # the end of the slider farthest from the prediction
     assert "Δ" in row.info.text()
     widget.generate()
     _wait_idle(qtbot, widget)
     changed = np.asarray(widget.preview_layer.data)
-    assert np.abs(changed.astype(int) - first).mean() > 0.5
+    assert _changed(changed, first) > 0.1
     rec = widget.preview_layer.metadata["stgen_generated"]
     i = model.genes.index("ERBB2")
-    assert rec["condition"][i] == pytest.approx(row.slider.maximum(), abs=0.01)
+    assert rec["condition"][i] == pytest.approx(far, abs=0.01)
 
     widget.after_check.setChecked(False)  # before/after
     assert not widget.preview_layer.visible
     widget.after_check.setChecked(True)
     tile = widget.keep()
     assert widget.kept_list.count() == 1 and tile.seed == 0
-    assert tile.condition[i] == pytest.approx(row.slider.maximum(), abs=0.01)
+    assert tile.condition[i] == pytest.approx(far, abs=0.01)
     assert f"generated {tile.id}" in [ly.name for ly in viewer.layers]
     widget.reset_sliders()
     assert widget.slider_values()["ERBB2"] == pytest.approx(lib.value("ERBB2"), abs=0.01)
@@ -464,7 +473,9 @@ def test_widget_point_and_live_mode(ui, qtbot, models):
         model.tile_um
     )
     before, old = np.array(layer.data), widget.result
-    widget.set_value("ERBB2", widget.rows["ERBB2"].slider.maximum())  # live: debounced
+    row = widget.rows["ERBB2"]
+    far = max((row.slider.minimum(), row.slider.maximum()), key=lambda v: abs(v - row.predicted))
+    widget.set_value("ERBB2", far)  # live: regenerates after the debounce
     assert widget._live_timer.isActive() and widget.result is old
     qtbot.waitUntil(lambda: widget.result is not old and not widget.busy, timeout=TIMEOUT)
-    assert not np.array_equal(before, widget.preview_layer.data)
+    assert _changed(widget.preview_layer.data, before) > 0.1
