@@ -143,3 +143,11 @@ def test_split_blocks_partitions_tiles():
 
 def test_visible_region_from_camera():
     assert T.visible_region_um((0.0, 500.0, 1000.0), 2.0, (600, 800)) == (800, 350, 1200, 650)
+
+
+def test_otsu_threshold_separates_two_modes():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(80, 10, 5000), rng.normal(200, 10, 3000)]).clip(0, 255)
+    t = T.otsu_threshold(x)
+    assert 120 < t < 160
+    assert ((x < t) == (np.arange(len(x)) < 5000)).mean() > 0.999

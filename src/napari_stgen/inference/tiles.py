@@ -25,6 +25,7 @@ __all__ = [
     "tiles_in_shapes",
     "tiles_in_labels",
     "tissue_pixels",
+    "otsu_threshold",
     "tissue_mask",
     "filter_tissue",
     "read_tiles",
@@ -165,16 +166,27 @@ def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
     grey level below an Otsu threshold of the overview clipped to [180, 215], which drops
     faintly tinted glass (eosin haze around a section) that a fixed saturation cut keeps.
     """
-    from skimage.filters import threshold_otsu
-
     from napari_stgen.inference.patches import tissue_mask as stained
 
     gray = np.asarray(rgb)[..., :3].astype(np.float32).mean(-1)
-    try:
-        t = float(threshold_otsu(gray))
-    except ValueError:  # a constant image
-        t = 215.0
+    t = otsu_threshold(gray)
     return stained(rgb) & (gray < min(max(t, 180.0), 215.0))
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of 8-bit-range values (maximises the between-class variance)."""
+    hist, edges = np.histogram(np.asarray(values).ravel(), bins=bins, range=(0.0, 256.0))
+    p = hist.astype(np.float64)
+    if p.sum() == 0:
+        return 128.0
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    w0 = np.cumsum(p)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(p * centres)
+    mu0 = m0 / np.maximum(w0, 1e-12)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
 
 
 def tissue_mask(
