@@ -149,5 +149,5 @@ def test_otsu_threshold_separates_two_modes():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(80, 10, 5000), rng.normal(200, 10, 3000)]).clip(0, 255)
     t = T.otsu_threshold(x)
-    assert 120 < t < 160
+    assert 100 < t < 180  # anywhere in the gap between the modes
     assert ((x < t) == (np.arange(len(x)) < 5000)).mean() > 0.999
