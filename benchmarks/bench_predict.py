@@ -126,13 +126,14 @@ def bench_gui(slide_path, n_moves, do_soak, dask_cache_mb=None):
     from napari_stgen.widgets.predict import camera_of
 
     viewer = napari.Viewer(show=True)
+    viewer.open(str(slide_path), plugin="napari-stgen")
     if dask_cache_mb is not None:
         # napari caches computed dask chunks (25 % of RAM by default) while you browse: bound
         # it to tell napari's cache from growth of our own
         from napari.utils import resize_dask_cache
 
-        resize_dask_cache(int(dask_cache_mb * 2**20))
-    viewer.open(str(slide_path), plugin="napari-stgen")
+        resize_dask_cache(int(dask_cache_mb * 2**20))  # after adding the dask layer, which
+        # resizes napari's cache to its default
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-stgen", "Predict expression")
     app = QApplication.instance()
 
