@@ -102,6 +102,7 @@ def run_fold(
             genst[f"{mode}_tta{tta}"] = evaluate_predictions(full, te, idx_panel)
             if mode == net.cfg.decode and tta == 4:
                 res["spot_predictions"] = {
+                    "decode": mode,
                     "barcodes": list(te.barcodes),
                     "xy_px": np.round(te.xy_px, 1).tolist(),
                     "genes": bench,

@@ -41,7 +41,7 @@ class TrainConfig:
     recon_batch: int = 16
     w_recon: float = 0.5
     colour_jitter: float = 0.05
-    decode: str = "quantized"  # inference decoding written to the card (see models.md)
+    decode: str = "soft"  # inference decoding written to the card (see docs/models.md)
     seed: int = 0
     threads: int = 1
     extra: dict = field(default_factory=dict)
