@@ -200,3 +200,34 @@ def test_vector_quantizer_restarts_dead_codes():
     h_yes, r_yes = run(10)
     assert r_yes > 0 and h_yes["codes_used"] > h_no["codes_used"]
     assert h_yes["perplexity"] > h_no["perplexity"]
+
+
+def test_training_resumes_from_saved_state(real_spots, tmp_path):
+    import torch
+
+    from napari_stgen.training.data import SectionData
+    from napari_stgen.training.genst import TrainConfig, train_genst
+
+    torch.set_num_threads(1)
+    patches, y, genes, df = real_spots
+    arr = np.array([list(map(int, b.split("x"))) for b in df["barcode"]])
+    sec = SectionData(
+        "C3", patches, y, arr, df[["x", "y"]].to_numpy(float), list(df["barcode"]), patches, 0.7
+    )
+    state = tmp_path / "run.resume.safetensors"
+    kw = dict(batch=8, gene_steps=20, recon_every=2, recon_batch=4, seed=1)
+    cfg = _tiny_cfg(len(genes))
+    train_genst([sec], genes, cfg, TrainConfig(epochs=2, **kw), state, False, lambda s: None)
+    assert state.exists()
+    msgs: list[str] = []
+    _, hist = train_genst(
+        [sec],
+        genes,
+        _tiny_cfg(len(genes)),
+        TrainConfig(epochs=3, **kw),
+        state,
+        False,
+        msgs.append,
+    )
+    assert any("resumed" in m and "epoch 2" in m for m in msgs)
+    assert len(hist["epochs"]) == 1  # only the remaining epoch ran
