@@ -80,12 +80,28 @@ def _means(res: dict) -> dict:
     }
 
 
+def genst_fold_figures(paths: list[str] | None) -> dict[str, float]:
+    """Held-out section → GenST's headline figure from ``eval_genst_folds.py`` JSON files."""
+    out: dict[str, float] = {}
+    for gpath in paths or []:
+        g = json.loads(Path(gpath).read_text())
+        for f in g.get("folds", [g] if "holdout" in g else []):
+            s = f.get("summary", {})
+            if "genst" in s:
+                out[f["holdout"]] = s["genst"]
+    return out
+
+
 def merge(a) -> int:
     """Combine per-fold JSON files (one run per fold, e.g. run in parallel) into ``--out``."""
     parts = [json.loads(Path(p).read_text()) for p in a.merge]
     res = dict(parts[0])
     folds = [f for p in parts for f in p.get("folds", [p] if "holdout" in p else [])]
     res["folds"] = sorted(folds, key=lambda f: f["holdout"])
+    gfold = genst_fold_figures(a.genst_folds)
+    for f in res["folds"]:
+        if f["holdout"] in gfold:
+            f["summary"]["genst_fold"] = gfold[f["holdout"]]
     res["commands"] = [p.get("command") for p in parts]
     res["mean"] = _means(res)
     out = Path(a.out)
@@ -134,13 +150,7 @@ def main(argv=None) -> int:
     tcfg = TrainConfig(seed=a.seed)
     if a.steps:
         tcfg.steps = a.steps
-    gfold = {}
-    for gpath in a.genst_folds or []:
-        g = json.loads(Path(gpath).read_text())
-        for f in g.get("folds", [g] if "holdout" in g else []):
-            s = f.get("summary", {})
-            if "genst" in s:
-                gfold[f["holdout"]] = s["genst"]
+    gfold = genst_fold_figures(a.genst_folds)
     out = Path(a.out)
     res = {
         "protocol": "leave-one-section-out; hidden = seeded random half of the held-out spots; "
