@@ -9,7 +9,11 @@ import sys
 def add_common(p: argparse.ArgumentParser) -> None:
     """Options shared by ``predict`` and ``predict-batch``."""
     p.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides)")
-    p.add_argument("--model", default="default", help="GenST checkpoint name or path")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="checkpoint: 'default' (GenST), 'histotx' (HistoTx) or a .safetensors path",
+    )
     p.add_argument(
         "--region",
         type=float,
@@ -39,6 +43,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--spots", default=None, help="CSV with columns barcode,x,y (level-0 px)")
     src.add_argument("--grid", action="store_true", help="regular model-patch grid over tissue")
     add_common(p)
+    p.add_argument(
+        "--measured",
+        default=None,
+        help="HistoTx: .h5ad of measured spots on this slide (obsm['spatial'] in level-0 px)",
+    )
+    p.add_argument("--image-only", action="store_true", help="HistoTx: ignore --measured")
+    p.add_argument(
+        "--adapt-steps",
+        type=int,
+        default=200,
+        help="HistoTx: fine-tuning steps on the measured spots before predicting (0: off)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -73,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             batch_size=args.batch_size,
             progress=None if args.quiet else progress,
+            measured=args.measured,
+            image_only=args.image_only,
+            adapt_steps=max(0, args.adapt_steps),
         )
     finally:
         if bar is not None:

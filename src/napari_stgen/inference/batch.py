@@ -153,9 +153,9 @@ def predict_centres(
 
 
 def _load(model: str, device: str) -> Any:
-    from .predictor import load_genst
+    from .histotx import load_model  # GenST or HistoTx, by the checkpoint card's kind
 
-    return load_genst(model, device=device)
+    return load_model(model, device=device)
 
 
 def predict_slide(
@@ -173,6 +173,9 @@ def predict_slide(
     predictor: Any = None,
     code_names: dict[int, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    measured: str | os.PathLike | None = None,
+    image_only: bool = False,
+    adapt_steps: int = 200,
 ) -> Path:
     """Predict expression over a slide and write ``out`` (.h5ad); returns its path.
 
@@ -238,9 +241,27 @@ def predict_slide(
                 "tile_um": float(g.tile_um),
                 "shape": np.asarray(g.shape, dtype=np.int64),
             }
-        expr, code = predict_centres(
-            slide, predictor, xy, batch_size, progress, *((g, tiles) if grid else ())
-        )
+        from .histotx import is_histotx, predict_with_measurements
+
+        if is_histotx(predictor):
+            res = predict_with_measurements(
+                slide,
+                predictor,
+                xy,
+                None if measured is None else str(measured),
+                image_only=image_only,
+                progress=progress,
+                batch=batch_size,
+                adapt_steps=adapt_steps,
+            )
+            expr, code = res.expr, None
+            extra["histotx"] = res.info
+        else:
+            if measured is not None:
+                raise StgenError("--measured needs a HistoTx model (--model histotx)")
+            expr, code = predict_centres(
+                slide, predictor, xy, batch_size, progress, *((g, tiles) if grid else ())
+            )
         if code_names is None:
             code_names = {}
         adata = predictions_to_anndata(
