@@ -117,7 +117,7 @@ def _process(app, seconds):
         time.sleep(0.002)
 
 
-def bench_gui(slide_path, n_moves, do_soak, dask_cache_mb=None):
+def bench_gui(slide_path, n_moves, do_soak, dask_cache_mb=None, live=True):
     import napari
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
@@ -185,7 +185,7 @@ def bench_gui(slide_path, n_moves, do_soak, dask_cache_mb=None):
     }
     soak = None
     if do_soak:
-        soak = _soak(app, viewer, widget, slide, pred, n_moves, wait_idle)
+        soak = _soak(app, viewer, widget, slide, pred, n_moves, wait_idle, live)
     py_before, os_before = threading.active_count(), os_threads()
     viewer.close()
     _process(app, 1.0)
@@ -208,7 +208,7 @@ def bench_gui(slide_path, n_moves, do_soak, dask_cache_mb=None):
     return gui, soak
 
 
-def _soak(app, viewer, widget, slide, pred, n_moves, wait_idle):
+def _soak(app, viewer, widget, slide, pred, n_moves, wait_idle, live=True):
     from napari_stgen.widgets.predict import camera_of
 
     cam = camera_of(viewer)
@@ -217,7 +217,7 @@ def _soak(app, viewer, widget, slide, pred, n_moves, wait_idle):
 
     grid, tissue = engine.plan_whole_slide(slide, pred)
     cells = tissue[rng.integers(0, len(tissue), n_moves)]
-    widget.live_check.setChecked(True)
+    widget.live_check.setChecked(live)
     h, w = viewer.canvas.size
     zooms = rng.uniform(w / 4000.0, w / 700.0, n_moves)  # 0.7–4 mm across the canvas
     rss0 = None
@@ -275,6 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-soak", action="store_true")
     ap.add_argument("--skip-gui", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--no-live", action="store_true", help="soak without live prediction (peer)")
     ap.add_argument(
         "--napari-dask-cache-mb",
         type=float,
@@ -325,7 +326,11 @@ def main(argv=None) -> int:
         print_latency(report["latency"])
     if not args.skip_gui:
         gui, soak = bench_gui(
-            sample_slide_path(), args.moves, not args.skip_soak, args.napari_dask_cache_mb
+            sample_slide_path(),
+            args.moves,
+            not args.skip_soak,
+            args.napari_dask_cache_mb,
+            not args.no_live,
         )
         report["napari_dask_cache_mb"] = args.napari_dask_cache_mb
         report["gui"], report["soak"] = gui, soak
