@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, StgenError
+from .features import colour_texture_features
 
 KIND = "histotx"
 PATCH_UM = 224.0  # image token = a 224 µm patch at 128 px; features of its centre and whole
@@ -31,32 +32,6 @@ FEATURES = "colour-texture v1: centre 112 µm + whole 224 µm views at 64 px, 60
 
 
 # ----------------------------------------------------------------------------- image features
-def _texture(views: np.ndarray) -> np.ndarray:
-    """RGB/HSV/HED moments and percentiles, gradient energy (2 scales), grey histogram,
-    tissue fraction: (N, 60) float32 for uint8 (N, h, w, 3) views."""
-    from skimage.color import rgb2hed, rgb2hsv
-
-    from .patches import tissue_fraction
-
-    out = np.empty((len(views), 60), np.float32)
-    for i, p in enumerate(views):
-        x = p.astype(np.float32) / 255.0
-        f: list[float] = []
-        for img in (x, rgb2hsv(x), rgb2hed(x)):
-            flat = img.reshape(-1, 3)
-            f += list(flat.mean(0)) + list(flat.std(0))
-            f += list(np.percentile(flat, [10, 50, 90], axis=0).ravel())
-        g = x.mean(-1)
-        for s in (1, 2):
-            gy, gx = np.gradient(g[::s, ::s])
-            mag = np.sqrt(gx**2 + gy**2)
-            f += [mag.mean(), mag.std(), np.percentile(mag, 90)]
-        f += list(np.histogram(g, bins=8, range=(0, 1))[0] / g.size)
-        out[i, :59] = f
-    out[:, 59] = tissue_fraction(views)
-    return out
-
-
 def image_features(patches: np.ndarray) -> np.ndarray:
     """(N, 120) float32 features of uint8 (N, 128, 128, 3) patches of 224 µm."""
     from .patches import _resize
@@ -71,7 +46,7 @@ def image_features(patches: np.ndarray) -> np.ndarray:
     o = PATCH_PX // 4
     centre = p[:, o : o + PATCH_PX // 2, o : o + PATCH_PX // 2]
     whole = np.stack([_resize(x, PATCH_PX // 2) for x in p])
-    return np.concatenate([_texture(centre), _texture(whole)], 1)
+    return np.concatenate([colour_texture_features(centre), colour_texture_features(whole)], 1)
 
 
 # ----------------------------------------------------------------------------- measured spots

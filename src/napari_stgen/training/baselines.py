@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..inference.features import colour_texture_features
 from .data import SectionData
 
 
@@ -30,33 +31,6 @@ def mean_baseline(train: list[SectionData], n_test: int) -> np.ndarray:
     """Predict the training mean for every test spot."""
     y = np.concatenate([s.y for s in train], 0)
     return np.repeat(y.mean(0, keepdims=True), n_test, axis=0)
-
-
-def colour_texture_features(patches: np.ndarray) -> np.ndarray:
-    """Per patch: RGB/HSV/HED means, stds and percentiles, gradient energy at two scales,
-    grey-level histogram and tissue fraction. (N, F) float32."""
-    from skimage.color import rgb2hed, rgb2hsv
-
-    from ..inference.patches import tissue_fraction
-
-    feats = []
-    for p in patches:
-        f = []
-        x = p.astype(np.float32) / 255.0
-        for img in (x, rgb2hsv(x), rgb2hed(x)):
-            flat = img.reshape(-1, 3)
-            f += list(flat.mean(0)) + list(flat.std(0))
-            f += list(np.percentile(flat, [10, 50, 90], axis=0).ravel())
-        g = x.mean(-1)
-        for s in (1, 2):
-            gs = g[::s, ::s]
-            gy, gx = np.gradient(gs)
-            mag = np.sqrt(gx**2 + gy**2)
-            f += [mag.mean(), mag.std(), np.percentile(mag, 90)]
-        f += list(np.histogram(g, bins=8, range=(0, 1))[0] / g.size)
-        feats.append(f)
-    out = np.asarray(feats, dtype=np.float32)
-    return np.concatenate([out, tissue_fraction(patches)[:, None]], 1)
 
 
 def ridge_baseline(train: list[SectionData], test_patches: np.ndarray) -> np.ndarray:
