@@ -70,6 +70,8 @@ class Request:
     shapes: list[tuple[str, np.ndarray]] = field(default_factory=list)
     labels: tuple[np.ndarray, tuple, tuple] | None = None
     tissue_only: bool = True
+    measured: Any = None  # HistoTx: snapshot of the measured-spots Points layer (or None)
+    image_only: bool = False  # HistoTx: ignore the measured spots
 
 
 def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_size: int):
@@ -94,6 +96,27 @@ def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_siz
             grid, tiles = engine.plan_whole_slide(slide, pred)
             centre = None
         yield ("plan", pred, grid, len(tiles))
+        if getattr(pred, "kind", "genst") == "histotx":
+            from napari_stgen.inference import histotx
+
+            ctx = None
+            if req.measured is not None and not req.image_only:
+                meas = histotx.measured_from_layer(req.measured, pred.genes, slide.mpp)
+                ctx = histotx.cached_context(slide, pred, meas, cancel=token)
+            yield from (
+                ("part", p)
+                for p in histotx.predict_tiles(
+                    slide,
+                    pred,
+                    tiles,
+                    grid=grid,
+                    context=ctx,
+                    image_only=req.image_only,
+                    cancel=token,
+                    batch_size=batch_size,
+                )
+            )
+            return
         yield from (
             ("part", p)
             for p in engine.predict_tiles(
@@ -216,6 +239,15 @@ class PredictWidget(QWidget):
             "Predict only grid cells whose overview pixels are stained tissue"
         )
         form.addRow(self.tissue_check)
+        self.measured_combo = QComboBox()
+        self.measured_combo.setToolTip(
+            "HistoTx: measured spots (a Points layer, e.g. opened from an .h5ad) to condition on"
+        )
+        self.measured_combo.setEnabled(False)
+        form.addRow("Measured spots", self.measured_combo)
+        self.image_only_check = QCheckBox("Image only (ignore measured spots)")
+        self.image_only_check.setEnabled(False)
+        form.addRow(self.image_only_check)
 
         self.display_combo = QComboBox()
         self.display_combo.addItems(DISPLAYS)
@@ -313,6 +345,9 @@ class PredictWidget(QWidget):
             return
         self._panel = list(pred.genes)
         self._gene_model.setStringList(self._panel)
+        is_histotx = getattr(pred, "kind", "genst") == "histotx"
+        self.measured_combo.setEnabled(is_histotx)
+        self.image_only_check.setEnabled(is_histotx)
         self.device_label.setText(f"{describe_device(pred.device)} · {len(self._panel)} genes")
         if not self.genes and self._panel:
             self.add_gene("ERBB2" if "ERBB2" in self._panel else self._panel[0])
@@ -343,6 +378,14 @@ class PredictWidget(QWidget):
         self.roi_combo.addItems(names)
         if current in names:
             self.roi_combo.setCurrentText(current)
+        from napari.layers import Points
+
+        current = self.measured_combo.currentText()
+        self.measured_combo.clear()
+        names = ["(none)"] + [ly.name for ly in self.viewer.layers if isinstance(ly, Points)]
+        self.measured_combo.addItems(names)
+        if current in names:
+            self.measured_combo.setCurrentText(current)
 
     def _on_mode_changed(self, *_: Any) -> None:
         self.roi_combo.setEnabled(self.mode_combo.currentText() == "ROI layer")
@@ -406,6 +449,18 @@ class PredictWidget(QWidget):
             self._notify(str(e), error=True)
             return None
         req.tissue_only = self.tissue_check.isChecked()
+        req.image_only = self.image_only_check.isChecked()
+        name = self.measured_combo.currentText()
+        if self.measured_combo.isEnabled() and name in self.viewer.layers:
+            from types import SimpleNamespace
+
+            ly = self.viewer.layers[name]  # snapshot on the UI thread; read in the worker
+            req.measured = SimpleNamespace(
+                name=ly.name,
+                metadata=dict(ly.metadata),
+                features=ly.features.copy(),
+                data=np.asarray(ly.data).copy(),
+            )
         self.cancel()
         from napari_stgen.inference.engine import CancelToken
 
