@@ -192,8 +192,7 @@ class ExportWidget(QWidget):
 
     def _model_record(self) -> Any:
         st = self.state.store
-        loaded = getattr(self.state, "_predictors", {}) or {}
-        pred = loaded.get(st.model_name or self.state.model_name)
+        pred = self.state.loaded_predictor()
         if pred is not None and pred.checksum == st.model_checksum:
             return pred
         return {"name": st.model_name, "checksum": st.model_checksum}
