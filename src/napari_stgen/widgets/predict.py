@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject, QStringListModel, Qt, QTimer
+from qtpy.QtCore import QStringListModel, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_stgen.widgets.close_watcher import CloseWatcher
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
 MODES = ("Visible region", "ROI layer", "Whole slide")
@@ -143,19 +144,6 @@ def _estimate_job(state: Any, slide: Any, model: str):
     return engine.estimate(slide, pred, tiles, grid=grid, cache=default_cache())
 
 
-class _CloseWatcher(QObject):
-    """Stops the widget's work when its top-level window closes."""
-
-    def __init__(self, callback: Any) -> None:
-        super().__init__()
-        self._callback = callback
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt API)
-        if event.type() == QEvent.Type.Close:
-            self._callback()
-        return False
-
-
 class PredictWidget(QWidget):
     """Plugins ▸ napari-stgen ▸ Predict expression."""
 
@@ -183,7 +171,7 @@ class PredictWidget(QWidget):
         self.viewer.dims.events.current_step.connect(self._on_camera)
         self.viewer.layers.events.inserted.connect(self._refresh_roi_layers)
         self.viewer.layers.events.removed.connect(self._refresh_roi_layers)
-        self._closer = _CloseWatcher(self.shutdown)
+        self._closer = CloseWatcher(self.shutdown)
         tokens = self._tokens = []  # captured by the destroyed hook (no reference to self)
         self.destroyed.connect(lambda *_: [t.cancel() for t in tokens])
         self._refresh_roi_layers()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject, QStringListModel, Qt, QTimer
+from qtpy.QtCore import QStringListModel, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_stgen.widgets.close_watcher import CloseWatcher
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
 LIVE_DEBOUNCE_MS = 400
@@ -95,19 +96,6 @@ def _generate_job(slide: Any, model: Any, profile: Any, cond: Any, params: dict,
         return None
     except StgenError as e:
         return _Failed(f"generation failed: {e}")
-
-
-class _CloseWatcher(QObject):
-    """Stops the widget's work when its top-level window closes."""
-
-    def __init__(self, callback: Any) -> None:
-        super().__init__()
-        self._callback = callback
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt API)
-        if event.type() == QEvent.Type.Close:
-            self._callback()
-        return False
 
 
 class _GeneRow:
@@ -226,7 +214,7 @@ class SynthesizeWidget(QWidget):
         self._region_timer.setSingleShot(True)
         self._region_timer.setInterval(REGION_DEBOUNCE_MS)
         self._region_timer.timeout.connect(self.update_region)
-        self._closer = _CloseWatcher(self.shutdown)
+        self._closer = CloseWatcher(self.shutdown)
         self._watched: Any = None
         tokens = self._tokens  # captured by the destroyed hook (no reference to self)
         self.destroyed.connect(

@@ -1,0 +1,20 @@
+"""A Qt event filter that calls back when the window it watches closes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from qtpy.QtCore import QEvent, QObject
+
+
+class CloseWatcher(QObject):
+    """Stops a widget's work when its top-level window closes (install on that window)."""
+
+    def __init__(self, callback: Callable[[], object]) -> None:
+        super().__init__()
+        self._callback = callback
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt API)
+        if event.type() == QEvent.Type.Close:
+            self._callback()
+        return False
