@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_models import tiny_genst_config
 
 from napari_stgen.errors import CheckpointError
 
@@ -27,25 +28,6 @@ def real_spots(sample_slide_path, sample_spots_path):
         patches = read_patches(s, df[["x", "y"]].to_numpy(float), 224.0, 32)
     y = np.log1p(df[genes].to_numpy(np.float32))
     return patches, y, genes, df
-
-
-def _tiny_cfg(n_genes: int):
-    from napari_stgen.models.genst import GenSTConfig
-
-    return GenSTConfig(
-        n_genes=n_genes,
-        patch_px=32,
-        patch_um=224.0,
-        view_px=16,
-        channels=(8, 8, 16, 16),
-        img_latent=8,
-        img_codes=16,
-        gene_hidden=32,
-        gene_latent=8,
-        gene_codes=8,
-        align_hidden=32,
-        dropout=0.0,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +54,7 @@ def tiny(real_spots):
         seed=0,
     )
     model, hist = train_genst(
-        [sec], genes, _tiny_cfg(len(genes)), tcfg, progress=False, log=lambda s: None
+        [sec], genes, tiny_genst_config(len(genes)), tcfg, progress=False, log=lambda s: None
     )
     return model, hist, tcfg, genes
 
@@ -216,14 +198,14 @@ def test_training_resumes_from_saved_state(real_spots, tmp_path):
     )
     state = tmp_path / "run.resume.safetensors"
     kw = dict(batch=8, gene_steps=20, recon_every=2, recon_batch=4, seed=1)
-    cfg = _tiny_cfg(len(genes))
+    cfg = tiny_genst_config(len(genes))
     train_genst([sec], genes, cfg, TrainConfig(epochs=2, **kw), state, False, lambda s: None)
     assert state.exists()
     msgs: list[str] = []
     _, hist = train_genst(
         [sec],
         genes,
-        _tiny_cfg(len(genes)),
+        tiny_genst_config(len(genes)),
         TrainConfig(epochs=3, **kw),
         state,
         False,

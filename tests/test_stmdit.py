@@ -12,53 +12,20 @@ import sys
 
 import numpy as np
 import pytest
+from tiny_models import tiny_stmdit_config, tiny_stmdit_parts
 
 torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
 def tiny(her2st_dir, tmp_path_factory):
-    from napari_stgen.io.her2st import gene_panel, read_sections
-    from napari_stgen.models.stmdit import OwnCondition
-    from napari_stgen.training.stmdit import (
-        STMDiTTrainConfig,
-        assemble,
-        load_ae,
-        section_features,
-        train_autoencoder,
-        train_dit,
-    )
+    from napari_stgen.training.stmdit import assemble, train_dit
 
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("stmdit")
-    ae_path = train_autoencoder(
-        her2st_dir,
-        d / "ae.safetensors",
-        steps=30,
-        batch=8,
-        sections=["C3"],
-        cache_dir=d,
-        progress=False,
-    )
-    ae = load_ae(ae_path)
-    sec = read_sections(her2st_dir, ["C3"])[0]
-    panel = gene_panel([sec], 40)
-    if "ERBB2" not in panel:
-        panel = panel[:-1] + ["ERBB2"]
-    enc = OwnCondition.fit(sec.target(panel), ae, 8)
-    feats = section_features(sec, panel, enc, None, tile_px=64, cache_dir=d)
+    ae, panel, enc, feats = tiny_stmdit_parts(her2st_dir, d)
     data = assemble([feats], "real")
-    tcfg = STMDiTTrainConfig(
-        steps=40,
-        batch=16,
-        dim=64,
-        depth=2,
-        heads=2,
-        n_gene_tokens=4,
-        labels="real",
-        save_every=20,
-        lr=1e-3,
-    )
+    tcfg = tiny_stmdit_config(save_every=20)
     ckpt = train_dit(
         data, ae, enc, panel, d / "tiny.safetensors", tcfg, resume=False, progress=False
     )

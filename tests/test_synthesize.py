@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from tiny_models import tiny_genst_config, tiny_stmdit_config, tiny_stmdit_parts
 
 from napari_stgen.errors import StgenError
 from napari_stgen.inference import synthesis_grid as sg
@@ -38,7 +39,6 @@ def _tiny_genst(sample_slide_path, sample_spots_path, out):
     from napari_stgen.inference.patches import read_patches
     from napari_stgen.io.slide import open_slide
     from napari_stgen.models.checkpoint import save_checkpoint
-    from napari_stgen.models.genst import GenSTConfig
     from napari_stgen.training.data import SectionData
     from napari_stgen.training.genst import TrainConfig, model_card, train_genst
 
@@ -53,20 +53,7 @@ def _tiny_genst(sample_slide_path, sample_spots_path, out):
     sec = SectionData(
         "C3", patches, y, arr, df[["x", "y"]].to_numpy(float), list(df["barcode"]), patches, mpp
     )
-    cfg = GenSTConfig(
-        n_genes=len(genes),
-        patch_px=32,
-        patch_um=224.0,
-        view_px=16,
-        channels=(8, 8, 16, 16),
-        img_latent=8,
-        img_codes=16,
-        gene_hidden=32,
-        gene_latent=8,
-        gene_codes=8,
-        align_hidden=32,
-        dropout=0.0,
-    )
+    cfg = tiny_genst_config(len(genes))
     tcfg = TrainConfig(
         epochs=10,
         batch=8,
@@ -85,44 +72,10 @@ def _tiny_genst(sample_slide_path, sample_spots_path, out):
 
 def _tiny_stmdit(her2st_dir, d):
     """STMDiT trained a few steps on real C3 tiles through the public training functions."""
-    from napari_stgen.io.her2st import gene_panel, read_sections
-    from napari_stgen.models.stmdit import OwnCondition
-    from napari_stgen.training.stmdit import (
-        STMDiTTrainConfig,
-        assemble,
-        load_ae,
-        section_features,
-        train_autoencoder,
-        train_dit,
-    )
+    from napari_stgen.training.stmdit import assemble, train_dit
 
-    ae_path = train_autoencoder(
-        her2st_dir,
-        d / "ae.safetensors",
-        steps=30,
-        batch=8,
-        sections=["C3"],
-        cache_dir=d,
-        progress=False,
-    )
-    ae = load_ae(ae_path)
-    sec = read_sections(her2st_dir, ["C3"])[0]
-    panel = gene_panel([sec], 40)
-    if "ERBB2" not in panel:
-        panel = panel[:-1] + ["ERBB2"]
-    enc = OwnCondition.fit(sec.target(panel), ae, 8)
-    feats = section_features(sec, panel, enc, None, tile_px=64, cache_dir=d)
-    tcfg = STMDiTTrainConfig(
-        steps=40,
-        batch=16,
-        dim=64,
-        depth=2,
-        heads=2,
-        n_gene_tokens=4,
-        labels="real",
-        save_every=1000,
-        lr=1e-3,
-    )
+    ae, panel, enc, feats = tiny_stmdit_parts(her2st_dir, d)
+    tcfg = tiny_stmdit_config(save_every=1000)
     return train_dit(
         assemble([feats], "real"),
         ae,
