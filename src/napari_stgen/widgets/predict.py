@@ -14,15 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QStringListModel, Qt, QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QCompleter,
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QListWidget,
     QPushButton,
     QSlider,
@@ -31,6 +29,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stgen.widgets.close_watcher import CloseWatcher
+from napari_stgen.widgets.gene_search import gene_search_edit
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
 MODES = ("Visible region", "ROI layer", "Whole slide")
@@ -190,13 +189,9 @@ class PredictWidget(QWidget):
         self.device_label = QLabel("loading model…")
         form.addRow("Device", self.device_label)
 
-        self.gene_edit = QLineEdit()
-        self.gene_edit.setPlaceholderText("gene symbol, e.g. ERBB2 (Enter to add)")
-        self._gene_model = QStringListModel([])
-        comp = QCompleter(self._gene_model, self)
-        comp.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
-        comp.setFilterMode(Qt.MatchFlag.MatchContains)
-        self.gene_edit.setCompleter(comp)
+        self.gene_edit, self._gene_model = gene_search_edit(
+            self, "gene symbol, e.g. ERBB2 (Enter to add)"
+        )
         self.gene_edit.returnPressed.connect(self._add_gene_from_edit)
         add = QPushButton("Add")
         add.clicked.connect(self._add_gene_from_edit)

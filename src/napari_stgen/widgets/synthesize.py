@@ -15,18 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QStringListModel, Qt, QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QCompleter,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGridLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QListWidget,
     QPushButton,
     QSlider,
@@ -37,6 +35,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stgen.widgets.close_watcher import CloseWatcher
+from napari_stgen.widgets.gene_search import gene_search_edit
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
 LIVE_DEBOUNCE_MS = 400
@@ -254,13 +253,7 @@ class SynthesizeWidget(QWidget):
         self.genes_grid.setColumnStretch(1, 1)
         lay.addLayout(self.genes_grid)
         add = QHBoxLayout()
-        self.gene_edit = QLineEdit()
-        self.gene_edit.setPlaceholderText("add gene…")
-        self._gene_model = QStringListModel([])
-        comp = QCompleter(self._gene_model, self)
-        comp.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
-        comp.setFilterMode(Qt.MatchFlag.MatchContains)
-        self.gene_edit.setCompleter(comp)
+        self.gene_edit, self._gene_model = gene_search_edit(self, "add gene…")
         self.gene_edit.returnPressed.connect(self._add_gene_from_edit)
         self.reset_btn = QPushButton("Reset")
         self.reset_btn.setToolTip("Return every slider to the region's predicted value")
