@@ -52,6 +52,7 @@ def tiny(real_spots):
         recon_batch=4,
         lr=3e-3,
         seed=0,
+        context_steps=120,
     )
     model, hist = train_genst(
         [sec], genes, tiny_genst_config(len(genes)), tcfg, progress=False, log=lambda s: None
@@ -197,7 +198,7 @@ def test_training_resumes_from_saved_state(real_spots, tmp_path):
         "C3", patches, y, arr, df[["x", "y"]].to_numpy(float), list(df["barcode"]), patches, 0.7
     )
     state = tmp_path / "run.resume.safetensors"
-    kw = dict(batch=8, gene_steps=20, recon_every=2, recon_batch=4, seed=1)
+    kw = dict(batch=8, gene_steps=20, recon_every=2, recon_batch=4, seed=1, context_steps=0)
     cfg = tiny_genst_config(len(genes))
     train_genst([sec], genes, cfg, TrainConfig(epochs=2, **kw), state, False, lambda s: None)
     assert state.exists()
@@ -213,3 +214,102 @@ def test_training_resumes_from_saved_state(real_spots, tmp_path):
     )
     assert any("resumed" in m and "epoch 2" in m for m in msgs)
     assert len(hist["epochs"]) == 1  # only the remaining epoch ran
+
+
+# ----------------------------------------------------------------------------- spatial context
+def test_context_offsets_follow_the_patch_transforms():
+    """A mark at offset (dx, dy) from the centre lands where ``transform_offsets`` says after
+    each of the 8 transforms ``GenST.tile_tokens`` applies (rot90 over (H, W), then x flip)."""
+    import torch
+
+    from napari_stgen.inference.context import transform_offsets
+
+    img = torch.zeros(1, 1, 9, 9)
+    dx, dy = 3, -2  # x = column, y = row (down)
+    img[0, 0, 4 + dy, 4 + dx] = 1
+    for k in range(8):
+        t = torch.rot90(img, k % 4, dims=(2, 3))
+        if k >= 4:
+            t = torch.flip(t, dims=(3,))
+        r, c = (t[0, 0] == 1).nonzero()[0].tolist()
+        assert transform_offsets(np.array([dx, dy], float), k).tolist() == [c - 4, r - 4], k
+
+
+def test_context_windows_use_the_grid_sub_lattice():
+    from napari_stgen.inference.context import lattice_step, windows
+
+    rr, cc = np.mgrid[0:9, 0:9]
+    cells = np.stack([rr.ravel(), cc.ravel()], 1)
+    xy = cells[:, ::-1] * 112.0
+    q = np.array([40])  # the centre cell (4, 4)
+    assert lattice_step(112.0, 200.0) == 2 and lattice_step(224.0, 200.0) == 1
+    w = windows(xy, 9, 1000.0, q, cells, 2)[0]
+    assert w[0] == 40 and (w >= 0).all()
+    d = cells[w] - cells[40]
+    assert ((d % 2) == 0).all() and np.abs(d).max() == 2  # the 8 nearest on a 224 µm lattice
+    dense = windows(xy, 9, 1000.0, q)[0]
+    assert np.abs(cells[dense] - cells[40]).max() == 1  # without it: the 8 adjacent cells
+    far = windows(xy, 9, 150.0, q, cells, 2)[0]
+    assert far[0] == 40 and (far[1:] == -1).all()  # nothing within the radius
+
+
+def test_context_head_trains_and_round_trips(tiny, real_spots, tmp_path):
+    """Stage C trains (its loss falls), the head changes predictions, and a saved checkpoint
+    reloads with identical windowed predictions; the engine's final result is the same."""
+    from napari_stgen.inference.predictor import load_genst
+    from napari_stgen.models.checkpoint import save_checkpoint
+    from napari_stgen.training.genst import model_card
+
+    model, hist, tcfg, genes = tiny
+    patches, _, _, df = real_spots
+    losses = [h["expr"] for h in hist["context"]["losses"]]
+    assert losses[-1] < losses[0]
+    assert model.context is not None and model.cfg.ctx_depth > 0
+    path = tmp_path / "ctx.safetensors"
+    save_checkpoint(path, model.state_dict(), model_card(model, genes, genes[:5], tcfg, tta=4))
+    pred = load_genst(path, device="cpu")
+    assert pred.has_context
+    out = pred.predict(patches, tokens=True)
+    assert out.feat.shape[:2] == (4, len(patches)) and out.zhat.shape[:2] == (4, len(patches))
+    assert np.allclose(out.expr, pred.predict(patches).expr, atol=1e-5)
+    xy_um = df[["x", "y"]].to_numpy(float) * 0.6874
+    a = pred.predict_in_context(out.feat, out.zhat, xy_um)
+    assert a.expr.shape == out.expr.shape and np.isfinite(a.expr).all()
+    assert np.abs(a.expr - out.expr).max() > 1e-3  # the neighbours matter
+    b = load_genst(path, device="cpu").predict_in_context(out.feat, out.zhat, xy_um)
+    assert np.array_equal(a.expr, b.expr) and np.array_equal(a.code, b.code)
+    one = pred.predict_in_context(out.feat, out.zhat, xy_um, query=np.array([3]))
+    assert np.allclose(one.expr[0], a.expr[3], atol=1e-5)
+
+
+def test_engine_applies_context_over_the_request(tiny, sample_slide_path, tmp_path):
+    from napari_stgen.inference import engine
+    from napari_stgen.inference.cache import TileCache
+    from napari_stgen.inference.predictor import load_genst
+    from napari_stgen.io.slide import open_slide
+    from napari_stgen.models.checkpoint import save_checkpoint
+    from napari_stgen.training.genst import model_card
+
+    model, _, tcfg, genes = tiny
+    path = tmp_path / "ctx.safetensors"
+    save_checkpoint(path, model.state_dict(), model_card(model, genes, genes[:5], tcfg, tta=4))
+    pred = load_genst(path, device="cpu")
+    cache = TileCache()
+    with open_slide(sample_slide_path) as slide:
+        grid, tiles = engine.plan_whole_slide(slide, pred)
+        tiles = tiles[:60]
+        parts = list(
+            engine.predict_tiles(slide, pred, tiles, grid=grid, batch_size=16, cache=cache)
+        )
+        assert parts[-1].final and not any(p.final for p in parts[:-1])
+        fin = parts[-1]
+        assert len(fin) == len(tiles) and fin.done == fin.total == len(tiles)
+        tile_by_tile = np.concatenate([p.expr for p in parts[:-1]])
+        assert not np.allclose(np.sort(fin.expr, 0), np.sort(tile_by_tile, 0))
+        # a second request comes from the cache (tokens included) and gives the same result
+        again = list(engine.predict_tiles(slide, pred, tiles, grid=grid, cache=cache))
+        assert again[0].cached == len(tiles) and again[-1].final
+        order = {tuple(t): i for i, t in enumerate(fin.tiles)}
+        idx = [order[tuple(t)] for t in again[-1].tiles]
+        assert np.allclose(again[-1].expr, fin.expr[idx], atol=1e-5)
+        assert engine.collect(iter(parts)) is fin

@@ -24,6 +24,9 @@ def tiny_genst_config(n_genes: int) -> Any:
         gene_codes=8,
         align_hidden=32,
         dropout=0.0,
+        ctx_dim=16,
+        ctx_heads=2,
+        ctx_tokens=8,
     )
 
 

@@ -115,6 +115,8 @@ def predict_centres(
     Reads and predicts about ``batch_size`` patches at a time so memory stays bounded. With
     ``grid`` and its cells ``tiles`` (matching ``xy_px``), patches are read block-wise
     (``inference.tiles.read_tiles``: pixel-identical to ``read_patches``, one read a block).
+    A model with a spatial context head then predicts each centre from its window of the
+    other centres' tokens (``inference.context``).
     """
     from .patches import read_patches
 
@@ -142,13 +144,26 @@ def predict_centres(
             slide, xy[job[0]], predictor.patch_um, predictor.patch_px
         )
     done = 0
+    ctx = bool(getattr(predictor, "has_context", False))
+    feat = zhat = None
     for job in jobs:
-        out = predictor.predict(read(job))
+        out = predictor.predict(read(job), tokens=True) if ctx else predictor.predict(read(job))
         expr[job[0]] = np.asarray(out.expr, dtype=np.float32)
         code[job[0]] = np.asarray(out.code, dtype=np.int64)
+        if ctx:
+            if feat is None:
+                feat = np.empty((out.feat.shape[0], n, out.feat.shape[2]), np.float32)
+                zhat = np.empty((out.zhat.shape[0], n, out.zhat.shape[2]), np.float32)
+            feat[:, job[0]], zhat[:, job[0]] = out.feat, out.zhat
         done += len(job[0])
         if progress is not None:
             progress(done, n)
+    if ctx and n:
+        # every site's window of neighbouring sites (spatial context head)
+        cells = tiles if grid is not None else None
+        tile_um = grid.tile_um if grid is not None else None
+        out = predictor.predict_in_context(feat, zhat, xy * slide.mpp, cells=cells, tile_um=tile_um)
+        expr, code = out.expr, out.code
     return expr, code
 
 

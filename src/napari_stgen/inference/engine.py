@@ -74,6 +74,9 @@ class PartialResult:
     ``tiles`` (n, 2) grid (row, col); ``centres_um`` (n, 2) world (y, x) µm; ``expr`` (n, G)
     float32 in the model's normalization; ``code`` (n,) int64 gene-code index; ``done`` /
     ``total`` count tiles over the whole request; ``cached`` how many came from the cache.
+    ``final``: the request's last result from a model with a spatial context head: every
+    tile of the request, each predicted from its window of the request's tiles; it supersedes
+    the tile-by-tile values of the earlier results.
     """
 
     grid: Grid
@@ -84,6 +87,7 @@ class PartialResult:
     done: int
     total: int
     cached: int = 0
+    final: bool = False
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -111,6 +115,29 @@ def _keys(skey: str, predictor: Any, grid: Grid, tiles: np.ndarray) -> list[tupl
     return [(skey, ck, t, int(r), int(c)) for r, c in tiles]
 
 
+def _has_context(predictor: Any) -> bool:
+    return bool(getattr(predictor, "has_context", False))
+
+
+def _pack(expr: np.ndarray, feat: np.ndarray, zhat: np.ndarray) -> np.ndarray:
+    """Cache rows of a context model: [expr | feat per transform | ẑ per transform]."""
+    n = len(expr)
+    return np.concatenate(
+        [expr, feat.transpose(1, 0, 2).reshape(n, -1), zhat.transpose(1, 0, 2).reshape(n, -1)], 1
+    )
+
+
+def _unpack(rows: np.ndarray, n_genes: int, n_rot: int, latent: int) -> tuple[np.ndarray, ...]:
+    """Inverse of ``_pack``: (expr (n, G), feat (R, n, F), ẑ (R, n, D))."""
+    n = len(rows)
+    expr = rows[:, :n_genes]
+    f_dim = (rows.shape[1] - n_genes) // n_rot - latent
+    cut = n_genes + n_rot * f_dim
+    feat = rows[:, n_genes:cut].reshape(n, n_rot, f_dim).transpose(1, 0, 2)
+    zhat = rows[:, cut:].reshape(n, n_rot, latent).transpose(1, 0, 2)
+    return expr, feat, zhat
+
+
 def _centre_out(grid: Grid, tiles: np.ndarray, centre_yx: Sequence[float] | None) -> np.ndarray:
     if centre_yx is None or len(tiles) == 0:
         return tiles
@@ -135,7 +162,9 @@ def predict_tiles(
     Cached cells are yielded first in one result. The rest are read in blocks of
     ``block``×``block`` cells (one read each), ordered by distance of the block to
     ``centre_um`` (y, x) if given (cells too, so results grow from the centre), and
-    predicted ``batch_size`` at a time (the first batch smaller, for a quick first view). Raises
+    predicted ``batch_size`` at a time (the first batch smaller, for a quick first view). A
+    model with a spatial context head yields each batch tile by tile, then one ``final``
+    result for all cells, each seen in its window of the request's cells. Raises
     :class:`Cancelled` at the first check after ``cancel`` is set.
     """
     grid = grid or slide_grid(slide, tile_um_of(predictor))
@@ -144,6 +173,10 @@ def predict_tiles(
     cancel = cancel or CancelToken()
     cancel.check()
     done = 0
+    ctx = _has_context(predictor)
+    n_genes = len(predictor.genes)
+    tok: dict[str, list[np.ndarray]] = {"tiles": [], "feat": [], "zhat": [], "expr": []}
+    n_cached = 0
     if cache is not None and total:
         skey = slide_key(slide)
         keys = _keys(skey, predictor, grid, tiles)
@@ -151,20 +184,27 @@ def predict_tiles(
         if hit.any():
             ht = tiles[hit]
             done += len(ht)
+            n_cached = len(ht)
+            rows = np.stack([e for e, _ in items]).astype(np.float32)
+            if ctx:
+                lat = predictor.model.cfg.gene_latent
+                e, f, z = _unpack(rows, n_genes, predictor.tta, lat)
+                tok["tiles"].append(ht)
+                tok["feat"].append(f)
+                tok["zhat"].append(z)
+                rows = e
             yield PartialResult(
                 grid,
                 ht,
                 tile_centres_um(grid, ht),
-                np.stack([e for e, _ in items]).astype(np.float32),
+                rows,
                 np.array([c for _, c in items], dtype=np.int64),
                 done,
                 total,
                 cached=len(ht),
             )
         tiles = tiles[~hit]
-    if len(tiles) == 0:
-        return
-    blocks = split_blocks(tiles, block)
+    blocks = split_blocks(tiles, block) if len(tiles) else []
     if centre_um is not None:
         c = np.asarray(centre_um, dtype=np.float64)
         dist = [((tile_centres_um(grid, b).mean(0) - c) ** 2).sum() for b in blocks]
@@ -180,7 +220,10 @@ def predict_tiles(
             n = batch_size if done > 0 else min(batch_size, max(8, batch_size // 4))
             t0 = time.perf_counter()
             bt = btiles[s : s + n]
-            out = predictor.predict(patches[s : s + n])
+            if ctx:
+                out = predictor.predict(patches[s : s + n], tokens=True)
+            else:
+                out = predictor.predict(patches[s : s + n])
             s += n
             dt = time.perf_counter() - t0
             expr = np.asarray(out.expr, dtype=np.float32)
@@ -190,10 +233,28 @@ def predict_tiles(
                 prev = _throughput.get(k)
                 rate = len(bt) / dt
                 _throughput[k] = rate if prev is None else 0.7 * prev + 0.3 * rate
+            rows = expr
+            if ctx:
+                tok["tiles"].append(bt)
+                tok["feat"].append(out.feat)
+                tok["zhat"].append(out.zhat)
+                rows = _pack(expr, out.feat, out.zhat)
             if cache is not None:
-                cache.put_many(_keys(slide_key(slide), predictor, grid, bt), expr, code)
+                cache.put_many(_keys(slide_key(slide), predictor, grid, bt), rows, code)
             done += len(bt)
             yield PartialResult(grid, bt, tile_centres_um(grid, bt), expr, code, done, total)
+    if ctx and tok["tiles"]:
+        cancel.check()
+        at = np.concatenate(tok["tiles"])
+        feat = np.concatenate(tok["feat"], 1)
+        zhat = np.concatenate(tok["zhat"], 1)
+        yx = tile_centres_um(grid, at)
+        out = predictor.predict_in_context(
+            feat, zhat, yx[:, ::-1], cells=at, tile_um=grid.tile_um, cancel=cancel
+        )
+        yield PartialResult(
+            grid, at, yx, out.expr, out.code, total, total, cached=n_cached, final=True
+        )
 
 
 def plan_region(
@@ -325,10 +386,13 @@ def estimate(
 
 
 def collect(results: Iterator[PartialResult]) -> PartialResult | None:
-    """Run a prediction generator to the end and concatenate its batches."""
+    """Run a prediction generator to the end and concatenate its batches (or return its
+    ``final`` result, which covers every tile)."""
     parts = list(results)
     if not parts:
         return None
+    if parts[-1].final:
+        return parts[-1]
     return PartialResult(
         parts[0].grid,
         np.concatenate([p.tiles for p in parts]),

@@ -31,6 +31,8 @@ class Prediction:
     expr: np.ndarray  # (N, G) float32 log1p CP10k
     code: np.ndarray  # (N,) int64
     image_codes: np.ndarray | None = None  # (N, h, w) int64
+    feat: np.ndarray | None = None  # (R, N, F) float32 pooled features per transform (tokens)
+    zhat: np.ndarray | None = None  # (R, N, D) float32 aligned latent per transform (tokens)
 
 
 def pick_device(device: str = "auto") -> str:
@@ -83,14 +85,22 @@ class GenSTPredictor:
             return torch.autocast("cuda", dtype=dt)
         return contextlib.nullcontext()
 
+    @property
+    def has_context(self) -> bool:
+        """Whether the model has a spatial context head (windows of neighbouring tiles)."""
+        return self.model.context is not None
+
     def predict(
         self,
         patches: np.ndarray,
         image_codes: bool = False,
         tta: int | None = None,
         batch_size: int | None = None,
+        tokens: bool = False,
     ) -> Prediction:
-        """Expression + gene code for uint8 (N, patch_px, patch_px, 3) patches at ``mpp``."""
+        """Expression + gene code for uint8 (N, patch_px, patch_px, 3) patches at ``mpp``, each
+        tile on its own. ``tokens`` also returns the per-transform features and ẑ that
+        ``predict_in_context`` needs (same expression and codes)."""
         import torch
 
         from ..models.genst import to_input
@@ -110,12 +120,22 @@ class GenSTPredictor:
             return Prediction(np.zeros((0, g), np.float32), np.zeros(0, np.int64), None)
         bs = batch_size or self.batch_size
         tta = self.tta if tta is None else tta
-        expr, codes, icodes = [], [], []
+        expr, codes, icodes, feats, zs = [], [], [], [], []
         with torch.inference_mode(), self._autocast():
             for i in range(0, n, bs):
                 xb = torch.from_numpy(np.ascontiguousarray(p[i : i + bs])).to(self.device)
                 x = to_input(xb)
-                e, c, ic = self.model.predict(x, image_codes=image_codes, tta=tta)
+                if tokens:
+                    f, z = self.model.tile_tokens(x, tta)
+                    feats.append(f.float().cpu().numpy())
+                    zs.append(z.float().cpu().numpy())
+                    e, c = self.model.decode_latent(z.float().mean(0))
+                    e = self.model.unstandardize(e.float())
+                    ic = None
+                    if image_codes:
+                        _, _, ic = self.model.predict(x, image_codes=True, tta=1)
+                else:
+                    e, c, ic = self.model.predict(x, image_codes=image_codes, tta=tta)
                 expr.append(e.float().cpu().numpy())
                 codes.append(c.cpu().numpy().astype(np.int64))
                 if ic is not None:
@@ -124,7 +144,50 @@ class GenSTPredictor:
             expr=np.concatenate(expr).astype(np.float32),
             code=np.concatenate(codes),
             image_codes=np.concatenate(icodes) if icodes else None,
+            feat=np.concatenate(feats, 1) if feats else None,
+            zhat=np.concatenate(zs, 1) if zs else None,
         )
+
+    def predict_in_context(
+        self,
+        feat: np.ndarray,
+        zhat: np.ndarray,
+        xy_um: np.ndarray,
+        query: np.ndarray | None = None,
+        cells: np.ndarray | None = None,
+        tile_um: float | None = None,
+        cancel=None,
+    ) -> Prediction:
+        """Expression + gene code of sites (all or ``query``) from all sites' tokens
+        (``predict(..., tokens=True)``) and centres ``xy_um`` (N, 2) (x, y) µm; on a tile grid
+        pass its ``cells`` (N, 2) and ``tile_um``. Without a context head: the tiles alone."""
+        import torch
+
+        from .context import context_latent, lattice_step
+
+        if self.has_context:
+            step = 1
+            if cells is not None and tile_um:
+                step = lattice_step(tile_um, self.model.cfg.ctx_pitch_um)
+            z = context_latent(
+                self.model,
+                feat,
+                zhat,
+                xy_um,
+                query,
+                device=self.device,
+                cancel=cancel,
+                cells=cells,
+                step=step,
+            )
+        else:
+            z = zhat.mean(0) if query is None else zhat.mean(0)[np.asarray(query)]
+        with torch.inference_mode():
+            e, c = self.model.decode_latent(
+                torch.from_numpy(np.asarray(z, np.float32)).to(self.device)
+            )
+            e = self.model.unstandardize(e.float())
+        return Prediction(e.cpu().numpy().astype(np.float32), c.cpu().numpy().astype(np.int64))
 
     def code_profiles(self) -> np.ndarray:
         """Decoded profile (log1p CP10k) of each gene code, (n_codes, G) float32."""

@@ -10,18 +10,23 @@
     profile (G genes, log1p CP10k) → GeneEncoder MLP → z → VQ (gene codebook) → GeneDecoder → G
     inference: ẑ → gene decoder  (soft)   or   ẑ → nearest gene code → gene decoder (quantized)
 
+    spatial context (optional, ``ctx_depth`` > 0): the tile's pooled features and ẑ together with
+    those of up to ``ctx_tokens`` − 1 neighbouring tiles within ``ctx_radius_um`` (µm offsets,
+    Fourier-embedded, distance-biased attention) → ContextAligner → ẑ_ctx = ẑ + Δ → same decoders
+
 Imports torch at module import: import lazily from GUI code.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBlock, UpBlock, VectorQuantizerEMA, norm
+from .layers import ConvBlock, FourierPos, UpBlock, VectorQuantizerEMA, norm
 
 # ImageNet-like RGB statistics are irrelevant here: H&E patch statistics of HER2ST.
 RGB_MEAN = (0.66, 0.58, 0.72)
@@ -46,6 +51,12 @@ class GenSTConfig:
     align_hidden: int = 256
     dropout: float = 0.2
     decode: str = "soft"  # "soft" (aligned latent), "quantized" (nearest code), "expected"
+    ctx_depth: int = 0  # transformer blocks of the spatial context head (0: no head)
+    ctx_dim: int = 128
+    ctx_heads: int = 4
+    ctx_tokens: int = 48  # the tile itself + up to 47 neighbours
+    ctx_radius_um: float = 1200.0
+    ctx_pitch_um: float = 200.0  # site spacing the head was trained at (ST spot array)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -192,6 +203,83 @@ class Aligner(nn.Module):
         return self.net(f)
 
 
+class CrossBlock(nn.Module):
+    """The query token attends to the window's tokens (additive (B, H, 1, N) bias), then an MLP."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.nq, self.nkv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv, self.proj = (
+            nn.Linear(dim, dim),
+            nn.Linear(dim, 2 * dim),
+            nn.Linear(dim, dim),
+        )
+        self.n2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, d = e.shape
+        dh = d // self.heads
+        q = self.q(self.nq(h)).view(b, 1, self.heads, dh).transpose(1, 2)
+        k, v = self.kv(self.nkv(e)).view(b, n, 2, self.heads, dh).unbind(2)
+        a = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+        h = h + self.drop(self.proj(a.transpose(1, 2).reshape(b, 1, d)))
+        return h + self.drop(self.mlp(self.n2(h)))
+
+
+class ContextAligner(nn.Module):
+    """Tile + neighbour tokens (pooled features, ẑ, µm offset) → correction Δ of the tile's ẑ.
+
+    Each token is embedded on its own; the tile's query then attends to the window
+    ``ctx_depth`` times, with ``-slope_h · distance / 100 µm`` added to each head's logits (a
+    learned locality prior). The output projection starts at zero, so an untrained head leaves
+    ẑ unchanged.
+    """
+
+    def __init__(self, feat_dim: int, cfg: GenSTConfig):
+        super().__init__()
+        d = cfg.ctx_dim
+        self.feat_in = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, d))
+        self.z_in = nn.Linear(cfg.gene_latent, d)
+        self.pos = FourierPos(d, 8, 100.0, 4000.0)
+        self.tok = nn.Sequential(nn.GELU(), nn.Linear(d, d))
+        self.query = nn.Parameter(torch.zeros(d))  # marks the tile being predicted
+        self.no_image = nn.Parameter(torch.zeros(d))  # a token whose image is withheld
+        init = torch.logspace(math.log10(0.05), math.log10(2.0), cfg.ctx_heads)
+        self.slope_raw = nn.Parameter(torch.log(torch.expm1(init)))
+        self.blocks = nn.ModuleList(
+            [CrossBlock(d, cfg.ctx_heads, cfg.dropout / 2) for _ in range(cfg.ctx_depth)]
+        )
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, cfg.gene_latent)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(
+        self,
+        feat: torch.Tensor,
+        zhat: torch.Tensor,
+        pos: torch.Tensor,
+        valid: torch.Tensor,
+        present: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """feat (B, N, F), zhat (B, N, D), pos (B, N, 2) µm from the tile (token 0 = the tile),
+        valid (B, N) bool, present (B, N) bool (False: image withheld) → ẑ_ctx (B, D)."""
+        e = self.feat_in(feat) + self.z_in(zhat)
+        if present is not None:
+            e = torch.where(present[..., None], e, self.no_image.to(e.dtype))
+        e = self.tok(e + self.pos(pos))
+        h = e[:, :1] + self.query
+        dist = pos.norm(dim=-1) / 100.0  # (B, N) from the tile
+        bias = -F.softplus(self.slope_raw)[None, :, None, None] * dist[:, None, None, :]
+        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
+        for blk in self.blocks:
+            h = blk(h, e, bias)
+        return zhat[:, 0] + self.out(self.norm(h[:, 0]))
+
+
 class GenST(nn.Module):
     """Histology VQ-VAE + gene VQ-VAE + aligner; ``predict`` maps patches to profiles."""
 
@@ -203,6 +291,7 @@ class GenST(nn.Module):
         n_views = 2 if cfg.multiscale else 1
         feat = self.histo.encoder.out_ch * 2 * n_views  # avg + max pool per view
         self.align = Aligner(feat, cfg.align_hidden, cfg.gene_latent, cfg.dropout)
+        self.context = ContextAligner(feat, cfg) if cfg.ctx_depth > 0 else None
         self.logit_scale = nn.Parameter(torch.tensor(2.3))
         # per-gene standardization of log1p CP10k targets (set from the training spots)
         self.register_buffer("y_mean", torch.zeros(cfg.n_genes))
@@ -264,6 +353,19 @@ class GenST(nn.Module):
             z = self.histo.pre_q(grids0[0]).permute(0, 2, 3, 1)
             icodes = self.histo.vq.codes(z.float())
         return self.unstandardize(expr.float()), code, icodes
+
+    def tile_tokens(self, x: torch.Tensor, tta: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized input (N, 3, P, P) → per-rotation pooled features (R, N, F) and ẑ (R, N, D)
+        for the ``tta`` 90° rotations (k = 0…tta−1; k ≥ 4 adds a horizontal flip)."""
+        fs, zs = [], []
+        for k in range(tta):
+            xi = torch.rot90(x, k % 4, dims=(2, 3))
+            if k >= 4:
+                xi = torch.flip(xi, dims=(3,))
+            f, _ = self.image_features(xi)
+            fs.append(f)
+            zs.append(self.align(f))
+        return torch.stack(fs), torch.stack(zs)
 
     def code_profiles(self) -> torch.Tensor:
         """Decoded profile (log1p CP10k) of every gene code (K, G)."""

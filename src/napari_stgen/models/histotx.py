@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Block, FourierPos
+
 
 @dataclass
 class HistoTxConfig:
@@ -59,52 +61,6 @@ class HistoTxConfig:
         return cls(**d)
 
 
-class FourierPos(nn.Module):
-    """(…, 2) µm → (…, dim): sin/cos at log-spaced wavelengths, then a linear map."""
-
-    def __init__(self, cfg: HistoTxConfig):
-        super().__init__()
-        wl = torch.logspace(
-            math.log10(cfg.min_wavelength_um), math.log10(cfg.max_wavelength_um), cfg.n_freq
-        )
-        self.register_buffer("freq", 2 * math.pi / wl, persistent=False)
-        self.proj = nn.Linear(4 * cfg.n_freq, cfg.dim)
-
-    def forward(self, pos_um: torch.Tensor) -> torch.Tensor:
-        a = pos_um[..., :, None] * self.freq  # (…, 2, F)
-        f = torch.cat([a.sin(), a.cos()], -1).flatten(-2)
-        return self.proj(f)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block; attention logits get an additive (B, H, L, L) bias."""
-
-    def __init__(self, cfg: HistoTxConfig):
-        super().__init__()
-        d, h = cfg.dim, cfg.heads
-        self.heads = h
-        self.n1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.n2 = nn.LayerNorm(d)
-        hid = int(d * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(
-            nn.Linear(d, hid), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hid, d)
-        )
-        self.drop = nn.Dropout(cfg.dropout)
-        self.p_drop = cfg.dropout
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.n1(x)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.p_drop if self.training else 0.0
-        )
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
-        return x + self.drop(self.mlp(self.n2(x)))
-
-
 class HistoTx(nn.Module):
     """Early-fusion transformer; ``forward`` returns standardized profiles at image tokens."""
 
@@ -114,14 +70,16 @@ class HistoTx(nn.Module):
         d, g = cfg.dim, cfg.n_genes
         self.img_in = nn.Sequential(nn.LayerNorm(cfg.img_dim), nn.Linear(cfg.img_dim, d))
         self.tx_in = nn.Sequential(nn.Linear(2 * g, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-        self.pos = FourierPos(cfg)
+        self.pos = FourierPos(cfg.dim, cfg.n_freq, cfg.min_wavelength_um, cfg.max_wavelength_um)
         self.no_image = nn.Parameter(torch.zeros(d))  # image token whose pixels are withheld
         self.modality = nn.Parameter(torch.zeros(2, d))
         nn.init.normal_(self.modality, std=0.02)
         # per-head locality slopes (softplus), initialised log-spaced: 0.05 … 2 per 100 µm
         init = torch.logspace(math.log10(0.05), math.log10(2.0), cfg.heads)
         self.slope_raw = nn.Parameter(torch.log(torch.expm1(init)))
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList(
+            [Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)]
+        )
         k = len(cfg.pool_um)
         if k:
             self.register_buffer(

@@ -1,6 +1,9 @@
-"""Shared building blocks: conv blocks and an EMA vector quantizer with dead-code restarts.
+"""Shared building blocks: conv blocks, an EMA vector quantizer with dead-code restarts, and
+the position-aware transformer pieces of the spatial models (Fourier µm positions, blocks
+with an additive attention bias).
 
-Used by GenST (histology and gene VQ-VAEs) and by STMDiT (which reuses GenST's encoders).
+Used by GenST (VQ-VAEs, spatial context head), HistoTx and STMDiT (which reuses GenST's
+encoders).
 Imports torch at module import: import this module lazily from GUI code.
 """
 
@@ -161,3 +164,47 @@ class VectorQuantizerEMA(nn.Module):
             "perplexity": float(ent.exp()),
             "restarts": int(self.restarts),
         }
+
+
+class FourierPos(nn.Module):
+    """(…, 2) µm → (…, dim): sin/cos at ``n_freq`` log-spaced wavelengths, then a linear map."""
+
+    def __init__(self, dim: int, n_freq: int, min_wavelength_um: float, max_wavelength_um: float):
+        super().__init__()
+        wl = torch.logspace(math.log10(min_wavelength_um), math.log10(max_wavelength_um), n_freq)
+        self.register_buffer("freq", 2 * math.pi / wl, persistent=False)
+        self.proj = nn.Linear(4 * n_freq, dim)
+
+    def forward(self, pos_um: torch.Tensor) -> torch.Tensor:
+        a = pos_um[..., :, None] * self.freq  # (…, 2, F)
+        f = torch.cat([a.sin(), a.cos()], -1).flatten(-2)
+        return self.proj(f)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; attention logits get an additive (B, H, L, L) bias."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        d, h = dim, heads
+        self.heads = h
+        self.n1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.n2 = nn.LayerNorm(d)
+        hid = int(d * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, hid), nn.GELU(), nn.Dropout(dropout), nn.Linear(hid, d)
+        )
+        self.drop = nn.Dropout(dropout)
+        self.p_drop = dropout
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.n1(x)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.p_drop if self.training else 0.0
+        )
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.mlp(self.n2(x)))

@@ -42,6 +42,7 @@ class TrainConfig:
     w_recon: float = 0.5
     colour_jitter: float = 0.05
     decode: str = "soft"  # inference decoding written to the card (see docs/models.md)
+    context_steps: int = 1500  # stage C (spatial context head, genst_context.py); 0: none
     seed: int = 0
     threads: int = 1
     extra: dict = field(default_factory=dict)
@@ -79,6 +80,11 @@ def denoised_targets(sections: list[SectionData], self_weight: float) -> np.ndar
         else:
             ys.append(smooth_over_neighbours(s.y, s.neighbours(), self_weight))
     return np.concatenate(ys, 0).astype(np.float32)
+
+
+def per_section(sections: list[SectionData], rows: np.ndarray) -> list[np.ndarray]:
+    """Split rows stacked over ``sections`` (in order) back into one array per section."""
+    return np.split(rows, np.cumsum([len(s.y) for s in sections])[:-1])
 
 
 def _cosine(step: int, total: int, warm: int = 50) -> float:
@@ -232,6 +238,13 @@ def train_genst(
         bar.set_postfix({k: f"{v:.3f}" for k, v in ep.items()})
         if resume_path is not None:
             save_resume(resume_path, model, opt, epoch + 1, tcfg)
+    if tcfg.context_steps > 0:
+        from .genst_context import ContextConfig, train_context
+
+        targets = per_section(train, Ys)
+        ccfg = ContextConfig(steps=tcfg.context_steps, seed=tcfg.seed)
+        hist["context"] = train_context(model, train, targets, ccfg, progress=progress, log=log)
+        hist["context_config"] = dict(ccfg.__dict__)
     hist["train_seconds"] = time.time() - t0
     model.cfg.decode = tcfg.decode
     hist["image_codes"] = model.histo.vq.health()

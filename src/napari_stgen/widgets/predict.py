@@ -524,7 +524,8 @@ class PredictWidget(QWidget):
             self._pbar.n = part.done
             self._pbar.refresh()
         cached = f", {part.cached} from cache" if part.cached else ""
-        self.status_label.setText(f"{part.done}/{part.total} tiles{cached}")
+        ctx = " (spatial context applied)" if getattr(part, "final", False) else ""
+        self.status_label.setText(f"{part.done}/{part.total} tiles{cached}{ctx}")
 
     def _on_finished(self, token: Any) -> None:
         if token in self._tokens:
