@@ -5,7 +5,8 @@
 Real tiles are held-out spots of ``--holdout`` (use a fold model trained without it); each
 generated tile is conditioned on that spot's measured expression. Slider sweeps
 (``--slider-model``, e.g. the shipped default) vary one gene over the training 1st–99th
-percentile, other genes at the training median, three seeds; the number under each tile is
+percentile, other genes at the training median, three seeds (one per row, shared by the row's
+tiles, as the Synthesize slider keeps its seed); the number under each tile is
 GenST's re-prediction of that gene on the generated tile.
 """
 
@@ -105,7 +106,10 @@ def slider(m, gmodel, gcard, gene: str, out: Path, seeds: int = 3, values: int =
     gi = gcard["genes"].index(gene)
     fig, ax = plt.subplots(seeds, values, figsize=(1.3 * values, 1.45 * seeds))
     for s in range(seeds):
-        tiles = synthesize(m, prof, None, seed=s)
+        # one seed per row: every slider value starts from the same noise (as the widget)
+        tiles = np.concatenate(
+            [synthesize(m, prof[i : i + 1], None, seed=s) for i in range(values)]
+        )
         pred = genst_predict(gmodel, genst_patches_for_tiles(tiles, px))[:, gi]
         for c in range(values):
             a = ax[s, c]

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from tiny_models import tiny_stmdit_config, tiny_stmdit_parts
+from tiny_models import tiny_genst_config, tiny_stmdit_config, tiny_stmdit_parts
 
 torch = pytest.importorskip("torch")
 
@@ -91,6 +91,93 @@ def test_training_resumes_to_the_same_weights(tiny, model):
         model.dit.state_dict().items(), m2.dit.state_dict().items(), strict=True
     ):
         assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_gene_subset_keeps_some_genes_and_sets_the_others_to_the_median(tiny):
+    from napari_stgen.training.stmdit import _gene_subset, _stats
+
+    data, enc = tiny["data"], tiny["enc"]
+    st = _stats(data)
+    expr = data["expr"][:24]
+    z = torch.from_numpy(((expr - st["gene_mean"]) / st["gene_std"]).astype(np.float32))
+    pool = torch.from_numpy(((data["pool"][:24] - st["pool_mean"]) / st["pool_std"]).astype("f4"))
+    same_p, same_z = _gene_subset(expr, st, enc, 0.0, np.random.default_rng(0), pool, z)
+    assert torch.equal(same_p, pool) and torch.equal(same_z, z)
+    p2, z2 = _gene_subset(expr, st, enc, 1.0, np.random.default_rng(0), pool, z)
+    raw = z2.numpy() * st["gene_std"] + st["gene_mean"]
+    kept = np.isclose(raw, expr, atol=1e-4)
+    at_median = np.isclose(raw, st["gene_median"][None], atol=1e-4)
+    assert (kept | at_median).all()  # every gene keeps its value or is set to the median
+    assert (kept.sum(1) >= 1).all()
+    assert (at_median & ~kept).any(1).mean() > 0.5  # most rows lose genes
+    want = (enc.encode_genes(raw.astype(np.float32)) - st["pool_mean"]) / st["pool_std"]
+    assert np.allclose(p2.numpy(), want, atol=1e-4)  # pooled embedding of the masked profile
+    # single-gene rows: everything but one gene at the median
+    _, z1 = _gene_subset(expr, st, enc, 1.0, np.random.default_rng(1), pool, z, p_single=1.0)
+    raw1 = z1.numpy() * st["gene_std"] + st["gene_mean"]
+    off_median = ~np.isclose(raw1, st["gene_median"][None], atol=1e-4)
+    assert (off_median.sum(1) <= 1).all() and off_median.any()
+
+
+def test_gene_subset_training_is_seeded(tiny):
+    from safetensors.torch import load_file
+
+    from napari_stgen.training.stmdit import STMDiTTrainConfig, train_dit
+
+    cfg = STMDiTTrainConfig(**{**tiny["tcfg"].__dict__, "p_gene_subset": 0.5, "save_every": 100})
+    states = []
+    for name in ("a", "b"):
+        out = tiny["dir"] / f"subset_{name}.safetensors"
+        args = (tiny["data"], tiny["ae"], tiny["enc"], tiny["panel"], out, cfg)
+        assert train_dit(*args, resume=False, progress=False, stop_after=6) is None
+        states.append(load_file(str(out) + ".state"))
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    plain = train_dit(
+        tiny["data"],
+        tiny["ae"],
+        tiny["enc"],
+        tiny["panel"],
+        tiny["dir"] / "plain.safetensors",
+        STMDiTTrainConfig(**{**cfg.__dict__, "p_gene_subset": 0.0}),
+        resume=False,
+        progress=False,
+        stop_after=6,
+    )
+    assert plain is None
+    other = load_file(str(tiny["dir"] / "plain.safetensors") + ".state")
+    assert not torch.equal(other["dit.g_tok.weight"], states[0]["dit.g_tok.weight"])
+
+
+def test_train_fold_reuses_a_matching_fold_model_and_refuses_another(tiny, her2st_dir):
+    from napari_stgen.errors import StgenError
+    from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
+    from napari_stgen.training.stmdit import fold_command, fold_recipe, train_fold
+
+    tensors, card = load_checkpoint(tiny["ckpt"], "stmdit")
+    recipe = fold_recipe(card)
+    assert recipe["steps"] == tiny["tcfg"].steps and "holdout" not in recipe
+    cmd = fold_command(card, "DATA", "C3", "FOLD.safetensors")
+    assert "--holdout C3" in cmd and f"--steps {tiny['tcfg'].steps}" in cmd
+    fold = tiny["dir"] / "fold_C3.safetensors"
+    save_checkpoint(fold, tensors, {**card, "train": {**card["train"], "holdout": ["C3"]}})
+    assert train_fold(tiny["ckpt"], her2st_dir, "C3", fold) == fold  # reused, not retrained
+    with pytest.raises(StgenError, match="another recipe or hold-out"):
+        train_fold(tiny["ckpt"], her2st_dir, "B4", fold)
+
+
+def test_genst_label_key_ignores_the_context_head_and_follows_decoding():
+    from napari_stgen.models.genst import GenST
+    from napari_stgen.training.stmdit import genst_label_key
+
+    torch.manual_seed(0)
+    g = GenST(tiny_genst_config(12))
+    key = genst_label_key(g)
+    g.context = torch.nn.Linear(3, 3)  # a spatial-context head: not used per tile
+    assert genst_label_key(g) == key
+    g.cfg.decode = "quantized" if g.cfg.decode != "quantized" else "soft"
+    assert genst_label_key(g) != key
 
 
 def test_sampling_is_deterministic_per_seed(model):

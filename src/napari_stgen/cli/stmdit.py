@@ -26,9 +26,30 @@ def register_train(sub) -> None:
         help="measured spots, GenST pseudo-labels on every tissue tile, or both",
     )
     p.add_argument("--genst", default="default", help="GenST checkpoint (condition encoders)")
-    p.add_argument("--ae", default=None, help="pre-trained tile autoencoder (else trained)")
+    p.add_argument(
+        "--ae",
+        default=None,
+        help="pre-trained tile autoencoder: a file, or an STMDiT checkpoint name/path such as "
+        "'default' (its autoencoder); else one is trained",
+    )
     p.add_argument("--ae-steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument(
+        "--gene-subset",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of training profiles that keep only a random subset of genes (others at "
+        "the training median), so one gene can move the tile on its own",
+    )
+    p.add_argument(
+        "--gene-single",
+        type=float,
+        default=0.0,
+        metavar="Q",
+        help="share of the --gene-subset profiles that keep exactly one gene (drawn by its "
+        "training standard deviation)",
+    )
     p.set_defaults(func=_train)
 
 
@@ -48,6 +69,8 @@ def _train(args) -> int:
         ae_path=args.ae,
         ae_steps=args.ae_steps,
         batch=args.batch,
+        p_gene_subset=args.gene_subset,
+        p_gene_single=args.gene_single,
         command="stgen " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     print(path)
@@ -63,7 +86,18 @@ def register_evaluate(sub) -> None:
         help="held-out section (the model must not "
         "have been trained on it: train a fold model with --holdout)",
     )
-    p.add_argument("--model", default="default")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="STMDiT checkpoint evaluated, or with --train-fold the one whose recipe is used",
+    )
+    p.add_argument(
+        "--train-fold",
+        default=None,
+        metavar="CKPT",
+        help="first train (or reuse/resume) CKPT with --model's recorded recipe minus the "
+        "hold-out section, then evaluate CKPT",
+    )
     p.add_argument("--genst", default="default", help="GenST re-predictor")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=None)
@@ -86,11 +120,24 @@ def _evaluate(args) -> int:
     from ..training.evaluate_stmdit import evaluate_stmdit
 
     torch.set_num_threads(args.threads)
+    model = args.model
+    if args.train_fold is not None:
+        from ..training.stmdit import train_fold
+
+        model = str(
+            train_fold(
+                args.model,
+                args.data,
+                args.holdout,
+                args.train_fold,
+                log=lambda s: print(s, file=sys.stderr, flush=True),
+            )
+        )
     guidance = None
     if args.guidance_genes is not None or args.guidance_morph is not None:
         from ..inference.synthesis import load_stmdit
 
-        dg, dm = load_stmdit(args.model).default_guidance
+        dg, dm = load_stmdit(model).default_guidance
         guidance = (
             dg if args.guidance_genes is None else args.guidance_genes,
             dm if args.guidance_morph is None else args.guidance_morph,
@@ -98,7 +145,7 @@ def _evaluate(args) -> int:
     res = evaluate_stmdit(
         args.data,
         args.holdout,
-        model=args.model,
+        model=model,
         genst=args.genst,
         seeds=args.seeds,
         steps=args.steps,

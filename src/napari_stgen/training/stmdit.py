@@ -264,6 +264,20 @@ def _enc_key(enc) -> str:
     return h.hexdigest()[:10]
 
 
+def genst_label_key(genst) -> str:
+    """Cache key of a GenST model's per-tile predictions: its per-tile tensors (the spatial
+    ``context.*`` head, which per-tile prediction does not use, is left out) and decode mode."""
+    import hashlib
+
+    h = hashlib.sha1(str(genst.cfg.decode).encode())
+    for k, v in sorted(genst.state_dict().items()):
+        if k.startswith("context."):
+            continue
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
 def section_features(
     sec, panel: list[str], enc, genst=None, tile_px: int = 64, cache_dir: Path | None = None
 ) -> dict:
@@ -275,7 +289,7 @@ def section_features(
     ``lat_pool``, ``lat_morph`` (only with GenST).
     """
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
-    key = _enc_key(enc) + ("_g" if genst is not None else "")
+    key = _enc_key(enc) + (f"_g{genst_label_key(genst)}" if genst is not None else "")
     path = cache_dir / f"{sec.name}_feat_{tile_px}_{key}.npz"
     if path.exists():
         z = np.load(path)
@@ -349,6 +363,14 @@ class STMDiTTrainConfig:
     threads: int = 1
     save_every: int = 100
     tile_px: int = 64
+    # gene-subset conditioning: with probability ``p_gene_subset`` a training profile keeps only
+    # a random subset of genes (keep fraction log-uniform in [1/G, 1], at least one gene) and
+    # the others are set to the training median, so "median" learns to mean "not given" and a
+    # single gene (a slider) can move the tile on its own
+    p_gene_subset: float = 0.0
+    # share of those subset rows that keep exactly one gene, drawn with probability ∝ its
+    # training standard deviation (the genes a slider moves most)
+    p_gene_single: float = 0.0
     dim: int = 128
     depth: int = 6
     heads: int = 4
@@ -389,6 +411,23 @@ def encode_latents(ae, tiles: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate(out, 0).astype(np.float32)
 
 
+def tensors_sha(tensors: dict) -> str:
+    """sha256 over named tensors (sorted names and values): identifies weights independently
+    of a checkpoint file's metadata (whose card records wall-clock times)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(tensors.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def ae_tensor_sha(ae) -> str:
+    """``tensors_sha`` of an autoencoder's state."""
+    return tensors_sha(ae.state_dict())
+
+
 def load_ae(path: str | Path):
     """The tile autoencoder saved by ``train_autoencoder`` (or inside an STMDiT checkpoint)."""
     from safetensors import safe_open
@@ -407,6 +446,17 @@ def load_ae(path: str | Path):
     t = load_file(str(path))
     ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
     return ae.eval()
+
+
+def resolve_ae(name_or_path: str | Path) -> Path:
+    """A tile-autoencoder file: a path (``train_autoencoder`` output or any STMDiT checkpoint),
+    or an STMDiT checkpoint name such as ``default`` (its ``ae.*`` tensors)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    from ..models.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(str(name_or_path), "stmdit")
 
 
 def _stats(data: dict) -> dict:
@@ -509,9 +559,21 @@ def train_dit(
         t = torch.sigmoid(torch.randn(b, generator=gen))
         noise = torch.randn(x0.shape, generator=gen)
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
+        g_pool, g_z = pool_t[idx_t], gz_t[idx_t]
+        if tcfg.p_gene_subset > 0:
+            g_pool, g_z = _gene_subset(
+                data["expr"][idx],
+                st,
+                enc,
+                tcfg.p_gene_subset,
+                rng,
+                g_pool,
+                g_z,
+                p_single=tcfg.p_gene_single,
+            )
         use_g = torch.rand(b, generator=gen) >= tcfg.p_drop_gene
         use_m = torch.rand(b, generator=gen) >= tcfg.p_drop_morph
-        v = dit(xt, t, pool_t[idx_t], gz_t[idx_t], morph_t[idx_t], use_g, use_m)
+        v = dit(xt, t, g_pool, g_z, morph_t[idx_t], use_g, use_m)
         loss = (v - (noise - x0)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -538,6 +600,7 @@ def train_dit(
         {f"stats.{k}": torch.as_tensor(np.asarray(v, np.float32)) for k, v in st.items()}
     )
     card = {
+        "weights_sha256": tensors_sha(tensors),
         "kind": "stmdit",
         "name": out.stem,
         "genes": list(panel),
@@ -567,6 +630,34 @@ def train_dit(
     card.update(card_extra or {})
     save_checkpoint(out, tensors, json.loads(json.dumps(card, default=_json_default)))
     return out
+
+
+def _gene_subset(
+    expr: np.ndarray, st: dict, enc, p: float, rng, g_pool, g_z, p_single: float = 0.0
+):
+    """Standardised (pool, z) condition tensors of ``expr`` rows where, with probability ``p``
+    per row, only a random subset of genes keeps its value (others: the training median);
+    a share ``p_single`` of those rows keeps one gene, drawn ∝ its training std."""
+    import torch
+
+    b, n_genes = expr.shape
+    rows = np.flatnonzero(rng.random(b) < p)
+    if not len(rows):
+        return g_pool, g_z
+    frac = np.exp(rng.uniform(np.log(1.0 / n_genes), 0.0, len(rows)))
+    keep = rng.random((len(rows), n_genes)) < frac[:, None]
+    keep[np.arange(len(rows)), rng.integers(0, n_genes, len(rows))] = True
+    if p_single > 0:
+        single = np.flatnonzero(rng.random(len(rows)) < p_single)
+        w = np.asarray(st["gene_std"], np.float64)
+        keep[single] = False
+        keep[single, rng.choice(n_genes, len(single), p=w / w.sum())] = True
+    raw = np.where(keep, expr[rows], st["gene_median"][None]).astype(np.float32)
+    g_pool, g_z = g_pool.clone(), g_z.clone()
+    g_z[rows] = torch.from_numpy(((raw - st["gene_mean"]) / st["gene_std"]).astype(np.float32))
+    pool = (enc.encode_genes(raw) - st["pool_mean"]) / st["pool_std"]
+    g_pool[rows] = torch.from_numpy(pool.astype(np.float32))
+    return g_pool, g_z
 
 
 def _json_default(o):
@@ -632,6 +723,7 @@ def train_stmdit(
     command: str = "",
     progress: bool = True,
     note: str = "",
+    name: str | None = None,
     **overrides,
 ) -> Path:
     """Train STMDiT end to end on a HER2ST directory and write the checkpoint ``out``.
@@ -666,6 +758,7 @@ def train_stmdit(
             train_autoencoder(
                 data_dir, ae_path, steps=ae_steps, seed=seed, cache_dir=cache_dir, threads=threads
             )
+    ae_path = resolve_ae(ae_path)
     ae = load_ae(ae_path)
     gmodel, gcard, gpath, gsha = load_genst_model(genst or "default")
     enc = GenSTCondition.from_genst(gmodel)
@@ -693,11 +786,105 @@ def train_stmdit(
             "note": "tile autoencoder trained on image tiles of all sections (no expression)",
         },
         "command": command,
-        "genst": {"path": gpath.name, "sha256": gsha, "name": gcard.get("name", "")},
-        "autoencoder": {"path": Path(ae_path).name},
+        "genst": {
+            "path": gpath.name,
+            "sha256": gsha,
+            "name": gcard.get("name", ""),
+            "decode": str(gmodel.cfg.decode),
+            "label_key": genst_label_key(gmodel),
+        },
+        "autoencoder": {"path": Path(ae_path).name, "ae_sha256": ae_tensor_sha(ae)},
     }
     if note:
         extra["training_note"] = note
+    if name:
+        extra["name"] = name
     return train_dit(
         data, ae, enc, panel, out, tcfg, card_extra=extra, resume=resume, progress=progress
     )
+
+
+# ----------------------------------------------------------------------------- fold models
+
+RECIPE_KEYS = tuple(k for k in STMDiTTrainConfig.__dataclass_fields__ if k != "holdout")
+
+
+def fold_recipe(card: dict) -> dict:
+    """The training hyper-parameters recorded in an STMDiT card, without its hold-out."""
+    tr = dict(card.get("train", {}))
+    missing = [k for k in ("steps", "seed", "labels") if k not in tr]
+    if missing:
+        raise StgenError(f"the model card records no training recipe ({missing} missing)")
+    return {k: tr[k] for k in RECIPE_KEYS if k in tr}
+
+
+def fold_command(card: dict, data_dir: str | Path, holdout: str, out: str | Path) -> str:
+    """The ``stgen train stmdit`` command equivalent to ``train_fold``."""
+    r = fold_recipe(card)
+    cmd = (
+        f"stgen train stmdit --data {data_dir} --out {out} --holdout {holdout} "
+        f"--labels {r['labels']} --ae MODEL --steps {r['steps']} --batch {r.get('batch', 32)} "
+        f"--seed {r['seed']} --threads {r.get('threads', 1)}"
+    )
+    if r.get("p_gene_subset", 0.0):
+        cmd += f" --gene-subset {r['p_gene_subset']}"
+    if r.get("p_gene_single", 0.0):
+        cmd += f" --gene-single {r['p_gene_single']}"
+    return cmd
+
+
+def train_fold(
+    model: str | Path,
+    data_dir: str | Path,
+    holdout: str,
+    out: str | Path,
+    genst: str | Path = "default",
+    log=None,
+    progress: bool = True,
+) -> Path:
+    """Train the fold model of ``model`` for ``holdout``: ``model``'s recorded recipe and its
+    tile autoencoder, GenST ``genst`` for condition encoders and pseudo-labels, all sections
+    of ``data_dir`` except ``holdout``. Seeded (same machine, 1 thread → same weights).
+
+    An existing ``out`` trained with the same recipe and hold-out is reused; ``<out>.state``
+    is resumed.
+    """
+    from ..models.checkpoint import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(model, "stmdit")
+    _, card = load_checkpoint(path, "stmdit")
+    recipe = fold_recipe(card)
+    out = Path(out)
+    if out.is_file():
+        _, fcard = load_checkpoint(out, "stmdit")
+        if fold_recipe(fcard) == recipe and list(fcard["train"].get("holdout", [])) == [holdout]:
+            if log:
+                log(f"{out}: fold model with this recipe and hold-out {holdout} exists; reused")
+            return out
+        raise StgenError(f"{out} exists but was trained with another recipe or hold-out")
+    if log:
+        log(f"training the fold model {out} (hold-out {holdout}, {recipe['steps']} steps)")
+    gsha = card.get("genst", {}).get("label_key")
+    if gsha and log:
+        gm, *_ = load_genst_model(genst)
+        if genst_label_key(gm) != gsha:
+            log(f"warning: GenST per-tile outputs differ from the ones {path.name} was trained on")
+    steps, seed, labels = recipe.pop("steps"), recipe.pop("seed"), recipe.pop("labels")
+    threads = recipe.pop("threads", 1)
+    res = train_stmdit(
+        data_dir,
+        out,
+        steps=steps,
+        seed=seed,
+        resume=True,
+        threads=threads,
+        holdout=[holdout],
+        labels=labels,
+        genst=genst,
+        ae_path=path,
+        command=fold_command(card, data_dir, holdout, out).replace("MODEL", str(path)),
+        progress=progress,
+        name=f"stmdit_fold_{holdout}",
+        **recipe,
+    )
+    return Path(res)
