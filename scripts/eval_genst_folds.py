@@ -31,8 +31,9 @@ def plot_folds(res: dict, path: Path) -> None:
         ("train_mean", "training mean"),
         ("ridge", "ridge (colour/texture)"),
         ("cnn", "supervised CNN"),
-        ("genst", "GenST"),
-        ("genst_smoothed", "GenST + spatial smoothing"),
+        ("cnn_smoothed", "CNN + spatial smoothing"),
+        ("genst_tile", "GenST, tile alone"),
+        ("genst", "GenST + spatial context head"),
     ]
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
     w = 0.8 / len(methods)
@@ -44,7 +45,9 @@ def plot_folds(res: dict, path: Path) -> None:
     ax.axhline(0.30, color="k", lw=0.8, ls="--")
     ax.set_ylabel("mean Pearson (top-50 genes)")
     ax.set_title("HER2ST leave-one-section-out")
-    ax.legend(fontsize=7, ncol=2)
+    top = np.nanmax([f["summary"].get(k, np.nan) for f in res["folds"] for k, _ in methods])
+    ax.set_ylim(0, top * 1.35)
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial.png")
@@ -72,7 +75,8 @@ def plot_maps(fold: dict, genes: list[str], path: Path) -> None:
         r = pearson_per_gene(pred[:, [k]], meas[:, [k]])[0]
         for i, (vals, lab) in enumerate(((meas[:, k], "measured"), (pred[:, k], "predicted"))):
             ax = axes[i, j]
-            ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=12, cmap="magma")
+            lo, hi = np.percentile(vals, [2, 98])  # robust limits: one empty spot is not a scale
+            ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=12, cmap="magma", vmin=lo, vmax=hi)
             ax.set_aspect("equal")
             ax.invert_yaxis()
             ax.set_xticks([])
@@ -96,10 +100,15 @@ def update_card(path: Path, res: dict) -> None:
     card["evaluation"] = {
         "protocol": res["protocol"],
         "machine": res["machine"],
-        "command": "python scripts/eval_genst_folds.py (per fold: stgen evaluate genst "
-        "--data ../shared/data/her2st --holdout SECTION)",
-        "headline": "genst = decoded from the nearest gene code (card architecture.decode), "
-        "4-rotation TTA; _smoothed = test-time smoothing over neighbouring spots",
+        "command": res.get(
+            "command",
+            "python scripts/eval_genst_folds.py (per fold: stgen evaluate genst "
+            "--data ../shared/data/her2st --holdout SECTION)",
+        ),
+        "headline": "genst = soft decoding (card architecture.decode) of the spatial context "
+        "head's latent (each spot's window of neighbouring spots' image tokens; 4-rotation "
+        "TTA); genst_tile = the same model tile by tile; _smoothed = test-time smoothing over "
+        "neighbouring spots; genst_quantized/_expected = other decodings",
         "mean": res["mean"],
         "per_fold": res["per_fold"],
     }
@@ -117,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cnn-epochs", type=int, default=30)
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--merge", nargs="*", default=None, help="combine per-fold JSON files")
+    ap.add_argument("--command", default=None, help="how the merged fold files were made")
     ap.add_argument(
         "--update-card", type=Path, default=None, help="write the fold figures into this card"
     )
@@ -161,9 +171,16 @@ def main(argv=None) -> int:
         "mean": mean,
         "per_fold": {r["holdout"]: r["summary"] for r in results},
     }
+    if args.command:
+        res["command"] = args.command
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".partial")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    # per-spot predictions stay in the per-fold files (they feed --maps), not in the summary
+    slim = {
+        **res,
+        "folds": [{k: v for k, v in r.items() if k != "spot_predictions"} for r in results],
+    }
+    tmp.write_text(json.dumps(slim, indent=2) + "\n")
     os.replace(tmp, args.out)
     plot_folds(res, args.plot)
     if args.update_card:

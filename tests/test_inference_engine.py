@@ -50,15 +50,28 @@ def test_region_prediction_equals_direct_library_call(slide, predictor):
     assert res.done == res.total == len(planned) > 10
     # direct call: the model's own patch reader on the tile centres (level-0 x, y px)
     xy = res.centres_um[:, ::-1] / slide.mpp
-    direct = predictor.predict(read_patches(slide, xy, predictor.patch_um, predictor.patch_px))
+    tok = predictor.predict(
+        read_patches(slide, xy, predictor.patch_um, predictor.patch_px), tokens=True
+    )
+    # the default model's spatial context head: each tile from its window of the request
+    assert res.final == predictor.has_context
+    direct = predictor.predict_in_context(
+        tok.feat, tok.zhat, res.centres_um[:, ::-1], cells=res.tiles, tile_um=grid.tile_um
+    )
     np.testing.assert_allclose(res.expr, direct.expr, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(res.code, direct.code)
-    # again: everything from the cache, same values, in one result
+    # tile-by-tile batches before it equal the tile-alone library call
+    first = parts[0]
+    i0 = [int(np.flatnonzero((res.tiles == t).all(1))[0]) for t in first.tiles]
+    np.testing.assert_allclose(first.expr, tok.expr[i0], rtol=1e-4, atol=1e-4)
+    # again: every tile from the cache (tokens included) in one result, then the same
+    # windowed values
     again = list(engine.predict_region(slide, predictor, region, cache=cache))
-    assert len(again) == 1 and again[0].cached == len(planned)
+    assert again[0].cached == len(planned) == len(again[0])
+    assert len(again) == (2 if predictor.has_context else 1)
     order = {tuple(t): i for i, t in enumerate(res.tiles)}
-    idx = [order[tuple(t)] for t in again[0].tiles]
-    np.testing.assert_array_equal(again[0].expr, res.expr[idx])
+    idx = [order[tuple(t)] for t in again[-1].tiles]
+    np.testing.assert_allclose(again[-1].expr, res.expr[idx], rtol=1e-5, atol=1e-5)
 
 
 def test_cancel_between_batches(slide, predictor):

@@ -67,10 +67,19 @@ def test_visible_region_heatmap_aligned_and_equal_to_library(ui, qtbot):
     # ...which is the slide pixel the model read around (level-0 px = µm / mpp)
     slide_px = np.asarray([viewer.layers[0].world_to_data(c) for c in centres[:3]])
     np.testing.assert_allclose(slide_px, centres[:3] / slide.mpp, atol=1e-6)
-    # values equal a direct library call on those tile centres
-    direct = pred.predict(
-        read_patches(slide, centres[:, ::-1] / slide.mpp, pred.patch_um, pred.patch_px)
+    # values equal a direct library call on those tile centres: tile by tile, then each tile
+    # in its window of the request's tiles (spatial context head of the default model)
+    tok = pred.predict(
+        read_patches(slide, centres[:, ::-1] / slide.mpp, pred.patch_um, pred.patch_px),
+        tokens=True,
     )
+    cells = np.stack([rows, cols], 1)
+    direct = pred.predict_in_context(
+        tok.feat, tok.zhat, centres[:, ::-1], cells=cells, tile_um=grid.tile_um
+    )
+    if pred.has_context:
+        assert "spatial context applied" in widget.status_label.text()
+        assert not np.allclose(direct.expr, tok.expr, atol=1e-3)
     gi = pred.genes.index(gene)
     np.testing.assert_allclose(layer.data[rows, cols], direct.expr[:, gi], rtol=1e-4, atol=1e-4)
     # contrast limits from robust percentiles of the predicted values

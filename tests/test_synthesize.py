@@ -175,7 +175,11 @@ def test_region_profile_is_area_weighted_engine_prediction(models, slide):
     grid = slide_grid(slide, tile_um_of(pred))
     cells, w = sg.overlap_weights(grid, np.asarray(plan.region_um)[None])
     centres = (np.asarray(grid.origin_um) + (cells + 0.5) * grid.tile_um)[:, ::-1] / slide.mpp
-    e = pred.predict(read_patches(slide, centres, pred.patch_um, pred.patch_px)).expr
+    tok = pred.predict(read_patches(slide, centres, pred.patch_um, pred.patch_px), tokens=True)
+    # GenST's spatial context head: each cell in its window of the request's cells
+    e = pred.predict_in_context(
+        tok.feat, tok.zhat, centres * slide.mpp, cells=cells, tile_um=grid.tile_um
+    ).expr
     direct = (w[0] @ e) / w[0].sum()
     shared = [g for g in model.genes if g in pred.genes]
     assert "ERBB2" in shared

@@ -425,6 +425,14 @@ def train_and_save(
         f"--seed {tcfg.seed}"
         + (f" --holdout {holdout}" if holdout else ""),
         codebook=codebook_health(model, train),
+        context_head=None
+        if "context" not in hist
+        else {
+            "config": hist["context_config"],
+            "losses": hist["context"]["losses"],
+            "seconds": hist["context"]["seconds"],
+            "n_windows": hist["context"]["n_windows"],
+        },
         training={
             "seconds": round(hist["train_seconds"], 1),
             "threads": tcfg.threads,
