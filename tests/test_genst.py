@@ -313,3 +313,29 @@ def test_engine_applies_context_over_the_request(tiny, sample_slide_path, tmp_pa
         idx = [order[tuple(t)] for t in again[-1].tiles]
         assert np.allclose(again[-1].expr, fin.expr[idx], atol=1e-5)
         assert engine.collect(iter(parts)) is fin
+
+
+def test_engine_cache_separates_tta(tiny, sample_slide_path, tmp_path):
+    """One cache, the same checkpoint loaded with 4 and with 1 rotation: entries (values and a
+    context model's tokens) never cross between them."""
+    from napari_stgen.inference import engine
+    from napari_stgen.inference.cache import TileCache
+    from napari_stgen.inference.predictor import load_genst
+    from napari_stgen.io.slide import open_slide
+    from napari_stgen.models.checkpoint import save_checkpoint
+    from napari_stgen.training.genst import model_card
+
+    model, _, tcfg, genes = tiny
+    path = tmp_path / "ctx.safetensors"
+    save_checkpoint(path, model.state_dict(), model_card(model, genes, genes[:5], tcfg, tta=4))
+    p4, p1 = load_genst(path, device="cpu"), load_genst(path, device="cpu", tta=1)
+    assert p4.checksum == p1.checksum and (p4.tta, p1.tta) == (4, 1)
+    cache = TileCache()
+    with open_slide(sample_slide_path) as slide:
+        grid, tiles = engine.plan_whole_slide(slide, p4)
+        tiles = tiles[:20]
+        a = engine.collect(engine.predict_tiles(slide, p4, tiles, grid=grid, cache=cache))
+        parts = list(engine.predict_tiles(slide, p1, tiles, grid=grid, cache=cache))
+        assert parts[0].cached == 0  # not served the 4-rotation entries
+        b = engine.collect(iter(parts))
+        assert a.expr.shape == b.expr.shape and not np.allclose(a.expr, b.expr)

@@ -111,7 +111,9 @@ def _tp_key(predictor: Any) -> str:
 
 
 def _keys(skey: str, predictor: Any, grid: Grid, tiles: np.ndarray) -> list[tuple]:
-    ck, t = predictor.checksum, (grid.tile_um, float(predictor.patch_um))
+    # the TTA count is part of the key: values (and a context model's tokens) depend on it
+    ck = (predictor.checksum, int(getattr(predictor, "tta", 1)))
+    t = (grid.tile_um, float(predictor.patch_um))
     return [(skey, ck, t, int(r), int(c)) for r, c in tiles]
 
 
