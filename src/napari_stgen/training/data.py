@@ -39,6 +39,18 @@ class SectionData:
         return spot_neighbours(self.array_xy)
 
 
+def split_holdout(sections: list, holdout: str | None, data_dir: str | Path) -> tuple:
+    """(held-out section or None, the other sections); StgenError naming ``data_dir`` when
+    ``holdout`` is not one of the sections (anything with a ``.name``)."""
+    from ..errors import StgenError
+
+    names = [s.name for s in sections]
+    if holdout is not None and holdout not in names:
+        raise StgenError(f"{data_dir}: no section {holdout!r}; sections: {names}")
+    test = next((s for s in sections if s.name == holdout), None)
+    return test, [s for s in sections if s.name != holdout]
+
+
 def _load_image(path: Path) -> np.ndarray:
     from PIL import Image
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.her2st import smooth_over_neighbours
-from .data import SectionData, load_dataset
+from .data import SectionData, load_dataset, split_holdout
 from .metrics import pearson_per_gene
 
 
@@ -59,11 +59,7 @@ def run_fold(
     from .genst import TrainConfig, predict_patches, train_genst
 
     sections, panel, bench = load_dataset(data_dir, cache_dir=cache_dir)
-    names = [s.name for s in sections]
-    if holdout not in names:
-        raise StgenError(f"{data_dir}: no section {holdout!r}; sections: {names}")
-    te = next(s for s in sections if s.name == holdout)
-    tr = [s for s in sections if s.name != holdout]
+    te, tr = split_holdout(sections, holdout, data_dir)
     res: dict = {
         "holdout": holdout,
         "train_sections": [s.name for s in tr],

@@ -110,11 +110,9 @@ def run_fold(
     from .histotx import save_model as _save
 
     sets, panel, bench = load_spotsets(data_dir, cache_dir=cache_dir)
-    names = [s.name for s in sets]
-    if holdout not in names:
-        raise StgenError(f"{data_dir}: no section {holdout!r}; sections: {names}")
-    te = next(s for s in sets if s.name == holdout)
-    tr = [s for s in sets if s.name != holdout]
+    from .data import split_holdout
+
+    te, tr = split_holdout(sets, holdout, data_dir)
     hid, vis = split_hidden(len(te.xy_um), hide_frac, split_seed)
     res: dict = {
         "holdout": holdout,
@@ -158,44 +156,13 @@ def run_fold(
     true = te.y[hid][:, ib]
     q_f, q_xy = te.feats[hid], te.xy_um[hid]
     t1 = time.time()
-    fused, nctx = predict_sites(
-        net,
-        q_f,
-        q_xy,
-        te.feats,
-        te.xy_um,
-        te.y[vis],
-        None,
-        te.xy_um[vis],
-        max_img=max_img,
-        max_tx=max_tx,
-        radius_um=radius,
-        exclude_self=True,
-    )
-    img_only, _ = predict_sites(
-        net,
-        q_f,
-        q_xy,
-        te.feats,
-        te.xy_um,
-        max_img=max_img,
-        radius_um=radius,
-        exclude_self=True,
-    )
+    # every mode predicts the hidden spots from all image tokens of the section
+    window = dict(max_img=max_img, max_tx=max_tx, radius_um=radius, exclude_self=True)
+    measured = (te.y[vis], None, te.xy_um[vis])
+    fused, nctx = predict_sites(net, q_f, q_xy, te.feats, te.xy_um, *measured, **window)
+    img_only, _ = predict_sites(net, q_f, q_xy, te.feats, te.xy_um, **window)
     tx_only, _ = predict_sites(
-        net,
-        q_f,
-        q_xy,
-        te.feats,
-        te.xy_um,
-        te.y[vis],
-        None,
-        te.xy_um[vis],
-        max_img=max_img,
-        max_tx=max_tx,
-        radius_um=radius,
-        exclude_self=True,
-        use_image=False,
+        net, q_f, q_xy, te.feats, te.xy_um, *measured, **window, use_image=False
     )
     res["predict_seconds"] = round(time.time() - t1, 2)
     adapted = None

@@ -171,7 +171,6 @@ def evaluate_stmdit(
     import torch
     from scipy.stats import spearmanr
 
-    from ..errors import StgenError
     from ..inference.synthesis import load_stmdit, synthesize
     from ..io.her2st import benchmark_genes, read_sections
     from ..models.stmdit import GenSTCondition
@@ -192,12 +191,10 @@ def evaluate_stmdit(
     steps = m.default_steps if steps is None else int(steps)
     sg, sm = m.default_guidance if guidance is None else guidance
     secs = read_sections(data_dir)
-    names = [s.name for s in secs]
-    if holdout not in names:
-        raise StgenError(f"{data_dir}: no section {holdout!r}; available: {names}")
+    from .data import split_holdout
+
+    test, train = split_holdout(secs, holdout, data_dir)
     held = list(m.card.get("data", {}).get("held_out", []))
-    test = next(s for s in secs if s.name == holdout)
-    train = [s for s in secs if s.name != holdout]
     bench = [g for g in benchmark_genes(secs, 50) if g in m.genes]
     bi = np.array([m.genes.index(g) for g in bench])
     gmodel, gcard, gpath, gsha = load_genst_model(genst)

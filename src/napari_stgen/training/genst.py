@@ -386,17 +386,13 @@ def train_and_save(
     import datetime
     import platform
 
-    from ..errors import StgenError
     from ..models.checkpoint import save_checkpoint
-    from .data import load_dataset
+    from .data import load_dataset, split_holdout
 
     tcfg = tcfg or TrainConfig()
     out = Path(out)
     sections, panel, bench = load_dataset(data_dir, cache_dir=cache_dir)
-    names = [s.name for s in sections]
-    if holdout is not None and holdout not in names:
-        raise StgenError(f"{data_dir}: no section {holdout!r}; sections: {names}")
-    train = [s for s in sections if s.name != holdout]
+    _, train = split_holdout(sections, holdout, data_dir)
     resume_path = out.with_name(out.stem + ".resume.safetensors")
     if not resume and resume_path.exists():
         resume_path.unlink()

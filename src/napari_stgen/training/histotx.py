@@ -385,15 +385,12 @@ def train_and_save(
     import datetime
     import platform
 
-    from ..errors import StgenError
-
     tcfg = tcfg or TrainConfig()
     out = Path(out)
     sets, panel, bench = load_spotsets(data_dir, cache_dir=cache_dir)
-    names = [s.name for s in sets]
-    if holdout is not None and holdout not in names:
-        raise StgenError(f"{data_dir}: no section {holdout!r}; sections: {names}")
-    train = [s for s in sets if s.name != holdout]
+    from .data import split_holdout
+
+    _, train = split_holdout(sets, holdout, data_dir)
     model, hist = train_histotx(train, panel, None, tcfg, log=log)
     card = model_card(
         model,
