@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,27 +23,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    import napari
-    import torch
-    from qtpy.QtWidgets import QApplication
+    from _viewer import sample_viewer
 
     from napari_stgen.inference import codebook as cb
     from napari_stgen.inference import engine
-    from napari_stgen.io.sample import sample_slide_path
     from napari_stgen.widgets.predict import camera_of
 
-    torch.set_num_threads(2)
-    viewer = napari.Viewer(show=True)
-    viewer.window.resize(1700, 1100)
-    viewer.open(str(sample_slide_path()), plugin="napari-stgen")
-    _d, pw = viewer.window.add_plugin_dock_widget("napari-stgen", "Predict expression")
-    app = QApplication.instance()
-
-    def pump(seconds: float) -> None:
-        t = time.perf_counter() + seconds
-        while time.perf_counter() < t:
-            app.processEvents()
-            time.sleep(0.01)
+    viewer, _d, pw, pump = sample_viewer("Predict expression", (1700, 1100))
 
     def wait(widget) -> None:
         while widget.workers:

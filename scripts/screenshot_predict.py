@@ -8,7 +8,6 @@ a user would (Plugins ▸ napari-stgen ▸ Predict expression). Writes docs/imag
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,26 +22,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    import napari
-    import torch
-    from qtpy.QtWidgets import QApplication
+    from _viewer import sample_viewer
 
     from napari_stgen.inference import engine
-    from napari_stgen.io.sample import sample_slide_path
     from napari_stgen.widgets.predict import camera_of
 
-    torch.set_num_threads(2)
-    viewer = napari.Viewer(show=True)
-    viewer.window.resize(1600, 1000)
-    viewer.open(str(sample_slide_path()), plugin="napari-stgen")
-    _dock, w = viewer.window.add_plugin_dock_widget("napari-stgen", "Predict expression")
-    app = QApplication.instance()
-
-    def pump(seconds: float) -> None:
-        t = time.perf_counter() + seconds
-        while time.perf_counter() < t:
-            app.processEvents()
-            time.sleep(0.01)
+    viewer, _dock, w, pump = sample_viewer("Predict expression", (1600, 1000))
 
     def wait_idle() -> None:
         while w.workers:

@@ -17,7 +17,6 @@ Writes docs/images/synthesize_*.png:
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -72,31 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    import napari
-    import torch
+    from _viewer import sample_viewer
     from PIL import Image
-    from qtpy.QtWidgets import QApplication
 
     from napari_stgen.inference import engine
     from napari_stgen.inference.patches import read_patches
-    from napari_stgen.io.sample import sample_slide_path
     from napari_stgen.widgets.predict import camera_of
-    from napari_stgen.widgets.state import get_state
 
-    torch.set_num_threads(2)
-    viewer = napari.Viewer(show=True)
-    viewer.window.resize(1700, 1050)
-    viewer.open(str(sample_slide_path()), plugin="napari-stgen")
-    get_state(viewer).set_model(args.genst)
-    _dock, w = viewer.window.add_plugin_dock_widget("napari-stgen", "Synthesize")
+    viewer, _dock, w, pump = sample_viewer("Synthesize", (1700, 1050), genst=args.genst)
     w.model_combo.setCurrentText(args.stmdit)
-    app = QApplication.instance()
-
-    def pump(seconds: float) -> None:
-        t = time.perf_counter() + seconds
-        while time.perf_counter() < t:
-            app.processEvents()
-            time.sleep(0.01)
 
     def wait_idle() -> None:
         pump(0.2)
