@@ -125,17 +125,13 @@ class GenSTPredictor:
             for i in range(0, n, bs):
                 xb = torch.from_numpy(np.ascontiguousarray(p[i : i + bs])).to(self.device)
                 x = to_input(xb)
+                f, z, grids = self.model.tile_tokens(x, tta)
+                e, c = self.model.decode_latent(z.mean(0))
+                e = self.model.unstandardize(e.float())
+                ic = self.model.image_code_map(grids) if image_codes else None
                 if tokens:
-                    f, z = self.model.tile_tokens(x, tta)
                     feats.append(f.float().cpu().numpy())
                     zs.append(z.float().cpu().numpy())
-                    e, c = self.model.decode_latent(z.float().mean(0))
-                    e = self.model.unstandardize(e.float())
-                    ic = None
-                    if image_codes:
-                        _, _, ic = self.model.predict(x, image_codes=True, tta=1)
-                else:
-                    e, c, ic = self.model.predict(x, image_codes=image_codes, tta=tta)
                 expr.append(e.float().cpu().numpy())
                 codes.append(c.cpu().numpy().astype(np.int64))
                 if ic is not None:

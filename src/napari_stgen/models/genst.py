@@ -336,36 +336,33 @@ class GenST(nn.Module):
         ``tta`` > 1 averages the aligned latent over that many 90° rotations (1, 2 or 4;
         8 adds the flipped versions).
         """
-        zs = []
-        grids0 = None
-        for k in range(tta):
-            xi = torch.rot90(x, k % 4, dims=(2, 3))
-            if k >= 4:
-                xi = torch.flip(xi, dims=(3,))
-            zhat, grids = self.image_to_gene_latent(xi)
-            zs.append(zhat)
-            if grids0 is None:
-                grids0 = grids
-        zhat = torch.stack(zs).mean(0)
-        expr, code = self.decode_latent(zhat, mode)
-        icodes = None
-        if image_codes:
-            z = self.histo.pre_q(grids0[0]).permute(0, 2, 3, 1)
-            icodes = self.histo.vq.codes(z.float())
+        _, zs, grids = self.tile_tokens(x, tta)
+        expr, code = self.decode_latent(zs.mean(0), mode)
+        icodes = self.image_code_map(grids) if image_codes else None
         return self.unstandardize(expr.float()), code, icodes
 
-    def tile_tokens(self, x: torch.Tensor, tta: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized input (N, 3, P, P) → per-rotation pooled features (R, N, F) and ẑ (R, N, D)
-        for the ``tta`` 90° rotations (k = 0…tta−1; k ≥ 4 adds a horizontal flip)."""
-        fs, zs = [], []
+    def tile_tokens(
+        self, x: torch.Tensor, tta: int = 4
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Normalized input (N, 3, P, P) → per-transform pooled features (R, N, F), ẑ (R, N, D)
+        for the ``tta`` transforms (k % 4 quarter turns; k ≥ 4 adds a horizontal flip), and the
+        per-view feature grids of the untransformed input."""
+        fs, zs, grids0 = [], [], []
         for k in range(tta):
             xi = torch.rot90(x, k % 4, dims=(2, 3))
             if k >= 4:
                 xi = torch.flip(xi, dims=(3,))
-            f, _ = self.image_features(xi)
+            f, grids = self.image_features(xi)
             fs.append(f)
             zs.append(self.align(f))
-        return torch.stack(fs), torch.stack(zs)
+            if k == 0:
+                grids0 = grids
+        return torch.stack(fs), torch.stack(zs), grids0
+
+    def image_code_map(self, grids: list[torch.Tensor]) -> torch.Tensor:
+        """Image-codebook indices (N, h, w) of the first view's feature grid."""
+        z = self.histo.pre_q(grids[0]).permute(0, 2, 3, 1)
+        return self.histo.vq.codes(z.float())
 
     def code_profiles(self) -> torch.Tensor:
         """Decoded profile (log1p CP10k) of every gene code (K, G)."""

@@ -57,7 +57,7 @@ def section_tokens(model, patches: np.ndarray, tta: int = 8, batch: int = 128):
     with torch.inference_mode():
         for i in range(0, len(patches), batch):
             x = to_input(torch.from_numpy(np.ascontiguousarray(patches[i : i + batch])))
-            f, z = model.tile_tokens(x, tta)
+            f, z, _ = model.tile_tokens(x, tta)
             fs.append(f.float().numpy())
             zs.append(z.float().numpy())
     return np.concatenate(fs, 1), np.concatenate(zs, 1)
