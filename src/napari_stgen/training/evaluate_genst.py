@@ -56,7 +56,7 @@ def run_fold(
 
     from ..errors import StgenError
     from .baselines import cnn_baseline, mean_baseline, ridge_baseline
-    from .genst import TrainConfig, predict_patches, train_genst
+    from .genst import TrainConfig, train_genst
 
     sections, panel, bench = load_dataset(data_dir, cache_dir=cache_dir)
     te, tr = split_holdout(sections, holdout, data_dir)
@@ -90,17 +90,31 @@ def run_fold(
         raise StgenError(f"model panel lacks benchmark genes {missing[:5]}")
     idx_model = [mpanel.index(g) for g in bench]
     idx_panel = [panel.index(g) for g in bench]
-    # te.y is in `panel` order; bring model predictions into panel order for the 50 genes
+    # te.y is in `panel` order; bring model predictions into panel order for the 50 genes.
+    # One encoder pass: the tokens of the 4 rotations give TTA 1 (rotation 0), TTA 4 (mean)
+    # and, with a context head, the windows.
+    from .genst_context import context_latent, section_tokens
+
+    t0 = time.time()
+    feat, zhat = section_tokens(net, te.patches, 4)
+    latents = {"tta1": zhat[0], "tta4": zhat.mean(0)}
+    if net.context is not None:
+        latents["context"] = context_latent(net, feat, zhat, te.xy_px * te.mpp)
+    res["tokens_seconds"] = round(time.time() - t0, 1)
     genst: dict = {}
     for mode in ("soft", "quantized", "expected"):
-        for tta in (1, 4):
-            e, codes = predict_patches(net, te.patches, tta=tta, mode=mode)
+        for key, z in latents.items():
+            with torch.inference_mode():
+                e, codes = net.decode_latent(torch.from_numpy(np.asarray(z, np.float32)), mode)
+                e, codes = net.unstandardize(e.float()).numpy(), codes.numpy()
             full = np.zeros((len(e), len(panel)), np.float32)
             full[:, idx_panel] = e[:, idx_model]
-            genst[f"{mode}_tta{tta}"] = evaluate_predictions(full, te, idx_panel)
-            if mode == net.cfg.decode and tta == 4:
+            genst[f"{mode}_{key}"] = evaluate_predictions(full, te, idx_panel)
+            headline = "context" if net.context is not None else "tta4"
+            if mode == net.cfg.decode and key == headline:
                 res["spot_predictions"] = {
                     "decode": mode,
+                    "context": key == "context",
                     "barcodes": list(te.barcodes),
                     "xy_px": np.round(te.xy_px, 1).tolist(),
                     "genes": bench,
@@ -108,7 +122,7 @@ def run_fold(
                     "predicted": np.round(full[:, idx_panel], 4).tolist(),
                     "gene_code": codes.tolist(),
                 }
-            if mode == "soft" and tta == 4:
+            if mode == "soft" and key == "tta4":
                 counts = np.bincount(codes, minlength=net.cfg.gene_codes)
                 p = counts / counts.sum()
                 ent = -(p[p > 0] * np.log(p[p > 0])).sum()
@@ -116,25 +130,6 @@ def run_fold(
                     "codes_used": int((counts > 0).sum()),
                     "perplexity": round(float(np.exp(ent)), 2),
                 }
-    if net.context is not None:
-        from .genst_context import context_latent, section_tokens
-
-        t0 = time.time()
-        feat, zhat = section_tokens(net, te.patches, 4)
-        zc = torch.from_numpy(context_latent(net, feat, zhat, te.xy_px * te.mpp))
-        res["context_seconds"] = round(time.time() - t0, 1)
-        for mode in ("soft", "quantized", "expected"):
-            with torch.inference_mode():
-                e, codes = net.decode_latent(zc, mode)
-                e = net.unstandardize(e.float()).numpy()
-            full = np.zeros((len(e), len(panel)), np.float32)
-            full[:, idx_panel] = e[:, idx_model]
-            genst[f"{mode}_context"] = evaluate_predictions(full, te, idx_panel)
-            if mode == net.cfg.decode:
-                sp = res["spot_predictions"]
-                sp["predicted"] = np.round(full[:, idx_panel], 4).tolist()
-                sp["gene_code"] = codes.numpy().tolist()
-                sp["context"] = True
     res["genst"] = genst
     ctx = "context" if net.context is not None else "tta4"
     head = genst[f"{net.cfg.decode}_{ctx}"]
