@@ -436,3 +436,22 @@ def test_widget_point_and_live_mode(ui, qtbot, models):
     assert widget._live_timer.isActive() and widget.result is old
     qtbot.waitUntil(lambda: widget.result is not old and not widget.busy, timeout=TIMEOUT)
     assert _changed(widget.preview_layer.data, before) > 0.1
+
+
+def test_grid_expression_guidance_is_seeded_and_recorded(models, slide):
+    pred, model = models
+    plan = sg.plan_region(_region(slide, pred), model.mpp, model.tile_px)
+    prof = sg.collect(sg.iter_region_profile(slide, model, pred, plan))
+    hi = sg.conditioning(prof, {"ERBB2": prof.value("ERBB2") + 2.0})
+
+    def run(se):
+        return sg.collect(
+            sg.iter_synthesize(slide, model, prof, hi, seeds=[5], steps=STEPS, guidance_expr=se)
+        )
+
+    a, b, plain = run(1.0), run(1.0), run(0.0)
+    np.testing.assert_array_equal(a.images[0], b.images[0])
+    assert _changed(a.images[0], plain.images[0]) > 0.1
+    assert a.records[0]["extra"]["guidance_expr"] == 1.0
+    assert len(a.records[0]["extra"]["guide_sha256"]) == 64
+    assert plain.records[0]["extra"]["guide_sha256"] == ""

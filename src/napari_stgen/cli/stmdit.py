@@ -202,8 +202,16 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance-genes", type=float, default=None)
     p.add_argument("--guidance-morph", type=float, default=None)
+    p.add_argument(
+        "--guidance-expr",
+        type=float,
+        default=None,
+        help="GenST expression guidance (0: off; default: the model card's)",
+    )
     p.add_argument("--model", default="default", help="STMDiT checkpoint name or path")
-    p.add_argument("--genst", default="default", help="GenST model for context genes")
+    p.add_argument(
+        "--genst", default="default", help="GenST model for context genes and expression guidance"
+    )
     p.set_defaults(func=_synthesize)
 
 
@@ -280,14 +288,31 @@ def _synthesize(args) -> int:
     sg, sm = model.default_guidance
     sg = sg if args.guidance_genes is None else args.guidance_genes
     sm = sm if args.guidance_morph is None else args.guidance_morph
+    se = model.default_guidance_expr if args.guidance_expr is None else args.guidance_expr
+    guide = None
+    if se > 0:
+        from ..inference.synthesis import load_guide
+
+        guide = load_guide(model, args.genst)
     tile = synthesize(
-        model, g, ctx, seed=args.seed, steps=steps, guidance_genes=sg, guidance_morph=sm
+        model,
+        g,
+        ctx,
+        seed=args.seed,
+        steps=steps,
+        guidance_genes=sg,
+        guidance_morph=sm,
+        guidance_expr=se,
+        guide=guide,
+        focus=list(overrides),
     )[0]
     meta.update(
         {
             "steps": steps,
             "guidance_genes": sg,
             "guidance_morph": sm,
+            "guidance_expr": se,
+            "guide": None if guide is None else {"name": guide.name, "sha256": guide.sha256},
             "overrides": overrides,
             "genes": model.genes,
             "conditioning": [round(float(v), 4) for v in g],

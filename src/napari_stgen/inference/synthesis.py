@@ -48,6 +48,7 @@ class STMDiTModel:
     checksum: str = ""
     name: str = ""
     device: str = "cpu"
+    guide: Any = None  # ExpressionGuide, loaded on first use
 
     @property
     def tile_um(self) -> float:
@@ -66,6 +67,11 @@ class STMDiTModel:
     def default_guidance(self) -> tuple[float, float]:
         s = self.card.get("sampler", {})
         return float(s.get("guidance_genes", 2.0)), float(s.get("guidance_morph", 1.0))
+
+    @property
+    def default_guidance_expr(self) -> float:
+        """Scale of the GenST expression guidance (0: off, as in cards that do not set it)."""
+        return float(self.card.get("sampler", {}).get("guidance_expr", 0.0))
 
 
 # ----------------------------------------------------------------------------- gene vectors
@@ -253,6 +259,185 @@ def guided_velocity(
     return v00 + guidance_genes * (v0g - v00)
 
 
+# ----------------------------------------------------------------------------- expression guidance
+
+
+@dataclass
+class ExpressionGuide:
+    """A frozen GenST that re-predicts expression from the sampler's clean-tile estimate.
+
+    At each sampler step the current estimate of the clean latent, ``x̂₀ = x_t − t·v``, is decoded
+    to a tile, placed in its 224 µm GenST patch (the real surroundings when a context patch is
+    given, else reflect-padded) and re-predicted; the gradient of the standardised squared error
+    to the conditioning profile is added to the velocity (classifier guidance, with GenST as the
+    classifier). ``weights`` (G,) weigh the genes of the STMDiT panel in that error.
+    """
+
+    genst: Any
+    model_idx: np.ndarray  # positions in the STMDiT panel
+    guide_idx: np.ndarray  # the same genes' positions in GenST's panel
+    patch_px: int
+    name: str = ""
+    sha256: str = ""
+    sections: tuple[str, ...] = ()  # sections GenST was trained on
+    tta: int = 1  # rotations averaged by the guide (1, 2 or 4)
+    t_min: float = 0.0  # no guidance at flow times t < t_min (the last, fine-detail steps)
+
+
+def load_guide(
+    model: STMDiTModel,
+    genst: str | Path = "default",
+    tta: int | None = None,
+    t_min: float | None = None,
+) -> ExpressionGuide:
+    """The GenST checkpoint ``genst`` as an ``ExpressionGuide`` for ``model``'s panel
+    (``tta``, ``t_min``: default the card's ``sampler.guide_tta`` / ``sampler.guide_t_min``)."""
+    from ..models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
+    from ..models.genst import GenST, GenSTConfig
+
+    path = resolve_checkpoint(genst, "genst")
+    tensors, card = load_checkpoint(path, "genst")
+    net = GenST(GenSTConfig.from_dict(card["architecture"]))
+    net.load_state_dict(tensors, strict=False)
+    net.eval().to(model.device)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    pos = {g: i for i, g in enumerate(card["genes"])}
+    mi = np.array([i for i, g in enumerate(model.genes) if g in pos], dtype=np.int64)
+    if not len(mi):
+        raise StgenError(f"{path}: GenST panel shares no gene with the STMDiT panel")
+    gi = np.array([pos[model.genes[i]] for i in mi], dtype=np.int64)
+    mpp = float(card["patch_um"]) / float(card["patch_px"])
+    if abs(mpp - model.mpp) > 1e-3:
+        raise StgenError(
+            f"{path}: GenST patch is {mpp:.3f} µm/px, the STMDiT tiles {model.mpp} µm/px"
+        )
+    return ExpressionGuide(
+        genst=net,
+        model_idx=mi,
+        guide_idx=gi,
+        patch_px=int(card["patch_px"]),
+        name=Path(path).stem,
+        sha256=sha256_file(path),
+        sections=tuple(card.get("data", {}).get("sections", [])),
+        tta=int(model.card.get("sampler", {}).get("guide_tta", 1) if tta is None else tta),
+        t_min=float(
+            model.card.get("sampler", {}).get("guide_t_min", 0.0) if t_min is None else t_min
+        ),
+    )
+
+
+def guide_weights(model: STMDiTModel, focus: list[str] | None = None, share: float = 0.5):
+    """(G,) gene weights of the guidance error, summing to 1: uniform, or with the ``focus``
+    genes (the sliders the user moved) holding ``share`` of the total."""
+    g = len(model.genes)
+    w = np.full(g, 1.0 / g, np.float32)
+    upper = {x.upper(): i for i, x in enumerate(model.genes)}
+    idx = sorted({upper[x.upper()] for x in (focus or []) if x.upper() in upper})
+    if idx and len(idx) < g:
+        rest = np.ones(g, bool)
+        rest[idx] = False
+        w[idx] = share / len(idx)
+        w[rest] = (1.0 - share) / rest.sum()
+    return w
+
+
+def _guide_context(model: STMDiTModel, guide: ExpressionGuide, context_patches) -> Any:
+    """Real surroundings (N, 3, P, P) in [0, 1] for the guide's patch, or None."""
+    import torch
+
+    if context_patches is None:
+        return None
+    ctx = _check_context(model, context_patches)
+    o = (ctx.shape[1] - guide.patch_px) // 2
+    c = ctx[:, o : o + guide.patch_px, o : o + guide.patch_px]
+    return torch.as_tensor(np.ascontiguousarray(c), device=model.device).permute(0, 3, 1, 2) / 255.0
+
+
+def expression_gradient(
+    model: STMDiTModel, guide: ExpressionGuide, x0: Any, target: Any, weights: Any, ctx: Any
+) -> Any:
+    """∂/∂x̂₀ of Σ_g w_g·(GenST(decode(x̂₀))_g − target_g)² (standardised by GenST), per tile."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..models.genst import to_input
+
+    t = model.tile_px
+    with torch.enable_grad():
+        z = x0.detach().requires_grad_(True)
+        img = (model.ae.decode(z / model.latent_scale).clamp(-1, 1) + 1.0) / 2.0
+        o = (guide.patch_px - t) // 2
+        if ctx is None:
+            patch = F.pad(img, (o, guide.patch_px - t - o) * 2, mode="reflect")
+        else:
+            patch = ctx[: len(img)].expand(len(img), -1, -1, -1).clone()
+            patch[:, :, o : o + t, o : o + t] = img
+        expr = guide.genst.predict(to_input(patch), tta=guide.tta)[0]
+        pred = guide.genst.standardize(expr)[:, guide.guide_idx]
+        loss = (weights * (pred - target) ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, z)
+    return grad
+
+
+def prepare_guidance(
+    model: STMDiTModel,
+    genes: np.ndarray,
+    context_patches: np.ndarray | None,
+    guidance_expr: float | None,
+    guide: ExpressionGuide | None = None,
+    focus: list[str] | None = None,
+) -> tuple[ExpressionGuide, float, Any, Any, Any] | None:
+    """(guide, scale, standardised targets (N, G'), weights (G',), guide context or None) for
+    ``guide_velocity``, or None when the scale is 0. The guide defaults to the card's GenST
+    (``sampler.guide``, loaded once per model)."""
+    import torch
+
+    se = model.default_guidance_expr if guidance_expr is None else float(guidance_expr)
+    if not np.isfinite(se) or se < 0:
+        raise StgenError(f"expression guidance must be ≥ 0, got {se}")
+    if se == 0:
+        return None
+    if guide is None:
+        if model.guide is None:
+            model.guide = load_guide(model, model.card.get("sampler", {}).get("guide", "default"))
+        guide = model.guide
+    g = np.asarray(genes, np.float32)
+    g = g.reshape(-1, g.shape[-1])[:, guide.model_idx]
+    gi = torch.as_tensor(guide.guide_idx)
+    mu, sd = guide.genst.y_mean[gi], guide.genst.y_std[gi]
+    tgt = (torch.as_tensor(g, device=model.device) - mu) / sd
+    w = torch.as_tensor(guide_weights(model, focus)[guide.model_idx], device=model.device)
+    ctx = _guide_context(model, guide, context_patches)
+    if ctx is not None and len(ctx) == 1 and len(g) > 1:
+        ctx = ctx.expand(len(g), -1, -1, -1)
+    return guide, se, tgt, w, ctx
+
+
+def guide_velocity(model: STMDiTModel, eg: tuple, x: Any, v: Any, t: float) -> Any:
+    """``v`` plus the expression-guidance term at flow time ``t`` (``eg`` from
+    ``prepare_guidance``, already sliced to the rows of ``x``): the per-tile RMS-normalised
+    gradient at the clean-latent estimate x̂₀ = x − t·v, times the scale."""
+    import torch
+
+    guide, scale, target, w, ctx = eg
+    if t < guide.t_min:
+        return v
+    with torch.inference_mode(False):
+        x0 = (x - t * v).clone()
+        g = expression_gradient(model, guide, x0, target, w, ctx)
+    rms = g.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
+    return v + scale * g / rms[:, None, None, None]
+
+
+def slice_guidance(eg: tuple | None, sl: slice) -> tuple | None:
+    """``prepare_guidance``'s tuple for the rows ``sl``."""
+    if eg is None:
+        return None
+    guide, scale, target, w, ctx = eg
+    return guide, scale, target[sl], w, None if ctx is None else ctx[sl]
+
+
 def time_grid(steps: int, shift: float = 1.0) -> np.ndarray:
     """Decreasing times 1 → 0 (``steps`` + 1 points), optionally shifted towards t = 1."""
     t = np.linspace(1.0, 0.0, steps + 1)
@@ -271,8 +456,11 @@ def sample_latents(
     guidance_morph: float,
     progress_cb: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | Any | None = None,
+    expr_guide: tuple | None = None,
 ) -> Any:
-    """Euler integration of the guided flow; returns latents (N, C, S, S) in AE scale."""
+    """Euler integration of the guided flow; returns latents (N, C, S, S) in AE scale.
+
+    ``expr_guide``: ``prepare_guidance``'s tuple for these rows (expression guidance)."""
     import torch
 
     cfg = model.dit.cfg
@@ -289,6 +477,8 @@ def sample_latents(
             v = guided_velocity(
                 model.dit, x, t, pool, gz, morph, has_morph, guidance_genes, guidance_morph
             )
+            if expr_guide is not None:
+                v = guide_velocity(model, expr_guide, x, v, float(ts[i]))
             x = x + float(ts[i + 1] - ts[i]) * v
             if progress_cb is not None:
                 progress_cb(i + 1, int(steps))
@@ -315,6 +505,9 @@ def synthesize(
     progress_cb: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | Any | None = None,
     batch_size: int = 32,
+    guidance_expr: float | None = None,
+    guide: ExpressionGuide | None = None,
+    focus: list[str] | None = None,
 ) -> np.ndarray:
     """Generate tiles: uint8 (N, tile_px, tile_px, 3) at ``model.mpp`` µm/px.
 
@@ -323,6 +516,9 @@ def synthesize(
     centred on the tile's location (its eight neighbours condition the morphology; the centre
     is ignored). ``cancel``: a callable or threading.Event; raises ``Cancelled`` when set.
     ``progress_cb(done, total)`` is called once per sampler step and batch.
+    ``guidance_expr`` (default: the card's): scale of the expression guidance by ``guide``
+    (default: the GenST checkpoint ``model.card["sampler"]["guide"]``, loaded once per model);
+    ``focus``: genes (the moved sliders) that hold half the weight of its error.
     """
     import torch
 
@@ -334,6 +530,8 @@ def synthesize(
         raise StgenError(f"steps must be ≥ 1, got {steps}")
     pool, gz, morph, has_m = condition_features(model, genes, context_patches)
     n = gz.shape[0]
+    g = np.asarray(genes, np.float32).reshape(n, -1)
+    eg = prepare_guidance(model, g, context_patches, guidance_expr, guide, focus)
     gen_seed = int(seed)
     out = []
     nb = (n + batch_size - 1) // batch_size
@@ -345,7 +543,18 @@ def synthesize(
                 progress_cb(bi * total + done, nb * total)
 
         z = sample_latents(
-            model, pool[sl], gz[sl], morph[sl], has_m, gen_seed + bi, steps, sg, sm, cb, cancel
+            model,
+            pool[sl],
+            gz[sl],
+            morph[sl],
+            has_m,
+            gen_seed + bi,
+            steps,
+            sg,
+            sm,
+            cb,
+            cancel,
+            slice_guidance(eg, sl),
         )
         with torch.inference_mode():
             out.append(_decode(model, z))

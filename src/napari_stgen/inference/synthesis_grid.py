@@ -484,6 +484,8 @@ def iter_generate(
     batch_size: int = 32,
     share_overlap: bool = True,
     tiles_out: list | None = None,
+    guidance_expr: float | None = None,
+    focus: Sequence[str] | None = None,
 ) -> Generator[tuple[int, int], None, np.ndarray]:
     """Denoise all tiles of ``plan`` on one latent canvas; returns uint8 (H, W, 3) = region.
 
@@ -495,12 +497,20 @@ def iter_generate(
     pixel feathering joins them) — for comparison. The shared latent canvas is decoded in
     one piece (up to ``MAX_CANVAS_DECODE_PX``; beyond, or when ``tiles_out`` is a list, tile
     by tile with feathered blending; ``tiles_out`` then receives the decoded tiles, uint8
-    (N, t, t, 3)).
+    (N, t, t, 3)). ``guidance_expr`` (default: the card's) and ``focus`` (the moved genes):
+    GenST expression guidance of each tile towards its own vector (see ``synthesis``).
     """
     import torch
 
     from ..models.stmdit import tensor_to_images
-    from .synthesis import condition_features, guided_velocity, time_grid
+    from .synthesis import (
+        condition_features,
+        guide_velocity,
+        guided_velocity,
+        prepare_guidance,
+        slice_guidance,
+        time_grid,
+    )
 
     steps = model.default_steps if steps is None else int(steps)
     dg, dm = model.default_guidance
@@ -512,6 +522,7 @@ def iter_generate(
         raise StgenError(f"plan tiles are {plan.tile_px} px, the model makes {model.tile_px} px")
     g = np.asarray(genes, np.float32).reshape(plan.n_tiles, -1)
     pool, gz, morph, has_m = condition_features(model, g, contexts)
+    eg = prepare_guidance(model, g, contexts, guidance_expr, None, list(focus or []))
     cfg = model.dit.cfg
     f = plan.tile_px // cfg.latent_px
     lt = cfg.latent_px
@@ -545,6 +556,8 @@ def iter_generate(
                 crops = crops_of(x, idx) if own is None else own[sl]
                 t = torch.full((len(crops),), float(ts[s]), device=model.device)
                 v = guided_velocity(model.dit, crops, t, pool[sl], gz[sl], morph[sl], has_m, sg, sm)
+                if eg is not None:
+                    v = guide_velocity(model, slice_guidance(eg, sl), crops, v, float(ts[s]))
                 if own is not None:
                     own[sl] = crops + dt * v
                 elif n == 1:
@@ -633,17 +646,21 @@ def iter_synthesize(
     use_morphology: bool = True,
     cancel: Any = None,
     contexts: np.ndarray | None = None,
+    guidance_expr: float | None = None,
 ) -> Generator[tuple[int, int], None, SynthesisResult]:
     """Generate one image per seed for a profiled region; yields (done, total) steps.
 
     Morphology context is read from ``slide`` around each tile (unless ``use_morphology`` is
     False or ``contexts`` are given). Each image comes with its record (:func:`make_record`).
+    ``guidance_expr``: GenST expression guidance (default: the card's), with the moved
+    sliders (``cond.offsets``) holding half its weight.
     """
     plan = profile.plan
     steps = model.default_steps if steps is None else int(steps)
     dg, dm = model.default_guidance
     sg = dg if guidance_genes is None else float(guidance_genes)
     sm = dm if guidance_morph is None else float(guidance_morph)
+    se = model.default_guidance_expr if guidance_expr is None else float(guidance_expr)
     if contexts is None and use_morphology and slide is not None:
         contexts = read_contexts(slide, model, plan)
     if not use_morphology:
@@ -653,7 +670,19 @@ def iter_synthesize(
     total = per * len(seeds)
     images, records = [], []
     for k, seed in enumerate(seeds):
-        gen = iter_generate(model, plan, cond.tiles, contexts, int(seed), steps, sg, sm, cancel)
+        gen = iter_generate(
+            model,
+            plan,
+            cond.tiles,
+            contexts,
+            int(seed),
+            steps,
+            sg,
+            sm,
+            cancel,
+            guidance_expr=se,
+            focus=list(cond.offsets),
+        )
         img = yield from _offset(gen, k * per, total)
         images.append(img)
         records.append(
@@ -668,6 +697,7 @@ def iter_synthesize(
                 sm,
                 context=_context_text(slide, plan) if contexts is not None else "",
                 variant=k,
+                guidance_expr=se,
             )
         )
     return SynthesisResult(plan, images, records, [int(s) for s in seeds])
@@ -700,6 +730,7 @@ def make_record(
     context: str = "",
     variant: int = 0,
     tile_id: str | None = None,
+    guidance_expr: float = 0.0,
 ) -> dict:
     """``layer.metadata['stgen_generated']`` for an image: a ``GeneratedTile`` record."""
     from ..io.anndata import GeneratedTile
@@ -727,6 +758,10 @@ def make_record(
             "offset_genes": np.asarray(list(cond.offsets), dtype=object),
             "offset_values": np.asarray(list(cond.offsets.values()), np.float32),
             "variant": int(variant),
+            "guidance_expr": float(guidance_expr),
+            "guide_sha256": str(getattr(getattr(model, "guide", None), "sha256", ""))
+            if guidance_expr > 0
+            else "",
             "blend": "multidiffusion latent canvas, decoded whole"
             if plan.canvas_hw[0] * plan.canvas_hw[1] <= MAX_CANVAS_DECODE_PX
             else "multidiffusion latent canvas, tiles decoded and feathered",

@@ -47,37 +47,77 @@ def ridge_baseline(train: list[SectionData], test_patches: np.ndarray) -> np.nda
     return model.predict(Xte).astype(np.float32)
 
 
-def cnn_baseline(
-    train: list[SectionData],
-    test_patches: np.ndarray,
+class CNNRegressor:
+    """A fitted supervised CNN (GenST's encoder blocks → global pool → linear) on 112 µm
+    tiles at 64 px; ``predict`` averages four rotations and returns log1p CP10k."""
+
+    def __init__(self, model, mu: np.ndarray, sd: np.ndarray):
+        self.model, self.mu, self.sd = model, mu, sd
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        import torch
+
+        from ..models.genst import to_input
+
+        out = []
+        self.model.eval()
+        with torch.inference_mode():
+            for i in range(0, len(tiles), 64):
+                x = to_input(torch.from_numpy(np.ascontiguousarray(tiles[i : i + 64])))
+                p = torch.stack([self.model(torch.rot90(x, k, dims=(2, 3))) for k in range(4)])
+                out.append(p.mean(0).numpy())
+        return (np.concatenate(out, 0) * self.sd + self.mu).astype(np.float32)
+
+    def state(self) -> dict:
+        import torch
+
+        st = {f"net.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        st["mu"], st["sd"] = torch.from_numpy(self.mu), torch.from_numpy(self.sd)
+        return st
+
+    @classmethod
+    def from_state(cls, st: dict, channels: tuple[int, ...] = (32, 64, 96, 128)):
+        net = _cnn(channels, len(st["mu"]))
+        net.load_state_dict({k[4:]: v for k, v in st.items() if k.startswith("net.")})
+        return cls(net, st["mu"].numpy(), st["sd"].numpy())
+
+
+def _cnn(channels: tuple[int, ...], n_out: int):
+    from torch import nn
+
+    from ..models.genst import HistologyEncoder
+
+    enc = HistologyEncoder(channels)
+    head = nn.Sequential(nn.Dropout(0.2), nn.Linear(enc.out_ch, n_out))
+    return nn.Sequential(enc, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+
+
+def fit_cnn_regressor(
+    X: np.ndarray,
+    Y: np.ndarray,
     epochs: int = 30,
     seed: int = 0,
     channels: tuple[int, ...] = (32, 64, 96, 128),
     progress: bool = False,
-) -> np.ndarray:
-    """Supervised CNN regressor (GenST's encoder blocks → global pool → linear)."""
+) -> CNNRegressor:
+    """Train the CNN regressor on uint8 tiles ``X`` (N, 64, 64, 3) and targets ``Y`` (N, G)
+    with flips/rotations/colour jitter (AdamW, cosine schedule, seeded)."""
     import torch
     import torch.nn.functional as F
-    from torch import nn
     from tqdm import tqdm
 
-    from ..models.genst import HistologyEncoder, to_input
     from .genst import _cosine, augment
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    X = np.concatenate([centre_view(s.patches) for s in train], 0)
-    Y = np.concatenate([s.y for s in train], 0)
     mu, sd = Y.mean(0), Y.std(0) + 1e-3
     Yt = torch.from_numpy((Y - mu) / sd)
-    enc = HistologyEncoder(channels)
-    head = nn.Sequential(nn.Dropout(0.2), nn.Linear(enc.out_ch, Y.shape[1]))
-    model = nn.Sequential(enc, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    model = _cnn(channels, Y.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     bs = 32
     spe = max(1, len(X) // bs)
     total, step = spe * epochs, 0
-    for _ in tqdm(range(epochs), desc="CNN baseline", disable=not progress):
+    for _ in tqdm(range(epochs), desc="CNN regressor", disable=not progress):
         model.train()
         perm = rng.permutation(len(X))
         for b in range(spe):
@@ -90,12 +130,20 @@ def cnn_baseline(
             loss.backward()
             opt.step()
             step += 1
-    model.eval()
-    Xte = centre_view(test_patches)
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(Xte), 64):
-            x = to_input(torch.from_numpy(np.ascontiguousarray(Xte[i : i + 64])))
-            p = torch.stack([model(torch.rot90(x, k, dims=(2, 3))) for k in range(4)]).mean(0)
-            out.append(p.numpy())
-    return (np.concatenate(out, 0) * sd + mu).astype(np.float32)
+    return CNNRegressor(model, mu, sd)
+
+
+def cnn_baseline(
+    train: list[SectionData],
+    test_patches: np.ndarray,
+    epochs: int = 30,
+    seed: int = 0,
+    channels: tuple[int, ...] = (32, 64, 96, 128),
+    progress: bool = False,
+) -> np.ndarray:
+    """Supervised CNN regressor on the 112 µm centre of the spot patches (see
+    ``fit_cnn_regressor``), trained on ``train`` and applied to ``test_patches``."""
+    X = np.concatenate([centre_view(s.patches) for s in train], 0)
+    Y = np.concatenate([s.y for s in train], 0)
+    reg = fit_cnn_regressor(X, Y, epochs, seed, channels, progress)
+    return reg.predict(centre_view(test_patches))

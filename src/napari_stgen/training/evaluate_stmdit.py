@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -163,6 +164,8 @@ def evaluate_stmdit(
     cache_dir: str | Path | None = None,
     log=None,
     parts: tuple[str, ...] = ("fidelity", "control", "realism", "speed"),
+    guidance_expr: float | None = None,
+    guide: str | Path | None = None,
 ) -> dict:
     """All figures of the protocol for one held-out section, as a JSON-able dict.
 
@@ -190,6 +193,13 @@ def evaluate_stmdit(
     m = load_stmdit(model)
     steps = m.default_steps if steps is None else int(steps)
     sg, sm = m.default_guidance if guidance is None else guidance
+    se = m.default_guidance_expr if guidance_expr is None else float(guidance_expr)
+    gd = None
+    if se > 0:
+        from ..inference.synthesis import load_guide
+
+        gd = load_guide(m, guide or m.card.get("sampler", {}).get("guide", "default"))
+    eg = {"guidance_expr": se, "guide": gd}
     secs = read_sections(data_dir)
     from .data import split_holdout
 
@@ -219,7 +229,13 @@ def evaluate_stmdit(
     y = expr[:, bi]
     run_fid = "fidelity" in parts or "realism" in parts
     ceiling: dict = {}
-    tr_tiles = [_spot_tiles(s, t, cache_dir) for s in train] if run_fid else []
+    run_cnn = run_fid or "control" in parts
+    tr_tiles = [_spot_tiles(s, t, cache_dir) for s in train] if run_cnn else []
+    if run_cnn:
+        # independent oracle: a supervised CNN on the measured spots of the training sections
+        cnn = cnn_oracle(
+            np.concatenate(tr_tiles), np.concatenate([s.target(bench) for s in train]), cache_dir
+        )
     if run_fid:
         real_pred = repredict(tiles)
         ceiling = {k: mean_r(y, v) for k, v in real_pred.items()}
@@ -228,25 +244,37 @@ def evaluate_stmdit(
             np.concatenate(tr_tiles), np.concatenate([s.target(bench) for s in train])
         )
         ceiling["oracle"] = mean_r(y, oracle.predict(tiles))
+        ceiling["cnn_oracle"] = mean_r(y, cnn.predict(tiles))
         say(f"ceiling {ceiling}")
 
     g_full = expr
     sets = {
-        "genes": (g_full, None, sg, sm),
-        "genes+morph": (g_full, ctx3, sg, sm),
-        "morph": (g_full, ctx3, 0.0, sm),
-        "uncond": (g_full, None, 0.0, 0.0),
+        "genes": (g_full, None, sg, sm, se),
+        "genes+morph": (g_full, ctx3, sg, sm, se),
+        "morph": (g_full, ctx3, 0.0, sm, 0.0),
+        "uncond": (g_full, None, 0.0, 0.0, 0.0),
     }
     fid: dict = {}
     gen_tiles: dict = {}
-    for name, (g, c, s_g, s_m) in sets.items() if run_fid else ():
+    for name, (g, c, s_g, s_m, s_e) in sets.items() if run_fid else ():
         t0 = time.time()
-        out = synthesize(m, g, c, seed=1000, steps=steps, guidance_genes=s_g, guidance_morph=s_m)
+        out = synthesize(
+            m,
+            g,
+            c,
+            seed=1000,
+            steps=steps,
+            guidance_genes=s_g,
+            guidance_morph=s_m,
+            guidance_expr=s_e,
+            guide=gd,
+        )
         gen_tiles[name] = out
         rp = repredict(out)
         row = {k: round(mean_r(y, v), 4) for k, v in rp.items()}
         row["oracle"] = round(mean_r(y, oracle.predict(out)), 4)
-        for k in ("tile", "context", "oracle"):
+        row["cnn_oracle"] = round(mean_r(y, cnn.predict(out)), 4)
+        for k in ("tile", "context", "oracle", "cnn_oracle"):
             row[f"{k}_pct_of_ceiling"] = round(100 * row[k] / ceiling[k], 1)
         row["seconds"] = round(time.time() - t0, 1)
         fid[name] = row
@@ -261,33 +289,29 @@ def evaluate_stmdit(
         vals = np.linspace(lo, hi, SLIDER_VALUES)
         prof = np.tile(m.gene_median, (SLIDER_VALUES, 1)).astype(np.float32)
         prof[:, j] = vals
-        rep, per_seed, rep_ind = [], [], []
+        rep, per_seed, rep_ind, rep_cnn = [], [], [], []
+        gen = functools.partial(
+            synthesize, m, steps=steps, guidance_genes=sg, guidance_morph=sm, focus=[gname], **eg
+        )
         for s in range(seeds):
             # the slider as used: one seed (same starting noise) for every slider value
             out = np.concatenate(
-                [
-                    synthesize(
-                        m,
-                        prof[i : i + 1],
-                        None,
-                        seed=2000 + s,
-                        steps=steps,
-                        guidance_genes=sg,
-                        guidance_morph=sm,
-                    )
-                    for i in range(SLIDER_VALUES)
-                ]
+                [gen(prof[i : i + 1], None, seed=2000 + s) for i in range(SLIDER_VALUES)]
             )
             r = genst_predict(gmodel, genst_patches_for_tiles(out, px))[:, gpos[gname]]
             rep.append(r)
+            rep_cnn.append(cnn.predict(out)[:, bench.index(gname)])
             per_seed.append(spearmanr(vals, r).statistic)
             # earlier read-out: a different starting noise for every slider value
-            out = synthesize(
-                m, prof, None, seed=2000 + s, steps=steps, guidance_genes=sg, guidance_morph=sm
-            )
+            out = gen(prof, None, seed=2000 + s)
             rep_ind.append(genst_predict(gmodel, genst_patches_for_tiles(out, px))[:, gpos[gname]])
         rep, rep_ind = np.stack(rep), np.stack(rep_ind)  # (seeds, values)
+        rep_cnn = np.stack(rep_cnn)
         ctrl[gname] = {
+            "spearman_pooled_cnn_oracle": round(
+                float(spearmanr(np.tile(vals, seeds), rep_cnn.ravel()).statistic), 3
+            ),
+            "cnn_oracle_mean": [round(float(v), 3) for v in rep_cnn.mean(0)],
             "spearman_pooled_independent_noise": round(
                 float(spearmanr(np.tile(vals, seeds), rep_ind.ravel()).statistic), 3
             ),
@@ -322,12 +346,12 @@ def evaluate_stmdit(
         ts = []
         for r in range(3):
             t0 = time.perf_counter()
-            synthesize(m, g1, c, seed=r, steps=steps, guidance_genes=sg, guidance_morph=sm)
+            synthesize(m, g1, c, seed=r, steps=steps, guidance_genes=sg, guidance_morph=sm, **eg)
             ts.append(time.perf_counter() - t0)
         speed[f"s_per_tile_{label}_batch1"] = round(float(np.median(ts)), 3)
     if "speed" in parts:
         t0 = time.perf_counter()
-        synthesize(m, np.repeat(g1, 16, 0), ctx3[:16], seed=0, steps=steps)
+        synthesize(m, np.repeat(g1, 16, 0), ctx3[:16], seed=0, steps=steps, **eg)
         speed["s_per_tile_genes+morph_batch16"] = round((time.perf_counter() - t0) / 16, 3)
         speed["torch_threads"] = torch.get_num_threads()
 
@@ -351,6 +375,15 @@ def evaluate_stmdit(
         "steps": steps,
         "guidance_genes": sg,
         "guidance_morph": sm,
+        "guidance_expr": se,
+        "guide": None
+        if gd is None
+        else {
+            "name": gd.name,
+            "sha256": gd.sha256,
+            "same_as_evaluator": gd.sha256 == gsha,
+            "trained_without_holdout": holdout not in gd.sections,
+        },
         "ceiling": {k: round(v, 4) for k, v in ceiling.items()},
         "fidelity": fid,
         "control": {
@@ -362,6 +395,9 @@ def evaluate_stmdit(
                 [v["spearman_pooled_independent_noise"] for v in ctrl.values()]
             ),
             "mean_spearman_per_seed": _mean([v["spearman_per_seed_mean"] for v in ctrl.values()]),
+            "mean_spearman_pooled_cnn_oracle": _mean(
+                [v["spearman_pooled_cnn_oracle"] for v in ctrl.values()]
+            ),
             "mean_spearman_seed_mean_curve": _mean(
                 [v["spearman_seed_mean_curve"] for v in ctrl.values()]
             ),
@@ -374,6 +410,32 @@ def evaluate_stmdit(
         },
         "speed": speed,
     }
+
+
+def cnn_oracle(tiles: np.ndarray, expr: np.ndarray, cache_dir=None, epochs: int = 30):
+    """The CNN baseline regressor (``training.baselines``) fitted on real 112 µm tiles and
+    their measured expression, cached in ``cache_dir`` by the data's checksum."""
+    import hashlib
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from .baselines import CNNRegressor, fit_cnn_regressor
+
+    h = hashlib.sha1(np.ascontiguousarray(tiles).tobytes())
+    h.update(np.ascontiguousarray(expr, np.float32).tobytes())
+    path = (
+        Path(cache_dir or _default_cache())
+        / f"cnn_oracle_{h.hexdigest()[:12]}_e{epochs}.safetensors"
+    )
+    if path.exists():
+        return CNNRegressor.from_state(load_file(str(path)))
+    reg = fit_cnn_regressor(tiles, np.asarray(expr, np.float32), epochs=epochs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(reg.state(), str(tmp))
+    os.replace(tmp, path)
+    return reg
 
 
 def _weights_sha(model: str | Path) -> str:

@@ -271,6 +271,14 @@ class SynthesizeWidget(QWidget):
         self.guid_morph.setRange(0.0, 20.0)
         self.guid_morph.setSingleStep(0.25)
         self.guid_morph.setValue(1.0)
+        self.guid_expr = QDoubleSpinBox()
+        self.guid_expr.setRange(0.0, 5.0)
+        self.guid_expr.setSingleStep(0.1)
+        self.guid_expr.setValue(0.0)
+        self.guid_expr.setToolTip(
+            "GenST expression guidance: steer each tile so that GenST re-predicts its gene "
+            "values (0: off). See docs/synthesis.md for what it does and does not measure."
+        )
         self.use_morph = QCheckBox("use the surrounding tissue")
         self.use_morph.setChecked(True)
         mrow = QHBoxLayout()
@@ -286,11 +294,18 @@ class SynthesizeWidget(QWidget):
         self.variants_spin.setValue(1)
         params.addRow("Gene guidance", self.guid_genes)
         params.addRow("Morphology guidance", mrow)
+        params.addRow("Expression guidance", self.guid_expr)
         params.addRow("Steps", self.steps_spin)
         params.addRow("Seed", self.seed_spin)
         params.addRow("Variants", self.variants_spin)
         lay.addLayout(params)
-        for w in (self.guid_genes, self.guid_morph, self.steps_spin, self.seed_spin):
+        for w in (
+            self.guid_genes,
+            self.guid_morph,
+            self.guid_expr,
+            self.steps_spin,
+            self.seed_spin,
+        ):
             w.valueChanged.connect(self._on_param_changed)
         self.use_morph.toggled.connect(self._on_param_changed)
 
@@ -391,7 +406,12 @@ class SynthesizeWidget(QWidget):
         m = self.model
         self._gene_model.setStringList(sorted(m.genes))
         dg, dm = m.default_guidance
-        for w, v in ((self.guid_genes, dg), (self.guid_morph, dm), (self.steps_spin, None)):
+        for w, v in (
+            (self.guid_genes, dg),
+            (self.guid_morph, dm),
+            (self.guid_expr, m.default_guidance_expr),
+            (self.steps_spin, None),
+        ):
             w.blockSignals(True)
             w.setValue(v if v is not None else m.default_steps)
             w.blockSignals(False)
@@ -683,6 +703,7 @@ class SynthesizeWidget(QWidget):
             "steps": int(self.steps_spin.value()),
             "guidance_genes": float(self.guid_genes.value()),
             "guidance_morph": float(self.guid_morph.value()),
+            "guidance_expr": float(self.guid_expr.value()),
             "use_morphology": bool(self.use_morph.isChecked()),
         }
 
