@@ -30,7 +30,9 @@ def _save(fig, path: Path) -> None:
     print(path)
 
 
-def real_vs_generated(m, gmodel, gcard, data, holdout, out: Path, n: int = 8) -> None:
+def real_vs_generated(
+    m, gmodel, gcard, data, holdout, out: Path, n: int = 8, se: float = 0.0, guide=None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,11 +61,17 @@ def real_vs_generated(m, gmodel, gcard, data, holdout, out: Path, n: int = 8) ->
     ctx = _context3(img, f["spot_xy"][pick], m.tile_px)
     rows = {
         "real": real,
-        "genes": synthesize(m, g, None, seed=0),
-        "genes+morph": synthesize(m, g, ctx, seed=0),
-        "morph only": synthesize(m, g, ctx, seed=0, guidance_genes=0.0),
-        "unconditional": synthesize(m, g, None, seed=0, guidance_genes=0.0, guidance_morph=0.0),
+        "genes": synthesize(m, g, None, seed=0, guidance_expr=0.0),
+        "genes+morph": synthesize(m, g, ctx, seed=0, guidance_expr=0.0),
     }
+    if se > 0:
+        rows["genes+morph,\nexpr. guided"] = synthesize(
+            m, g, ctx, seed=0, guidance_expr=se, guide=guide
+        )
+    rows["morph only"] = synthesize(m, g, ctx, seed=0, guidance_genes=0.0, guidance_expr=0.0)
+    rows["unconditional"] = synthesize(
+        m, g, None, seed=0, guidance_genes=0.0, guidance_morph=0.0, guidance_expr=0.0
+    )
     px = int(gcard["patch_px"])
     gi = gcard["genes"].index("ERBB2")
     fig, ax = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.45 * len(rows)))
@@ -88,7 +96,9 @@ def real_vs_generated(m, gmodel, gcard, data, holdout, out: Path, n: int = 8) ->
     plt.close(fig)
 
 
-def slider(m, gmodel, gcard, gene: str, out: Path, seeds: int = 3, values: int = 7) -> None:
+def slider(
+    m, gmodel, gcard, gene: str, out: Path, seeds: int = 3, values: int = 7, se: float = 0.0
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +118,10 @@ def slider(m, gmodel, gcard, gene: str, out: Path, seeds: int = 3, values: int =
     for s in range(seeds):
         # one seed per row: every slider value starts from the same noise (as the widget)
         tiles = np.concatenate(
-            [synthesize(m, prof[i : i + 1], None, seed=s) for i in range(values)]
+            [
+                synthesize(m, prof[i : i + 1], None, seed=s, guidance_expr=se, focus=[gene])
+                for i in range(values)
+            ]
         )
         pred = genst_predict(gmodel, genst_patches_for_tiles(tiles, px))[:, gi]
         for c in range(values):
@@ -123,7 +136,10 @@ def slider(m, gmodel, gcard, gene: str, out: Path, seeds: int = 3, values: int =
                 a.set_ylabel(f"seed {s}", fontsize=8)
     fig.suptitle(
         f"{gene} slider (title: conditioning value, log1p CP10k; other genes at the training "
-        f"median)\nunder each tile: GenST's re-predicted {gene}",
+        f"median)\nunder each tile: GenST's re-predicted {gene}; expression guidance {se:g}"
+        + (
+            " (guide = the re-predicting GenST: circular, see the CNN-oracle figures)" if se else ""
+        ),
         fontsize=8,
     )
     _save(fig, out)
@@ -133,7 +149,7 @@ def slider(m, gmodel, gcard, gene: str, out: Path, seeds: int = 3, values: int =
 def main() -> None:
     import torch
 
-    from napari_stgen.inference.synthesis import load_stmdit
+    from napari_stgen.inference.synthesis import load_guide, load_stmdit
     from napari_stgen.training.stmdit import load_genst_model
 
     torch.set_num_threads(1)
@@ -150,16 +166,33 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "her2st"))
     p.add_argument("--genst", default="default")
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "images"))
+    p.add_argument(
+        "--guide",
+        default=None,
+        help="GenST guide for the real-vs-generated row (trained without --holdout)",
+    )
+    p.add_argument("--guidance-expr", type=float, default=None, help="default: the card's")
     a = p.parse_args()
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = load_stmdit(a.model)
     gmodel, gcard, _, _ = load_genst_model(a.genst)
-    real_vs_generated(m, gmodel, gcard, a.data, a.holdout, out / "stmdit_real_vs_generated.png")
     ms = load_stmdit(a.slider_model) if a.slider_model else m
-    slider(ms, gmodel, gcard, "ERBB2", out / "stmdit_slider_ERBB2.png")
+    se = ms.default_guidance_expr if a.guidance_expr is None else a.guidance_expr
+    guide = load_guide(m, a.guide or "default") if se > 0 else None
+    real_vs_generated(
+        m,
+        gmodel,
+        gcard,
+        a.data,
+        a.holdout,
+        out / "stmdit_real_vs_generated.png",
+        se=se,
+        guide=guide,
+    )
+    slider(ms, gmodel, gcard, "ERBB2", out / "stmdit_slider_ERBB2.png", se=se)
     immune = next(g for g in IMMUNE if g in ms.genes)
-    slider(ms, gmodel, gcard, immune, out / f"stmdit_slider_{immune}.png")
+    slider(ms, gmodel, gcard, immune, out / f"stmdit_slider_{immune}.png", se=se)
 
 
 if __name__ == "__main__":

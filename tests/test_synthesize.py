@@ -361,6 +361,20 @@ def test_widget_draw_generate_keep(ui, qtbot, models, tmp_path):
     rec = widget.preview_layer.metadata["stgen_generated"]
     i = model.genes.index("ERBB2")
     assert rec["condition"][i] == pytest.approx(far, abs=0.01)
+    assert rec["extra"]["guidance_expr"] == pytest.approx(widget.guid_expr.value())
+
+    widget.guid_expr.setValue(widget.guid_expr.value() + 0.5)  # GenST expression guidance
+    assert widget.params()["guidance_expr"] == pytest.approx(widget.guid_expr.value())
+    widget.generate()
+    _wait_idle(qtbot, widget)
+    guided = widget.preview_layer.metadata["stgen_generated"]
+    assert guided["extra"]["guidance_expr"] == pytest.approx(widget.guid_expr.value())
+    assert len(guided["extra"]["guide_sha256"]) == 64
+    assert _changed(np.asarray(widget.preview_layer.data), changed) > 0.1
+    widget.guid_expr.setValue(widget.guid_expr.value() - 0.5)
+    widget.generate()
+    _wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(widget.preview_layer.data, changed)
 
     widget.after_check.setChecked(False)  # before/after
     assert not widget.preview_layer.visible

@@ -111,6 +111,19 @@ def register_evaluate(sub) -> None:
     )
     p.add_argument("--guidance-genes", type=float, default=None)
     p.add_argument("--guidance-morph", type=float, default=None)
+    p.add_argument(
+        "--guidance-expr",
+        type=float,
+        default=None,
+        help="GenST expression guidance scale (default: the model card's; 0: off)",
+    )
+    p.add_argument(
+        "--guide",
+        default=None,
+        metavar="GENST",
+        help="GenST checkpoint that guides (default: the card's); for a held-out section use "
+        "one trained without it, e.g. `stgen train genst --holdout SECTION`",
+    )
     p.set_defaults(func=_evaluate)
 
 
@@ -152,6 +165,8 @@ def _evaluate(args) -> int:
         guidance=guidance,
         parts=tuple(args.parts),
         log=lambda s: print(s, file=sys.stderr, flush=True),
+        guidance_expr=args.guidance_expr,
+        guide=args.guide,
     )
     text = json.dumps(res, indent=1)
     if args.out:
