@@ -42,6 +42,7 @@ def real_vs_generated(
     from napari_stgen.io.her2st import read_sections
     from napari_stgen.training.evaluate_stmdit import _context3
     from napari_stgen.training.stmdit import (
+        DEFAULT_CACHE,
         TILE_MPP,
         genst_patches_for_tiles,
         genst_predict,
@@ -57,7 +58,7 @@ def real_vs_generated(
     pick = order[np.linspace(0, len(order) - 1, n).round().astype(int)]
     real = f["spot_tiles"][pick]
     g = f["spot_expr"][pick]
-    img = section_image(sec, TILE_MPP, Path(f"{ROOT}/scratch/stmdit_cache"))
+    img = section_image(sec, TILE_MPP, DEFAULT_CACHE)
     ctx = _context3(img, f["spot_xy"][pick], m.tile_px)
     rows = {
         "real": real,

@@ -19,7 +19,19 @@ import numpy as np
 from ..inference.patches import patches_from_array, tissue_mask
 from ..io.her2st import Section, read_sections, spot_neighbours
 
-DEFAULT_CACHE = Path(os.environ.get("STGEN_CACHE", "/work/main/scratch/genst_cache"))
+
+def cache_dir(kind: str, env: str) -> Path:
+    """Training-data cache of ``kind``: ``$env`` if set, else ``kind`` under
+    ``$STGEN_CACHE_ROOT`` or ``$XDG_CACHE_HOME/napari-stgen`` (default ``~/.cache``)."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    root = os.environ.get("STGEN_CACHE_ROOT") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "napari-stgen"
+    )
+    return Path(root) / kind
+
+
+DEFAULT_CACHE = cache_dir("genst", "STGEN_CACHE")
 
 
 @dataclass

@@ -9,7 +9,7 @@ standardized log1p CP10k on the hidden spots (+ ``w_visible`` × on the visible 
 Image-only batches (``p_image_only``) have no transcript tokens and a loss on every spot.
 
 Per-spot image features (``inference.histotx.image_features``) are computed once per
-section and cached under ``cache_dir`` (default /work/main/scratch/histotx_cache).
+section and cached under ``cache_dir`` (default: ``training.data.cache_dir``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ..inference.histotx import FEATURES, KIND, PATCH_PX, PATCH_UM, image_features
+from .data import cache_dir
 
-DEFAULT_CACHE = Path(os.environ.get("STGEN_HISTOTX_CACHE", "/work/main/scratch/histotx_cache"))
+DEFAULT_CACHE = cache_dir("histotx", "STGEN_HISTOTX_CACHE")
 
 
 @dataclass

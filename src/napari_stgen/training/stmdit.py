@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StgenError
+from .data import cache_dir
 
 TILE_MPP = 1.75  # µm per pixel of generated tiles
-DEFAULT_CACHE = Path(os.environ.get("STGEN_CACHE_STMDIT", "/work/main/scratch/stmdit_cache"))
+DEFAULT_CACHE = cache_dir("stmdit", "STGEN_CACHE_STMDIT")
 
 
 # ----------------------------------------------------------------------------- images
