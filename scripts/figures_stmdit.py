@@ -147,6 +147,89 @@ def slider(
     plt.close(fig)
 
 
+def sweep_row(ev: dict) -> dict:
+    """The figures of one ``stgen evaluate stmdit`` JSON that the guidance sweep compares."""
+    f, c, r = ev["fidelity"], ev["control"], ev.get("realism", {})
+    return {
+        "guidance_expr": ev.get("guidance_expr", 0.0),
+        "guide_t_min": (ev.get("sampler") or {}).get("guide_t_min", 0.0),
+        "fidelity_genst_tile_pct": {
+            k: f[k]["tile_pct_of_ceiling"] for k in ("genes", "genes+morph")
+        },
+        "fidelity_cnn_oracle_pct": {
+            k: f[k]["cnn_oracle_pct_of_ceiling"] for k in ("genes", "genes+morph")
+        },
+        "control_genst_pooled": c["mean_spearman_pooled"],
+        "control_cnn_oracle_pooled": c["mean_spearman_pooled_cnn_oracle"],
+        "kid": {k: r[k]["kid"] for k in ("genes", "genes+morph") if k in r},
+    }
+
+
+def sweep_plot(rows: list[dict], out: Path) -> None:
+    """Fidelity, control and KID against the expression-guidance scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    line = sorted(
+        (r for r in rows if r.get("guide_t_min") in (None, 0.3)), key=lambda r: r["guidance_expr"]
+    )
+    extra = [r for r in rows if r not in line]  # e.g. guidance at every step
+    fig, ax = plt.subplots(1, 3, figsize=(11, 3.2))
+    for data, mk, lab in ((line, "", ""), (extra, "none", ", every step")):
+        if not data:
+            continue
+        x = [r["guidance_expr"] for r in data]
+        st = "-" if mk == "" else ""
+        for k, ls in (("genes", st), ("genes+morph", "--" if st else "")):
+            for key, c, m, who in (
+                ("fidelity_genst_tile_pct", "C0", "o", "GenST"),
+                ("fidelity_cnn_oracle_pct", "C1", "s", "CNN oracle"),
+            ):
+                ax[0].plot(
+                    x, [r[key][k] for r in data], m + ls, c=c, mfc=mk or c, label=f"{who}, {k}{lab}"
+                )
+            ax[2].plot(
+                x,
+                [r["kid"].get(k, np.nan) for r in data],
+                "o" + ls,
+                c="C2",
+                mfc=mk or "C2",
+                label=f"{k}{lab}",
+            )
+        ax[1].plot(
+            x,
+            [r["control_genst_pooled"] for r in data],
+            "o" + st,
+            c="C0",
+            mfc=mk or "C0",
+            label=f"GenST{lab}",
+        )
+        ax[1].plot(
+            x,
+            [r["control_cnn_oracle_pooled"] for r in data],
+            "s" + st,
+            c="C1",
+            mfc=mk or "C1",
+            label=f"CNN oracle{lab}",
+        )
+    ax[0].axhline(90, c="grey", lw=0.8, ls=":")
+    ax[0].set_ylabel("fidelity, % of the real-tile ceiling")
+    ax[1].axhline(0.8, c="grey", lw=0.8, ls=":")
+    ax[1].set_ylabel("control, pooled Spearman (top-10 genes)")
+    ax[2].set_ylabel("KID vs real held-out tiles")
+    for a in ax:
+        a.set_xlabel("expression guidance scale s_e (from t = 0.3)")
+        a.legend(fontsize=6)
+    fig.suptitle(
+        "Held-out C3, fold models; guide: GenST fold without C3; dotted: targets", fontsize=9
+    )
+    fig.tight_layout()
+    _save(fig, out)
+    plt.close(fig)
+
+
 def main() -> None:
     import torch
 
@@ -173,12 +256,31 @@ def main() -> None:
         help="GenST guide for the real-vs-generated row (trained without --holdout)",
     )
     p.add_argument("--guidance-expr", type=float, default=None, help="default: the card's")
+    p.add_argument(
+        "--sweep",
+        nargs="*",
+        default=None,
+        metavar="EVAL.json",
+        help="only plot the guidance sweep from these evaluation JSONs (writes "
+        "docs/stmdit_guidance_sweep.json and stmdit_guidance_sweep.png)",
+    )
     a = p.parse_args()
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if a.sweep is not None:
+        import json
+
+        summary = ROOT / "docs" / "stmdit_guidance_sweep.json"
+        if a.sweep:
+            rows = [sweep_row(json.loads(Path(f).read_text())) for f in a.sweep]
+            summary.write_text(json.dumps(rows, indent=1) + "\n")
+        sweep_plot(json.loads(summary.read_text()), out / "stmdit_guidance_sweep.png")
+        return
     m = load_stmdit(a.model)
     gmodel, gcard, _, _ = load_genst_model(a.genst)
     ms = load_stmdit(a.slider_model) if a.slider_model else m
+    # the fold model is sampled with the shipped model's sampler settings (as the evaluation does)
+    m.card["sampler"] = {**m.card.get("sampler", {}), **ms.card.get("sampler", {})}
     se = ms.default_guidance_expr if a.guidance_expr is None else a.guidance_expr
     guide = load_guide(m, a.guide or "default") if se > 0 else None
     real_vs_generated(

@@ -10,8 +10,8 @@ Writes docs/images/synthesize_*.png:
 - ``synthesize_before_after.png``: the region as scanned | generated at the predicted profile |
   generated with ERBB2 raised, same seed;
 - ``synthesize_sweep_<GENE>.png``: a strip of one tile generated at increasing slider values
-  (same seed, same neighbourhood, gene guidance ``--sweep-guidance``), with the value GenST
-  re-predicts on each generated tile, and below it what changed (|tile − first| × 8).
+  (same seed, same neighbourhood, the card's guidance unless ``--sweep-guidance``), with the
+  value GenST re-predicts on each generated tile, and below it what changed (|tile − first| × 8).
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         "--percentile", type=float, default=10.0, help="region: predicted-expression percentile"
     )
     ap.add_argument(
-        "--sweep-guidance", type=float, default=6.0, help="gene guidance for the slider sweep"
+        "--sweep-guidance",
+        type=float,
+        default=None,
+        help="gene guidance for the slider sweep (default: the model card's)",
     )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     pts.add([cy, cx])
     wait_idle()
     w.variants_spin.setValue(1)
-    w.guid_genes.setValue(args.sweep_guidance)
+    if args.sweep_guidance is not None:
+        w.guid_genes.setValue(args.sweep_guidance)
     tiles, repred = [], []
     values = np.linspace(lo, hi, args.sweep)
     # GenST reads a patch_um window around a tile: the generated tile pasted into the scanned

@@ -147,7 +147,7 @@ def _synthesize(ad, slide_path: Path, gene: str, out: Path) -> dict | str:
     prof = {g: float(v) for g, v in zip(genes, base, strict=True) if g in model.genes}
     v0 = gene_vector(model, overrides=prof)
     hi = gene_vector(model, overrides={**prof, gene: float(prof.get(gene, 0)) + 2.0})
-    tiles = synthesize(model, np.stack([v0, hi]), np.repeat(ctx, 2, 0), seed=0)
+    tiles = synthesize(model, np.stack([v0, hi]), np.repeat(ctx, 2, 0), seed=0, focus=[gene])
     paths = {}
     for name, t in (("real", real[0]), ("generated", tiles[0]), (f"generated_{gene}_up", tiles[1])):
         paths[name] = str(save_tile_png(out / f"tile_{name}.png", t, model.mpp))

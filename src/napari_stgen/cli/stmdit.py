@@ -146,6 +146,12 @@ def _evaluate(args) -> int:
                 log=lambda s: print(s, file=sys.stderr, flush=True),
             )
         )
+    sampler = None
+    if args.train_fold is not None:
+        # the fold model is evaluated with the sampler settings of the model whose recipe it used
+        from ..inference.synthesis import load_stmdit
+
+        sampler = load_stmdit(args.model).card.get("sampler")
     guidance = None
     if args.guidance_genes is not None or args.guidance_morph is not None:
         from ..inference.synthesis import load_stmdit
@@ -167,6 +173,7 @@ def _evaluate(args) -> int:
         log=lambda s: print(s, file=sys.stderr, flush=True),
         guidance_expr=args.guidance_expr,
         guide=args.guide,
+        sampler=sampler,
     )
     text = json.dumps(res, indent=1)
     if args.out:

@@ -166,11 +166,14 @@ def evaluate_stmdit(
     parts: tuple[str, ...] = ("fidelity", "control", "realism", "speed"),
     guidance_expr: float | None = None,
     guide: str | Path | None = None,
+    sampler: dict | None = None,
 ) -> dict:
     """All figures of the protocol for one held-out section, as a JSON-able dict.
 
     ``parts`` selects among fidelity, control, realism and speed (realism needs fidelity's
-    tiles, so it runs fidelity too)."""
+    tiles, so it runs fidelity too). ``sampler`` overrides the model card's sampler block
+    (steps, guidance scales, expression-guide settings); ``guide``: the GenST checkpoint of
+    the expression guidance (default: the card's ``sampler.guide``)."""
     import torch
     from scipy.stats import spearmanr
 
@@ -191,6 +194,8 @@ def evaluate_stmdit(
             log(msg)
 
     m = load_stmdit(model)
+    if sampler:  # e.g. the default's sampler settings for its fold model
+        m.card["sampler"] = {**m.card.get("sampler", {}), **sampler}
     steps = m.default_steps if steps is None else int(steps)
     sg, sm = m.default_guidance if guidance is None else guidance
     se = m.default_guidance_expr if guidance_expr is None else float(guidance_expr)
@@ -376,6 +381,7 @@ def evaluate_stmdit(
         "guidance_genes": sg,
         "guidance_morph": sm,
         "guidance_expr": se,
+        "sampler": m.card.get("sampler", {}),
         "guide": None
         if gd is None
         else {
