@@ -198,22 +198,11 @@ def sweep_plot(rows: list[dict], out: Path) -> None:
                 mfc=mk or "C2",
                 label=f"{k}{lab}",
             )
-        ax[1].plot(
-            x,
-            [r["control_genst_pooled"] for r in data],
-            "o" + st,
-            c="C0",
-            mfc=mk or "C0",
-            label=f"GenST{lab}",
-        )
-        ax[1].plot(
-            x,
-            [r["control_cnn_oracle_pooled"] for r in data],
-            "s" + st,
-            c="C1",
-            mfc=mk or "C1",
-            label=f"CNN oracle{lab}",
-        )
+        for key, c, m, who in (
+            ("control_genst_pooled", "C0", "o", "GenST"),
+            ("control_cnn_oracle_pooled", "C1", "s", "CNN oracle"),
+        ):
+            ax[1].plot(x, [r[key] for r in data], m + st, c=c, mfc=mk or c, label=f"{who}{lab}")
     ax[0].axhline(90, c="grey", lw=0.8, ls=":")
     ax[0].set_ylabel("fidelity, % of the real-tile ceiling")
     ax[1].axhline(0.8, c="grey", lw=0.8, ls=":")
