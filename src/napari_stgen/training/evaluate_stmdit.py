@@ -182,6 +182,7 @@ def evaluate_stmdit(
     from ..models.stmdit import GenSTCondition
     from .stmdit import (
         TILE_MPP,
+        genst_label_key,
         genst_patches_for_tiles,
         genst_predict,
         load_genst_model,
@@ -387,6 +388,9 @@ def evaluate_stmdit(
         else {
             "name": gd.name,
             "sha256": gd.sha256,
+            # the guide's per-tile tensors and decoding: what the figures depend on (the file's
+            # sha256 also covers its card, which records wall-clock times)
+            "label_key": genst_label_key(gd.genst),
             "same_as_evaluator": gd.sha256 == gsha,
             "trained_without_holdout": holdout not in gd.sections,
         },
