@@ -344,3 +344,18 @@ def test_expression_guidance_checks_its_inputs(model, guide):
     w = guide_weights(model, ["erbb2"])  # case-insensitive, like --genes
     assert w.sum() == pytest.approx(1.0)
     assert w[model.genes.index("ERBB2")] == pytest.approx(0.5)
+
+
+def test_cnn_oracle_trains_caches_and_reloads_identically(tiny, tmp_path):
+    from napari_stgen.training.evaluate_stmdit import cnn_oracle
+
+    tiles = tiny["ctx"]["spot_tiles"][:96]
+    expr = tiny["ctx"]["spot_expr"][:96, :5]
+    a = cnn_oracle(tiles, expr, cache_dir=tmp_path, epochs=2)
+    assert len(list(tmp_path.glob("cnn_oracle_*.safetensors"))) == 1
+    b = cnn_oracle(tiles, expr, cache_dir=tmp_path, epochs=2)  # from the cache
+    pa, pb = a.predict(tiles[:8]), b.predict(tiles[:8])
+    assert pa.shape == (8, 5) and np.isfinite(pa).all()
+    np.testing.assert_array_equal(pa, pb)
+    # predictions live on the targets' scale (log1p CP10k), not the standardised one
+    assert abs(float(pa.mean()) - float(expr.mean())) < 2 * float(expr.std())
