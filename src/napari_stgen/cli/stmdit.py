@@ -261,9 +261,12 @@ def _profile_from_h5ad(model, path: str, obs: str):
 
 
 def _synthesize(args) -> int:
+    import functools
+
     import numpy as np
     import torch
 
+    from ..inference.predictor import load_genst
     from ..inference.synthesis import (
         gene_vector,
         load_stmdit,
@@ -283,6 +286,9 @@ def _synthesize(args) -> int:
     gene_vector(model, overrides)  # unknown gene names fail before any slide is read
     base = None
     ctx = None
+    # one GenST, loaded when first needed, for the context profile and the expression guidance
+    genst = functools.cache(lambda: load_genst(args.genst, device="cpu"))
+
     meta: dict = {"model": model.name, "model_sha256": model.checksum, "seed": args.seed}
     if args.context is not None:
         from ..inference.patches import read_patches
@@ -296,9 +302,7 @@ def _synthesize(args) -> int:
             ctx = read_patches(slide, xy_px, 3 * model.tile_um, model.context_px, mpp=mpp)
         meta["context"] = {"slide": str(args.context), "at_um": list(args.at)}
         if args.from_h5ad is None:
-            from ..inference.predictor import load_genst
-
-            base = predicted_profile(model, ctx, load_genst(args.genst, device="cpu"))[0]
+            base = predicted_profile(model, ctx, genst())[0]
             meta["base_profile"] = "GenST prediction at the context location"
     if args.from_h5ad is not None:
         h = _profile_from_h5ad(model, args.from_h5ad, args.obs)
@@ -315,7 +319,7 @@ def _synthesize(args) -> int:
     if se > 0:
         from ..inference.synthesis import load_guide
 
-        guide = load_guide(model, args.genst)
+        guide = load_guide(model, genst())
     tile = synthesize(
         model,
         g,

@@ -286,44 +286,40 @@ class ExpressionGuide:
 
 def load_guide(
     model: STMDiTModel,
-    genst: str | Path = "default",
+    genst: Any = "default",
     tta: int | None = None,
     t_min: float | None = None,
 ) -> ExpressionGuide:
-    """The GenST checkpoint ``genst`` as an ``ExpressionGuide`` for ``model``'s panel
-    (``tta``, ``t_min``: default the card's ``sampler.guide_tta`` / ``sampler.guide_t_min``)."""
-    from ..models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
-    from ..models.genst import GenST, GenSTConfig
+    """GenST (a checkpoint name/path, or an already loaded ``GenSTPredictor``) as an
+    ``ExpressionGuide`` for ``model``'s panel (``tta``, ``t_min``: default the card's
+    ``sampler.guide_tta`` / ``sampler.guide_t_min``)."""
+    from .predictor import load_genst
 
-    path = resolve_checkpoint(genst, "genst")
-    tensors, card = load_checkpoint(path, "genst")
-    net = GenST(GenSTConfig.from_dict(card["architecture"]))
-    net.load_state_dict(tensors, strict=False)
-    net.eval().to(model.device)
+    pred = load_genst(genst, device=model.device) if isinstance(genst, str | Path) else genst
+    net = pred.model
     for p in net.parameters():
         p.requires_grad_(False)
-    pos = {g: i for i, g in enumerate(card["genes"])}
+    pos = {g: i for i, g in enumerate(pred.genes)}
     mi = np.array([i for i, g in enumerate(model.genes) if g in pos], dtype=np.int64)
     if not len(mi):
-        raise StgenError(f"{path}: GenST panel shares no gene with the STMDiT panel")
+        raise StgenError(f"{pred.path}: GenST panel shares no gene with the STMDiT panel")
     gi = np.array([pos[model.genes[i]] for i in mi], dtype=np.int64)
-    mpp = float(card["patch_um"]) / float(card["patch_px"])
+    mpp = pred.patch_um / pred.patch_px
     if abs(mpp - model.mpp) > 1e-3:
         raise StgenError(
-            f"{path}: GenST patch is {mpp:.3f} µm/px, the STMDiT tiles {model.mpp} µm/px"
+            f"{pred.path}: GenST patch is {mpp:.3f} µm/px, the STMDiT tiles {model.mpp} µm/px"
         )
+    sampler = model.card.get("sampler", {})
     return ExpressionGuide(
         genst=net,
         model_idx=mi,
         guide_idx=gi,
-        patch_px=int(card["patch_px"]),
-        name=Path(path).stem,
-        sha256=sha256_file(path),
-        sections=tuple(card.get("data", {}).get("sections", [])),
-        tta=int(model.card.get("sampler", {}).get("guide_tta", 1) if tta is None else tta),
-        t_min=float(
-            model.card.get("sampler", {}).get("guide_t_min", 0.0) if t_min is None else t_min
-        ),
+        patch_px=pred.patch_px,
+        name=Path(pred.path).stem,
+        sha256=pred.checksum,
+        sections=tuple(pred.card.get("data", {}).get("sections", [])),
+        tta=int(sampler.get("guide_tta", 1) if tta is None else tta),
+        t_min=float(sampler.get("guide_t_min", 0.0) if t_min is None else t_min),
     )
 
 
@@ -371,7 +367,7 @@ def expression_gradient(
         if ctx is None:
             patch = F.pad(img, (o, guide.patch_px - t - o) * 2, mode="reflect")
         else:
-            patch = ctx[: len(img)].expand(len(img), -1, -1, -1).clone()
+            patch = ctx.clone()
             patch[:, :, o : o + t, o : o + t] = img
         expr = guide.genst.predict(to_input(patch), tta=guide.tta)[0]
         pred = guide.genst.standardize(expr)[:, guide.guide_idx]
