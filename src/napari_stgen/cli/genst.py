@@ -21,6 +21,7 @@ def register_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>.resume state")
     p.add_argument("--holdout", default=None, help="section to leave out of training")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    _recipe_args(p)
     p.add_argument("--cache", type=Path, default=None, help="patch cache directory")
     p.add_argument("--name", default=None, help="model name in the card")
     p.add_argument("--folds-json", type=Path, default=None, help="fold figures for the card")
@@ -42,6 +43,7 @@ def register_evaluate(sub) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    _recipe_args(p)
     p.add_argument("--cnn-epochs", type=int, default=30)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--cache", type=Path, default=None)
@@ -50,10 +52,32 @@ def register_evaluate(sub) -> None:
     p.set_defaults(func=_evaluate)
 
 
+def _recipe_args(p) -> None:
+    p.add_argument(
+        "--stain-aug",
+        choices=["rgb", "hed"],
+        default="rgb",
+        help="colour augmentation: per-channel RGB jitter or H/E/DAB-space jitter",
+    )
+    p.add_argument("--hed-sigma", type=float, default=0.1, help="H/E/DAB jitter strength")
+    p.add_argument(
+        "--gene-data",
+        default=None,
+        help="directory of expression-only sections the gene VQ-VAE also learns from "
+        "(sections of the held-out section's patient are left out)",
+    )
+
+
 def _tcfg(args):
     from ..training.genst import TrainConfig
 
-    t = TrainConfig(seed=args.seed, threads=args.threads)
+    t = TrainConfig(
+        seed=args.seed,
+        threads=args.threads,
+        stain_aug=args.stain_aug,
+        hed_sigma=args.hed_sigma,
+        gene_data=args.gene_data,
+    )
     if args.epochs is not None:
         t.epochs = args.epochs
     return t

@@ -99,27 +99,32 @@ def _image_for(d: Path, name: str) -> Path | None:
     return None
 
 
-def read_her2st_section(data_dir: str | Path, name: str) -> Section:
-    """Read section ``name`` of a HER2ST directory; spots present in both tables."""
+def _read_tables(d: Path, name: str, need: set[str]) -> tuple:
+    """(counts, selection, counts path, selection path) of section ``name`` in ``d``."""
     import pandas as pd
 
-    d = Path(data_dir)
-    counts_path = d / f"{name}.tsv.gz"
-    sel_path = d / f"{name}_selection.tsv"
-    img = _image_for(d, name)
+    counts_path, sel_path = d / f"{name}.tsv.gz", d / f"{name}_selection.tsv"
     for p in (counts_path, sel_path):
         if not p.exists():
             raise StgenError(f"{p}: missing HER2ST file for section {name}")
-    if img is None:
-        raise StgenError(f"{d}: no image {name}.jpg for section {name}")
     try:
         counts = pd.read_csv(counts_path, sep="\t", index_col=0)
         sel = pd.read_csv(sel_path, sep="\t")
     except Exception as e:  # noqa: BLE001 - pandas raises many types
         raise StgenError(f"{counts_path}: cannot read HER2ST tables: {e}") from e
-    need = {"x", "y", "pixel_x", "pixel_y"}
     if not need.issubset(sel.columns):
         raise StgenError(f"{sel_path}: needs columns {sorted(need)}, has {list(sel.columns)}")
+    return counts, sel, counts_path, sel_path
+
+
+def read_her2st_section(data_dir: str | Path, name: str) -> Section:
+    """Read section ``name`` of a HER2ST directory; spots present in both tables."""
+
+    d = Path(data_dir)
+    img = _image_for(d, name)
+    counts, sel, counts_path, sel_path = _read_tables(d, name, {"x", "y", "pixel_x", "pixel_y"})
+    if img is None:
+        raise StgenError(f"{d}: no image {name}.jpg for section {name}")
     bc = [f"{int(x)}x{int(y)}" for x, y in zip(sel["x"], sel["y"], strict=True)]
     sel = sel.assign(barcode=bc)
     sel = sel.drop_duplicates("barcode").set_index("barcode")
@@ -260,3 +265,74 @@ def smooth_over_neighbours(
         if len(nb):
             out[i] = self_weight * v[i] + (1 - self_weight) * v[nb].mean(axis=0)
     return out
+
+
+@dataclass
+class ExpressionSection:
+    """An expression-only ST section (counts + array positions, no image)."""
+
+    name: str
+    barcodes: list[str]
+    array_xy: np.ndarray  # (N, 2) int array positions
+    counts: np.ndarray  # (N, G) float32 raw counts
+    genes: list[str]
+
+    @property
+    def patient(self) -> str:
+        return self.name[:1]
+
+    def target(self, genes: list[str]) -> np.ndarray:
+        """log1p(CP10k) of ``genes``; a gene absent from the table has no counts (0)."""
+        y = normalize_log1p_cp10k(self.counts)
+        pos = {g: i for i, g in enumerate(self.genes)}
+        out = np.zeros((len(y), len(genes)), np.float32)
+        for j, g in enumerate(genes):
+            if g in pos:
+                out[:, j] = y[:, pos[g]]
+        return out
+
+    def neighbours(self) -> list[np.ndarray]:
+        return spot_neighbours(self.array_xy)
+
+
+def list_expression_sections(data_dir: str | Path) -> list[str]:
+    """Names of the sections of ``data_dir`` with counts and a spot table (image or not)."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise StgenError(f"{d}: not a directory")
+    return [
+        f.name[: -len("_selection.tsv")]
+        for f in sorted(d.glob("*_selection.tsv"))
+        if (d / f"{f.name[: -len('_selection.tsv')]}.tsv.gz").exists()
+    ]
+
+
+def read_expression_section(data_dir: str | Path, name: str) -> ExpressionSection:
+    """Counts and array positions of section ``name`` (spots in both tables, selected)."""
+    counts, sel, counts_path, sel_path = _read_tables(Path(data_dir), name, {"x", "y"})
+    bc = [f"{int(x)}x{int(y)}" for x, y in zip(sel["x"], sel["y"], strict=True)]
+    sel = sel.assign(barcode=bc).drop_duplicates("barcode").set_index("barcode")
+    common = [b for b in sel.index if b in counts.index]
+    if not common:
+        raise StgenError(f"{sel_path}: no spot matches a row of {counts_path.name}")
+    return ExpressionSection(
+        name=name,
+        barcodes=common,
+        array_xy=sel.loc[common, ["x", "y"]].to_numpy(np.int64),
+        counts=counts.loc[common].to_numpy(np.float32),
+        genes=[str(g) for g in counts.columns],
+    )
+
+
+def read_labelled_regions(data_dir: str | Path, sec: ExpressionSection) -> np.ndarray:
+    """Pathologist region label of each spot of ``sec`` (``pathologist/S_labeled_coordinates
+    .tsv``, matched by nearest array position), object array; StgenError if absent."""
+    import pandas as pd
+
+    p = Path(data_dir) / "pathologist" / f"{sec.name}_labeled_coordinates.tsv"
+    if not p.exists():
+        raise StgenError(f"{p}: no pathologist labels for section {sec.name}")
+    lab = pd.read_csv(p, sep="\t").dropna(subset=["x", "y"])
+    pos = np.round(lab[["x", "y"]].to_numpy(np.float64)).astype(np.int64)
+    table = {(int(x), int(y)): str(v) for (x, y), v in zip(pos, lab["label"], strict=True)}
+    return np.array([table.get((int(x), int(y)), "") for x, y in sec.array_xy], dtype=object)

@@ -70,7 +70,9 @@ def run_fold(
     t0 = time.time()
     if model is None:
         tcfg = tcfg or TrainConfig()
-        net, hist = train_genst(tr, panel, None, tcfg, progress=progress, log=log)
+        net, hist = train_genst(
+            tr, panel, None, tcfg, progress=progress, log=log, exclude_patients={holdout[:1]}
+        )
         res["genst_train_seconds"] = round(time.time() - t0, 1)
         res["train_config"] = dict(tcfg.__dict__)
         mpanel = panel

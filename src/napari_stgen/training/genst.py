@@ -41,6 +41,9 @@ class TrainConfig:
     recon_batch: int = 16
     w_recon: float = 0.5
     colour_jitter: float = 0.05
+    stain_aug: str = "rgb"  # "rgb": per-channel RGB jitter; "hed": H/E/DAB-space jitter
+    hed_sigma: float = 0.1  # with stain_aug "hed": per-stain scale U(1±σ), shift U(±σ/10)
+    gene_data: str | None = None  # expression-only sections for stage A (held-out patient out)
     decode: str = "soft"  # inference decoding written to the card (see docs/models.md)
     context_steps: int = 1500  # stage C (spatial context head, genst_context.py); 0: none
     seed: int = 0
@@ -48,9 +51,36 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def augment(batch: np.ndarray, rng: np.random.Generator, jitter: float):
+def hed_jitter(x, rng: np.random.Generator, sigma: float):
+    """Stain augmentation in H/E/DAB optical-density space (Tellez et al. 2018): each stain of
+    each patch scaled by U(1 - σ, 1 + σ) and shifted by U(-σ/10, σ/10); x float (N, 3, H, W)
+    in [0, 1] → same. Colour deconvolution matrices of skimage.color (Ruifrok & Johnston)."""
+    import torch
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    n = x.shape[0]
+    log_adj = float(np.log(1e-6))
+    m_in = torch.from_numpy(np.asarray(hed_from_rgb, np.float32))
+    m_out = torch.from_numpy(np.asarray(rgb_from_hed, np.float32))
+    od = torch.log(x.clamp_min(1e-6)).permute(0, 2, 3, 1) / log_adj  # (N, H, W, 3)
+    hed = od @ m_in  # not clipped at 0 (as skimage does), so σ = 0 is the identity
+    a = torch.from_numpy(rng.uniform(1 - sigma, 1 + sigma, (n, 1, 1, 3))).float()
+    b = torch.from_numpy(rng.uniform(-sigma / 10, sigma / 10, (n, 1, 1, 3))).float()
+    hed = hed * a + b
+    rgb = torch.exp((hed * log_adj) @ m_out).clamp(0, 1)
+    return rgb.permute(0, 3, 1, 2).contiguous()
+
+
+def augment(
+    batch: np.ndarray,
+    rng: np.random.Generator,
+    jitter: float,
+    stain: str = "rgb",
+    hed_sigma: float = 0.1,
+):
     """uint8 (N, H, W, 3) → normalized float tensor (N, 3, H, W) with flips, 90° rotations and
-    mild per-channel colour (stain-like) scale/shift jitter."""
+    colour (stain) jitter: per-channel RGB scale/shift (``stain="rgb"``) or H/E/DAB-space
+    (``stain="hed"``, then brightness only in RGB)."""
     import torch
 
     from ..models.genst import to_input
@@ -62,7 +92,12 @@ def augment(batch: np.ndarray, rng: np.random.Generator, jitter: float):
             q = q[:, ::-1]
         out[i] = q
     x = torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255.0
-    if jitter > 0:
+    if stain == "hed":
+        x = hed_jitter(x, rng, hed_sigma)
+        if jitter > 0:
+            bright = 1 + jitter * torch.from_numpy(rng.standard_normal((len(x), 1, 1, 1))).float()
+            x = ((x - 0.5) * bright + 0.5).clamp(0, 1)
+    elif jitter > 0:
         n = len(batch)
         scale = 1 + jitter * torch.from_numpy(rng.standard_normal((n, 3, 1, 1))).float()
         shift = jitter * torch.from_numpy(rng.standard_normal((n, 3, 1, 1))).float()
@@ -123,6 +158,28 @@ def train_gene_vqvae(model, y_std: np.ndarray, steps: int, rng, batch: int = 128
     return last
 
 
+def extra_gene_profiles(
+    data_dir: str | Path, panel: list[str], exclude_patients: set[str], self_weight: float
+) -> tuple[np.ndarray, list[str]]:
+    """Label-denoised log1p CP10k profiles (panel order) of the expression-only sections of
+    ``data_dir`` whose patient (first letter) is not in ``exclude_patients``, and their names."""
+    from ..io.her2st import list_expression_sections, read_expression_section
+
+    ys, names = [], []
+    for name in list_expression_sections(data_dir):
+        if name[:1] in exclude_patients:
+            continue
+        sec = read_expression_section(data_dir, name)
+        y = sec.target(panel)
+        if self_weight < 1.0:
+            y = smooth_over_neighbours(y, sec.neighbours(), self_weight)
+        ys.append(y)
+        names.append(name)
+    if not ys:
+        return np.zeros((0, len(panel)), np.float32), []
+    return np.concatenate(ys, 0).astype(np.float32), names
+
+
 def train_genst(
     train: list[SectionData],
     panel: list[str],
@@ -131,8 +188,12 @@ def train_genst(
     resume_path: str | Path | None = None,
     progress: bool = True,
     log=print,
+    exclude_patients: set[str] | None = None,
 ):
-    """Train a GenST model on ``train`` sections; returns (model, history dict)."""
+    """Train a GenST model on ``train`` sections; returns (model, history dict).
+
+    With ``tcfg.gene_data`` the gene VQ-VAE (stage A) also sees the expression-only sections
+    there, minus those of ``exclude_patients`` (a held-out section's patient)."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -167,7 +228,16 @@ def train_genst(
         rng = np.random.default_rng(tcfg.seed + 1000 * start_epoch)
         log(f"resumed from {resume_path} at epoch {start_epoch}")
     else:
-        train_gene_vqvae(model, Ys, tcfg.gene_steps, rng, log=log)
+        Ya = Ys
+        if tcfg.gene_data:
+            extra, names = extra_gene_profiles(
+                tcfg.gene_data, panel, set(exclude_patients or ()), tcfg.label_self_weight
+            )
+            hist["gene_data_sections"] = names
+            hist["gene_data_spots"] = int(len(extra))
+            Ya = np.concatenate([Ys, (extra - mu) / sd], 0).astype(np.float32)
+            log(f"gene VQ-VAE on {len(Ya)} spots ({len(names)} expression-only sections)")
+        train_gene_vqvae(model, Ya, tcfg.gene_steps, rng, log=log)
 
     # stage B: gene encoder + codebook frozen; decoder fine-tuned slowly
     for p in model.gene.encoder.parameters():
@@ -202,7 +272,7 @@ def train_genst(
         sums: dict[str, float] = {}
         for b in range(steps_per_epoch):
             idx = perm[b * tcfg.batch : (b + 1) * tcfg.batch]
-            x = augment(X[idx], rng, tcfg.colour_jitter)
+            x = augment(X[idx], rng, tcfg.colour_jitter, tcfg.stain_aug, tcfg.hed_sigma)
             y = Yt[idx]
             zg = Zg[idx]
             zhat, _ = model.image_to_gene_latent(x)
@@ -218,7 +288,7 @@ def train_genst(
             parts = {"expr": l_expr, "lat": l_lat, "nce": l_nce, "code": l_code}
             if tcfg.recon_every and b % tcfg.recon_every == 0 and len(tiles):
                 tix = rng.integers(0, len(tiles), tcfg.recon_batch)
-                xt = augment(tiles[tix], rng, tcfg.colour_jitter)
+                xt = augment(tiles[tix], rng, tcfg.colour_jitter, tcfg.stain_aug, tcfg.hed_sigma)
                 v = views(xt, cfg)[0]
                 _, _, lv = model.histo(v)
                 l_rec = lv["rec"] + lv["commit"]
@@ -396,7 +466,15 @@ def train_and_save(
     resume_path = out.with_name(out.stem + ".resume.safetensors")
     if not resume and resume_path.exists():
         resume_path.unlink()
-    model, hist = train_genst(train, panel, cfg, tcfg, resume_path=resume_path, progress=progress)
+    model, hist = train_genst(
+        train,
+        panel,
+        cfg,
+        tcfg,
+        resume_path=resume_path,
+        progress=progress,
+        exclude_patients={holdout[:1]} if holdout else None,
+    )
     folds = None
     if folds_json is not None:
         folds = json.loads(Path(folds_json).read_text())
@@ -413,6 +491,7 @@ def train_and_save(
             "n_spots": int(sum(len(s.y) for s in train)),
             "n_unlabelled_tiles": int(sum(len(s.tiles) for s in train)),
             "source": "HER2ST (Andersson et al. 2021), sections B4, C2-C5",
+            "gene_data_sections": hist.get("gene_data_sections", []),
             "label_denoising": f"target = {tcfg.label_self_weight}*self + "
             f"{1 - tcfg.label_self_weight:.2f}*mean(array neighbours)",
         },
