@@ -92,6 +92,26 @@ def plot_maps(fold: dict, genes: list[str], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def split_summary(results: list[dict]) -> dict:
+    """The headline split first: the out-of-patient folds (held-out section of a patient the
+    fold never trained on) and the mean of the within-patient folds, each with its sections."""
+    from napari_stgen.training.evaluate_genst import split_kind
+
+    groups: dict[str, list[dict]] = {"out-of-patient": [], "within-patient": []}
+    for r in results:
+        groups[split_kind(r["holdout"], r["train_sections"])["split"]].append(r)
+    out = {}
+    for name, rs in groups.items():
+        if not rs:
+            continue
+        keys = sorted({k for r in rs for k in r["summary"]})
+        out[name.replace("-", "_")] = {
+            "folds": {r["holdout"]: r["train_sections"] for r in rs},
+            "mean": {k: round(float(np.mean([r["summary"][k] for r in rs])), 4) for k in keys},
+        }
+    return out
+
+
 def update_card(path: Path, res: dict) -> None:
     """Re-save a checkpoint (same tensors) with the fold figures in its model card."""
     from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
@@ -109,6 +129,8 @@ def update_card(path: Path, res: dict) -> None:
         "head's latent (each spot's window of neighbouring spots' image tokens; 4-rotation "
         "TTA); genst_tile = the same model tile by tile; _smoothed = test-time smoothing over "
         "neighbouring spots; genst_quantized/_expected = other decodings",
+        "out_of_patient": res.get("out_of_patient"),
+        "within_patient": res.get("within_patient"),
         "mean": res["mean"],
         "per_fold": res["per_fold"],
     }
@@ -167,6 +189,7 @@ def main(argv=None) -> int:
     res = {
         "protocol": "BENCHMARKS.md GenST: leave-one-section-out, top-50 genes, mean Pearson",
         "machine": f"{os.cpu_count()} CPU cores, torch threads={args.threads}, no GPU",
+        **split_summary(results),
         "folds": results,
         "mean": mean,
         "per_fold": {r["holdout"]: r["summary"] for r in results},

@@ -339,3 +339,79 @@ def test_engine_cache_separates_tta(tiny, sample_slide_path, tmp_path):
         assert parts[0].cached == 0  # not served the 4-rotation entries
         b = engine.collect(iter(parts))
         assert a.expr.shape == b.expr.shape and not np.allclose(a.expr, b.expr)
+
+
+def test_confidence_bank_round_trips_and_flags_blank_tiles(tiny, real_spots, tmp_path):
+    """A checkpoint with a confidence bank loads it back; every prediction carries a finite
+    per-tile uncertainty, and blank glass is less sure than the tissue the model learnt from."""
+    from napari_stgen.inference.confidence import fit_confidence
+    from napari_stgen.inference.predictor import load_genst
+    from napari_stgen.models.checkpoint import save_checkpoint
+    from napari_stgen.training.genst import model_card
+
+    model, _, tcfg, genes = tiny
+    patches = real_spots[0]
+    conf = fit_confidence(model, patches, tta=1)
+    assert conf.bank.shape[0] == len(patches) and np.isfinite(conf.bank).all()
+    tensors = {**model.state_dict(), **conf.tensors()}
+    card = model_card(model, genes, genes[:5], tcfg, tta=1)
+    card["tensor_shapes"] = {k: list(v.shape) for k, v in tensors.items()}
+    path = tmp_path / "conf.safetensors"
+    save_checkpoint(path, tensors, card)
+    pred = load_genst(path, device="cpu")
+    assert pred.confidence is not None
+    assert np.allclose(pred.confidence.stats, conf.stats)
+    out = pred.predict(patches, tokens=True)
+    assert out.uncertainty.shape == (len(patches),) and np.isfinite(out.uncertainty).all()
+    glass = np.full((8, 32, 32, 3), 242, np.uint8)
+    u_glass = pred.predict(glass).uncertainty
+    assert u_glass.min() > np.median(out.uncertainty)
+    xy = real_spots[3][["x", "y"]].to_numpy(float) * 0.6874
+    ctx = pred.predict_in_context(out.feat, out.zhat, xy)
+    assert ctx.uncertainty.shape == (len(patches),) and np.isfinite(ctx.uncertainty).all()
+
+
+def test_default_model_is_less_sure_off_tissue(sample_slide_path):
+    """The shipped GenST's uncertainty is higher on glass than on tissue of the sample."""
+    from napari_stgen.inference.patches import tissue_fraction
+    from napari_stgen.inference.predictor import load_genst
+    from napari_stgen.inference.tiles import read_tiles, slide_grid
+    from napari_stgen.io.slide import open_slide
+
+    pred = load_genst("default", device="cpu")
+    assert pred.confidence is not None and pred.card["confidence"]["uncertainty"] == "combined"
+    with open_slide(sample_slide_path) as s:
+        g = slide_grid(s, 112.0)
+        tiles = np.array([(r, c) for r in range(0, g.shape[0], 5) for c in range(0, g.shape[1], 5)])
+        p = read_tiles(s, g, tiles, pred.patch_px, pred.patch_um)
+    u = pred.predict(p, tta=1).uncertainty
+    tf = tissue_fraction(p)
+    assert (tf > 0.5).sum() >= 10 and (tf < 0.05).sum() >= 10
+    assert np.median(u[tf < 0.05]) > np.percentile(u[tf > 0.5], 75)
+
+
+def test_hed_stain_jitter_is_identity_at_zero_and_moves_stains(real_spots):
+    import torch
+    from skimage.color import rgb2hed
+
+    from napari_stgen.training.genst import hed_jitter
+
+    x = torch.from_numpy(real_spots[0][:6]).permute(0, 3, 1, 2).float() / 255.0
+    same = hed_jitter(x, np.random.default_rng(0), 0.0)
+    assert torch.allclose(same, x, atol=1e-5)
+    moved = hed_jitter(x, np.random.default_rng(0), 0.2)
+    assert moved.shape == x.shape and 0 <= float(moved.min()) and float(moved.max()) <= 1
+    h0 = rgb2hed(x.permute(0, 2, 3, 1).numpy())[..., 0].mean((1, 2))
+    h1 = rgb2hed(moved.permute(0, 2, 3, 1).numpy())[..., 0].mean((1, 2))
+    assert np.abs(h1 - h0).max() > 0.005  # the haematoxylin amount changed per patch
+
+
+def test_fold_split_kind_names_a_new_patient():
+    from napari_stgen.training.evaluate_genst import split_kind
+
+    assert split_kind("B4", ["C2", "C3", "C4", "C5"]) == {
+        "split": "out-of-patient",
+        "test_patient": "B",
+        "train_patients": ["C"],
+    }
+    assert split_kind("C3", ["B4", "C2", "C4", "C5"])["split"] == "within-patient"

@@ -50,6 +50,17 @@ def register_evaluate(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--per-gene", action="store_true", help="include per-gene figures")
     p.set_defaults(func=_evaluate)
+    c = sub.add_parser(
+        "codes",
+        help="GenST gene codes vs pathologist regions (NMI/ARI beside k-means; prints JSON)",
+        description="Assign gene codes from measured expression on the labelled HER2ST "
+        "sections (A1, B1, C1, D1, E1, F1) and score them against the pathologist's regions.",
+    )
+    c.add_argument("--data", required=True, type=Path, help="her2st_expression directory")
+    c.add_argument("--model", default="default", help="GenST checkpoint (name or path)")
+    c.add_argument("--seeds", type=int, default=10, help="k-means seeds")
+    c.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    c.set_defaults(func=_evaluate_codes)
 
 
 def _recipe_args(p) -> None:
@@ -114,8 +125,28 @@ def _strip(res: dict) -> dict:
     return walk(res)
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _write_json(text: str, out: Path | None) -> None:
     import os
+
+    print(text)
+    if out:
+        tmp = out.with_name(out.name + ".partial")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)
+
+
+def _evaluate_codes(args: argparse.Namespace) -> int:
+    import json
+
+    from ..inference.predictor import load_genst
+    from ..training.evaluate_codes import codes_vs_pathology
+
+    res = codes_vs_pathology(load_genst(args.model, device="cpu"), args.data, seeds=args.seeds)
+    _write_json(json.dumps(res, indent=2), args.out)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
@@ -134,10 +165,5 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if not args.per_gene:
         res = _strip(res)
-    text = dumps(res)
-    print(text)
-    if args.out:
-        tmp = args.out.with_name(args.out.name + ".partial")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.out)
+    _write_json(dumps(res), args.out)
     return 0

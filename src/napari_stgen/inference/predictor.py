@@ -6,6 +6,7 @@
     out = pred.predict(patches)              # uint8 (N, patch_px, patch_px, 3) at pred.mpp
     out.expr  # (N, G) float32 log1p(CP10k), panel order = pred.genes
     out.code  # (N,) int64 gene-code index;  out.image_codes (N, h, w) int64 or None
+    out.uncertainty  # (N,) float32 code-posterior entropy (nats): larger = less sure
 
 Device ``"auto"`` picks cuda > mps > cpu. Batched; fp16/bf16 autocast on GPU;
 ``torch.inference_mode``; test-time augmentation (rotations) as the card recommends.
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, StgenError
+from .confidence import Confidence, code_entropy
 
 KIND = "genst"
 
@@ -33,6 +35,7 @@ class Prediction:
     image_codes: np.ndarray | None = None  # (N, h, w) int64
     feat: np.ndarray | None = None  # (R, N, F) float32 pooled features per transform (tokens)
     zhat: np.ndarray | None = None  # (R, N, D) float32 aligned latent per transform (tokens)
+    uncertainty: np.ndarray | None = None  # (N,) float32 (inference/confidence.py)
 
 
 def pick_device(device: str = "auto") -> str:
@@ -54,8 +57,18 @@ def pick_device(device: str = "auto") -> str:
 class GenSTPredictor:
     """A loaded GenST model with the contract's attributes and ``predict``."""
 
-    def __init__(self, model, card: dict, path: Path, checksum: str, device: str, tta: int):
+    def __init__(
+        self,
+        model,
+        card: dict,
+        path: Path,
+        checksum: str,
+        device: str,
+        tta: int,
+        confidence: Confidence | None = None,
+    ):
         self.model = model
+        self.confidence = confidence
         self.card = card
         self.path = path
         self.checksum = checksum
@@ -117,10 +130,15 @@ class GenSTPredictor:
         n = len(p)
         g = len(self.genes)
         if n == 0:
-            return Prediction(np.zeros((0, g), np.float32), np.zeros(0, np.int64), None)
+            return Prediction(
+                np.zeros((0, g), np.float32),
+                np.zeros(0, np.int64),
+                None,
+                uncertainty=np.zeros(0, np.float32),
+            )
         bs = batch_size or self.batch_size
         tta = self.tta if tta is None else tta
-        expr, codes, icodes, feats, zs = [], [], [], [], []
+        expr, codes, icodes, feats, zs, unc = [], [], [], [], [], []
         with torch.inference_mode(), self._autocast():
             for i in range(0, n, bs):
                 xb = torch.from_numpy(np.ascontiguousarray(p[i : i + bs])).to(self.device)
@@ -128,6 +146,7 @@ class GenSTPredictor:
                 f, z, grids = self.model.tile_tokens(x, tta)
                 e, c = self.model.decode_latent(z.mean(0))
                 e = self.model.unstandardize(e.float())
+                unc.append(self._uncertainty(z.mean(0), f.mean(0)))
                 ic = self.model.image_code_map(grids) if image_codes else None
                 if tokens:
                     feats.append(f.float().cpu().numpy())
@@ -142,6 +161,7 @@ class GenSTPredictor:
             image_codes=np.concatenate(icodes) if icodes else None,
             feat=np.concatenate(feats, 1) if feats else None,
             zhat=np.concatenate(zs, 1) if zs else None,
+            uncertainty=np.concatenate(unc).astype(np.float32),
         )
 
     def predict_in_context(
@@ -179,11 +199,25 @@ class GenSTPredictor:
         else:
             z = zhat.mean(0) if query is None else zhat.mean(0)[np.asarray(query)]
         with torch.inference_mode():
-            e, c = self.model.decode_latent(
-                torch.from_numpy(np.asarray(z, np.float32)).to(self.device)
-            )
+            zt = torch.from_numpy(np.asarray(z, np.float32)).to(self.device)
+            e, c = self.model.decode_latent(zt)
             e = self.model.unstandardize(e.float())
-        return Prediction(e.cpu().numpy().astype(np.float32), c.cpu().numpy().astype(np.int64))
+            f = feat.mean(0) if query is None else feat.mean(0)[np.asarray(query)]
+            u = self._uncertainty(zt, f)
+        return Prediction(
+            e.cpu().numpy().astype(np.float32),
+            c.cpu().numpy().astype(np.int64),
+            uncertainty=u.astype(np.float32),
+        )
+
+    def _uncertainty(self, z, feat_mean) -> np.ndarray:
+        """(N,) per-tile uncertainty (inference/confidence.py) of final latents ``z`` (torch,
+        N × D) with pooled features ``feat_mean`` (N × F, torch or numpy)."""
+        ent = code_entropy(self.model.gene.vq.distances(z.float())).cpu().numpy()
+        if self.confidence is None:
+            return ent
+        f = feat_mean.float().cpu().numpy() if hasattr(feat_mean, "cpu") else feat_mean
+        return self.confidence.score(ent, np.asarray(f, np.float32))
 
     def code_profiles(self) -> np.ndarray:
         """Decoded profile (log1p CP10k) of each gene code, (n_codes, G) float32."""
@@ -211,6 +245,7 @@ def build_model(tensors: dict, card: dict, path: Path):
     if int(card["patch_px"]) != cfg.patch_px or abs(float(card["patch_um"]) - cfg.patch_um) > 1e-6:
         raise CheckpointError(f"{path}: patch size in the card disagrees with the architecture")
     model = GenST(cfg)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("confidence.")}
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -232,10 +267,11 @@ def load_genst(
 
     path = resolve_checkpoint(name_or_path, KIND)
     tensors, card = load_checkpoint(path, KIND)
+    conf = Confidence.from_tensors(dict(tensors))
     model = build_model(tensors, card, path)
     dev = pick_device(device)
     model.to(dev)
     if dev == "cpu" and torch.get_num_threads() > 4:
         pass  # leave the caller's thread setting alone
     t = int(card.get("tta", 1) if tta is None else tta)
-    return GenSTPredictor(model, card, path, sha256_file(path), dev, t)
+    return GenSTPredictor(model, card, path, sha256_file(path), dev, t, confidence=conf)

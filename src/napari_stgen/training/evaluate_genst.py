@@ -37,6 +37,18 @@ def evaluate_predictions(
     return out
 
 
+def split_kind(holdout: str, train_sections: list[str]) -> dict:
+    """Which patients a fold trains and tests on (HER2ST: patient = first letter of the
+    section) and whether the held-out section is a new patient (``out-of-patient``)."""
+    train_patients = sorted({s[:1] for s in train_sections})
+    new = holdout[:1] not in train_patients
+    return {
+        "split": "out-of-patient" if new else "within-patient",
+        "test_patient": holdout[:1],
+        "train_patients": train_patients,
+    }
+
+
 def run_fold(
     data_dir: str | Path,
     holdout: str,
@@ -63,6 +75,7 @@ def run_fold(
     res: dict = {
         "holdout": holdout,
         "train_sections": [s.name for s in tr],
+        **split_kind(holdout, [s.name for s in tr]),
         "n_test_spots": int(len(te.y)),
         "genes": bench,
         "metric": "mean Pearson over the 50 benchmark genes (held-out section)",

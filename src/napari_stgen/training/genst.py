@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..inference.confidence import K_NOVELTY, fit_confidence
 from ..io.her2st import smooth_over_neighbours
 from .data import SectionData
 
@@ -439,6 +440,41 @@ def codebook_health(model, sections: list[SectionData], tta: int = 1) -> dict:
     return {"gene_codes_profiles": prof, "gene_codes_images": img, "image_codebook": hist}
 
 
+def confidence_card(conf, sections: list[str]) -> dict:
+    """Model-card entry for the per-tile uncertainty the checkpoint carries."""
+    return {
+        "uncertainty": "combined",
+        "definition": "standardized code-posterior entropy + standardized feature novelty "
+        f"(mean distance to the {K_NOVELTY} nearest training-spot image features); "
+        "inference/confidence.py",
+        "bank_spots": int(len(conf.bank)),
+        "bank_sections": sections,
+        "stats": [round(float(v), 6) for v in conf.stats],
+    }
+
+
+def attach_confidence(path: str | Path, data_dir: str | Path, cache_dir=None) -> Path:
+    """Re-save a GenST checkpoint (same model tensors) with the confidence bank of its
+    training sections (those its card names) added."""
+    from ..inference.predictor import load_genst
+    from ..models.checkpoint import load_checkpoint, save_checkpoint
+    from .data import load_dataset
+
+    tensors, card = load_checkpoint(path, "genst")
+    for k in [k for k in tensors if k.startswith("confidence.")]:
+        tensors.pop(k)
+    names = card["data"]["sections"]
+    sections, _, _ = load_dataset(data_dir, cache_dir=cache_dir, names=names)
+    model = load_genst(path, device="cpu").model
+    conf = fit_confidence(model, np.concatenate([s.patches for s in sections], 0))
+    tensors.update(conf.tensors())
+    card["tensor_shapes"] = {k: list(v.shape) for k, v in tensors.items()}
+    card["confidence"] = confidence_card(conf, names)
+    card.pop("sha256", None)
+    card.pop("size_bytes", None)
+    return save_checkpoint(path, tensors, card)
+
+
 def train_and_save(
     data_dir,
     out,
@@ -517,7 +553,12 @@ def train_and_save(
         },
         evaluation=folds,
     )
-    save_checkpoint(out, model.state_dict(), card)
+    tensors = dict(model.state_dict())
+    conf = fit_confidence(model, np.concatenate([s.patches for s in train], 0))
+    tensors.update(conf.tensors())
+    card["tensor_shapes"] = {k: list(v.shape) for k, v in tensors.items()}
+    card["confidence"] = confidence_card(conf, [s.name for s in train])
+    save_checkpoint(out, tensors, card)
     if resume_path.exists():
         resume_path.unlink()
     resume_side = resume_path.with_suffix(".json")
