@@ -395,15 +395,7 @@ def tiled_dask(source: TileSource, name: str) -> da.Array:
         _regular_chunks(source.shape[0], source.tile[0]),
         _regular_chunks(source.shape[1], source.tile[1]),
     ) + tuple((n,) for n in source.shape[2:])
-    return da.from_array(
-        source,
-        chunks=chunks,
-        name=name,
-        inline_array=True,
-        asarray=False,
-        fancy=False,
-        meta=np.empty((0,) * source.ndim, source.dtype),
-    )
+    return _over(source, chunks, name)
 
 
 class _Guarded:
