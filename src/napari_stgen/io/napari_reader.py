@@ -58,6 +58,8 @@ def _is_ome_zarr_image(p: Path) -> bool:
                 attrs = read_json_attrs(f)
             except ValueError:
                 return True  # claim it: opening says precisely what is wrong
+            if not isinstance(attrs, dict):
+                return True
             attrs = attrs.get("attributes", attrs)  # zarr v3 keeps attrs under "attributes"
             if not isinstance(attrs, dict):
                 return True
