@@ -1001,6 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--mem-gb", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--families", nargs="*", default=None, help="only these families")
     args = ap.parse_args(argv)
 
     # import what the children use once, here (they are forked from this process); nothing
@@ -1033,6 +1034,8 @@ def main(argv: list[str] | None = None) -> int:
     intact = [c for c in corpus if c[0].name in ("intact", "sparse-intact")]
     rest = [c for c in corpus if c[0].name not in ("intact", "sparse-intact")]
     rng.shuffle(rest)
+    if args.families:
+        rest = [c for c in rest if c[0].family in args.families]
     if args.sample:
         rest = rest[: args.sample]
     print(f"{len(corpus)} mutations in the corpus; running {len(rest)} + intact", flush=True)
