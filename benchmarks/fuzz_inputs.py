@@ -716,16 +716,21 @@ def _slide_meta(path: Path) -> dict | None:
 
     try:
         with open_slide(path) as s:
-            return s.info()
+            return _no_path(s.info())
     except StgenError:
         return None
+
+
+def _no_path(meta: dict) -> dict:
+    """Slide metadata without its path (cases live in different folders)."""
+    return {k: v for k, v in meta.items() if k != "path"}
 
 
 def entry_info(case: dict) -> dict:
     rc, out, err = _quiet_main(["info", case["slide"]])
     res = {"rc": rc, "err": err, "n_err_lines": err.count("\n") + bool(err)}
     if rc == 0:
-        res["meta"] = json.loads(out)
+        res["meta"] = _no_path(json.loads(out))
     return res
 
 

@@ -301,8 +301,13 @@ def thumbnails_from_levels(
     return out
 
 
-def _images_from_slide(slide: Any) -> dict:
-    levels = list(getattr(slide, "levels", []) or [])
+def _images_from_slide(slide: Any, lenient: bool = False) -> dict:
+    """Thumbnails of a slide; ``lenient``: unreadable tiles are white (a run that skipped
+    them), otherwise they raise like any other read."""
+    if lenient and hasattr(slide, "display_levels"):
+        levels = slide.display_levels()
+    else:
+        levels = list(getattr(slide, "levels", []) or [])
     if levels:
         (hi, sh), (lo, sl) = thumbnails_from_levels(levels)
     else:  # a slide-like object with thumbnail() only
@@ -508,7 +513,7 @@ def predictions_to_anndata(
     else:
         diam_px = _nn_diameter_px(xy) or (100.0 / float(mpp) if mpp else 50.0)
     if images is None and slide is not None:
-        images = _images_from_slide(slide)
+        images = _images_from_slide(slide, lenient="n_unreadable" in (extra_uns or {}))
     lib: dict[str, Any] = {
         "images": {},
         "scalefactors": {
