@@ -140,7 +140,7 @@ def _check_array(path: Path, k: int, z: Any, axes: str) -> None:
     )
     cyx = (chunks[axes.index("Y")], chunks[axes.index("X")])
     other = math.prod(c for a, c in zip(axes, chunks, strict=True) if a not in "YX")
-    check_tiling(path, k, yx, cyx, z.dtype.itemsize * other, what="chunk")
+    check_tiling(path, k, yx, cyx, z.dtype.itemsize * other, what="chunk", min_edge=16)
     if n_other > 64:
         raise SlideReadError(f"{path}: level {k} has {n_other} chunks along non-spatial axes")
     try:
@@ -178,12 +178,21 @@ def _ngff_mpp(
             continue
         sc = tr["scale"]
         try:
-            v = float(sc[xi])
-        except (TypeError, ValueError, IndexError, KeyError):
-            raise SlideReadError(f"{path}: OME-Zarr scale {sc!r} has no number for x") from None
-        if not (math.isfinite(v) and v > 0):
-            raise SlideReadError(f"{path}: OME-Zarr scale for x is {v}, not a positive number")
-        scale *= v
+            vals = [float(v) for v in sc]
+        except (TypeError, ValueError):
+            why = f"OME-Zarr scale {sc!r} is not a list of numbers"
+            raise SlideReadError(f"{path}: {why}") from None
+        if len(vals) != len(axes):
+            raise SlideReadError(f"{path}: OME-Zarr scale {sc!r} does not match axes {axes!r}")
+        bad = [v for v in vals if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise SlideReadError(f"{path}: OME-Zarr scale holds {bad[0]}, not a positive number")
+        if "Y" in axes and abs(vals[axes.index("Y")] / vals[xi] - 1.0) > 0.01:
+            raise SlideReadError(
+                f"{path}: OME-Zarr pixels are not square (y {vals[axes.index('Y')]:g}, "
+                f"x {vals[xi]:g})"
+            )
+        scale *= vals[xi]
     unit = None
     if ax_meta and len(ax_meta) > xi and isinstance(ax_meta[xi], dict):
         unit = ax_meta[xi].get("unit")

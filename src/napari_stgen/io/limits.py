@@ -32,7 +32,7 @@ MAX_SIDE_PX = 1_000_000
 MAX_PIXELS = 10**11
 MAX_TILE_PX = 16_384
 MAX_CHUNK_BYTES = 256 * 2**20
-MAX_TILES = 4 * 2**20
+MAX_TILES = 2 * 2**20
 MAX_IMAGE_PIXELS = 10**8
 #: Plausible µm per level-0 pixel of a microscope slide (40× scanners ≈ 0.25, 1× ≈ 10).
 MPP_RANGE = (0.05, 50.0)
@@ -72,15 +72,21 @@ def check_tiling(
     *,
     what: str = "tile",
     multiple: int = 1,
+    min_edge: int = 1,
 ) -> None:
     """Refuse tiles (or chunks) that are empty, absurdly large or so small the level has
     too many of them. ``multiple`` is the edge multiple the format demands (16 for TIFF tiles;
-    with it the edge is also capped at ``MAX_TILE_PX``); strips pass their clipped height."""
+    with it the edge is also capped at ``MAX_TILE_PX``); strips pass their clipped height.
+    ``min_edge``: smaller tiles are refused unless they span the whole image along that axis."""
     th, tw = (int(v) for v in tile[:2])
     h, w = (int(v) for v in shape[:2])
     where = f"{path}: level {level}"
     if th <= 0 or tw <= 0:
         raise SlideReadError(f"{where}: {what} size {tw} × {th} px is not positive")
+    if (th < min_edge and th < h) or (tw < min_edge and tw < w):
+        raise SlideReadError(
+            f"{where}: {what}s of {tw} × {th} px are too small to read (corrupt metadata?)"
+        )
     if multiple > 1 and (th % multiple or tw % multiple):
         raise SlideReadError(
             f"{where}: {what} size {tw} × {th} px is not a multiple of {multiple} "
