@@ -1067,7 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
                 # `stgen predict` opens the slide with the same open_slide call as `stgen info`
                 # before it loads a model, so it refuses the same way; run 1 in 10 of these
                 row = {"id": m.id, "family": m.family, "entry": e, "outcome": "refused",
-                       "inferred": True, "seconds": 0.0, "peak_rss_mb": None, "why": ""}  # fmt: skip
+                       "inferred": True, "seconds": 0.0, "peak_rss_mb": None,
+                       "why": ""}  # fmt: skip
                 results.append(row)
                 jl.write(json.dumps(row) + "\n")
                 continue
