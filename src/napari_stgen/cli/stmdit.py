@@ -251,7 +251,7 @@ def _profile_from_h5ad(model, path: str, obs: str):
         raise StgenError(f"{p}: file not found")
     from ..io.validate import validate_h5ad
 
-    validate_h5ad(p)
+    validate_h5ad(p, need_x=True)
     try:
         a = anndata.read_h5ad(p)
     except Exception as e:  # noqa: BLE001 - h5py/anndata raise many types

@@ -51,13 +51,14 @@ MAX_VARS = 1_000_000
 _READ_STEP = 1 << 22  # elements per read when scanning sparse indices
 
 
-def validate_h5ad(path: Any) -> None:
+def validate_h5ad(path: Any, need_x: bool = False) -> None:
     """Check an .h5ad's structure with h5py before anndata (and its native code) reads it.
 
     Sizes of obs/var, X and layers (dense: numeric and (n_obs, n_vars); sparse: CSR/CSC
     ``indptr`` of the right length, starting at 0, non-decreasing, ending at ``len(indices)``
     and indices inside the matrix), obsm/obsp rows. Raises StgenError naming the file and the
     element; a too-short ``indptr`` or an out-of-range index would otherwise crash the process.
+    ``need_x``: an absent ``X`` is an error too (readers of the expression matrix).
     """
     from pathlib import Path
 
@@ -78,6 +79,8 @@ def validate_h5ad(path: Any) -> None:
                 raise StgenError(f"{p}: {n_obs:,} obs × {n_vars:,} vars is past the limits")
             if "X" in f:
                 _check_matrix(f["X"], (n_obs, n_vars), p, "X")
+            elif need_x:
+                raise StgenError(f"{p}: no X (expression matrix)")
             for group, rows in (("layers", None), ("obsm", n_obs), ("varm", n_vars)):
                 for k, el in _items(f, group):
                     if rows is None:
