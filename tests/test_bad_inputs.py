@@ -303,7 +303,7 @@ def zarr_cases(small_rgb: np.ndarray) -> dict[str, fz.Mutation]:
     ],
 )
 def test_f4_ome_zarr_broken_metadata(
-    name: str, words: str, zarr_cases: dict, tmp_path: Path, make_napari_viewer
+    name: str, words: str, zarr_cases: dict, tmp_path: Path
 ) -> None:
     from napari_stgen.io.napari_reader import get_reader
 
@@ -371,11 +371,12 @@ def test_f5_sparse_h5ad_that_crashed_is_refused(
         ("X-shape", "shape"),
         ("obs-index-short", "rows"),
         ("sparse-shape-huge", "shape"),
+        ("no-X", ""),
         ("trunc", "not a readable"),
     ],
 )
 def test_f5_h5ad_schema_errors_are_one_line(
-    name: str, words: str, h5ad_cases: dict, tmp_path: Path, make_napari_viewer
+    name: str, words: str, h5ad_cases: dict, tmp_path: Path
 ) -> None:
     from napari_stgen.io.anndata import read_h5ad_layers
 
