@@ -4,13 +4,15 @@ Each area owns a module here with ``register(subparsers)`` (top-level commands) 
 ``register_train(sub)`` / ``register_evaluate(sub)`` (``stgen train X`` / ``stgen evaluate X``).
 A command sets ``func`` (called with the parsed args, returns an exit code or None). Heavy
 imports happen inside ``func``. Errors with a user-facing reason (``StgenError``, missing or
-unreadable files) print one line and exit 2, no traceback.
+unreadable files, out of memory) print one line and exit 2, no traceback; anything else is a
+bug, printed as one ``internal error`` line with exit 1 (``STGEN_DEBUG=1``: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,6 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stgen: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("stgen: error: out of memory", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug: one line unless STGEN_DEBUG asks for more
+        if os.environ.get("STGEN_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())[:300]
+        print(
+            f"stgen: internal error: {type(e).__name__}: {msg} (STGEN_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return int(rc or 0)
 
 

@@ -55,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=200,
         help="HistoTx: fine-tuning steps on the measured spots before predicting (0: off)",
     )
+    p.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="predict around tiles that cannot be read (NaN + obs['unreadable']) instead of "
+        "stopping",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -92,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             measured=args.measured,
             image_only=args.image_only,
             adapt_steps=max(0, args.adapt_steps),
+            skip_unreadable=args.skip_unreadable,
         )
     finally:
         if bar is not None:

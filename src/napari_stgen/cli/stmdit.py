@@ -180,8 +180,12 @@ def _evaluate(args) -> int:
         import os
 
         tmp = Path(args.out).with_name(Path(args.out).name + ".partial")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.out)
+        try:
+            tmp.write_text(text + "\n")
+            os.replace(tmp, args.out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     print(text)
     return 0
 
@@ -245,6 +249,9 @@ def _profile_from_h5ad(model, path: str, obs: str):
     p = Path(path)
     if not p.is_file():
         raise StgenError(f"{p}: file not found")
+    from ..io.validate import validate_h5ad
+
+    validate_h5ad(p, need_x=True)
     try:
         a = anndata.read_h5ad(p)
     except Exception as e:  # noqa: BLE001 - h5py/anndata raise many types
@@ -258,6 +265,23 @@ def _profile_from_h5ad(model, path: str, obs: str):
     if not shared:
         raise StgenError(f"{p}: none of its genes is in the STMDiT panel")
     return {g: float(row[pos[g]]) for g in shared}
+
+
+def _save_leaving_nothing(save, out: str, *a) -> None:
+    """``save(out, *a)`` (temp files then rename); on failure no ``.partial`` stays behind."""
+    out_p = Path(out)
+    temps = [
+        out_p.with_name(out_p.name + ".partial"),
+        out_p.with_name(out_p.name + ".json.partial"),
+    ]
+    try:
+        save(out, *a)
+    except BaseException as e:
+        for t in temps:
+            t.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise StgenError(f"{out}: cannot write the tile ({e.strerror or e})") from e
+        raise
 
 
 def _synthesize(args) -> int:
@@ -275,6 +299,7 @@ def _synthesize(args) -> int:
         save_tile_png,
         synthesize,
     )
+    from ..io.validate import check_tile_image
 
     torch.set_num_threads(1)
     overrides = parse_gene_overrides(args.genes)
@@ -310,6 +335,13 @@ def _synthesize(args) -> int:
         meta["base_profile"] = f"{args.from_h5ad} obs {args.obs} ({len(h)} panel genes)"
     meta.setdefault("base_profile", "training median")
     g = gene_vector(model, overrides, base)
+    gv = np.asarray(g, np.float64)
+    if not np.all(np.isfinite(gv)) or np.abs(gv).max() > 50:
+        i = int(np.argmax(~np.isfinite(gv) | (np.abs(gv) > 50)))
+        raise StgenError(
+            f"conditioning value {gv[i]:g} for {model.genes[i]} is not a log1p CP10k level "
+            "(expected 0..~15)"
+        )
     steps = args.steps if args.steps is not None else model.default_steps
     sg, sm = model.default_guidance
     sg = sg if args.guidance_genes is None else args.guidance_genes
@@ -344,6 +376,7 @@ def _synthesize(args) -> int:
             "conditioning": [round(float(v), 4) for v in g],
         }
     )
-    save_tile_png(args.out, tile, model.mpp, meta)
+    check_tile_image(tile, args.out)
+    _save_leaving_nothing(save_tile_png, args.out, tile, model.mpp, meta)
     print(f"{args.out}: {tile.shape[1]}x{tile.shape[0]} px at {model.mpp} µm/px")
     return 0

@@ -109,6 +109,7 @@ def predict_centres(
     progress: Callable[[int, int], None] | None = None,
     grid: Any = None,
     tiles: np.ndarray | None = None,
+    skip_unreadable: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(expr (N, G) float32, code (N,) int64) for patches centred on level-0 ``xy_px``.
 
@@ -116,9 +117,11 @@ def predict_centres(
     ``grid`` and its cells ``tiles`` (matching ``xy_px``), patches are read block-wise
     (``inference.tiles.read_tiles``: pixel-identical to ``read_patches``, one read a block).
     A model with a spatial context head then predicts each centre from its window of the
-    other centres' tokens (``inference.context``).
+    other centres' tokens (``inference.context``). ``skip_unreadable``: rows whose pixels
+    cannot be read get NaN expression (``inference.tiles.read_or_skip``) instead of an error.
     """
     from .patches import read_patches
+    from .tiles import read_or_skip
 
     xy = np.asarray(xy_px, dtype=np.float64).reshape(-1, 2)
     n, g = len(xy), len(predictor.genes)
@@ -135,19 +138,21 @@ def predict_centres(
             (np.array([row_of[(int(r), int(c))] for r, c in b]), b)
             for b in split_blocks(t, block=side)
         ]
-        read = lambda job: read_tiles(  # noqa: E731
-            slide, grid, job[1], predictor.patch_px, predictor.patch_um
+        read = lambda idx: read_tiles(  # noqa: E731
+            slide, grid, t[idx], predictor.patch_px, predictor.patch_um
         )
     else:
         jobs = [(np.arange(i, min(i + bs, n)), None) for i in range(0, n, bs)]
-        read = lambda job: read_patches(  # noqa: E731
-            slide, xy[job[0]], predictor.patch_um, predictor.patch_px
+        read = lambda idx: read_patches(  # noqa: E731
+            slide, xy[idx], predictor.patch_um, predictor.patch_px
         )
     done = 0
     ctx = bool(getattr(predictor, "has_context", False))
     feat = zhat = None
+    bad = np.zeros(n, dtype=bool)
     for job in jobs:
-        out = predictor.predict(read(job), tokens=True) if ctx else predictor.predict(read(job))
+        px = read_or_skip(read, job[0], skip_unreadable, bad, predictor.patch_px)
+        out = predictor.predict(px, tokens=True) if ctx else predictor.predict(px)
         expr[job[0]] = np.asarray(out.expr, dtype=np.float32)
         code[job[0]] = np.asarray(out.code, dtype=np.int64)
         if ctx:
@@ -164,6 +169,9 @@ def predict_centres(
         tile_um = grid.tile_um if grid is not None else None
         out = predictor.predict_in_context(feat, zhat, xy * slide.mpp, cells=cells, tile_um=tile_um)
         expr, code = out.expr, out.code
+    if bad.any():
+        expr = np.array(expr, dtype=np.float32)
+        expr[bad] = np.nan
     return expr, code
 
 
@@ -191,6 +199,7 @@ def predict_slide(
     measured: str | os.PathLike | None = None,
     image_only: bool = False,
     adapt_steps: int = 200,
+    skip_unreadable: bool = False,
 ) -> Path:
     """Predict expression over a slide and write ``out`` (.h5ad); returns its path.
 
@@ -226,6 +235,12 @@ def predict_slide(
                 | (xy[:, 0] >= slide.width)
                 | (xy[:, 1] >= slide.height)
             )
+            if outside.any() and not outside.all():
+                i = int(np.flatnonzero(outside)[0])
+                raise StgenError(
+                    f"{spots}: {int(outside.sum())} spots lie off the slide ({slide.width}×"
+                    f"{slide.height} px), e.g. {table['barcode'][i]!r} at {xy[i].tolist()}"
+                )
             if outside.all():
                 raise StgenError(
                     f"{spots}: no spot lies on the slide ({slide.width}×{slide.height} px)"
@@ -275,8 +290,16 @@ def predict_slide(
             if measured is not None:
                 raise StgenError("--measured needs a HistoTx model (--model histotx)")
             expr, code = predict_centres(
-                slide, predictor, xy, batch_size, progress, *((g, tiles) if grid else ())
-            )
+                slide, predictor, xy, batch_size, progress, *((g, tiles) if grid else (None, None)),
+                skip_unreadable=skip_unreadable,
+            )  # fmt: skip
+        from ..io.validate import check_prediction
+
+        skipped = np.isnan(expr).all(axis=1) if skip_unreadable else None
+        check_prediction(expr, str(slide_path), None if skipped is None else ~skipped)
+        if skipped is not None:
+            obs["unreadable"] = skipped
+            extra["n_unreadable"] = int(skipped.sum())
         if code_names is None:
             code_names = {}
         adata = predictions_to_anndata(

@@ -89,6 +89,9 @@ def measured_from_anndata(adata: Any, genes: list[str], source: str | None = Non
         name = str(adata)
         if not Path(adata).is_file():
             raise StgenError(f"{adata}: measured-spots file not found")
+        from ..io.validate import validate_h5ad
+
+        validate_h5ad(adata, need_x=True)  # before native code: a bad sparse X would crash it
         try:
             adata = anndata.read_h5ad(adata)
         except Exception as e:  # noqa: BLE001 - h5py raises several types

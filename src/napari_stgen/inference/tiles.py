@@ -31,6 +31,7 @@ __all__ = [
     "read_tiles",
     "split_blocks",
     "visible_region_um",
+    "read_or_skip",
 ]
 
 
@@ -324,3 +325,25 @@ def visible_region_um(
     hh = float(canvas_hw[0]) / (2.0 * zoom)
     hw = float(canvas_hw[1]) / (2.0 * zoom)
     return (cx - hw, cy - hh, cx + hw, cy + hh)
+
+
+def read_or_skip(
+    read: Any, index: np.ndarray, skip: bool, unreadable: np.ndarray, out_px: int
+) -> np.ndarray:
+    """``read(index)`` (patches for rows ``index``); with ``skip``, a SlideReadError makes
+    each row be read alone, and rows that still fail become white patches flagged in
+    ``unreadable`` (a bool array over all rows), instead of stopping the prediction."""
+    from napari_stgen.errors import SlideReadError
+
+    try:
+        return read(index)
+    except SlideReadError:
+        if not skip:
+            raise
+    out = np.full((len(index), out_px, out_px, 3), 255, dtype=np.uint8)
+    for k, i in enumerate(index):
+        try:
+            out[k] = read(np.asarray([i]))[0]
+        except SlideReadError:
+            unreadable[i] = True
+    return out

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StgenError
+from .validate import RESERVED_OBS, validate_h5ad
 
 SCHEMA = "napari-stgen/1"
 NORMALIZATION = "log1p_cp10k"
@@ -300,8 +301,13 @@ def thumbnails_from_levels(
     return out
 
 
-def _images_from_slide(slide: Any) -> dict:
-    levels = list(getattr(slide, "levels", []) or [])
+def _images_from_slide(slide: Any, lenient: bool = False) -> dict:
+    """Thumbnails of a slide; ``lenient``: unreadable tiles are white (a run that skipped
+    them), otherwise they raise like any other read."""
+    if lenient and hasattr(slide, "display_levels"):
+        levels = slide.display_levels()
+    else:
+        levels = list(getattr(slide, "levels", []) or [])
     if levels:
         (hi, sh), (lo, sl) = thumbnails_from_levels(levels)
     else:  # a slide-like object with thumbnail() only
@@ -426,7 +432,11 @@ def predictions_to_anndata(
             raise StgenError(f"obs table has {len(extra)} rows, expected {n}")
         for c in extra.columns:
             col = str(c)
-            obs_df[col if col not in genes else f"{col}_obs"] = extra[c].to_numpy()
+            if col in genes:
+                col = f"{col}_obs"
+            elif col in RESERVED_OBS:  # AnnData's own name: writing it fails inside h5py
+                col = f"{col}_csv"
+            obs_df[col] = extra[c].to_numpy()
 
     stgen: dict[str, Any] = {
         "schema": SCHEMA,
@@ -503,7 +513,7 @@ def predictions_to_anndata(
     else:
         diam_px = _nn_diameter_px(xy) or (100.0 / float(mpp) if mpp else 50.0)
     if images is None and slide is not None:
-        images = _images_from_slide(slide)
+        images = _images_from_slide(slide, lenient="n_unreadable" in (extra_uns or {}))
     lib: dict[str, Any] = {
         "images": {},
         "scalefactors": {
@@ -569,6 +579,7 @@ def _read(path: Path) -> Any:
 
     if not path.exists():
         raise StgenError(f"{path}: no such file")
+    validate_h5ad(path)  # structure first: a broken sparse matrix would crash native code
     try:
         return ad.read_h5ad(path)
     except Exception as e:  # h5py OSError, KeyError on a broken layout, ...
@@ -641,29 +652,71 @@ def read_h5ad_layers(path: str | os.PathLike, include_image: bool = True) -> lis
     feature column per gene plus the obs columns), the ROIs (shapes) and each generated tile
     (image with ``metadata['stgen_generated']``).
     """
-    import pandas as pd
-
     path = Path(path)
     adata = _read(path)
+    try:
+        return _layers(path, adata, include_image)
+    except StgenError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise StgenError(
+            f"{path}: malformed napari-stgen content ({type(e).__name__}: {msg})"
+        ) from e
+
+
+def _finite(path: Path, what: str, v: Any, positive: bool = False) -> np.ndarray:
+    """``v`` as float64, refusing non-numbers, NaN/inf (and ≤ 0 when ``positive``)."""
+    try:
+        a = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise StgenError(f"{path}: {what} is not numeric ({v!r:.60})") from None
+    if not np.isfinite(a).all() or (positive and (a <= 0).any()):
+        kind = "finite positive" if positive else "finite"
+        raise StgenError(f"{path}: {what} must be {kind}, got {a.ravel()[:4].tolist()}")
+    return a
+
+
+#: Codebook grids larger than this many cells are refused on import (4 bytes a cell).
+MAX_GRID_CELLS = 1 << 26
+
+
+def _layers(path: Path, adata: Any, include_image: bool) -> list[LayerData]:
+    import pandas as pd
+
+    if adata.n_obs == 0:
+        raise StgenError(f"{path}: no spots (obs is empty)")
     if "spatial" not in adata.obsm:
         raise StgenError(f"{path}: no obsm['spatial'] (spot positions); not a spatial h5ad")
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    sp = np.asarray(adata.obsm["spatial"])
+    if sp.ndim != 2 or sp.shape[1] < 2:
+        raise StgenError(f"{path}: obsm['spatial'] has shape {sp.shape}, expected (n_obs, 2)")
+    xy = _finite(path, "obsm['spatial']", sp[:, :2])
     mpp, mpp_src = h5ad_mpp(adata)
+    mpp = float(_finite(path, f"µm per pixel ({mpp_src})", mpp, positive=True))
+    if not 1e-3 <= mpp <= 1e4:
+        raise StgenError(f"{path}: µm per pixel {mpp:g} ({mpp_src}) is not plausible")
     st = _plain(dict(adata.uns.get("stgen", {}) or {}))
     lib_id, lib = spatial_library(adata)
     sf = _plain(dict(lib.get("scalefactors", {}) or {}))
     base = path.stem
-    origin = np.asarray(st.get("origin_yx_um", (0.0, 0.0)), dtype=np.float64).ravel()[:2]
+    origin = _finite(path, "origin_yx_um", st.get("origin_yx_um", (0.0, 0.0))).ravel()[:2]
+    if origin.shape != (2,):
+        raise StgenError(f"{path}: origin_yx_um must hold two numbers")
     common = {"h5ad_path": str(path), "mpp": mpp, "mpp_source": mpp_src, "library_id": lib_id}
     layers: list[LayerData] = []
 
     images = lib.get("images", {}) or {}
     if include_image and ("hires" in images or "lowres" in images):
         key = "hires" if "hires" in images else "lowres"
-        s = mpp / float(sf.get(f"tissue_{key}_scalef", 1.0) or 1.0)
+        f = _finite(path, f"tissue_{key}_scalef", sf.get(f"tissue_{key}_scalef", 1.0) or 1.0, True)
+        s = mpp / float(f)
+        img = np.asarray(images[key])
+        if img.ndim != 3 or img.shape[2] not in (3, 4) or img.dtype.kind not in "uf":
+            raise StgenError(f"{path}: uns spatial image {key!r} is not an RGB image ({img.shape})")
         layers.append(
             (
-                np.asarray(images[key]),
+                img,
                 {
                     "name": f"{base} {key}",
                     "rgb": True,
@@ -711,7 +764,11 @@ def read_h5ad_layers(path: str | os.PathLike, include_image: bool = True) -> lis
 
     grid = st.get("grid")
     if grid and "genst_code" in adata.obs and {"grid_row", "grid_col"} <= set(adata.obs):
-        shape = tuple(int(v) for v in np.asarray(grid["shape"]).ravel()[:2])
+        shape = tuple(int(v) for v in _finite(path, "grid shape", grid["shape"]).ravel()[:2])
+        if len(shape) != 2 or min(shape) < 1 or shape[0] * shape[1] > MAX_GRID_CELLS:
+            raise StgenError(f"{path}: grid shape {list(shape)} is not a plausible tile grid")
+        _finite(path, "grid tile_um", grid["tile_um"], positive=True)
+        _finite(path, "grid origin_yx_um", grid["origin_yx_um"])
         lab = np.zeros(shape, dtype=np.int32)
         r = adata.obs["grid_row"].to_numpy(np.int64)
         c = adata.obs["grid_col"].to_numpy(np.int64)

@@ -1,6 +1,10 @@
 """Plain images (JPEG, PNG…) as lazy pyramids.
 
-The file is decoded on first access to a level, once, and kept while the slide is open. JPEG
+Images larger than ``io.limits.MAX_IMAGE_PIXELS`` (10⁸ px by default, ``STGEN_MAX_IMAGE_PIXELS``)
+are refused from their header, before anything is decoded: a plain image is decoded whole, so a
+whole-slide scan should be a tiled pyramidal TIFF or OME-Zarr. The file is decoded at open (PNG;
+JPEG at its coarsest DCT scale), so a corrupt file fails there, and each level once on first
+access, kept while the slide is open. JPEG
 coarse levels (1/2, 1/4, 1/8) are decoded directly at reduced size with libjpeg's DCT scaling,
 so a zoomed-out view never decodes the full-resolution image; coarser levels are computed
 tile-wise from the level above.
@@ -18,6 +22,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import SlideReadError
+from .limits import check_level_shape, limit
 from .slide import CHUNK_PX, Slide, TileSource, _convert_block, tiled_dask
 
 _UNIT_UM_PER_INCH = 25400.0
@@ -69,7 +74,7 @@ class _Decoded:
                             im.draft("RGB", self.draft_size)
                         im.load()
                         self._arr = _to_rgb(im)
-                except OSError as e:
+                except (OSError, ValueError, SyntaxError, MemoryError) as e:
                     raise SlideReadError(f"{self.path}: cannot decode image ({e})") from None
             return self._arr
 
@@ -101,6 +106,15 @@ def open_image(path: Path) -> Slide:
         fmt = im.format
         mode = im.mode
         dpi = im.info.get("dpi")
+        check_level_shape(path, 0, (h, w))
+        cap = limit("MAX_IMAGE_PIXELS")
+        if w * h > cap:
+            raise SlideReadError(
+                f"{path}: {fmt} image of {w} × {h} px is past the {cap:.0e}-pixel limit for plain "
+                "images (decoded whole); convert it to a tiled pyramidal TIFF (e.g. `vips "
+                "tiffsave in.jpg out.tif --tile --pyramid --compression jpeg`) or raise "
+                "STGEN_MAX_IMAGE_PIXELS"
+            )
         if mode not in ("RGB", "L", "RGBA", "LA", "P", "CMYK", "YCbCr", "1") and not (
             mode.startswith("I;16") or mode == "I"
         ):
@@ -124,21 +138,27 @@ def open_image(path: Path) -> Slide:
             dec = _Decoded(path, want)
             decoders.append(dec)
             levels.append(_level(dec, (got[1], got[0]), f"stgen-img-{token}-{k}"))
-    # validate now (cheap): decode the coarsest JPEG level, or verify PNG checksums
+    # validate now: decode the coarsest JPEG level (it reads the whole stream), or the image
     try:
-        if len(levels) > 1:
-            decoders[-1].get()
-        else:
-            with _open_pil(path) as im3:
-                im3.verify()
-    except SlideReadError:
-        raise
+        got = decoders[-1].get()
+    except SlideReadError as e:
+        raise SlideReadError(f"{path}: corrupt or truncated image ({e})") from None
     except Exception as e:  # noqa: BLE001
         raise SlideReadError(f"{path}: corrupt or truncated image ({e})") from None
+    want = levels[-1].shape[:2]
+    if got.shape[:2] != want:
+        raise SlideReadError(
+            f"{path}: decodes to {got.shape[1]} × {got.shape[0]} px, header says "
+            f"{want[1]} × {want[0]}"
+        )
     mpp = None
-    if dpi and dpi[0] and dpi[0] > 0:
-        m = _UNIT_UM_PER_INCH / float(dpi[0])
-        if m < 20.0:
+    try:
+        d = float(dpi[0]) if dpi else 0.0
+    except (TypeError, ValueError, IndexError):
+        d = 0.0
+    if math.isfinite(d) and d > 0:
+        m = _UNIT_UM_PER_INCH / d
+        if m < 20.0:  # coarser: a page-layout default (72 dpi…), not a microscope's
             mpp = m
     closers: list[Callable[[], None]] = [d.release for d in decoders]
     return Slide(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,8 @@ import dask.array as da
 import numpy as np
 
 from ..errors import SlideReadError
-from .slide import Slide, TileSource, tiled_dask, to_rgb_uint8
+from .limits import check_level_shape, check_pyramid, check_tiling
+from .slide import Slide, TileSource, guarded_dask, tiled_dask, to_rgb_uint8
 
 _MPP_RE = re.compile(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 # ResolutionUnit values: 2 inch, 3 cm, plus tifffile's non-standard mm / µm
@@ -31,26 +35,30 @@ def open_tiff(path: Path) -> Slide:
     """
     import tifffile
 
-    try:
-        tf = tifffile.TiffFile(path)
-    except Exception as e:  # noqa: BLE001 - tifffile raises many types on corrupt input
-        raise SlideReadError(f"{path}: not a readable TIFF ({_short(e)})") from None
+    with _tifffile_warnings() as warned:
+        try:
+            tf = tifffile.TiffFile(path)
+        except Exception as e:  # noqa: BLE001 - tifffile raises many types on corrupt input
+            raise SlideReadError(f"{path}: not a readable TIFF ({_short(e)})") from None
     tf.filehandle.set_lock(True)  # dask reads tiles from several threads
     stores: list[Any] = []
     try:
-        series, extra = _pick_series(tf, path)
-        level_series = list(series.levels) + extra
-        _check_complete(tf, level_series, path)
+        with _tifffile_warnings() as warned2:
+            series, extra = _pick_series(tf, path)
+            level_series = list(series.levels) + extra
+        _check_structure(tf, level_series, path, warned + warned2)
         token = _file_token(path)
         levels = []
         for k, s in enumerate(level_series):
             name = f"stgen-tiff-{token}-{k}"
             page = s.pages[0] if len(s.pages) == 1 else None
             if page is not None and _direct_ok(page) and len(s.shape) == len(page.shape):
-                arr, axes = _direct_level(page, tf.filehandle, name), page.axes
+                arr, axes = _direct_level(page, tf.filehandle, name, path, k), page.axes
+                _probe_tile(page, arr, path, k)
             else:
                 arr, axes = _zarr_level(series, s, k, s in extra, name, stores, path)
             levels.append(to_rgb_uint8(arr, axes, path))
+        check_pyramid(path, [lv.shape for lv in sorted(levels, key=lambda a: -a.shape[0])])
         # decode one tile of the coarsest stored level now, so corrupt data fails at open
         lv = levels[-1]
         lv[: min(lv.shape[0], 64), : min(lv.shape[1], 64)].compute(scheduler="synchronous")
@@ -87,8 +95,12 @@ def _direct_ok(page: Any) -> bool:
     )
 
 
-def _direct_level(page: Any, fh: Any, name: str) -> da.Array:
-    """A dask array over one TIFF page whose chunks are its tiles (or groups of strips)."""
+def _direct_level(page: Any, fh: Any, name: str, path: Path, level: int) -> da.Array:
+    """A dask array over one TIFF page whose chunks are its tiles (or groups of strips).
+
+    A tile whose bytes are missing, short or undecodable raises SlideReadError naming the
+    file, the level and the tile (never a tile of fill values).
+    """
     h, w = page.shape[:2]
     if page.is_tiled:
         th, tw, group = page.tilelength, page.tilewidth, 1
@@ -99,20 +111,32 @@ def _direct_level(page: Any, fh: Any, name: str) -> da.Array:
     offsets, counts = page.dataoffsets, page.databytecounts
     decode = page.decode
     jt, jh = page.jpegtables, page.jpegheader
-    fill = np.iinfo(page.dtype).max if page.dtype.kind == "u" else 0
     tail = page.shape[2:]
+    kind = "tile" if page.is_tiled else "strip"
 
     def read_segment(sy: int, sx: int) -> np.ndarray:
         i = sy * per_row + sx
         th_ = min(th, h - sy * th)
         tw_ = min(tw, w - sx * tw)
+        where = f"{path}: level {level} {kind} (row {sy}, col {sx})"
         if not counts[i]:
-            return np.full((th_, tw_, *tail), fill, page.dtype)
+            raise SlideReadError(f"{where} is missing (byte count 0)")
         with fh.lock:
             fh.seek(offsets[i])
             data = fh.read(counts[i])
-        seg, _, _ = decode(data, i, jpegtables=jt, jpegheader=jh)
-        seg = seg.reshape(seg.shape[1], seg.shape[2], -1)[:th_, :tw_]
+        if len(data) != counts[i]:
+            raise SlideReadError(
+                f"{where} is truncated ({len(data)} of {counts[i]} bytes in the file)"
+            )
+        try:
+            seg, _, _ = decode(data, i, jpegtables=jt, jpegheader=jh)
+            seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)[:th_, :tw_]
+        except Exception as e:  # noqa: BLE001 - codecs raise their own types
+            raise SlideReadError(f"{where} cannot be decoded ({_short(e)})") from None
+        if seg.shape[:2] != (th_, tw_):
+            raise SlideReadError(
+                f"{where} decodes to {seg.shape[1]} × {seg.shape[0]} px, expected {tw_} × {th_}"
+            )
         return seg if tail else seg[..., 0]
 
     def read_chunk(cy: int, cx: int) -> np.ndarray:
@@ -124,6 +148,24 @@ def _direct_level(page: Any, fh: Any, name: str) -> da.Array:
     return tiled_dask(TileSource(page.shape, (th * group, tw), page.dtype, read_chunk), name)
 
 
+def _probe_tile(page: Any, arr: da.Array, path: Path, level: int) -> None:
+    """Decode the first stored tile of a level (unknown codecs fail at open, not at draw)."""
+    counts = np.asarray(page.databytecounts)
+    nz = np.flatnonzero(counts)
+    if not len(nz):
+        raise SlideReadError(f"{path}: level {level} has no image data (all byte counts 0)")
+    ch = arr.chunks
+    per_row = len(ch[1])
+    i = int(nz[0])
+    if not page.is_tiled:
+        group = max(1, ch[0][0] // max(1, min(page.rowsperstrip or page.shape[0], page.shape[0])))
+        i = i // group
+    cy, cx = divmod(i, per_row)
+    if cy < len(ch[0]):
+        y0, x0 = sum(ch[0][:cy]), sum(ch[1][:cx])
+        arr[y0 : y0 + ch[0][cy], x0 : x0 + ch[1][cx]].compute(scheduler="synchronous")
+
+
 def _zarr_level(
     series: Any, s: Any, k: int, is_extra: bool, name: str, stores: list, path: Path
 ) -> tuple[da.Array, str]:
@@ -132,7 +174,7 @@ def _zarr_level(
     store = s.aszarr() if is_extra else series.aszarr(level=k)
     stores.append(store)
     z = zarr.open_array(store, mode="r") if is_extra else _open_level(store)
-    return da.from_zarr(z, name=name, inline_array=True), _axes_for(s, z.ndim, path)
+    return guarded_dask(z, name, path, k), _axes_for(s, z.ndim, path)
 
 
 def _open_level(store: Any) -> Any:
@@ -191,22 +233,173 @@ def _axes_for(s: Any, ndim: int, path: Path) -> str:
     raise SlideReadError(f"{path}: cannot match axes {s.axes!r} to {ndim}-D data")
 
 
-def _check_complete(tf: Any, level_series: list[Any], path: Path) -> None:
-    """Detect truncated files: every tile/strip must lie inside the file."""
+_CORRUPT_LOG = re.compile(r"invalid (?:page |value |tag )?offset|raised TiffFileError|missing data")
+
+
+@contextmanager
+def _tifffile_warnings():  # -> Iterator[list[str]]
+    """Collect what tifffile logs (it logs, rather than raises, on many corrupt structures)."""
+    msgs: list[str] = []
+
+    class _H(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msgs.append(record.getMessage())
+
+    log = logging.getLogger("tifffile")
+    h = _H(logging.WARNING)
+    log.addHandler(h)
+    old = log.propagate
+    log.propagate = False  # the reason goes into our error, not onto stderr
+    try:
+        yield msgs
+    finally:
+        log.removeHandler(h)
+        log.propagate = old
+
+
+def _check_structure(tf: Any, level_series: list[Any], path: Path, warned: list[str]) -> None:
+    """Validate every level page from its tags alone, before any array is built.
+
+    Declared sizes within limits, tile sizes positive, multiples of 16 and not absurd, as
+    many tile offsets and byte counts as tiles, a known compression, tag arrays and tile data
+    inside the file and tiles not overlapping one another. Truncation is detected here: an
+    IFD chain, tag array or tile that points past the end of the file.
+    """
+    import tifffile
+
     size = tf.filehandle.size
-    for s in level_series:
+    bad = [m for m in warned if _CORRUPT_LOG.search(m)]
+    if bad:
+        what = "truncated" if size < _max_ifd_pointer(tf, size) else "corrupt"
+        raise SlideReadError(f"{path}: file is {what} ({_short(Exception(bad[0]))})")
+    _check_ifd_chain(tf, path, size)
+    spans: list[tuple[np.ndarray, np.ndarray]] = []
+    for k, s in enumerate(level_series):
+        check_level_shape(path, k, _yx(s))
         for page in s.pages:
-            if page is None:
+            if page is None or not hasattr(page, "tags"):
                 continue
-            offs, counts = page.dataoffsets, page.databytecounts
-            if not len(offs):
-                continue
-            end = int((np.asarray(offs, np.int64) + np.asarray(counts, np.int64)).max())
+            _check_page(tifffile, page, path, k, size)
+            offs = np.asarray(page.dataoffsets, np.int64)
+            counts = np.asarray(page.databytecounts, np.int64)
+            spans.append((offs, counts))
+    if spans:
+        offs = np.concatenate([o for o, _ in spans])
+        counts = np.concatenate([c for _, c in spans])
+        keep = counts > 0
+        offs, counts = offs[keep], counts[keep]
+        if len(offs):
+            end = int((offs + counts).max())
             if end > size:
                 raise SlideReadError(
                     f"{path}: file is truncated (image data runs to byte {end}, "
                     f"file has {size} bytes)"
                 )
+            if int(offs.min()) < 8:
+                raise SlideReadError(f"{path}: corrupt tile table (a tile starts at byte 0)")
+            # tiles may share bytes only when identical (writers dedupe blank tiles)
+            pairs = np.unique(np.stack([offs, counts], axis=1), axis=0)
+            ends = pairs[:-1, 0] + pairs[:-1, 1]
+            over = np.flatnonzero(ends > pairs[1:, 0])
+            if len(over):
+                j = int(over[0])
+                raise SlideReadError(
+                    f"{path}: corrupt tile table (tile at byte {pairs[j, 0]} of "
+                    f"{pairs[j, 1]} bytes overlaps the tile at byte {pairs[j + 1, 0]})"
+                )
+
+
+def _check_page(tifffile: Any, page: Any, path: Path, k: int, size: int) -> None:
+    h, w = int(page.imagelength), int(page.imagewidth)
+    spp = int(page.samplesperpixel or 1)
+    if page.dtype is None:
+        raise SlideReadError(
+            f"{path}: level {k} has unsupported pixels ({page.bitspersample}-bit, "
+            f"sample format {page.sampleformat})"
+        )
+    try:
+        tifffile.COMPRESSION(page.compression)
+    except ValueError:
+        raise SlideReadError(
+            f"{path}: level {k} has unknown compression {page.compression}"
+        ) from None
+    item = np.dtype(page.dtype).itemsize * (spp if page.planarconfig == 1 else 1)
+    if page.is_tiled:
+        th, tw = int(page.tilelength), int(page.tilewidth)
+        check_tiling(path, k, (h, w), (th, tw), item, multiple=16)
+    else:
+        rps = int(page.rowsperstrip or h)
+        th, tw = min(max(rps, 0), h), w
+        check_tiling(path, k, (h, w), (th, tw), item, what="strip")
+    depth = int(getattr(page, "imagedepth", 1) or 1)
+    tdepth = int(getattr(page, "tiledepth", 1) or 1) if page.is_tiled else 1
+    expect = math.ceil(h / th) * math.ceil(w / tw) * math.ceil(depth / tdepth)
+    if page.planarconfig == 2:
+        expect *= spp
+    n_off, n_cnt = len(page.dataoffsets), len(page.databytecounts)
+    if n_off != expect or n_cnt != expect:
+        raise SlideReadError(
+            f"{path}: level {k} tile table has {n_off} offsets and {n_cnt} byte counts, "
+            f"expected {expect} for {w} × {h} px in {tw} × {th} "
+            f"{'tiles' if page.is_tiled else 'strips'}"
+            " (truncated or corrupt file)"
+        )
+    for tag in page.tags.values():
+        end = int(tag.valueoffset) + int(tag.valuebytecount)
+        if tag.valuebytecount > tf_inline(page) and end > size:
+            raise SlideReadError(
+                f"{path}: file is truncated (tag {tag.name} of level {k} runs to byte {end}, "
+                f"file has {size} bytes)"
+            )
+
+
+def tf_inline(page: Any) -> int:
+    """Bytes a tag value may hold inline in its IFD entry (4 classic, 8 BigTIFF)."""
+    return int(page.parent.tiff.tagoffsetthreshold)
+
+
+def _ifd_next(tf: Any, offset: int) -> tuple[int, int]:
+    """(end of the IFD at ``offset``, the next-IFD pointer it holds); (-1, -1) if unreadable."""
+    import struct
+
+    t = tf.tiff
+    fh = tf.filehandle
+    try:
+        with fh.lock:
+            fh.seek(offset)
+            (n,) = struct.unpack(t.tagnoformat, fh.read(t.tagnosize))
+            fh.seek(offset + t.tagnosize + n * t.tagsize)
+            raw = fh.read(t.offsetsize)
+    except (OSError, struct.error):
+        return -1, -1
+    if len(raw) != t.offsetsize:
+        return -1, -1
+    (nxt,) = struct.unpack(t.offsetformat, raw)
+    return offset + t.tagnosize + n * t.tagsize + t.offsetsize, int(nxt)
+
+
+def _max_ifd_pointer(tf: Any, size: int) -> int:
+    last = tf.pages[-1] if len(tf.pages) else None
+    if last is None:
+        return 0
+    end, nxt = _ifd_next(tf, int(last.offset))
+    return max(end, nxt) if end >= 0 else size + 1
+
+
+def _check_ifd_chain(tf: Any, path: Path, size: int) -> None:
+    """The top-level IFD chain ends inside the file (a pointer past EOF means truncation)."""
+    for page in tf.pages:
+        off = int(getattr(page, "offset", 0) or 0)
+        end, nxt = _ifd_next(tf, off)
+        if end < 0 or end > size:
+            raise SlideReadError(
+                f"{path}: file is truncated (IFD at byte {off} runs past the end, "
+                f"file has {size} bytes)"
+            )
+        if nxt >= size:
+            raise SlideReadError(
+                f"{path}: file is truncated (next IFD at byte {nxt}, file has {size} bytes)"
+            )
 
 
 def _tiff_mpp(tf: Any, series: Any, path: Path) -> tuple[float | None, str | None]:

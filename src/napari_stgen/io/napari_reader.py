@@ -49,17 +49,23 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
 
 
 def _is_ome_zarr_image(p: Path) -> bool:
-    import json
+    from .backends_zarr import read_json_attrs
 
     for name in (".zattrs", "zarr.json"):
         f = p / name
         if f.is_file():
             try:
-                attrs = json.loads(f.read_text())
-            except (OSError, ValueError):
-                return False
+                attrs = read_json_attrs(f)
+            except ValueError:
+                return True  # claim it: opening says precisely what is wrong
+            if not isinstance(attrs, dict):
+                return True
             attrs = attrs.get("attributes", attrs)  # zarr v3 keeps attrs under "attributes"
-            return bool(attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales"))
+            if not isinstance(attrs, dict):
+                return True
+            ome = attrs.get("ome")
+            ms = attrs.get("multiscales") or (isinstance(ome, dict) and ome.get("multiscales"))
+            return bool(ms)
     return (p / ".zarray").is_file()
 
 
@@ -70,6 +76,10 @@ def read_slide_layers(path: str | list[str]) -> list[LayerData]:
     if isinstance(path, list | tuple):
         path = path[0]
     slide = open_slide(path)
+    name = slide.path.name
+    slide.on_display_error = lambda e: _notify(
+        f"{name}: part of the slide cannot be read and is drawn blank ({e})"
+    )
     if slide.mpp is None:
         _notify(
             f"{slide.path.name}: no resolution in the file; the layer is in pixels, not µm. "
@@ -109,7 +119,8 @@ def slide_layer_data(slide: Any, name: str | None = None) -> LayerData:
         "units": ("um", "um") if known else ("pixel", "pixel"),
         "metadata": meta,
     }
-    return (list(slide.levels), kwargs, "image")
+    levels = slide.display_levels() if hasattr(slide, "display_levels") else list(slide.levels)
+    return (levels, kwargs, "image")
 
 
 def _current_viewer() -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import SlideReadError
+from .limits import MPP_RANGE, check_level_shape, check_mpp, check_pyramid
 
 #: Coarser levels are added until the longest side is at most this many pixels.
 MIN_LEVEL_PX = 1024
@@ -60,6 +62,9 @@ class Slide:
         self.path = Path(path)
         self.format = format
         self.n_stored_levels = len(levels)
+        for k, lv in enumerate(levels):  # backends check before building; this is the net
+            check_level_shape(self.path, k, lv.shape)
+        check_pyramid(self.path, sorted((lv.shape for lv in levels), key=lambda s: -s[0]))
         self.levels: list[da.Array] = extend_pyramid(list(levels))
         h0, w0 = self.levels[0].shape[:2]
         self.height, self.width = int(h0), int(w0)
@@ -71,6 +76,9 @@ class Slide:
         self.properties = dict(properties or {})
         self._closers = list(closers)
         self.closed = False
+        self._display: list[da.Array] | None = None
+        self._display_lock = threading.Lock()
+        self.on_display_error: Callable[[BaseException], None] | None = None
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -162,6 +170,26 @@ class Slide:
             ],
         }
 
+    def display_levels(self) -> list[da.Array]:
+        """Levels for a viewer: same pixels, but a chunk that cannot be read draws white and
+        calls ``on_display_error(exc)`` once for this slide, instead of raising while drawing.
+
+        ``levels`` stay strict (a failing tile raises SlideReadError): prediction and export
+        read those, never these.
+        """
+        with self._display_lock:
+            if self._display is None:
+                state = {"told": False}
+
+                def failed(e: BaseException) -> None:
+                    with self._display_lock:
+                        first, state["told"] = not state["told"], True
+                    if first and self.on_display_error is not None:
+                        self.on_display_error(e)
+
+                self._display = [_blank_on_error(lv, failed) for lv in self.levels]
+            return list(self._display)
+
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
         """Release file handles (levels must not be computed afterwards)."""
@@ -212,6 +240,11 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
             raise SlideReadError(f"{p}: mpp must be a number, got {mpp!r}") from None
         if not (math.isfinite(mpp) and mpp > 0):
             raise SlideReadError(f"{p}: mpp must be a positive number of µm per pixel, got {mpp}")
+        lo, hi = MPP_RANGE
+        if not lo <= mpp <= hi:
+            raise SlideReadError(
+                f"{p}: mpp {mpp:g} µm/px is outside the plausible {lo:g}–{hi:g} µm/px"
+            )
     if not p.exists():
         raise SlideReadError(f"{p}: no such file or directory")
     kind = sniff(p)
@@ -235,13 +268,27 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     except SlideReadError:
         raise
     except MemoryError:
-        raise
+        raise SlideReadError(f"{p}: out of memory while opening (corrupt sizes?)") from None
+    except RecursionError:
+        raise SlideReadError(f"{p}: metadata nested too deeply to read") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes a one-line reason
-        raise SlideReadError(f"{p}: cannot read slide ({type(e).__name__}: {e})") from e
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        raise SlideReadError(f"{p}: cannot read slide ({why})") from e
     if mpp is not None:
         slide.mpp = mpp
         slide.mpp_source = "argument"
+    elif slide.mpp is not None:
+        try:
+            check_mpp(p, slide.mpp, slide.mpp_source)
+        except SlideReadError:
+            slide.close()
+            raise
     return slide
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    return (msg.splitlines()[0] if msg else type(e).__name__)[:300]
 
 
 def _open_tiff_or_openslide(p: Path) -> Slide:
@@ -348,15 +395,102 @@ def tiled_dask(source: TileSource, name: str) -> da.Array:
         _regular_chunks(source.shape[0], source.tile[0]),
         _regular_chunks(source.shape[1], source.tile[1]),
     ) + tuple((n,) for n in source.shape[2:])
+    return _over(source, chunks, name)
+
+
+class _Guarded:
+    """Array-like over a backend array (zarr…) whose read errors become SlideReadError
+    naming the file, the level and the pixel rows/columns of the chunk."""
+
+    def __init__(self, arr: Any, path: Path, level: int) -> None:
+        self._a, self._path, self._level = arr, path, level
+        self.shape = tuple(int(n) for n in arr.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(arr.dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self._a[key])
+        except SlideReadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - codecs and stores raise their own types
+            raise SlideReadError(
+                f"{self._path}: level {self._level} chunk at {_describe(key)} cannot be read "
+                f"({type(e).__name__}: {_first_line(e)})"
+            ) from None
+
+
+def _describe(key: Any) -> str:
+    key = key if isinstance(key, tuple) else (key,)
+    parts = []
+    for ax, k in zip(("rows", "cols"), key, strict=False):
+        if isinstance(k, slice):
+            parts.append(f"{ax} {k.start or 0}:{k.stop}")
+    return ", ".join(parts) or repr(key)
+
+
+def guarded_dask(arr: Any, name: str, path: Path, level: int) -> da.Array:
+    """Dask array over a chunked backend array (same chunks) whose read errors are
+    SlideReadErrors naming the file, the level and the chunk."""
+    return _over(_Guarded(arr, path, level), arr.chunks, name)
+
+
+def _over(src: Any, chunks: tuple, name: str) -> da.Array:
+    """A lazy dask array reading ``src[key]`` per chunk (one blockwise layer, no copies)."""
     return da.from_array(
-        source,
+        src,
         chunks=chunks,
         name=name,
         inline_array=True,
         asarray=False,
         fancy=False,
-        meta=np.empty((0,) * source.ndim, source.dtype),
+        meta=np.empty((0,) * src.ndim, src.dtype),
     )
+
+
+class _BlankOnError:
+    """Array-like over a lazy level for drawing: a chunk whose read fails is white.
+
+    One compute per request; only when it fails are the level's own chunks inside the request
+    read one by one, so exactly the unreadable ones are blank.
+    """
+
+    def __init__(self, arr: da.Array, failed: Callable[[BaseException], None]) -> None:
+        self._a, self._failed = arr, failed
+        self.shape, self.ndim, self.dtype = arr.shape, arr.ndim, arr.dtype
+        self._bounds = [np.cumsum((0,) + c) for c in arr.chunks[:2]]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self._a[key].compute(scheduler="synchronous"))
+        except Exception:  # noqa: BLE001 - whatever the reader raises: find the bad chunks
+            pass
+        (y0, y1, _), (x0, x1, _) = (key[i].indices(self.shape[i]) for i in (0, 1))
+        out = np.full((y1 - y0, x1 - x0, *self.shape[2:]), 255, self.dtype)
+        by, bx = self._bounds
+        for i in range(int(np.searchsorted(by, y0, "right")) - 1, len(by) - 1):
+            a0, a1 = max(y0, int(by[i])), min(y1, int(by[i + 1]))
+            if a0 >= y1:
+                break
+            for j in range(int(np.searchsorted(bx, x0, "right")) - 1, len(bx) - 1):
+                b0, b1 = max(x0, int(bx[j])), min(x1, int(bx[j + 1]))
+                if b0 >= x1:
+                    break
+                if a1 <= a0 or b1 <= b0:
+                    continue
+                try:
+                    part = self._a[a0:a1, b0:b1].compute(scheduler="synchronous")
+                except Exception as e:  # noqa: BLE001
+                    self._failed(e)
+                    continue
+                out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = part
+        return out
+
+
+def _blank_on_error(arr: da.Array, failed: Callable[[BaseException], None]) -> da.Array:
+    """The level regrouped into ~2 × CHUNK_PX chunks (aligned to its own) over _BlankOnError."""
+    chunks = tuple(_merge_chunks(c, 2 * CHUNK_PX) for c in arr.chunks[:2]) + arr.chunks[2:]
+    return _over(_BlankOnError(arr, failed), chunks, f"{arr.name}-display")
 
 
 # ------------------------------------------------------------------------------------------
@@ -475,13 +609,13 @@ def _regular_chunks(n: int, c: int) -> tuple[int, ...]:
     return (c,) * full + ((rest,) if rest else ())
 
 
-def _merge_chunks(ch: tuple[int, ...]) -> tuple[int, ...]:
-    """Group consecutive chunks so merged chunks reach about CHUNK_PX (aligned to old ones)."""
+def _merge_chunks(ch: tuple[int, ...], target: int = CHUNK_PX) -> tuple[int, ...]:
+    """Group consecutive chunks so merged chunks reach about ``target`` (aligned to old ones)."""
     merged: list[int] = []
     acc = 0
     for c in ch:
         acc += c
-        if acc >= CHUNK_PX:
+        if acc >= target:
             merged.append(acc)
             acc = 0
     if acc:

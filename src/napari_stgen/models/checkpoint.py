@@ -4,13 +4,16 @@
 ``os.replace``) with the card JSON under metadata key ``stgen_card`` and a sidecar
 ``<stem>.json`` holding the card plus the file's sha256. ``load_checkpoint(path, kind)``
 reads tensors and card without unpickling anything and raises ``CheckpointError`` naming the
-file when it is missing, corrupt, of another kind, or its tensors disagree with the card.
+file and the field when it is missing, corrupt, of another kind, its card breaks the schema
+(``validate_card``: required keys, types, ranges), its tensors disagree with the card or any
+tensor holds a non-finite value.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,27 @@ from typing import Any
 from ..errors import CheckpointError
 
 CARD_KEY = "stgen_card"
+#: Required card keys per model kind (others: ``kind`` only).
+REQUIRED = {
+    "genst": ("genes", "mpp", "patch_px", "patch_um", "architecture"),
+    "histotx": ("genes", "mpp", "architecture"),
+    "stmdit": ("genes", "mpp", "tile_px", "tile_um", "latent_scale", "dit", "ae", "cond"),
+}
+#: (low, high, integer?) of scalar card fields.
+RANGES = {
+    "mpp": (0.05, 50.0, False),
+    "patch_px": (8, 4096, True),
+    "tile_px": (8, 4096, True),
+    "patch_um": (1.0, 10_000.0, False),
+    "tile_um": (1.0, 10_000.0, False),
+    "tta": (1, 64, True),
+    "n_codes": (0, 65_536, True),
+    "latent_scale": (1e-6, 1e6, False),
+}
+#: Nested configuration blocks whose numbers build modules: each must stay modest.
+CONFIG_BLOCKS = ("architecture", "dit", "ae", "cond", "window", "sampler", "context_head")
+MAX_CONFIG_INT = 65_536
+MAX_CONFIG_FLOAT = 1e7
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 
@@ -91,6 +115,75 @@ def read_card(path: str | Path) -> dict:
     return card
 
 
+def validate_card(path: str | Path, card: dict) -> None:
+    """Check a model card against the schema; CheckpointError naming the file and the field."""
+
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: model card field {field!r} {why}")
+
+    kind = card.get("kind")
+    if not isinstance(kind, str):
+        raise bad("kind", "is missing or not a string")
+    for key in REQUIRED.get(kind, ()):
+        if key not in card:
+            raise bad(key, f"is missing (required for a {kind} model)")
+    genes = card.get("genes")
+    if genes is not None:
+        if not isinstance(genes, list) or not genes or len(genes) > 100_000:
+            raise bad("genes", "must be a non-empty list of gene names")
+        if not all(isinstance(g, str) and g for g in genes):
+            raise bad("genes", "must hold non-empty strings")
+        if len(set(genes)) != len(genes):
+            raise bad("genes", "has duplicate names")
+    for key, (lo, hi, integer) in RANGES.items():
+        if key not in card:
+            continue
+        v = card[key]
+        ok = isinstance(v, int | float) and not isinstance(v, bool)
+        if ok and integer:
+            ok = float(v).is_integer()
+        if not ok:
+            raise bad(key, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise bad(key, f"is {v}, outside [{lo:g}, {hi:g}]")
+    for block in CONFIG_BLOCKS:
+        if block in card:
+            if not isinstance(card[block], dict):
+                raise bad(block, "must be an object")
+            _check_config(card[block], block, bad)
+
+
+def _check_config(v: Any, where: str, bad: Any) -> None:
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _check_config(x, f"{where}.{k}", bad)
+    elif isinstance(v, list):
+        if len(v) > 1024:
+            raise bad(where, f"has {len(v)} items")
+        for i, x in enumerate(v):
+            _check_config(x, f"{where}[{i}]", bad)
+    elif isinstance(v, bool) or v is None or isinstance(v, str):
+        return
+    elif isinstance(v, int):
+        if not -1 <= v <= MAX_CONFIG_INT:
+            raise bad(where, f"is {v}, outside [-1, {MAX_CONFIG_INT}]")
+    elif isinstance(v, float):
+        if not (math.isfinite(v) and abs(v) <= MAX_CONFIG_FLOAT):
+            raise bad(where, f"is {v}, not a finite number of modest size")
+
+
+def check_tensors(path: str | Path, tensors: dict) -> None:
+    """Every floating tensor finite; CheckpointError naming the first bad tensor."""
+    import torch
+
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"{path}: tensor {k!r} holds {n} non-finite values (NaN/inf); corrupt weights"
+            )
+
+
 def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict, dict]:
     """Tensors (name → CPU torch.Tensor) and card; CheckpointError on any problem."""
     from safetensors.torch import load_file
@@ -101,6 +194,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict, di
         raise CheckpointError(
             f"{path}: checkpoint is of kind {card.get('kind')!r}, expected {kind!r}"
         )
+    validate_card(path, card)
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001
@@ -114,6 +208,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict, di
                 raise CheckpointError(
                     f"{path}: tensor {k!r} has shape {list(tensors[k].shape)}, card says {shape}"
                 )
+    check_tensors(path, tensors)
     return tensors, card
 
 
