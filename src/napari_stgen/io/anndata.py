@@ -641,20 +641,26 @@ def read_h5ad_layers(path: str | os.PathLike, include_image: bool = True) -> lis
     feature column per gene plus the obs columns), the ROIs (shapes) and each generated tile
     (image with ``metadata['stgen_generated']``).
     """
+    path = Path(path)
+    return anndata_layers(_read(path), path.stem, str(path), include_image)
+
+
+def anndata_layers(
+    adata: Any, base: str, source: str, include_image: bool = True
+) -> list[LayerData]:
+    """napari layers from an in-memory AnnData (as ``read_h5ad_layers``); ``base`` names the
+    layers, ``source`` (a path) goes into messages and ``metadata['h5ad_path']``."""
     import pandas as pd
 
-    path = Path(path)
-    adata = _read(path)
     if "spatial" not in adata.obsm:
-        raise StgenError(f"{path}: no obsm['spatial'] (spot positions); not a spatial h5ad")
+        raise StgenError(f"{source}: no obsm['spatial'] (spot positions); not a spatial h5ad")
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
     mpp, mpp_src = h5ad_mpp(adata)
     st = _plain(dict(adata.uns.get("stgen", {}) or {}))
     lib_id, lib = spatial_library(adata)
     sf = _plain(dict(lib.get("scalefactors", {}) or {}))
-    base = path.stem
     origin = np.asarray(st.get("origin_yx_um", (0.0, 0.0)), dtype=np.float64).ravel()[:2]
-    common = {"h5ad_path": str(path), "mpp": mpp, "mpp_source": mpp_src, "library_id": lib_id}
+    common = {"h5ad_path": source, "mpp": mpp, "mpp_source": mpp_src, "library_id": lib_id}
     layers: list[LayerData] = []
 
     images = lib.get("images", {}) or {}
