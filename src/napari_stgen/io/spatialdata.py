@@ -51,6 +51,7 @@ CS = "global"
 UNIT = "micrometer"
 IMAGE_MAX_PX = 4096  # long side of the finest image level written
 TABLE = "table"
+SD_IMAGE = "spatialdata_image"  # metadata['stgen_kind'] of image layers read from a SpatialData
 
 
 def _sd() -> Any:
@@ -117,10 +118,11 @@ def _slide_image(adata: Any, levels: Sequence[Any] | None, mpp: float, max_px: i
     """(image element, record) for the slide, from its pyramid or the h5ad thumbnail."""
     st = _plain(dict(adata.uns.get("stgen", {})))
     sl = st.get("slide") or {}
-    if levels:
-        h0, w0 = int(levels[0].shape[0]), int(levels[0].shape[1])
+    size = (int(sl["height"]), int(sl["width"])) if sl.get("width") and sl.get("height") else None
+    if levels:  # level 0 first (the slide's, or a downsampled image read back)
         arr, k = _image_levels(levels, max_px)
         rec = {"source": f"slide pyramid level {k}", "level": k}
+        h0, w0 = size or (int(levels[0].shape[0]), int(levels[0].shape[1]))
     else:
         lib = next(iter((adata.uns.get("spatial") or {}).values()), {})
         imgs, sf = lib.get("images") or {}, lib.get("scalefactors") or {}
@@ -128,8 +130,7 @@ def _slide_image(adata: Any, levels: Sequence[Any] | None, mpp: float, max_px: i
             return None, None
         arr = np.asarray(imgs["hires"])
         s = float(sf.get("tissue_hires_scalef", 1.0))
-        w0 = int(sl.get("width") or round(arr.shape[1] / s))
-        h0 = int(sl.get("height") or round(arr.shape[0] / s))
+        h0, w0 = size or (round(arr.shape[0] / s), round(arr.shape[1] / s))
         rec = {"source": "h5ad hires thumbnail", "level": -1}
     h, w = int(arr.shape[0]), int(arr.shape[1])
     rec.update({"downsample_yx": [h0 / h, w0 / w], "slide_path": str(sl.get("path", ""))})
@@ -310,15 +311,21 @@ def write_layers_spatialdata(
     (:func:`napari_stgen.io.napari_writer.layers_to_anndata`); the slide layer's pyramid
     gives the image element.
     """
-    from .napari_writer import _find_slide, _levels, exportable, layers_to_anndata
+    from .napari_writer import _find_slide, _levels, _meta, exportable, layers_to_anndata
 
     if not exportable(layers):
         raise StgenError(
             f"{path}: nothing to export (need a points, labels or shapes layer, or a "
             "generated tile)"
         )
+    layers = list(layers)
+    slide = _find_slide(layers)
+    if slide is not None and _meta(slide[1]).get("stgen_kind") == SD_IMAGE:
+        # a slide image read back from a SpatialData: its translate is the half-pixel shift of
+        # a downsampled level (level-0 pixel centres at 0), not an origin of the coordinates
+        i = next(i for i, ly in enumerate(layers) if ly[1] is slide[1])
+        slide = layers[i] = (slide[0], {**slide[1], "translate": (0.0, 0.0)}, "image")
     adata = layers_to_anndata(layers)
-    slide = _find_slide(list(layers))
     levels = _levels(slide[0]) if slide is not None else None
     return export_spatialdata(adata, path, levels, overwrite=overwrite)
 
@@ -365,7 +372,9 @@ def _shape_xy_radius(gdf: Any, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return yx[:, ::-1], r
 
 
-def _image_layer(name: str, el: Any, m: np.ndarray, um: float, off: float) -> LayerData:
+def _image_layer(
+    name: str, el: Any, m: np.ndarray, um: float, off: float, meta: dict
+) -> LayerData:
     """napari image layer for an image element (multiscale when it has scales)."""
     if hasattr(el, "children") and len(el.children):  # DataTree: multiscale
         levels = [el[k]["image"].data for k in sorted(el.children, key=lambda s: int(s[5:]))]
@@ -383,7 +392,7 @@ def _image_layer(name: str, el: Any, m: np.ndarray, um: float, off: float) -> La
         "scale": tuple(scale),
         "translate": tuple(translate),
         "units": "um",
-        "metadata": {"stgen_kind": "spatialdata_image", "spatialdata_element": name},
+        "metadata": {"stgen_kind": SD_IMAGE, "spatialdata_element": name, **meta},
     }
     if len(levels) > 1:
         kw["multiscale"] = True
@@ -433,9 +442,15 @@ def read_spatialdata(path: str | os.PathLike) -> list[LayerData]:
     for _, table, _, _ in tables:
         for rec in ((_plain(dict(table.uns.get("stgen", {}))).get("generated")) or {}).values():
             gen_elements.add(str(rec.get("element", "")))
+    slide_meta: dict[str, Any] = {}
+    for _, table, _, _ in tables[:1]:
+        st = _plain(dict(table.uns.get("stgen", {}) or {}))
+        if ours and st.get("mpp"):  # the writer's µm/px and slide record (level-0 px)
+            slide_meta = {"mpp": float(st["mpp"]), "stgen": {"mpp": float(st["mpp"]),
+                          **(st.get("slide") or {})}}  # fmt: skip
     for name, el in sdata.images.items():
         if name in in_cs and name not in gen_elements:
-            layers.append(_image_layer(name, el, _affine_yx(el, cs), um, off))
+            layers.append(_image_layer(name, el, _affine_yx(el, cs), um, off, slide_meta))
 
     for tname, table, region, attrs in tables:
         layers += _table_layers(sdata, path, tname, table, region, attrs, cs, um, off, ours)
