@@ -3,7 +3,8 @@
 ``../shared/data`` (beside the repository) holds the five HER2ST sections and a Visium crop; a
 user's checkout has none of it. ``STGEN_SHARED_DATA=/some/dir`` points elsewhere,
 ``STGEN_SHARED_DATA=/nonexistent`` checks what a user's checkout runs. ``her2st_c3_dir`` (the
-bundled sample as a one-section HER2ST folder) stands in wherever section C3 is enough.
+bundled sample as a one-section HER2ST folder) stands in wherever section C3 is enough; the
+Visium crop is bundled in ``tests/data``.
 """
 
 from __future__ import annotations
@@ -45,16 +46,14 @@ def her2st_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def visium_crop_dir() -> Path:
-    """../shared/data/visium_mouse_brain_crop (squidpy's Visium test crop); skips when absent."""
-    d = SHARED_DATA / "visium_mouse_brain_crop"
-    if not (d / "spots.h5ad").is_file():
-        pytest.skip(f"Visium crop not found at {d} (shared/ must sit beside the repo)")
-    return d
+    """squidpy's Visium mouse-brain test crop (``he_crop.jpg``, ``spots.h5ad``), bundled in
+    ``tests/data`` (the same files as ``../shared/data/visium_mouse_brain_crop``)."""
+    return REPO / "tests" / "data" / "visium_mouse_brain_crop"
 
 
 @pytest.fixture(scope="session")
 def her2st_c3_dir(tmp_path_factory, sample_slide_path: Path, sample_spots_path: Path) -> Path:
-    """Section C3 as a HER2ST folder (``C3.tif``, ``C3.tsv.gz``, ``C3_selection.tsv``).
+    """Section C3 as a HER2ST folder (``C3.jpg``, ``C3.tsv.gz``, ``C3_selection.tsv``).
 
     The shared section when present, else made from the bundled sample: its slide (same
     pixels as the shared C3.jpg, as a pyramid) and its 180 spots with 81 measured genes.
@@ -73,7 +72,12 @@ def her2st_c3_dir(tmp_path_factory, sample_slide_path: Path, sample_spots_path: 
     counts = df.drop(columns=["x", "y"]).set_index("barcode")
     counts.index.name = None
     counts.to_csv(out / "C3.tsv.gz", sep="\t")
-    (out / "C3.tif").symlink_to(sample_slide_path)
+    from PIL import Image
+
+    from napari_stgen.io.slide import open_slide
+
+    with open_slide(sample_slide_path) as s:  # the section's image, as HER2ST ships it
+        Image.fromarray(s.levels[0].compute()).save(out / "C3.jpg", quality=90)
     return out
 
 

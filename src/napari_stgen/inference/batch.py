@@ -560,7 +560,7 @@ def _run_distributed(
         from distributed import Client, LocalCluster, as_completed
     except ImportError as e:
         raise StgenError(
-            "predict-batch needs dask.distributed: pip install 'napari-stgen[distributed]'"
+            "predict-batch needs dask.distributed: pip install '.[distributed]' in the checkout"
         ) from e
 
     cluster = None

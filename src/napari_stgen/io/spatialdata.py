@@ -59,7 +59,8 @@ def _sd() -> Any:
         import spatialdata
     except ImportError as e:
         raise StgenError(
-            "SpatialData export/import needs spatialdata: pip install 'napari-stgen[spatialdata]'"
+            "SpatialData export/import needs spatialdata: pip install '.[spatialdata]' in the "
+            "napari-stgen checkout"
         ) from e
     return spatialdata
 
@@ -110,7 +111,11 @@ def _image_element(arr: Any, sy: float, sx: float, tyx: tuple[float, float] = (0
         tr = Seq([tr, Translation([tyx[0], tyx[1]], axes=("y", "x"))])
     sf = _scale_factors(int(a.shape[1]), int(a.shape[2]))
     return Image2DModel.parse(
-        a, dims=("c", "y", "x"), transformations={CS: tr}, scale_factors=sf or None
+        a,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],  # napari-spatialdata shows r, g, b channels as one RGB image
+        transformations={CS: tr},
+        scale_factors=sf or None,
     )
 
 
@@ -185,6 +190,28 @@ def _rois_element(rec: Any, mpp: float) -> Any:
     return ShapesModel.parse(gdf, transformations={CS: Identity()})
 
 
+def _shallow_table(adata: Any) -> Any:
+    """A new AnnData sharing ``X`` (no 100 MB copy) with its own obs/uns; the thumbnails in
+    ``uns['spatial']`` are left out (the image element replaces them)."""
+    import anndata as ad
+
+    uns = dict(adata.uns)
+    uns["stgen"] = dict(uns.get("stgen", {}) or {})
+    if "spatial" in uns:
+        uns["spatial"] = {
+            k: {kk: vv for kk, vv in dict(v).items() if kk != "images"}
+            for k, v in dict(uns["spatial"]).items()
+        }
+    return ad.AnnData(
+        X=adata.X,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        obsm=dict(adata.obsm),
+        layers=dict(adata.layers),
+        uns=uns,
+    )
+
+
 def anndata_to_spatialdata(
     adata: Any,
     levels: Sequence[Any] | None = None,
@@ -206,10 +233,9 @@ def anndata_to_spatialdata(
     lib = str(st.get("library_id") or "stgen")
     kind = "tiles" if st.get("obs_kind") == "tiles" else "spots"
     name = sd.sanitize_name(f"{lib}_{kind}")
-    table = adata.copy()
-    table.obs_names_make_unique()
+    table = _shallow_table(adata)
     images: dict[str, Any] = {}
-    img, img_rec = _slide_image(table, levels, mpp, image_max_px)
+    img, img_rec = _slide_image(adata, levels, mpp, image_max_px)
     if img is not None:
         images[sd.sanitize_name(f"{lib}_image")] = img
     ust = dict(table.uns["stgen"])
@@ -238,8 +264,6 @@ def anndata_to_spatialdata(
         **({"image": img_rec} if img_rec else {}),
     }
     table.uns["stgen"] = ust
-    for v in (table.uns.get("spatial") or {}).values():
-        v.pop("images", None)  # the image element replaces the thumbnails
     table.obs["region"] = name
     table.obs["region"] = table.obs["region"].astype("category")
     table.obs["instance_id"] = np.arange(table.n_obs, dtype=np.int64)
