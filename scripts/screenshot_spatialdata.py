@@ -64,10 +64,16 @@ def napari_spatialdata_view(path: Path) -> np.ndarray:
     lo, hi = np.percentile(v, [2, 98])
     spots.face_color = colormaps["viridis"](np.clip((v - lo) / (hi - lo), 0, 1))
     spots.border_width = 0
-    viewer.scale_bar.visible = True  # the 'global' system is in µm; napari-spatialdata
-    viewer.text_overlay.visible = True  # does not pass the unit on to napari
+    # the 'global' system is in µm; napari-spatialdata does not pass the unit on to napari
+    return shot(viewer, f"napari-spatialdata: c3.zarr, predicted {GENE} (global, µm)")
+
+
+def shot(viewer, text: str) -> np.ndarray:
+    """Scale bar, a caption, the whole window as an array; closes the viewer."""
+    viewer.scale_bar.visible = True
+    viewer.text_overlay.visible = True
     viewer.text_overlay.position = "top_left"
-    viewer.text_overlay.text = f"napari-spatialdata: c3.zarr, predicted {GENE} (global, µm)"
+    viewer.text_overlay.text = text
     viewer.reset_view()
     pump(1.5)
     img = viewer.screenshot(canvas_only=False, flash=False)
@@ -87,15 +93,7 @@ def napari_stgen_view(path: Path) -> np.ndarray:
     pts.face_color = GENE
     pts.face_colormap = "viridis"
     pts.face_contrast_limits = robust_limits(pts.features[GENE].to_numpy())
-    viewer.scale_bar.visible = True
-    viewer.text_overlay.visible = True
-    viewer.text_overlay.position = "top_left"
-    viewer.text_overlay.text = f"napari-stgen reader: the same c3.zarr, {GENE}"
-    viewer.reset_view()
-    pump(1.5)
-    img = viewer.screenshot(canvas_only=False, flash=False)
-    viewer.close()
-    return img
+    return shot(viewer, f"napari-stgen reader: the same c3.zarr, {GENE}")
 
 
 def main() -> None:
