@@ -209,9 +209,9 @@ def predict_slide(
         raise StgenError("give exactly one of --spots SPOTS.csv or --grid")
     fmt = output_format(out)
     if fmt == "spatialdata":
-        from ..io.spatialdata import _sd
+        from ..io.spatialdata import require_spatialdata
 
-        _sd()  # fail before the model when spatialdata is missing
+        require_spatialdata()  # fail before the model when spatialdata is missing
     if out.exists() and not overwrite:
         raise StgenError(f"{out} already exists; pass --overwrite to replace it")
     r = _region(region_um)

@@ -54,7 +54,8 @@ TABLE = "table"
 SD_IMAGE = "spatialdata_image"  # metadata['stgen_kind'] of image layers read from a SpatialData
 
 
-def _sd() -> Any:
+def require_spatialdata() -> Any:
+    """The spatialdata module (StgenError naming the extra when it is not installed)."""
     try:
         import spatialdata
     except ImportError as e:
@@ -223,7 +224,7 @@ def anndata_to_spatialdata(
     ``levels`` is the slide's pyramid (level 0 first, (H, W, 3) arrays, lazy is fine); without
     it the image element is the AnnData's hires thumbnail. See the module docstring.
     """
-    sd = _sd()
+    sd = require_spatialdata()
     from spatialdata.models import TableModel
 
     st = _plain(dict(adata.uns.get("stgen", {}) or {}))
@@ -356,7 +357,7 @@ def write_layers_spatialdata(
 
 # ----------------------------------------------------------------------------- import
 def _read_zarr(path: Path) -> Any:
-    sd = _sd()
+    sd = require_spatialdata()
     try:
         return sd.read_zarr(path)
     except Exception as e:  # zarr / ome-zarr raise many types
@@ -396,9 +397,7 @@ def _shape_xy_radius(gdf: Any, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return yx[:, ::-1], r
 
 
-def _image_layer(
-    name: str, el: Any, m: np.ndarray, um: float, off: float, meta: dict
-) -> LayerData:
+def _image_layer(name: str, el: Any, m: np.ndarray, um: float, off: float, meta: dict) -> LayerData:
     """napari image layer for an image element (multiscale when it has scales)."""
     if hasattr(el, "children") and len(el.children):  # DataTree: multiscale
         levels = [el[k]["image"].data for k in sorted(el.children, key=lambda s: int(s[5:]))]
