@@ -40,7 +40,7 @@ def her2st_dir() -> Path:
     """../shared/data/her2st beside the repository; skips when it is absent."""
     d = SHARED_DATA / "her2st"
     if not (d / "C3_selection.tsv").is_file():
-        pytest.skip(f"HER2ST data not found at {d} (shared/ must sit beside the repo)")
+        pytest.skip(f"needs the five HER2ST sections at {d} (shared data, not in a checkout)")
     return d
 
 
