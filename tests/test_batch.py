@@ -28,13 +28,10 @@ def genst_model() -> str:
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory, sample_slide_path, sample_spots_path, her2st_dir):
-    """Two real sections (the C3 sample slide and a C4 crop as tiled TIFF), one corrupt file,
+def cohort(tmp_path_factory, sample_slide_path, sample_spots_path):
+    """Two real slides (the C3 sample slide and a crop of it as tiled TIFF), one corrupt file,
     and a spots CSV for each (a subset of spots, to stay fast)."""
     import tifffile
-    from PIL import Image
-
-    from napari_stgen.io.her2st import mpp_from_pitch
 
     d = tmp_path_factory.mktemp("cohort")
     slides, spots = d / "slides", d / "spots"
@@ -45,30 +42,28 @@ def cohort(tmp_path_factory, sample_slide_path, sample_spots_path, her2st_dir):
     df = pd.read_csv(sample_spots_path)
     df.iloc[::8][["barcode", "x", "y"]].to_csv(spots / "C3_spots.csv", index=False)
 
-    Image.MAX_IMAGE_PIXELS = None
-    sel = pd.read_csv(her2st_dir / "C4_selection.tsv", sep="\t")
-    mpp = mpp_from_pitch(sel[["x", "y"]].to_numpy(), sel[["pixel_x", "pixel_y"]].to_numpy())
-    x0, y0 = int(sel.pixel_x.median()) - 1200, int(sel.pixel_y.median()) - 1200
-    with Image.open(her2st_dir / "C4.jpg") as im:
-        crop = np.asarray(im.crop((x0, y0, x0 + 2400, y0 + 2400)).convert("RGB"))
+    from napari_stgen.io.slide import open_slide
+
+    with open_slide(sample_slide_path) as s:  # a second slide: a crop of the section
+        mpp = s.mpp
+        x0, y0 = int(df.x.median()) - 1200, int(df.y.median()) - 1200
+        crop = s.levels[0][y0 : y0 + 2400, x0 : x0 + 2400].compute()
     tifffile.imwrite(
-        slides / "C4crop.tif", crop, tile=(256, 256), compression="jpeg", photometric="rgb",
+        slides / "C3crop.tif", crop, tile=(256, 256), compression="jpeg", photometric="rgb",
         resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
     )  # fmt: skip
-    inside = sel[
-        (sel.pixel_x > x0 + 150) & (sel.pixel_x < x0 + 2250)
-        & (sel.pixel_y > y0 + 150) & (sel.pixel_y < y0 + 2250)
-    ].iloc[::2]  # fmt: skip
-    pd.DataFrame(
-        {"barcode": [f"{a}x{b}" for a, b in zip(inside.x, inside.y, strict=True)],
-         "x": inside.pixel_x - x0, "y": inside.pixel_y - y0}
-    ).to_csv(spots / "C4crop_spots.csv", index=False)  # fmt: skip
+    inside = df[
+        (df.x > x0 + 150) & (df.x < x0 + 2250) & (df.y > y0 + 150) & (df.y < y0 + 2250)
+    ].iloc[1::2]  # fmt: skip
+    pd.DataFrame({"barcode": inside.barcode, "x": inside.x - x0, "y": inside.y - y0}).to_csv(
+        spots / "C3crop_spots.csv", index=False
+    )
 
     (slides / "broken.tif").write_bytes(b"II*\x00" + os.urandom(2048))
     pd.DataFrame({"barcode": ["a"], "x": [10.0], "y": [10.0]}).to_csv(
         spots / "broken_spots.csv", index=False
     )
-    return d, [slides / "C3.tif", slides / "C4crop.tif", slides / "broken.tif"], spots
+    return d, [slides / "C3.tif", slides / "C3crop.tif", slides / "broken.tif"], spots
 
 
 def test_predict_batch_local_cluster(genst_model, cohort, tmp_path):
@@ -86,12 +81,12 @@ def test_predict_batch_local_cluster(genst_model, cohort, tmp_path):
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert r.returncode == 1, r.stderr  # one slide failed
-    assert sorted(p.name for p in out.glob("*.h5ad")) == ["C3.h5ad", "C4crop.h5ad"]
+    assert sorted(p.name for p in out.glob("*.h5ad")) == ["C3.h5ad", "C3crop.h5ad"]
     assert "2 ok, 0 skipped, 1 failed" in r.stdout
     assert "broken.tif" in r.stdout
     with open(out / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [Path(row["slide"]).name for row in rows] == ["C3.tif", "C4crop.tif", "broken.tif"]
+    assert [Path(row["slide"]).name for row in rows] == ["C3.tif", "C3crop.tif", "broken.tif"]
     assert [row["status"] for row in rows] == ["ok", "ok", "failed"]
     assert "broken.tif" in rows[2]["error"] and rows[2]["output"] == ""
     n_c3 = len(pd.read_csv(spots / "C3_spots.csv"))
@@ -107,9 +102,9 @@ def test_predict_batch_local_cluster(genst_model, cohort, tmp_path):
     np.testing.assert_allclose(a.X, b.X, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(a.obs["genst_code"], b.obs["genst_code"])
     np.testing.assert_array_equal(a.obsm["spatial"], b.obsm["spatial"])
-    c4 = ad.read_h5ad(out / "C4crop.h5ad")
-    assert c4.n_obs == len(pd.read_csv(spots / "C4crop_spots.csv"))
-    assert c4.uns["stgen"]["slide"]["width"] == 2400
+    crop = ad.read_h5ad(out / "C3crop.h5ad")
+    assert crop.n_obs == len(pd.read_csv(spots / "C3crop_spots.csv"))
+    assert crop.uns["stgen"]["slide"]["width"] == 2400
 
     # an existing cluster (--scheduler ADDRESS): same numbers again, and a rerun into the
     # same directory skips the finished slides (resumable)

@@ -22,7 +22,6 @@ from napari_stgen.io.anndata import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 
 
 def sample_paths() -> tuple[Path, Path]:
@@ -284,15 +283,13 @@ def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch):
     np.testing.assert_array_equal(ad.read_h5ad(path).X, old.X)
 
 
-def test_visium_mouse_crop_roundtrip(tmp_path):
+def test_visium_mouse_crop_roundtrip(tmp_path, visium_crop_dir):
     """A real Visium crop: spots re-exported on he_crop.jpg stay on their tissue pixels."""
     import anndata as ad
 
     from napari_stgen.io.slide import open_slide
 
-    d = SHARED / "visium_mouse_brain_crop"
-    if not d.exists():
-        pytest.skip(f"shared data missing: {d}")
+    d = visium_crop_dir
     src = ad.read_h5ad(d / "spots.h5ad")
     sf = src.uns["spatial"]["V1_Adult_Mouse_Brain"]["scalefactors"]
     mpp = 55.0 / sf["spot_diameter_fullres"]  # Visium spots are 55 µm across
@@ -445,17 +442,14 @@ def test_roundtrip_through_napari_writer(case, mpp, origin):
     assert thumb[1]["translate"] == pytest.approx(origin)
 
 
-def test_import_shows_a_gene_subset_for_whole_transcriptome_files():
+def test_import_shows_a_gene_subset_for_whole_transcriptome_files(visium_crop_dir):
     """A file with more spots × genes than napari features should hold keeps the variable
     genes (Visium's highly_variable flag first)."""
     import anndata as ad
 
     from napari_stgen.io.anndata import _feature_genes
 
-    d = SHARED / "visium_mouse_brain_crop"
-    if not d.exists():
-        pytest.skip(f"shared data missing: {d}")
-    a = ad.read_h5ad(d / "spots.h5ad")
+    a = ad.read_h5ad(visium_crop_dir / "spots.h5ad")
     assert len(_feature_genes(a)) == a.n_vars  # small: everything
     hv = np.flatnonzero(a.var["highly_variable"].to_numpy(bool))
     keep = _feature_genes(a, max_values=a.n_obs * len(hv))

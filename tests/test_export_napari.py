@@ -228,3 +228,91 @@ def test_widget_export_of_predictions_equals_stgen_predict_grid(
     assert "first code" in set(a.obs["genst_code_name"])
     la = [ly for ly in viewer.layers]  # the widget left the viewer untouched
     assert la == [layer]
+
+
+def test_export_widget_spatialdata(viewer_with_layers, qtbot, tmp_path):
+    """Format 'SpatialData' writes a .zarr: slide image, spot circles, ROIs, generated tile and
+    the same table as the h5ad; it reopens in the same places."""
+    sd = pytest.importorskip("spatialdata")
+    from napari_stgen.widgets.export import ExportWidget
+
+    viewer, df, genes, mpp, rois, tile = viewer_with_layers
+    w = ExportWidget(viewer)
+    qtbot.addWidget(w)
+    w.path_edit.setText(str(tmp_path / "widget.h5ad"))
+    w.format.setCurrentText("SpatialData")
+    assert w.path_edit.text().endswith("widget.zarr")  # the suffix follows the format
+    with qtbot.waitSignal(w.export().finished, timeout=60000):
+        pass
+    out = tmp_path / "widget.zarr"
+    assert "exported" in w.status.text(), w.status.text()
+    s = sd.read_zarr(out)
+    assert set(s.images) == {"her2st_C3_image", f"generated_{tile.id}"}
+    assert set(s.shapes) == {"her2st_C3_spots", "rois"}
+    t = s.tables["table"]
+    assert list(t.obs_names) == df["barcode"].astype(str).tolist()
+    np.testing.assert_allclose(t[:, genes].X, np.log1p(df[genes].to_numpy(np.float32)))
+    shp = s["her2st_C3_spots"]
+    xy = np.c_[shp.geometry.x, shp.geometry.y][shp.index.get_indexer(t.obs["instance_id"])]
+    np.testing.assert_allclose(xy, (df[["x", "y"]].to_numpy() + 0.5) * mpp, atol=1e-6)
+    np.testing.assert_allclose(shp["radius"], 50.0)
+    # the generated tile covers its µm square; the ROIs their vertices
+    ext = sd.get_extent(s[f"generated_{tile.id}"], coordinate_system="global")
+    y0, x0 = tile.origin_yx_um
+    assert ext["x"] == pytest.approx((x0 + mpp / 2, x0 + mpp / 2 + 32 * tile.px_um))
+    assert ext["y"] == pytest.approx((y0 + mpp / 2, y0 + mpp / 2 + 32 * tile.px_um))
+    b = s["rois"].geometry.bounds.to_numpy()
+    np.testing.assert_allclose(
+        b[0], [2000 + mpp / 2, 1000 + mpp / 2, 3000 + mpp / 2, 2500 + mpp / 2]
+    )
+    # reopened: spots, ROIs and the tile where they were
+    v2_layers = viewer.open(str(out), plugin="napari-stgen")
+    pts = next(ly for ly in v2_layers if type(ly).__name__ == "Points")
+    np.testing.assert_allclose(pts.data, viewer.layers["measured spots"].data, atol=1e-6)
+    gen = next(ly for ly in v2_layers if "stgen_generated" in ly.metadata)
+    assert gen.metadata["stgen_generated"]["seed"] == 7
+    np.testing.assert_allclose(gen.translate, viewer.layers[f"generated {tile.id}"].translate)
+    np.testing.assert_array_equal(gen.data, tile.image)
+    shapes = next(ly for ly in v2_layers if type(ly).__name__ == "Shapes")
+    for a, r in zip(shapes.data, rois, strict=True):
+        np.testing.assert_allclose(a, r)
+
+
+def test_export_list_follows_renames_and_ticks_are_stable(viewer_with_layers, qtbot):
+    """A renamed layer is listed by its new name; the measured spots are ticked whatever the
+    order of events (prediction store before or after the widget); the user's ticks stay."""
+    from napari_stgen.coords import Grid
+    from napari_stgen.widgets.export import ExportWidget
+    from napari_stgen.widgets.state import get_state
+
+    viewer, df, genes, mpp, rois, tile = viewer_with_layers
+    viewer.layers["measured spots"].metadata["stgen"] = {"kind": "spots", "source": "measured"}
+    w = ExportWidget(viewer)
+    qtbot.addWidget(w)
+
+    def ticks() -> dict:
+        items = [w.layer_list.item(i) for i in range(w.layer_list.count())]
+        return {it.text(): it.checkState() == it.checkState().Checked for it in items}
+
+    before = ticks()
+    assert before["measured spots"]
+    viewer.layers[f"generated {tile.id}"].name = "kept tile"
+    assert "kept tile" in ticks() and f"generated {tile.id}" not in ticks()
+    # a prediction store appearing later does not untick measured spots
+    store = get_state(viewer).store
+    store.reset(Grid((0.0, 0.0), 112.0, (60, 56)), genes, "k", "cafe", "default", mpp)
+    store.add(np.array([[1, 1]]), np.ones((1, 6), np.float32), np.array([0]))
+    assert ticks()["measured spots"] and ticks()[next(iter(ticks()))]  # store ticked too
+    w2 = ExportWidget(viewer)  # opened after the store: the same defaults
+    qtbot.addWidget(w2)
+    assert {k: v for k, v in ticks().items()} == {
+        w2.layer_list.item(i).text(): w2.layer_list.item(i).checkState()
+        == w2.layer_list.item(i).checkState().Checked
+        for i in range(w2.layer_list.count())
+    }
+    # the user's untick survives refreshes and renames
+    row = next(i for i in range(w.layer_list.count()) if w.layer_list.item(i).text() == "ROIs")
+    w.layer_list.item(row).setCheckState(w.layer_list.item(row).checkState().Unchecked)
+    viewer.layers["ROIs"].name = "tumour ROIs"
+    viewer.add_points(np.zeros((1, 2)), name="another")
+    assert ticks()["tumour ROIs"] is False and ticks()["another"] is True

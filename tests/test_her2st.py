@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -22,8 +20,6 @@ from napari_stgen.io.her2st import (
     smooth_over_neighbours,
     spot_neighbours,
 )
-
-VISIUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "visium_mouse_brain_crop"
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +42,8 @@ def test_mpp_from_pitch_recovers_scale():
     assert mpp_from_pitch(a, px) == pytest.approx(0.8)
 
 
-def test_read_section_c3(her2st_dir):
-    s = read_her2st_section(her2st_dir, "C3")
+def test_read_section_c3(her2st_c3_dir):
+    s = read_her2st_section(her2st_c3_dir, "C3")
     assert s.n_spots > 150 and s.counts.shape == (s.n_spots, len(s.genes))
     assert all("x" in b for b in s.barcodes)
     x, y = map(int, s.barcodes[0].split("x"))
@@ -56,7 +52,7 @@ def test_read_section_c3(her2st_dir):
     assert 0.6 < s.mpp < 0.8
     assert s.image_path.name == "C3.jpg"
     with pytest.raises(StgenError, match="missing"):
-        read_her2st_section(her2st_dir, "Z9")
+        read_her2st_section(her2st_c3_dir, "Z9")
 
 
 def test_list_sections(her2st_dir, tmp_path):
@@ -88,10 +84,8 @@ def test_neighbours_and_smoothing():
     assert s[:, 0].tolist() == [1.0, 1.0, 7.0]
 
 
-def test_read_anndata_section_visium():
-    if not (VISIUM / "spots.h5ad").exists():
-        pytest.skip(f"Visium crop not found at {VISIUM}")
-    s = read_anndata_section(VISIUM / "spots.h5ad", VISIUM / "he_crop.jpg")
+def test_read_anndata_section_visium(visium_crop_dir):
+    s = read_anndata_section(visium_crop_dir / "spots.h5ad", visium_crop_dir / "he_crop.jpg")
     assert s.n_spots == 49 and s.counts.shape[1] == 1999
     assert 0.4 < s.mpp < 0.9  # 55 µm / ~89 px
     p = read_patches(np.zeros((100, 100, 3), np.uint8), s.xy_px[:2] * 0 + 50, 40.0, 16, mpp=1.0)

@@ -27,7 +27,12 @@ def predict_parser_has_measured():
 
 
 def test_predict_with_measured_spots(
-    predict_parser_has_measured, her2st_dir, sample_slide_path, sample_spots_path, tmp_path, capsys
+    predict_parser_has_measured,
+    her2st_c3_dir,
+    sample_slide_path,
+    sample_spots_path,
+    tmp_path,
+    capsys,
 ):
     import anndata
     import torch
@@ -36,7 +41,7 @@ def test_predict_with_measured_spots(
     from napari_stgen.io.her2st import read_her2st_section
 
     torch.set_num_threads(1)
-    sec = read_her2st_section(her2st_dir, "C3")
+    sec = read_her2st_section(her2st_c3_dir, "C3")
     idx = np.arange(0, sec.n_spots, 2)
     h5 = _write_h5ad(
         tmp_path / "measured.h5ad",

@@ -11,13 +11,13 @@ TIMEOUT = 120_000  # ms
 
 
 @pytest.fixture
-def measured_h5ad(her2st_dir, tmp_path):
+def measured_h5ad(her2st_c3_dir, tmp_path):
     """Half of C3's spots (raw counts, level-0 px of the sample slide, which is C3)."""
     import anndata
 
     from napari_stgen.io.her2st import read_her2st_section
 
-    sec = read_her2st_section(her2st_dir, "C3")
+    sec = read_her2st_section(her2st_c3_dir, "C3")
     idx = np.arange(0, sec.n_spots, 2)
     a = anndata.AnnData(X=sec.counts[idx])
     a.var_names = sec.genes

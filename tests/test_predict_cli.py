@@ -84,27 +84,27 @@ def test_predict_sample_spots(genst_model, sample_slide_path, sample_spots_path,
     assert f"{top[0]}_csv" in a.obs.columns
 
 
-def test_predict_her2st_jpeg_needs_mpp(genst_model, her2st_dir, tmp_path, capsys):
+def test_predict_her2st_jpeg_needs_mpp(genst_model, her2st_c3_dir, tmp_path, capsys):
     import anndata as ad
     import torch
 
     from napari_stgen.io.her2st import mpp_from_pitch
 
     torch.set_num_threads(1)
-    sel = pd.read_csv(her2st_dir / "C4_selection.tsv", sep="\t")
+    sel = pd.read_csv(her2st_c3_dir / "C3_selection.tsv", sep="\t")
     spots = sel.iloc[::6]
-    csv = tmp_path / "c4_spots.csv"
+    csv = tmp_path / "c3_spots.csv"
     pd.DataFrame(
         {"barcode": [f"{x}x{y}" for x, y in zip(spots.x, spots.y, strict=True)],
          "x": spots.pixel_x, "y": spots.pixel_y}
     ).to_csv(csv, index=False)  # fmt: skip
-    out = tmp_path / "c4.h5ad"
-    jpg = str(her2st_dir / "C4.jpg")
+    out = tmp_path / "c3.h5ad"
+    jpg = str(her2st_c3_dir / "C3.jpg")
     args = ["predict", jpg, "--spots", str(csv), "--out", str(out), "--model", genst_model]
 
     assert main(args) == 2  # a JPEG has no resolution: one line asking for --mpp
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--mpp" in err and "C4.jpg" in err
+    assert err.count("\n") == 1 and "--mpp" in err and "C3.jpg" in err
 
     mpp = mpp_from_pitch(sel[["x", "y"]].to_numpy(), sel[["pixel_x", "pixel_y"]].to_numpy())
     assert main([*args, "--mpp", f"{mpp:.5f}", "--device", "cpu", "--quiet"]) == 0

@@ -89,7 +89,7 @@ def _tiny_stmdit(her2st_dir, d):
 
 
 @pytest.fixture(scope="module")
-def names(tmp_path_factory, sample_slide_path, sample_spots_path, her2st_dir):
+def names(tmp_path_factory, sample_slide_path, sample_spots_path, request):
     """Checkpoint names/paths: (genst, stmdit)."""
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("synth_models")
@@ -98,7 +98,7 @@ def names(tmp_path_factory, sample_slide_path, sample_spots_path, her2st_dir):
         genst = str(_tiny_genst(sample_slide_path, sample_spots_path, d / "genst.safetensors"))
     stmdit = os.environ.get("STGEN_TEST_STMDIT", "default")  # a candidate checkpoint to try
     if stmdit == "default" and not _default_exists("stmdit"):
-        stmdit = str(_tiny_stmdit(her2st_dir, d))
+        stmdit = str(_tiny_stmdit(request.getfixturevalue("her2st_c3_dir"), d))
     return genst, stmdit
 
 

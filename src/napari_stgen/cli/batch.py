@@ -15,13 +15,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run `stgen predict` on every slide as one dask.distributed task: a LocalCluster by "
             "default, or an existing cluster with --scheduler tcp://host:8786. Outputs are "
-            "<out-dir>/<slide stem>.h5ad; slides whose output exists are skipped unless "
-            "--overwrite; a failing slide is reported and the others finish. Prints a summary "
-            "table and writes <out-dir>/summary.csv. Exit code 1 when any slide failed."
+            "<out-dir>/<slide stem>.h5ad (.zarr with --format spatialdata); slides whose output "
+            "exists are skipped unless --overwrite; a failing slide is reported and the others "
+            "finish. Prints a summary table and writes <out-dir>/summary.csv. Exit code 1 when "
+            "any slide failed."
         ),
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files")
-    p.add_argument("--out-dir", required=True, help="directory for the .h5ad outputs")
+    p.add_argument("--out-dir", required=True, help="directory for the outputs")
+    p.add_argument(
+        "--format",
+        default="h5ad",
+        choices=("h5ad", "spatialdata"),
+        help="h5ad (AnnData) or spatialdata (SpatialData .zarr: image, shapes, table)",
+    )
     p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="e.g. tcp://host:8786")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
     p.add_argument(
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         region_um=args.region,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        fmt=args.format,
     )
     print(format_summary(rows))
     print(f"summary: {args.out_dir.rstrip('/')}/summary.csv", file=sys.stderr)

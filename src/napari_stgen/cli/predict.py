@@ -1,4 +1,5 @@
-"""``stgen predict``: GenST expression at spots or on a tissue grid of one slide → .h5ad."""
+"""``stgen predict``: GenST expression at spots or on a tissue grid of one slide → .h5ad or
+SpatialData .zarr."""
 
 from __future__ import annotations
 
@@ -30,15 +31,17 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",
-        help="predict expression on a slide and write .h5ad",
+        help="predict expression on a slide and write .h5ad or SpatialData .zarr",
         description=(
             "Predict spatial gene expression (GenST, log1p CP10k) at the spots of a CSV "
             "(barcode,x,y in level-0 px) or on a tile grid over tissue, and write AnnData "
-            "that scanpy/squidpy read directly (obsm['spatial'], uns['spatial'], uns['stgen'])."
+            "that scanpy/squidpy read directly (obsm['spatial'], uns['spatial'], uns['stgen']), or "
+            "with --out X.zarr a SpatialData (slide image, spot circles or tile squares, the "
+            "AnnData as table; all in µm) that napari-spatialdata and spatialdata-plot open."
         ),
     )
     p.add_argument("slide", help="slide file (SVS, TIFF, OME-Zarr, JPEG/PNG with --mpp, ...)")
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--out", required=True, help="output .h5ad (AnnData) or .zarr (SpatialData)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--spots", default=None, help="CSV with columns barcode,x,y (level-0 px)")
     src.add_argument("--grid", action="store_true", help="regular model-patch grid over tissue")

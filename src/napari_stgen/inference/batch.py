@@ -201,7 +201,10 @@ def predict_slide(
     adapt_steps: int = 200,
     skip_unreadable: bool = False,
 ) -> Path:
-    """Predict expression over a slide and write ``out`` (.h5ad); returns its path.
+    """Predict expression over a slide and write ``out``; returns its path.
+
+    ``out`` ends in ``.h5ad`` (AnnData, Visium layout) or ``.zarr`` (SpatialData: slide image,
+    spot circles / tile squares and the same AnnData as the table; ``io/spatialdata.py``).
 
     Exactly one of ``spots`` (CSV ``barcode,x,y`` level-0 px; extra columns go to ``obs``,
     renamed ``<col>_csv`` when they clash with a gene) or ``grid`` (tissue cells of the
@@ -213,8 +216,11 @@ def predict_slide(
     out = Path(out)
     if (spots is None) == (not grid):
         raise StgenError("give exactly one of --spots SPOTS.csv or --grid")
-    if out.suffix.lower() != ".h5ad":
-        raise StgenError(f"{out}: output must end in .h5ad")
+    fmt = output_format(out)
+    if fmt == "spatialdata":
+        from ..io.spatialdata import require_spatialdata
+
+        require_spatialdata()  # fail before the model when spatialdata is missing
     if out.exists() and not overwrite:
         raise StgenError(f"{out} already exists; pass --overwrite to replace it")
     r = _region(region_um)
@@ -319,7 +325,22 @@ def predict_slide(
             extra_uns=extra or None,
         )
         adata.uns["stgen"]["device"] = str(getattr(predictor, "device", device))
+        if fmt == "spatialdata":
+            from ..io.spatialdata import export_spatialdata
+
+            return export_spatialdata(adata, out, list(slide.levels), overwrite=overwrite)
     return write_h5ad(adata, out, overwrite=overwrite)
+
+
+OUTPUT_FORMATS = {".h5ad": "h5ad", ".zarr": "spatialdata"}
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """'h5ad' or 'spatialdata' from the output's suffix (StgenError for anything else)."""
+    fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise StgenError(f"{path}: output must end in .h5ad (AnnData) or .zarr (SpatialData)")
+    return fmt
 
 
 # ----------------------------------------------------------------------------- cohorts
@@ -351,6 +372,19 @@ def _predict_in_task(slide: str, out: str, spots: str | None, options: dict, pre
     )
 
 
+def _n_obs(path: Path) -> int:
+    """Rows of a written output (.h5ad or SpatialData .zarr table)."""
+    if path.suffix.lower() == ".zarr":
+        import zarr
+
+        x = zarr.open(path / "tables" / "table" / "X", mode="r")
+        return int(x.shape[0] if hasattr(x, "shape") else x.attrs["shape"][0])
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return int(f["X"].shape[0])
+
+
 def predict_task(slide: str, out: str, spots: str | None, options: dict) -> dict:
     """One cohort task: predict one slide, never raise (the row says what happened)."""
     import time
@@ -371,10 +405,7 @@ def predict_task(slide: str, out: str, spots: str | None, options: dict) -> dict
         # inside a dask.distributed worker, slide reads must not go back to the cluster
         with dask.config.set(scheduler="threads"):
             path = _predict_in_task(slide, out, spots, options, pred)
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            row["n_obs"] = int(f["X"].shape[0])
+        row["n_obs"] = _n_obs(Path(path))
         row["status"] = "ok"
         row["error"] = ""
     except Exception as e:  # isolate: one bad slide must not stop the cohort
@@ -385,15 +416,17 @@ def predict_task(slide: str, out: str, spots: str | None, options: dict) -> dict
     return row
 
 
-def batch_outputs(slides: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
-    """Output path per slide: ``<out_dir>/<stem>.h5ad`` (``<stem>_2.h5ad``... on clashes)."""
+def batch_outputs(
+    slides: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ext: str = ".h5ad"
+) -> list[Path]:
+    """Output path per slide: ``<out_dir>/<stem><ext>`` (``<stem>_2<ext>``... on clashes)."""
     seen: dict[str, int] = {}
     outs = []
     for s in slides:
         stem = Path(s).name.split(".")[0] or "slide"
         k = seen.get(stem, 0) + 1
         seen[stem] = k
-        outs.append(Path(out_dir) / (f"{stem}.h5ad" if k == 1 else f"{stem}_{k}.h5ad"))
+        outs.append(Path(out_dir) / (f"{stem}{ext}" if k == 1 else f"{stem}_{k}{ext}"))
     return outs
 
 
@@ -470,8 +503,11 @@ def run_batch(
     region_um: Sequence[float] | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    fmt: str = "h5ad",
 ) -> list[dict]:
     """Predict each slide as one dask.distributed task; returns one summary row per slide.
+
+    ``fmt`` 'h5ad' writes ``<stem>.h5ad``, 'spatialdata' ``<stem>.zarr`` (SpatialData).
 
     Connects to ``scheduler`` (``tcp://host:8786``) or starts a ``LocalCluster`` of
     ``workers`` (processes unless ``processes=False``), one thread each. Slides whose output
@@ -490,7 +526,10 @@ def run_batch(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slides = [str(s) for s in slides]
-    outs = batch_outputs(slides, out_dir)
+    exts = {v: k for k, v in OUTPUT_FORMATS.items()}
+    if fmt not in exts:
+        raise StgenError(f"--format must be one of {sorted(exts)}, got {fmt!r}")
+    outs = batch_outputs(slides, out_dir, exts[fmt])
     rows: dict[int, dict] = {}
     todo = []
     for i, (s, o) in enumerate(zip(slides, outs, strict=True)):
@@ -544,7 +583,7 @@ def _run_distributed(
         from distributed import Client, LocalCluster, as_completed
     except ImportError as e:
         raise StgenError(
-            "predict-batch needs dask.distributed: pip install 'napari-stgen[distributed]'"
+            "predict-batch needs dask.distributed: pip install '.[distributed]' in the checkout"
         ) from e
 
     cluster = None

@@ -681,7 +681,17 @@ def _finite(path: Path, what: str, v: Any, positive: bool = False) -> np.ndarray
 MAX_GRID_CELLS = 1 << 26
 
 
-def _layers(path: Path, adata: Any, include_image: bool) -> list[LayerData]:
+def anndata_layers(
+    adata: Any, base: str, source: str, include_image: bool = True
+) -> list[LayerData]:
+    """napari layers from an in-memory AnnData (as ``read_h5ad_layers``); ``base`` names the
+    layers, ``source`` (a path) goes into messages and ``metadata['h5ad_path']``."""
+    return _layers(Path(source), adata, include_image, base)
+
+
+def _layers(
+    path: Path, adata: Any, include_image: bool, base: str | None = None
+) -> list[LayerData]:
     import pandas as pd
 
     if adata.n_obs == 0:
@@ -699,7 +709,7 @@ def _layers(path: Path, adata: Any, include_image: bool) -> list[LayerData]:
     st = _plain(dict(adata.uns.get("stgen", {}) or {}))
     lib_id, lib = spatial_library(adata)
     sf = _plain(dict(lib.get("scalefactors", {}) or {}))
-    base = path.stem
+    base = base or path.stem
     origin = _finite(path, "origin_yx_um", st.get("origin_yx_um", (0.0, 0.0))).ravel()[:2]
     if origin.shape != (2,):
         raise StgenError(f"{path}: origin_yx_um must hold two numbers")

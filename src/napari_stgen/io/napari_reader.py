@@ -40,7 +40,11 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
         fn = getattr(_ad, "read_h5ad_layers", None)
         return None if fn is None else (lambda _path: fn(p))
     if p.is_dir():
-        # only OME-Zarr images: other zarr stores (SpatialData, AnnData…) are left to others
+        from .spatialdata import is_spatialdata_path, read_spatialdata_layers
+
+        if is_spatialdata_path(p):  # SpatialData zarr (a napari-stgen export or spatialdata-io)
+            return read_spatialdata_layers
+        # OME-Zarr images; other zarr stores (AnnData…) are left to others
         return read_slide_layers if _is_ome_zarr_image(p) else None
     if ext not in _SLIDE_EXTS:
         return None

@@ -35,7 +35,7 @@ CHUNK_PX = 512
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: Extensions read with OpenSlide when it is installed (TIFF-based ones fall back to tifffile).
 OPENSLIDE_EXTS = {".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
-OPENSLIDE_HINT = "install OpenSlide support with: pip install napari-stgen[openslide]"
+OPENSLIDE_HINT = "install OpenSlide support: pip install '.[openslide]' in a napari-stgen checkout"
 
 
 class Slide:

@@ -1,10 +1,15 @@
-"""Export dock widget: chosen layers (+ the session's predictions) → one .h5ad.
+"""Export dock widget: chosen layers (+ the session's predictions) → one .h5ad or SpatialData.
 
-Thin Qt layer over :func:`napari_stgen.io.napari_writer.write_layers`: lists what can be
-exported (points with features, shapes as ROIs, codebook labels, generated tiles and the
-viewer's prediction store), takes an output path and an overwrite flag, and writes in a
-``thread_worker`` (atomic: temp file + rename). The slide layer supplies µm/px and the
-thumbnails that ``sc.pl.spatial`` draws under the spots.
+Thin Qt layer over :func:`napari_stgen.io.napari_writer.write_layers` (AnnData ``.h5ad``) and
+:func:`napari_stgen.io.spatialdata.write_layers_spatialdata` (SpatialData ``.zarr``): lists
+what can be exported (points with features, shapes as ROIs, codebook labels, generated tiles
+and the viewer's prediction store), takes a format, an output path and an overwrite flag, and
+writes in a ``thread_worker`` (atomic: temp file/folder + rename). The slide layer supplies
+µm/px and the image (thumbnails in the h5ad, a downsampled pyramid in the SpatialData).
+
+The list follows the viewer: added, removed, moved and renamed layers. A row's tick is its
+default (everything but the Predict widget's own display layers, which duplicate the
+prediction store) until the user changes it; the user's choice is kept per layer.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -31,6 +37,11 @@ from napari_stgen.widgets.state import get_state
 
 STORE_ITEM = "\u2731 predicted tiles (all predictions of this session)"
 _ROLE = Qt.ItemDataRole.UserRole
+#: format name → (suffix, file-dialog filter)
+FORMATS = {
+    "h5ad": (".h5ad", "AnnData (*.h5ad)"),
+    "SpatialData": (".zarr", "SpatialData (*.zarr)"),
+}
 
 
 def is_exportable(layer: Any) -> bool:
@@ -46,14 +57,16 @@ def is_slide_like(layer: Any) -> bool:
     return "stgen_generated" not in (layer.metadata or {})
 
 
-def _default_checked(layer: Any, has_store: bool) -> bool:
-    # the Predict widget's own display layers duplicate the store: leave them unticked then
-    kind = ((layer.metadata or {}).get("stgen") or {}).get("kind")
-    return not (has_store and kind in ("spots", "tiles"))
+def _default_checked(layer: Any) -> bool:
+    """Ticked unless it is one of the Predict widget's display layers (heatmap points of a
+    gene, tile markers): those duplicate the prediction store. Measured spots stay ticked."""
+    st = (layer.metadata or {}).get("stgen") or {}
+    kind = st.get("kind")
+    return not (kind == "tiles" or (kind == "spots" and "gene" in st))
 
 
 class ExportWidget(QWidget):
-    """Export to h5ad: layer checklist, output path, overwrite, Export button."""
+    """Export: layer checklist, format (h5ad / SpatialData), output path, overwrite, Export."""
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
@@ -62,6 +75,16 @@ class ExportWidget(QWidget):
         self.worker: Any = None
 
         self.layer_list = QListWidget()
+        self.layer_list.itemChanged.connect(self._item_changed)
+        self._user_ticks: dict[int, Any] = {}  # id(layer) (0: the store) → the user's tick
+        self._watched: dict[int, Any] = {}  # id(layer) → layer whose name changes we follow
+        self.format = QComboBox()
+        self.format.addItems(list(FORMATS))
+        self.format.setToolTip(
+            "h5ad: AnnData (scanpy/squidpy, Visium layout); SpatialData: .zarr with the slide "
+            "image, spot/tile shapes and the table (napari-spatialdata, spatialdata-plot)"
+        )
+        self.format.currentTextChanged.connect(self._format_changed)
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("output .h5ad")
         browse = QPushButton("Browse…")
@@ -78,6 +101,10 @@ class ExportWidget(QWidget):
         lay = QVBoxLayout(self)
         lay.addWidget(QLabel("Layers to export"))
         lay.addWidget(self.layer_list)
+        fmt_row = QHBoxLayout()
+        fmt_row.addWidget(QLabel("Format"))
+        fmt_row.addWidget(self.format, 1)
+        lay.addLayout(fmt_row)
         lay.addLayout(row)
         lay.addWidget(self.overwrite)
         lay.addWidget(self.export_btn)
@@ -105,29 +132,51 @@ class ExportWidget(QWidget):
             self.state.store.changed.disconnect(self._store_changed)
         except Exception:  # noqa: BLE001 - already disconnected
             pass
+        for layer in self._watched.values():
+            try:
+                layer.events.name.disconnect(self.refresh)
+            except Exception:  # noqa: BLE001
+                pass
+        self._watched.clear()
         for name in ("inserted", "removed", "moved"):
             try:
                 getattr(self.viewer.layers.events, name).disconnect(self.refresh)
             except Exception:  # noqa: BLE001
                 pass
 
+    def _item_changed(self, item: QListWidgetItem) -> None:
+        layer = item.data(_ROLE)
+        self._user_ticks[0 if layer is None else id(layer)] = item.checkState()
+
+    def _watch_names(self) -> None:
+        """Follow renames of the viewer's layers (and forget layers that are gone)."""
+        live = {id(ly): ly for ly in self.viewer.layers}
+        for k in list(self._watched):
+            if k not in live:
+                try:
+                    self._watched.pop(k).events.name.disconnect(self.refresh)
+                except Exception:  # noqa: BLE001 - the layer is gone
+                    pass
+                self._user_ticks.pop(k, None)
+        for k, ly in live.items():
+            if k not in self._watched:
+                ly.events.name.connect(self.refresh)
+                self._watched[k] = ly
+
     def _refresh(self) -> None:
-        prev = {
-            self.layer_list.item(i).text(): self.layer_list.item(i).checkState()
-            for i in range(self.layer_list.count())
-        }
-        self.layer_list.clear()
-        has_store = len(self.state.store) > 0
-        if has_store:
-            self._add_item(STORE_ITEM, None, prev.get(STORE_ITEM, Qt.CheckState.Checked))
-        for layer in reversed(self.viewer.layers):
-            if is_exportable(layer):
-                default = (
-                    Qt.CheckState.Checked
-                    if _default_checked(layer, has_store)
-                    else Qt.CheckState.Unchecked
-                )
-                self._add_item(layer.name, layer, prev.get(layer.name, default))
+        self._watch_names()
+        self.layer_list.blockSignals(True)  # rebuilding is not the user ticking
+        try:
+            self.layer_list.clear()
+            yes, no = Qt.CheckState.Checked, Qt.CheckState.Unchecked
+            if len(self.state.store) > 0:
+                self._add_item(STORE_ITEM, None, self._user_ticks.get(0, yes))
+            for layer in reversed(self.viewer.layers):
+                if is_exportable(layer):
+                    default = yes if _default_checked(layer) else no
+                    self._add_item(layer.name, layer, self._user_ticks.get(id(layer), default))
+        finally:
+            self.layer_list.blockSignals(False)
         if self.layer_list.count() == 0:
             self.status.setText("Nothing to export yet: predict, draw ROIs or generate tiles.")
         elif self.status.text().startswith("Nothing"):
@@ -147,18 +196,29 @@ class ExportWidget(QWidget):
             item = self.layer_list.item(i)
             if item.checkState() != Qt.CheckState.Checked:
                 continue
-            if item.text() == STORE_ITEM and item.data(_ROLE) is None:
+            if item.data(_ROLE) is None:
                 store = True
             else:
                 layers.append(item.data(_ROLE))
         return layers, store
 
+    def suffix(self) -> str:
+        """The chosen format's suffix (.h5ad or .zarr)."""
+        return FORMATS[self.format.currentText()][0]
+
+    def _format_changed(self, *_: Any) -> None:
+        suffix = self.suffix()
+        self.path_edit.setPlaceholderText(f"output {suffix}")
+        text = self.path_edit.text().strip()
+        for other, _f in FORMATS.values():
+            if text.endswith(other) and other != suffix:
+                self.path_edit.setText(text[: -len(other)] + suffix)
+
     def _browse(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export to h5ad", self.path_edit.text(), "AnnData (*.h5ad)"
-        )
+        suffix, filt = FORMATS[self.format.currentText()]
+        path, _ = QFileDialog.getSaveFileName(self, "Export", self.path_edit.text(), filt)
         if path:
-            self.path_edit.setText(path if path.endswith(".h5ad") else path + ".h5ad")
+            self.path_edit.setText(path if path.endswith(suffix) else path + suffix)
 
     # ---------------------------------------------------------------- export
     def layer_data(self) -> list[Any]:
@@ -202,18 +262,16 @@ class ExportWidget(QWidget):
         from napari.qt.threading import thread_worker
 
         from napari_stgen.io.napari_writer import write_layers
+        from napari_stgen.io.spatialdata import write_layers_spatialdata
 
+        suffix = self.suffix()
         text = self.path_edit.text().strip()
         if not text:
-            self._notify("choose an output .h5ad path first", error=True)
+            self._notify(f"choose an output {suffix} path first", error=True)
             return None
         path = Path(text).expanduser()
-        if path.suffix.lower() != ".h5ad":
-            path = (
-                path.with_suffix(path.suffix + ".h5ad")
-                if path.suffix
-                else path.with_suffix(".h5ad")
-            )
+        if path.suffix.lower() != suffix:
+            path = path.with_name(path.name + suffix)
         if path.exists() and not self.overwrite.isChecked():
             self._notify(f"{path} exists; tick 'Overwrite' to replace it", error=True)
             return None
@@ -224,7 +282,8 @@ class ExportWidget(QWidget):
             return None
         self.export_btn.setEnabled(False)
         self.status.setText(f"Exporting to {path.name}…")
-        worker = thread_worker(write_layers, start_thread=False)(
+        write = write_layers if suffix == ".h5ad" else write_layers_spatialdata
+        worker = thread_worker(write, start_thread=False)(
             path, data, overwrite=self.overwrite.isChecked()
         )
         worker.returned.connect(self._done)
