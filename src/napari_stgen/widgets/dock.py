@@ -1,0 +1,81 @@
+"""Dock layout shared by the widgets: a scrolling body and a footer that always shows.
+
+With Predict, Codebook, Synthesize and Export docked together on a 1280 × 800 screen, each
+dock gets a fraction of the height: the body scrolls, the footer (primary buttons and the
+status line) stays visible, and the dock asks for little height so the window never grows
+past the screen.
+"""
+
+from __future__ import annotations
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+
+__all__ = ["scrolling_dock", "collapsible", "threads_spin"]
+
+MIN_BODY_PX = 60
+
+
+def scrolling_dock(widget: QWidget) -> tuple[QVBoxLayout, QVBoxLayout]:
+    """Give ``widget`` a scroll area and a fixed footer; returns (body layout, footer layout)."""
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(2, 2, 2, 2)
+    outer.setSpacing(4)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setMinimumHeight(MIN_BODY_PX)
+    scroll.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
+    body = QWidget()
+    body_lay = QVBoxLayout(body)
+    body_lay.setContentsMargins(4, 4, 4, 4)
+    scroll.setWidget(body)
+    outer.addWidget(scroll, 1)
+    footer = QVBoxLayout()
+    footer.setContentsMargins(4, 0, 4, 2)
+    outer.addLayout(footer)
+    widget.scroll_area = scroll  # tests and screenshots scroll it
+    return body_lay, footer
+
+
+def collapsible(title: str, layout_items: QWidget | None = None, expanded: bool = False):
+    """A superqt ``QCollapsible`` section titled ``title`` (collapsed by default)."""
+    from superqt import QCollapsible
+
+    box = QCollapsible(title)
+    if layout_items is not None:
+        box.addWidget(layout_items)
+    if expanded:
+        box.expand(animate=False)
+    else:
+        box.collapse(animate=False)
+    return box
+
+
+def threads_spin(state: object) -> QWidget:
+    """A spin box of the viewer's torch CPU threads (shared by the widgets via the state)."""
+    from qtpy.QtWidgets import QSpinBox
+
+    from napari_stgen.inference.device import default_threads, usable_cores
+
+    spin = QSpinBox()
+    spin.setRange(1, usable_cores())
+    spin.setValue(state.threads or default_threads())
+    spin.setToolTip(
+        f"torch threads for inference; default {default_threads()} = usable cores − 1, "
+        "leaving a core to the viewer"
+    )
+    spin.valueChanged.connect(lambda v: state.set_threads(int(v)))
+
+    def follow(n: int) -> None:
+        try:
+            if n and spin.value() != n:
+                blocked = spin.blockSignals(True)
+                spin.setValue(n)
+                spin.blockSignals(blocked)
+        except RuntimeError:  # the spin box is gone
+            state.threads_changed.disconnect(follow)
+
+    state.threads_changed.connect(follow)
+    return spin
