@@ -71,7 +71,7 @@ class SlidePicker(QComboBox):
 
     def _on_picked(self, index: int) -> None:
         layer = self.itemData(index)
-        if layer is not None and layer is not self.state.slide_layer:
+        if layer is not None and layer != self.state.slide_layer:
             from napari_stgen.errors import StgenError
 
             try:

@@ -238,6 +238,7 @@ class StgenState:
 
     def set_slide_layer(self, layer: Any) -> Any:
         """Use ``layer`` (a slide image layer) as the current slide; returns the opened slide."""
+        layer = getattr(layer, "__wrapped__", layer)  # plugin widgets see proxies of layers
         if layer is self.slide_layer and self.slide is not None:
             return self.slide
         self.slide = slide_from_layer(layer) if layer is not None else None

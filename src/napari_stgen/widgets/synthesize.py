@@ -844,7 +844,7 @@ class SynthesizeWidget(QWidget):
             return
         for ly in self.viewer.layers:
             kind = ((ly.metadata or {}).get("stgen") or {}).get("kind")
-            if ly.visible and (kind in OVERLAY_KINDS or ly is self.region_layer):
+            if ly.visible and (kind in OVERLAY_KINDS or ly == self.region_layer):
                 ly.visible = False
                 self._hidden_overlays.append(ly)
 
