@@ -131,7 +131,6 @@ def _labels_overlap(fig) -> bool:
 def test_user_journey_across_the_four_widgets(make_napari_viewer, qtbot, tmp_path):
     from qtpy.QtCore import QThreadPool
 
-    from napari_stgen.io.sample import sample_slide_path
     from napari_stgen.widgets import layers as L
     from napari_stgen.widgets.codebook import CODES_LAYER
     from napari_stgen.widgets.state import find_slide_layer
@@ -284,6 +283,7 @@ def test_user_journey_across_the_four_widgets(make_napari_viewer, qtbot, tmp_pat
 
     # 9. Export (the Export widget as the user sees it), then reopen the file
     out = tmp_path / "journey.h5ad"
+    shown_lim = tuple(heat.contrast_limits)  # the export records the gene and scale shown
     ew.path_edit.setText(str(out))
     worker = ew.export()
     assert worker is not None
@@ -301,6 +301,13 @@ def test_user_journey_across_the_four_widgets(make_napari_viewer, qtbot, tmp_pat
     ids = list(pts.features["barcode"])
     rows = [ids.index(t) for t in st.store.tile_ids]
     np.testing.assert_allclose(np.asarray(pts.data)[rows], st.store.centres_um, atol=1e-3)
+    # reopened: coloured by the same gene on the same scale, the scale drawn on the canvas
+    np.testing.assert_allclose(pts.face_contrast_limits, shown_lim, rtol=1e-5)
+    assert pts.face_colormap.name == heat.colormap.name
+    v = pts.features[gene].to_numpy(float)
+    want = pts.face_colormap.map(np.clip((v - shown_lim[0]) / (shown_lim[1] - shown_lim[0]), 0, 1))
+    np.testing.assert_allclose(np.asarray(pts.face_color)[:, :3], want[:, :3], atol=0.02)
+    assert pts.face_colorbar.visible
     assert not errors.seen, errors.seen
 
     # 10. close the viewer: every worker stops, none outlives it

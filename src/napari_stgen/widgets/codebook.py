@@ -44,11 +44,26 @@ N_EXEMPLARS = 8
 THUMB_PX = 96
 N_PROFILE_GENES = 6  # up and down each in the profile chart: 12 readable labels
 NO_CODE = -1  # background of the code map (a tile with no prediction)
+REFRESH_MS = 600  # redraw after the store has been quiet this long (batches stream in)
+
+
+def _warm_matplotlib() -> None:
+    """Import matplotlib's Qt canvas and figure machinery and draw once (fonts, text) with
+    Agg, in the worker: on the UI thread this costs ~1–2 s on a loaded 2-core machine."""
+    import matplotlib.backends.backend_qtagg  # noqa: F401
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2), tight_layout=True)
+    ax = fig.add_subplot(111)
+    ax.bar([0, 1], [1, 2])
+    ax.barh(["a", "b"], [1, -1])
+    ax.set_xlabel("x")
+    FigureCanvasAgg(fig).draw()
 
 
 def _profiles_job(state: Any) -> Any:
-    import matplotlib.backends.backend_qtagg  # noqa: F401 - imported here, off the UI thread
-
+    _warm_matplotlib()
     pred = state.loaded_predictor() or state.predictor()
     return pred, pred.code_profiles()
 
@@ -138,7 +153,7 @@ class CodebookWidget(QWidget):
         self._build_ui()
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
-        self._timer.setInterval(300)
+        self._timer.setInterval(REFRESH_MS)
         self._timer.timeout.connect(self.refresh)
         self.state.store.changed.connect(self._on_store_changed)
         self.state.code_names_changed.connect(self._on_names_changed)
@@ -266,7 +281,8 @@ class CodebookWidget(QWidget):
         self.refresh()
 
     def _on_store_changed(self, *_: Any) -> None:
-        if not self._closed:
+        # throttled, not debounced: one redraw per REFRESH_MS while batches stream in
+        if not self._closed and not self._timer.isActive():
             self._timer.start()
 
     def _on_names_changed(self, names: dict) -> None:
@@ -283,6 +299,10 @@ class CodebookWidget(QWidget):
         store = self.state.store
         if self._closed or self.profiles is None or store.grid is None or not len(store):
             return
+        if self.window().isVisible() and not self.isVisible():  # tabbed away: redraw on show
+            self._stale = True
+            return
+        self._stale = False
         if store.model_checksum != self.predictor.checksum:
             self._load_profiles()  # the store holds another model's predictions
             return
@@ -481,6 +501,11 @@ class CodebookWidget(QWidget):
         if not self._closed:
             self.health_label.setText(msg)
             show_error(msg)
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        super().showEvent(event)
+        if getattr(self, "_stale", False):
+            self._timer.start()
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         self._closed = True

@@ -24,6 +24,7 @@ __all__ = [
     "update_tiles_points",
     "show_tile_markers",
     "show_scale",
+    "shown_display",
     "find_layer",
 ]
 
@@ -69,6 +70,24 @@ def show_scale(layer: Any) -> None:
     overlay = getattr(layer, "name_overlay", None)
     if overlay is not None:
         overlay.visible = True
+
+
+def shown_display(viewer: Any) -> dict | None:
+    """``{gene, contrast_limits, colormap}`` of the top-most visible prediction layer."""
+    for layer in reversed(viewer.layers):
+        md = ((layer.metadata or {}).get("stgen") or {}) if layer.visible else {}
+        if md.get("kind") == "heatmap":
+            lim, cmap = layer.contrast_limits, layer.colormap
+        elif md.get("kind") == "spots" and "gene" in md:
+            lim, cmap = layer.face_contrast_limits, layer.face_colormap
+        else:
+            continue
+        return {
+            "gene": str(md["gene"]),
+            "contrast_limits": [float(v) for v in lim],
+            "colormap": str(cmap.name),
+        }
+    return None
 
 
 def _auto_limits(layer: Any, values: np.ndarray) -> None:

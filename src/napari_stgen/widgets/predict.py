@@ -149,6 +149,15 @@ def _estimate_job(state: Any, slide: Any, model: str):
     return engine.estimate(slide, pred, tiles, grid=grid, cache=default_cache())
 
 
+def _shown_display(viewer: Any) -> dict | None:
+    from napari_stgen.widgets.layers import shown_display
+
+    try:
+        return shown_display(viewer)
+    except RuntimeError:  # the viewer is gone
+        return None
+
+
 class PredictWidget(QWidget):
     """Plugins ▸ napari-stgen ▸ Predict expression."""
 
@@ -180,6 +189,9 @@ class PredictWidget(QWidget):
         tokens = self._tokens = []  # captured by the destroyed hook (no reference to self)
         self.destroyed.connect(lambda *_: [t.cancel() for t in tokens])
         self._refresh_roi_layers()
+        viewer = self.viewer
+        self.state.store.set_display_source(lambda: _shown_display(viewer))
+        self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self._load_model_async()
 
     # ------------------------------------------------------------------ UI
@@ -398,6 +410,15 @@ class PredictWidget(QWidget):
         self.measured_combo.addItems(names)
         if current in names:
             self.measured_combo.setCurrentText(current)
+
+    def _on_layer_inserted(self, event: Any) -> None:
+        """A reopened napari-stgen export: show its gene and colour scale on the canvas."""
+        from napari_stgen.widgets import layers as L
+
+        layer = getattr(event, "value", None)
+        md = getattr(layer, "metadata", None) or {}
+        if md.get("stgen_kind") == "spots" and md.get("stgen_genes"):
+            L.show_scale(layer)
 
     def _on_mode_changed(self, *_: Any) -> None:
         self.roi_combo.setEnabled(self.mode_combo.currentText() == "ROI layer")

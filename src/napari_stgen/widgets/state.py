@@ -46,7 +46,18 @@ class PredictionStore:
         self.model_checksum: str | None = None
         self.model_name: str | None = None
         self.mpp: float | None = None
+        self._display_source: Any = None
         self._alloc(0, 0)
+
+    @property
+    def display(self) -> dict | None:
+        """What the viewer shows of these predictions: ``{gene, contrast_limits, colormap}`` of
+        the top-most visible heatmap (exports record it, so a reopened file looks the same)."""
+        return self._display_source() if self._display_source is not None else None
+
+    def set_display_source(self, source: Any) -> None:
+        """A callable returning :attr:`display` (the Predict widget's layers), or None."""
+        self._display_source = source
 
     def _alloc(self, n_cells: int, n_genes: int, cap: int = 256) -> None:
         self._row_of = np.full(n_cells, -1, dtype=np.int64)
