@@ -171,18 +171,23 @@ def _figure(ad, measured, total, gene: str, path: Path) -> Path:
     # one colour scale for both panels (1st–99th percentile of measured and predicted pooled)
     vmin, vmax = (float(v) for v in np.nanpercentile(np.concatenate([m, p]), [1, 99]))
     unit = "log1p CP10k" if total is not None else "log1p counts"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=100)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4), dpi=100)
     for ax, v, title in (
-        (axes[0], m, f"{gene} measured ({unit})"),
-        (axes[1], p, f"{gene} predicted by GenST ({unit})"),
-    ):
+        (axes[0], m, f"{gene} measured ({unit})\nrange {np.nanmin(m):.2f}–{np.nanmax(m):.2f}"),
+        (axes[1], p, f"{gene} predicted by GenST (log1p CP10k)\n"
+                     f"range {np.nanmin(p):.2f}–{np.nanmax(p):.2f}"),
+    ):  # fmt: skip
         ax.imshow(img)
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=18, cmap="magma", alpha=0.85,
                         vmin=vmin, vmax=vmax)  # fmt: skip
         fig.colorbar(sc, ax=ax, shrink=0.7)
         ax.set_title(title)
         ax.axis("off")
-    fig.tight_layout()
+    note = "one colour scale for both panels"
+    if total is None:
+        note += "; the sample has no library sizes, so measured is log1p of raw counts"
+    fig.text(0.5, 0.02, note, ha="center", fontsize=9, color="dimgray")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
