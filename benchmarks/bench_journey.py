@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             hi = mid
     view(hi)
-    n_tiles = n_view_tiles()
+    planned = engine.plan_region(st.slide, pred, pw.visible_region_um())[1]
+    n_tiles = len(planned)
     h, w = viewer.canvas.size
     first_view = {"canvas_px": [int(w), int(h)], "tiles": n_tiles}
     for label, progressive in (("quick_look", True), ("no_quick_look", False)):
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
 
         def cb(*_, counts=counts, t0=t0) -> None:
-            counts.append((time.perf_counter() - t0, len(st.store)))
+            shown = int((st.store.rows_of(planned) >= 0).sum()) if st.store.grid else 0
+            counts.append((time.perf_counter() - t0, shown))
 
         st.store.changed.connect(cb)
         pw.predict()
