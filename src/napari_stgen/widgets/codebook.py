@@ -41,10 +41,12 @@ from napari_stgen.widgets.state import get_state
 
 CODES_LAYER = "GenST codes"
 N_EXEMPLARS = 8
-THUMB_PX = 96
+THUMB_PX = 96  # read at this size
+SHOWN_THUMB_PX = 64  # drawn at this size: four fit a narrow dock
 N_PROFILE_GENES = 6  # up and down each in the profile chart: 12 readable labels
 NO_CODE = -1  # background of the code map (a tile with no prediction)
-REFRESH_MS = 600  # redraw after the store has been quiet this long (batches stream in)
+MIN_CHART_PX = 180
+REFRESH_MS = 1500  # at most one redraw per this interval while batches stream in
 
 
 def _warm_matplotlib() -> None:
@@ -182,7 +184,9 @@ class CodebookWidget(QWidget):
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(["all predicted tiles", "visible region"])
         self.scope_combo.currentIndexChanged.connect(lambda *_: self._draw_hist())
-        row.addWidget(self.scope_combo)
+        row.addWidget(self.scope_combo, 1)
+        body.addLayout(row)
+        row = QHBoxLayout()
         self.highlight_check = QCheckBox("only selected code")
         self.highlight_check.setChecked(True)
         self.highlight_check.setToolTip("Show only the selected code's tiles on the slide")
@@ -223,7 +227,7 @@ class CodebookWidget(QWidget):
         self.thumb_labels = []
         for i in range(N_EXEMPLARS):
             lab = QLabel()
-            lab.setFixedSize(THUMB_PX, THUMB_PX)
+            lab.setFixedSize(SHOWN_THUMB_PX, SHOWN_THUMB_PX)
             lab.setAlignment(Qt.AlignmentFlag.AlignCenter)
             self.gallery.addWidget(lab, i // 4, i % 4)
             self.thumb_labels.append(lab)
@@ -243,11 +247,13 @@ class CodebookWidget(QWidget):
         self.hist_fig = Figure(figsize=(4, 2.2), tight_layout=True)
         self.hist_canvas = FigureCanvasQTAgg(self.hist_fig)
         self.hist_canvas.setMinimumHeight(170)
+        self.hist_canvas.setMinimumWidth(MIN_CHART_PX)  # shrinks to the dock's width
         self.hist_canvas.mpl_connect("pick_event", self._on_pick)
         self._hist_slot.addWidget(self.hist_canvas)
         self.gene_fig = Figure(figsize=(4, 3.0), tight_layout=True)
         self.gene_canvas = FigureCanvasQTAgg(self.gene_fig)
         self.gene_canvas.setMinimumHeight(260)
+        self.gene_canvas.setMinimumWidth(MIN_CHART_PX)
         self._gene_slot.addWidget(self.gene_canvas)
 
     # ------------------------------------------------------------------ data
@@ -483,7 +489,14 @@ class CodebookWidget(QWidget):
             qimg = QImage(
                 img.data, img.shape[1], img.shape[0], 3 * img.shape[1], QImage.Format.Format_RGB888
             )
-            lab.setPixmap(QPixmap.fromImage(qimg.copy()))
+            lab.setPixmap(
+                QPixmap.fromImage(qimg.copy()).scaled(
+                    SHOWN_THUMB_PX,
+                    SHOWN_THUMB_PX,
+                    Qt.AspectRatioMode.KeepAspectRatio,
+                    Qt.TransformationMode.SmoothTransformation,
+                )
+            )
 
     def _on_name_edited(self) -> None:
         if self.selected is not None:

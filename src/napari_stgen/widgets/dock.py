@@ -8,12 +8,28 @@ past the screen.
 
 from __future__ import annotations
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
 __all__ = ["scrolling_dock", "collapsible", "threads_spin"]
 
 MIN_BODY_PX = 60
+PREFERRED_BODY_PX = 420  # asked for when there is room; the dock may get less (it scrolls)
+
+
+class _VerticalScroll(QScrollArea):
+    """Scrolls vertically only: as wide as its content wants, as tall as the dock allows."""
+
+    def _bar(self) -> int:
+        return self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt API)
+        inner = self.widget().sizeHint() if self.widget() is not None else QSize(0, 0)
+        return QSize(inner.width() + self._bar(), min(inner.height(), PREFERRED_BODY_PX))
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt API)
+        inner = self.widget().minimumSizeHint() if self.widget() is not None else QSize(0, 0)
+        return QSize(inner.width() + self._bar(), MIN_BODY_PX)
 
 
 def scrolling_dock(widget: QWidget) -> tuple[QVBoxLayout, QVBoxLayout]:
@@ -21,7 +37,7 @@ def scrolling_dock(widget: QWidget) -> tuple[QVBoxLayout, QVBoxLayout]:
     outer = QVBoxLayout(widget)
     outer.setContentsMargins(2, 2, 2, 2)
     outer.setSpacing(4)
-    scroll = QScrollArea()
+    scroll = _VerticalScroll()
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
     scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
