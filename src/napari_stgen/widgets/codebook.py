@@ -166,7 +166,9 @@ class CodebookWidget(QWidget):
                 (self.state.code_names_changed, self._on_names_changed),
             ],
         )
-        self._load_profiles()
+        self._loading = False
+        if len(self.state.store):  # else on the first predictions: opening stays light
+            self._load_profiles()
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -267,7 +269,9 @@ class CodebookWidget(QWidget):
     def _load_profiles(self) -> None:
         from napari.qt.threading import thread_worker
 
+        self._loading = True
         worker = thread_worker(_profiles_job, start_thread=False)(self.state)
+        worker.finished.connect(lambda: setattr(self, "_loading", False))
         worker.returned.connect(self._on_profiles)
         worker.errored.connect(lambda e: self._notify(f"cannot load the model: {e}"))
         self._start(worker)
@@ -288,7 +292,11 @@ class CodebookWidget(QWidget):
 
     def _on_store_changed(self, *_: Any) -> None:
         # throttled, not debounced: one redraw per REFRESH_MS while batches stream in
-        if not self._closed and not self._timer.isActive():
+        if self._closed:
+            return
+        if self.profiles is None and self.predictor is None and not self._loading:
+            self._load_profiles()  # the first predictions: now fetch the code profiles
+        elif not self._timer.isActive():
             self._timer.start()
 
     def _on_names_changed(self, names: dict) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 
-__all__ = ["scrolling_dock", "collapsible", "threads_spin"]
+__all__ = ["scrolling_dock", "collapsible", "shrinkable", "threads_spin"]
 
 MIN_BODY_PX = 60
 PREFERRED_BODY_PX = 420  # asked for when there is room; the dock may get less (it scrolls)
@@ -40,7 +40,7 @@ def scrolling_dock(widget: QWidget) -> tuple[QVBoxLayout, QVBoxLayout]:
     scroll = _VerticalScroll()
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
-    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
     scroll.setMinimumHeight(MIN_BODY_PX)
     scroll.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
     body = QWidget()
@@ -53,6 +53,15 @@ def scrolling_dock(widget: QWidget) -> tuple[QVBoxLayout, QVBoxLayout]:
     outer.addLayout(footer)
     widget.scroll_area = scroll  # tests and screenshots scroll it
     return body_lay, footer
+
+
+def shrinkable(combo: QWidget, chars: int = 10) -> QWidget:
+    """Let a combo box shrink to ``chars`` characters (long layer names never widen a dock)."""
+    from qtpy.QtWidgets import QComboBox
+
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
+    return combo
 
 
 def collapsible(title: str, layout_items: QWidget | None = None, expanded: bool = False):

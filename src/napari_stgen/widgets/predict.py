@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stgen.widgets.close_watcher import CloseWatcher
-from napari_stgen.widgets.dock import collapsible, scrolling_dock, threads_spin
+from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, threads_spin
 from napari_stgen.widgets.gene_search import gene_search_edit
 from napari_stgen.widgets.jobs import JobProgress
 from napari_stgen.widgets.slide_picker import SlidePicker
@@ -139,6 +139,30 @@ def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_siz
         return
 
 
+def _panel_job(state: Any, model: str) -> Any:
+    """The model's gene panel and kind from its card's JSON sidecar (no torch: opening the
+    widget stays light); the loaded predictor when there is no sidecar or it is loaded."""
+    from types import SimpleNamespace
+
+    from napari_stgen.models.checkpoint import resolve_checkpoint, sidecar_path
+
+    loaded = state.cached_predictor(model)
+    if loaded is not None:
+        return loaded
+    for kind in ("genst", "histotx"):
+        try:
+            side = sidecar_path(resolve_checkpoint(model, kind))
+        except Exception:  # noqa: BLE001 - not this kind / not found: try the next
+            continue
+        if side.is_file():
+            card = json.loads(side.read_text())
+            if "genes" in card:
+                return SimpleNamespace(
+                    genes=list(card["genes"]), kind=str(card.get("kind", kind)), device=None
+                )
+    return state.predictor(model)
+
+
 def _estimate_job(state: Any, slide: Any, model: str):
     from napari_stgen.inference import engine
     from napari_stgen.inference.cache import default_cache
@@ -233,7 +257,7 @@ class PredictWidget(QWidget):
         self.mode_combo.addItems(MODES)
         self.mode_combo.currentIndexChanged.connect(self._on_mode_changed)
         form.addRow("Region", self.mode_combo)
-        self.roi_combo = QComboBox()
+        self.roi_combo = shrinkable(QComboBox())
         self.roi_combo.setEnabled(False)
         form.addRow("ROI layer", self.roi_combo)
         self.live_check = QCheckBox("Follow the view (live)")
@@ -251,7 +275,7 @@ class PredictWidget(QWidget):
             "in place with the model's full prediction"
         )
         form.addRow(self.progressive_check)
-        self.measured_combo = QComboBox()
+        self.measured_combo = shrinkable(QComboBox())
         self.measured_combo.setToolTip(
             "HistoTx: measured spots (a Points layer, e.g. opened from an .h5ad) to condition on"
         )
@@ -357,14 +381,12 @@ class PredictWidget(QWidget):
 
         name = self.model_combo.currentData() or "default"
         self.state.set_model(name)
-        worker = thread_worker(self.state.predictor, start_thread=False)(name)
+        worker = thread_worker(_panel_job, start_thread=False)(self.state, name)
         worker.returned.connect(self._on_model_loaded)
         worker.errored.connect(self._on_model_error)
         self._start(worker)
 
     def _on_model_loaded(self, pred: Any) -> None:
-        from napari_stgen.inference.device import describe_device
-
         if self._closed:
             return
         self._panel = list(pred.genes)
@@ -372,9 +394,18 @@ class PredictWidget(QWidget):
         is_histotx = getattr(pred, "kind", "genst") == "histotx"
         self.measured_combo.setEnabled(is_histotx)
         self.image_only_check.setEnabled(is_histotx)
-        self.device_label.setText(f"{describe_device(pred.device)} · {len(self._panel)} genes")
+        self._show_device(pred)
         if not self.genes and self._panel:
             self.add_gene("ERBB2" if "ERBB2" in self._panel else self._panel[0])
+
+    def _show_device(self, pred: Any) -> None:
+        from napari_stgen.inference.device import describe_device
+
+        n = len(pred.genes)
+        if getattr(pred, "device", None) is None:  # only the card read: loads on first use
+            self.device_label.setText(f"loads on first Predict · {n} genes")
+        else:
+            self.device_label.setText(f"{describe_device(pred.device)} · {n} genes")
 
     def _on_model_error(self, exc: BaseException) -> None:
         if self._closed:
@@ -548,6 +579,7 @@ class PredictWidget(QWidget):
             return
         if msg[0] == "plan":
             _, pred, grid, n = msg
+            self._show_device(pred)
             self.state.store.ensure(self.state.slide, pred, grid)
             self._done = 0
             self.status_label.setText(

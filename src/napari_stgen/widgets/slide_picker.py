@@ -12,6 +12,7 @@ from typing import Any
 from qtpy.QtWidgets import QComboBox
 
 from napari_stgen.widgets.close_watcher import disconnect_on_destroyed
+from napari_stgen.widgets.dock import shrinkable
 from napari_stgen.widgets.state import find_slide_layer, slide_layers
 
 NO_SLIDE = "(open a slide: File ▸ Open)"
@@ -22,6 +23,7 @@ class SlidePicker(QComboBox):
 
     def __init__(self, viewer: Any, state: Any) -> None:
         super().__init__()
+        shrinkable(self)
         self.viewer = viewer
         self.state = state
         self.setToolTip(

@@ -279,6 +279,11 @@ class StgenState:
                 self._predictors.setdefault(pred.name, pred)  # also by card name
             return pred
 
+    def cached_predictor(self, name: str | None = None) -> Any:
+        """The predictor for ``name`` if it is already loaded (no loading), else None."""
+        with self._lock:
+            return self._predictors.get(name or self.model_name)
+
     def loaded_predictor(self) -> Any:
         """The already-loaded predictor whose results are in the store (or None; no loading)."""
         with self._lock:

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stgen.widgets.close_watcher import CloseWatcher
-from napari_stgen.widgets.dock import collapsible, scrolling_dock, threads_spin
+from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, threads_spin
 from napari_stgen.widgets.gene_search import gene_search_edit
 from napari_stgen.widgets.jobs import JobProgress
 from napari_stgen.widgets.slide_picker import SlidePicker
@@ -125,6 +125,7 @@ class _GeneRow:
         self.slider.setEnabled(False)
         self.info = QLabel("–")
         self.info.setStyleSheet("color: gray; font-size: 10px")
+        self.info.setWordWrap(True)  # never widens the dock
         self.predicted: float | None = None
         self.observed: tuple[float, float] = (0.0, 1.0)
         self.remove = QToolButton()
@@ -251,7 +252,7 @@ class SynthesizeWidget(QWidget):
         self.model_combo.currentTextChanged.connect(self._on_model_changed)
         form.addRow("Generator", self.model_combo)
         reg = QHBoxLayout()
-        self.region_combo = QComboBox()
+        self.region_combo = shrinkable(QComboBox())
         self.region_combo.setToolTip("Shapes layer (rectangle) or Points layer (one tile)")
         self.region_combo.currentIndexChanged.connect(self._on_region_layer_picked)
         self.draw_btn = QPushButton("Draw region")
