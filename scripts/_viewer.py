@@ -9,25 +9,24 @@ from typing import Any
 
 
 def sample_viewer(
-    widget: str, size: tuple[int, int], threads: int = 2, genst: str | None = None
+    widget: str, size: tuple[int, int], threads: int | None = None, genst: str | None = None
 ) -> tuple[Any, Any, Any, Callable[[float], None]]:
     """(viewer, dock, its widget, pump) with the bundled sample slide opened by the plugin reader.
 
+    ``threads``: torch CPU threads of the widgets (None: the policy, usable cores − 1).
     ``genst`` chooses the GenST model in the shared widget state before the widget is added.
     """
     import napari
-    import torch
     from qtpy.QtWidgets import QApplication
 
     from napari_stgen.io.sample import sample_slide_path
+    from napari_stgen.widgets.state import get_state
 
-    torch.set_num_threads(threads)
     viewer = napari.Viewer(show=True)
     viewer.window.resize(*size)
     viewer.open(str(sample_slide_path()), plugin="napari-stgen")
+    get_state(viewer).set_threads(threads)
     if genst is not None:
-        from napari_stgen.widgets.state import get_state
-
         get_state(viewer).set_model(genst)
     dock, w = viewer.window.add_plugin_dock_widget("napari-stgen", widget)
     app = QApplication.instance()

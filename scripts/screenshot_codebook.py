@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     pump(0.5)
     pw.predict()
     wait(pw)
+    heat = viewer.layers[f"{pw.genes[0]} (predicted)"]
     for ly in list(viewer.layers)[1:]:
         ly.visible = False
 
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     print("wrote", args.out / "codebook_map.png")
     used = [k for k in np.flatnonzero(counts >= 20) if k != k1]
     k2 = int(used[np.argmax([np.abs(contrast[k]).max() for k in used])])
+    heat.visible = True  # the selected code's tiles are drawn above the heatmap
     cw.highlight_check.setChecked(True)  # only this code's tiles
     cw.select_code(k2)
     wait(cw)

@@ -51,8 +51,7 @@ def main(argv=None) -> int:
     pump(0.5)
     w.predict()
     wait_idle()
-    tiles_layer = viewer.layers["stgen tiles"]
-    tiles_layer.visible = False
+    # the hover layer over the tiles stays on: it draws nothing (no tile-centre rings)
 
     def shot(name: str) -> None:
         pump(1.0)
@@ -98,7 +97,6 @@ def main(argv=None) -> int:
     w.roi_combo.setCurrentText("ROI")
     w.predict()
     wait_idle()
-    viewer.layers["stgen tiles"].visible = False
     viewer.layers.selection.active = viewer.layers["ROI"]
     shot("predict_roi.png")
     viewer.close()

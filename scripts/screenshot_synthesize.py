@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     res = engine.collect(engine.predict_tiles(slide, pred, tissue, grid=grid))
     st.store.ensure(slide, pred, grid)
     st.store.add_result(res)
+    from napari_stgen.widgets import layers as L
+
+    L.update_heatmap(viewer, st.store, args.gene, opacity=0.45)  # an overlay "before" hides
     gi = pred.genes.index(args.gene)
     # interior tissue only: every cell within 2 cells is tissue too
     cells = {(int(a), int(b)) for a, b in tissue}

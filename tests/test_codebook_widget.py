@@ -43,7 +43,8 @@ def test_codebook_after_prediction_and_names_in_export(
     assert tuple(layer.scale) == grid.scale and np.allclose(layer.translate, grid.translate)
     # same codes as the library on the same tiles (direct engine run, no cache)
     direct = engine.collect(engine.predict_tiles(slide, pred, st.store.tiles, grid=grid))
-    np.testing.assert_array_equal(layer.data, cb.code_map(grid, direct.tiles, direct.code))
+    # the label is the code itself (background -1): hovering a tile reads its code
+    np.testing.assert_array_equal(layer.data, cb.code_map(grid, direct.tiles, direct.code) - 1)
     np.testing.assert_array_equal(w.usage(), cb.usage_counts(direct.code, pred.n_codes))
 
     # select a code: its gene profile's top gene matches the library computation
@@ -54,12 +55,12 @@ def test_codebook_after_prediction_and_names_in_export(
     assert w.current_summary.up[0][0] == top
     ax = w.gene_fig.axes[0]
     assert top in [t.get_text() for t in ax.get_yticklabels()]
-    assert layer.selected_label == k + 1 and layer.show_selected_label
+    assert layer.selected_label == k and layer.show_selected_label
     qtbot.waitUntil(lambda: w.thumbnails is not None, timeout=TIMEOUT)
     assert w.thumbnails.shape[0] == min(8, int((direct.code == k).sum()))
     # clicking a tile of another code on the slide selects that code
     other = int(direct.code[direct.code != k][0]) if (direct.code != k).any() else k
-    layer.selected_label = other + 1
+    layer.selected_label = other
     assert w.selected == other
 
     # names travel with exports (through the Export widget)

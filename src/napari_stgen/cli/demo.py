@@ -4,13 +4,21 @@ Predicts expression at the sample's measured spots and on a tissue grid (GenST),
 .h5ad, compares predictions with the measured counts, draws a figure, and, when the STMDiT
 checkpoint is present, generates a tile at the spot with the highest predicted ERBB2 twice: as
 predicted and with ERBB2 raised.
+
+Honest by construction: stdout carries only the JSON summary (progress goes to stderr); the
+summary says when the sample is one of the default model's training sections and prints the
+model card's held-out (leave-one-section-out) figures beside the in-sample ones; the figure
+draws measured and predicted on one colour scale; the grid covers the tissue under the spots.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+SAMPLE_SECTION = "C3"  # the bundled sample is HER2ST section C3
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     pred = load_genst("default")
     if args.gene not in pred.genes:
         raise StgenError(f"gene {args.gene!r} is not in the default model's panel")
-    print(f"model: {pred.name} ({len(pred.genes)} genes, {pred.mpp} µm/px, device {pred.device})")
+    print(
+        f"model: {pred.name} ({len(pred.genes)} genes, {pred.mpp} µm/px, device {pred.device})",
+        file=sys.stderr,
+    )
     spots_h5 = predict_slide(
         slide_path,
         out / "sample_spots.h5ad",
@@ -58,10 +69,15 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         predictor=pred,
     )
-    grid_h5 = predict_slide(
-        slide_path, out / "sample_grid.h5ad", grid=True, overwrite=args.overwrite, predictor=pred
-    )
     ad = read_h5ad(spots_h5)
+    grid_h5 = predict_slide(
+        slide_path,
+        out / "sample_grid.h5ad",
+        grid=True,
+        overwrite=args.overwrite,
+        predictor=pred,
+        region_um=_tissue_box_um(ad),
+    )
     measured = read_spots(spots_path).set_index("barcode").loc[ad.obs_names]
     counts_genes = [g for g in measured.columns if g not in ("x", "y") and g in pred.genes]
     # measured counts are raw; compare with the model's normalization (log1p CP10k of the panel
@@ -77,11 +93,14 @@ def run(args: argparse.Namespace) -> int:
         "spots_h5ad": str(spots_h5),
         "grid_h5ad": str(grid_h5),
         "n_spots": int(ad.n_obs),
+        **_role(pred.card, SAMPLE_SECTION),
         "pearson_vs_measured": {
             "mean": float(np.nanmean(list(r.values()))) if r else None,
             "n_genes": len(r),
             args.gene: r.get(args.gene),
+            "note": "in-sample when the sample is a training section (see sample_role)",
         },
+        "held_out_pearson_from_card": _held_out(pred.card, SAMPLE_SECTION),
     }
     fig_path = out / f"sample_{args.gene}.png"
     summary["figure"] = str(_figure(ad, measured, total, args.gene, fig_path))
@@ -91,6 +110,48 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(text)
     print(text)
     return 0
+
+
+def _tissue_box_um(ad) -> list[float]:
+    """World (x0, y0, x1, y1) µm around the measured spots (the tissue section), one spot
+    pitch of margin: the grid is predicted on the tissue, not on background smudges."""
+    import numpy as np
+
+    from ..io.anndata import h5ad_mpp
+
+    mpp = h5ad_mpp(ad)[0]
+    xy = np.asarray(ad.obsm["spatial"], dtype=np.float64)[:, :2] * mpp
+    d = np.sort(np.linalg.norm(xy[:, None] - xy[None, :50], axis=-1), axis=0)[1]
+    m = float(np.median(d))
+    (x0, y0), (x1, y1) = xy.min(0) - m, xy.max(0) + m
+    return [float(x0), float(y0), float(x1), float(y1)]
+
+
+def _role(card: dict, section: str) -> dict:
+    """The sample's role for the model: a training section or held out."""
+    trained = [str(s) for s in (card.get("data", {}) or {}).get("sections", [])]
+    if section in trained:
+        return {
+            "sample_section": section,
+            "sample_role": "training section of the default model",
+            "model_training_sections": trained,
+        }
+    return {"sample_section": section, "sample_role": "not seen in training"}
+
+
+def _held_out(card: dict, section: str) -> dict | None:
+    """The card's leave-one-section-out Pearson: this section held out, and the fold mean."""
+    ev = card.get("evaluation") or {}
+    per = ev.get("per_fold") or {}
+    mean = ev.get("mean") or {}
+    if not per:
+        return None
+    return {
+        "protocol": ev.get("protocol", "leave-one-section-out"),
+        f"{section}_held_out": (per.get(section) or {}).get("genst"),
+        "mean_over_folds": mean.get("genst"),
+        "folds": sorted(per),
+    }
 
 
 def _figure(ad, measured, total, gene: str, path: Path) -> Path:
@@ -106,17 +167,27 @@ def _figure(ad, measured, total, gene: str, path: Path) -> Path:
     xy = np.asarray(ad.obsm["spatial"]) * sf
     m = measured[gene].to_numpy(float)
     m = np.log1p(m / total.to_numpy(float) * 1e4) if total is not None else np.log1p(m)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=100)
+    p = np.asarray(ad[:, gene].X).ravel()
+    # one colour scale for both panels (1st–99th percentile of measured and predicted pooled)
+    vmin, vmax = (float(v) for v in np.nanpercentile(np.concatenate([m, p]), [1, 99]))
+    unit = "log1p CP10k" if total is not None else "log1p counts"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4), dpi=100)
     for ax, v, title in (
-        (axes[0], m, f"{gene} measured ({'log1p CP10k' if total is not None else 'log1p counts'})"),
-        (axes[1], ad[:, gene].X.ravel(), f"{gene} predicted by GenST"),
-    ):
+        (axes[0], m, f"{gene} measured ({unit})\nrange {np.nanmin(m):.2f}–{np.nanmax(m):.2f}"),
+        (axes[1], p, f"{gene} predicted by GenST (log1p CP10k)\n"
+                     f"range {np.nanmin(p):.2f}–{np.nanmax(p):.2f}"),
+    ):  # fmt: skip
         ax.imshow(img)
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=18, cmap="magma", alpha=0.85)
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=18, cmap="magma", alpha=0.85,
+                        vmin=vmin, vmax=vmax)  # fmt: skip
         fig.colorbar(sc, ax=ax, shrink=0.7)
         ax.set_title(title)
         ax.axis("off")
-    fig.tight_layout()
+    note = "one colour scale for both panels"
+    if total is None:
+        note += "; the sample has no library sizes, so measured is log1p of raw counts"
+    fig.text(0.5, 0.02, note, ha="center", fontsize=9, color="dimgray")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -65,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stopping",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores-1)")
     p.set_defaults(func=run)
 
 
@@ -74,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print("stgen: error: --batch-size must be >= 1", file=sys.stderr)
         return 2
+    from ..inference.device import set_threads
+
+    set_threads(args.threads)
     bar = None
 
     def progress(done: int, total: int) -> None:

@@ -1,6 +1,13 @@
-"""Compute device selection: cuda > mps > cpu (torch imported lazily)."""
+"""Compute device selection (cuda > mps > cpu) and the CPU thread policy (torch lazily).
+
+Thread policy: inference uses ``usable cores − 1`` torch threads (at least 1), leaving a
+core to the GUI (Qt, vispy, slide decoding); :func:`set_threads` applies it or an explicit
+count (widgets' "CPU threads" box, ``stgen predict --threads``).
+"""
 
 from __future__ import annotations
+
+import os
 
 from napari_stgen.errors import StgenError
 
@@ -37,3 +44,30 @@ def describe_device(device: str) -> str:
     if str(device) == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return str(device)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """The policy's torch thread count: usable cores − 1, at least 1."""
+    return max(1, usable_cores() - 1)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads to ``threads`` (None or < 1: the policy default).
+
+    Call it in the thread that runs inference (torch applies the count per calling thread
+    for OpenMP). Returns the count set.
+    """
+    import torch
+
+    n = int(threads) if threads is not None and int(threads) >= 1 else default_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -76,7 +76,9 @@ class PartialResult:
     ``total`` count tiles over the whole request; ``cached`` how many came from the cache.
     ``final``: the request's last result from a model with a spatial context head: every
     tile of the request, each predicted from its window of the request's tiles; it supersedes
-    the tile-by-tile values of the earlier results.
+    the tile-by-tile values of the earlier results. ``draft``: a quick-look value from the
+    fast pass of a progressive request (no test-time augmentation, tile by tile), superseded
+    by the full-quality result of the same tiles later in the same request.
     """
 
     grid: Grid
@@ -88,6 +90,7 @@ class PartialResult:
     total: int
     cached: int = 0
     final: bool = False
+    draft: bool = False
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -104,6 +107,7 @@ class Estimate:
 
 
 _throughput: dict[str, float] = {}  # model checksum + device -> measured tiles/s
+PROGRESSIVE_MAX_TILES = 1024  # a progressive request keeps its patches for the second pass
 
 
 def _tp_key(predictor: Any) -> str:
@@ -158,6 +162,7 @@ def predict_tiles(
     cache: TileCache | None = None,
     centre_um: Sequence[float] | None = None,
     block: int = 24,
+    progressive: bool = False,
 ) -> Iterator[PartialResult]:
     """Predict the given grid cells batch by batch.
 
@@ -166,7 +171,12 @@ def predict_tiles(
     ``centre_um`` (y, x) if given (cells too, so results grow from the centre), and
     predicted ``batch_size`` at a time (the first batch smaller, for a quick first view). A
     model with a spatial context head yields each batch tile by tile, then one ``final``
-    result for all cells, each seen in its window of the request's cells. Raises
+    result for all cells, each seen in its window of the request's cells.
+
+    ``progressive`` (a model with test-time augmentation, at most
+    ``PROGRESSIVE_MAX_TILES`` uncached cells): first a fast pass without TTA yields
+    ``draft`` results for every cell, then the full pass yields the model's values for the
+    same cells (the patches are read once). Drafts are not cached. Raises
     :class:`Cancelled` at the first check after ``cancel`` is set.
     """
     grid = grid or slide_grid(slide, tile_um_of(predictor))
@@ -211,30 +221,37 @@ def predict_tiles(
         c = np.asarray(centre_um, dtype=np.float64)
         dist = [((tile_centres_um(grid, b).mean(0) - c) ** 2).sum() for b in blocks]
         blocks = [blocks[i] for i in np.argsort(dist, kind="stable")]
-    for btiles in blocks:
-        cancel.check()
-        btiles = _centre_out(grid, btiles, centre_um)
-        patches = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
-        s = 0
-        while s < len(btiles):
+    ordered = [_centre_out(grid, b, centre_um) for b in blocks]
+    read = {}  # block index -> patches, kept between the passes of a progressive request
+    two_pass = progressive and int(getattr(predictor, "tta", 1)) > 1
+    two_pass = two_pass and 0 < len(tiles) <= PROGRESSIVE_MAX_TILES
+    if two_pass:
+        n_draft = done
+        for i, btiles in enumerate(ordered):
             cancel.check()
-            # the very first batch is small so the first results show quickly
-            n = batch_size if done > 0 else min(batch_size, max(8, batch_size // 4))
-            t0 = time.perf_counter()
-            bt = btiles[s : s + n]
-            if ctx:
-                out = predictor.predict(patches[s : s + n], tokens=True)
-            else:
-                out = predictor.predict(patches[s : s + n])
-            s += n
-            dt = time.perf_counter() - t0
+            read[i] = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
+            for bt, out in _batches(predictor, btiles, read[i], batch_size, n_draft, cancel,
+                                    tta=1):  # fmt: skip
+                n_draft += len(bt)
+                yield PartialResult(
+                    grid,
+                    bt,
+                    tile_centres_um(grid, bt),
+                    np.asarray(out.expr, dtype=np.float32),
+                    np.asarray(out.code, dtype=np.int64),
+                    n_draft,
+                    total,
+                    draft=True,
+                )
+    for i, btiles in enumerate(ordered):
+        cancel.check()
+        patches = read.pop(i, None)
+        if patches is None:
+            patches = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
+        for bt, out in _batches(predictor, btiles, patches, batch_size, done, cancel,
+                                tokens=ctx, rate=True):  # fmt: skip
             expr = np.asarray(out.expr, dtype=np.float32)
             code = np.asarray(out.code, dtype=np.int64)
-            if dt > 0 and len(bt) >= 8:
-                k = _tp_key(predictor)
-                prev = _throughput.get(k)
-                rate = len(bt) / dt
-                _throughput[k] = rate if prev is None else 0.7 * prev + 0.3 * rate
             rows = expr
             if ctx:
                 tok["tiles"].append(bt)
@@ -257,6 +274,40 @@ def predict_tiles(
         yield PartialResult(
             grid, at, yx, out.expr, out.code, total, total, cached=n_cached, final=True
         )
+
+
+def _batches(
+    predictor: Any,
+    btiles: np.ndarray,
+    patches: np.ndarray,
+    batch_size: int,
+    done: int,
+    cancel: CancelToken,
+    tta: int | None = None,
+    tokens: bool = False,
+    rate: bool = False,
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """(cells, prediction) per model batch of one block; the request's very first batch is
+    small so the first results show quickly. ``rate`` records the measured tiles/s."""
+    s = 0
+    while s < len(btiles):
+        cancel.check()
+        n = batch_size if done > 0 else min(batch_size, max(8, batch_size // 4))
+        t0 = time.perf_counter()
+        bt = btiles[s : s + n]
+        kw: dict[str, Any] = {"tokens": True} if tokens else {}
+        if tta is not None:
+            kw["tta"] = tta
+        out = predictor.predict(patches[s : s + n], **kw)
+        s += n
+        done += len(bt)
+        dt = time.perf_counter() - t0
+        if rate and dt > 0 and len(bt) >= 8:
+            k = _tp_key(predictor)
+            prev = _throughput.get(k)
+            r = len(bt) / dt
+            _throughput[k] = r if prev is None else 0.7 * prev + 0.3 * r
+        yield bt, out
 
 
 def plan_region(
@@ -389,8 +440,8 @@ def estimate(
 
 def collect(results: Iterator[PartialResult]) -> PartialResult | None:
     """Run a prediction generator to the end and concatenate its batches (or return its
-    ``final`` result, which covers every tile)."""
-    parts = list(results)
+    ``final`` result, which covers every tile); ``draft`` results are dropped."""
+    parts = [p for p in results if not p.draft]
     if not parts:
         return None
     if parts[-1].final:

@@ -768,9 +768,16 @@ def _layers(
         },
     }
     if genes and len(adata):
-        pkw["face_color"] = genes[0]
-        pkw["face_colormap"] = "viridis"
-        pkw["face_contrast_limits"] = robust_limits(xmat[:, 0])
+        disp = st.get("display") if isinstance(st.get("display"), dict) else {}
+        show = str(disp["gene"]) if disp.get("gene") in genes else genes[0]  # as exported
+        lim = disp.get("contrast_limits") if show == disp.get("gene") else None
+        pkw["face_color"] = show
+        pkw["face_colormap"] = str(disp.get("colormap") or "viridis")
+        pkw["face_contrast_limits"] = (
+            tuple(float(v) for v in lim)
+            if lim is not None
+            else robust_limits(xmat[:, genes.index(show)])
+        )
 
     grid = st.get("grid")
     if grid and "genst_code" in adata.obs and {"grid_row", "grid_col"} <= set(adata.obs):

@@ -284,7 +284,8 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
                 uns_base.setdefault("normalization", str(st["source"]))
             size = np.asarray(meta.get("size", 10.0), dtype=np.float64)
             diam.append(float(np.median(size)) * float(_vec2(meta.get("scale"), 1.0)[-1]))
-        for k in ("model", "slide", "region_um", "grid", "code_names", "obs_kind", "normalization"):
+        keys = ("model", "slide", "region_um", "grid", "code_names", "obs_kind", "normalization")
+        for k in (*keys, "display"):
             if k in st and k not in uns_base:
                 uns_base[k] = st[k]
 
@@ -346,7 +347,7 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
     rois = _shape_rois(layers)
     images = _slide_images(slide_layer, mpp) if slide_layer is not None else None
     slide_md = _meta(slide_layer[1]) if slide_layer is not None else {}
-    extra: dict[str, Any] = {k: v for k, v in uns_base.items() if k in ("grid",)}
+    extra: dict[str, Any] = {k: v for k, v in uns_base.items() if k in ("grid", "display")}
     extra["mpp_source"] = mpp_src
     if np.any(origin != 0):
         extra["origin_yx_um"] = origin
@@ -445,6 +446,8 @@ def store_layer_data(store: Any, code_names: dict | None = None, model: Any = No
     if code_names:
         ks = sorted(int(k) for k in code_names)
         st["code_names"] = {"code": ks, "name": [str(code_names[k]) for k in ks]}
+    if getattr(store, "display", None):  # the gene and colour scale shown: same on reopening
+        st["display"] = dict(store.display)
     meta = {
         "name": "predicted tiles",
         "features": feats,

@@ -18,3 +18,17 @@ class CloseWatcher(QObject):
         if event.type() == QEvent.Type.Close:
             self._callback()
         return False
+
+
+def disconnect_on_destroyed(obj: QObject, pairs: list[tuple[object, Callable]]) -> None:
+    """Disconnect each (signal, slot) of ``pairs`` when ``obj`` is destroyed (the hook holds
+    the signals and slots, not ``obj``)."""
+
+    def _disc(*_: object) -> None:
+        for sig, slot in pairs:
+            try:
+                sig.disconnect(slot)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    obj.destroyed.connect(_disc)

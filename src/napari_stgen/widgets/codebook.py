@@ -4,8 +4,11 @@ Reads the viewer's prediction store (filled by the Predict widget; never re-runs
 on stored tiles) and shows: a Labels layer of code indices in µm with a stable colour per
 code, a usage histogram (all predicted tiles or the visible region), and for the selected
 code its decoded gene profile against the slide mean, exemplar tiles read lazily from the
-slide, and its tiles highlighted (``show_selected_label``). Codes can be named; names live
-in the shared state, so exports carry them.
+slide, and its tiles highlighted (``show_selected_label``, raised above the heatmaps). The
+code map's label is the code itself (background -1), so hovering a tile reads its code; a
+legend lists the codes on the slide with their colours and names. Codes can be named; names
+live in the shared state, so exports carry them. Opening the widget does no heavy work on the
+UI thread: matplotlib and the model's code profiles load in a worker.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtGui import QImage, QPixmap
+from qtpy.QtGui import QColor, QImage, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -22,6 +25,8 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QListWidget,
+    QListWidgetItem,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -29,14 +34,38 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stgen.inference import codebook as cb
+from napari_stgen.widgets.close_watcher import disconnect_on_destroyed
+from napari_stgen.widgets.dock import scrolling_dock
+from napari_stgen.widgets.slide_picker import SlidePicker
 from napari_stgen.widgets.state import get_state
 
 CODES_LAYER = "GenST codes"
 N_EXEMPLARS = 8
-THUMB_PX = 96
+THUMB_PX = 96  # read at this size
+SHOWN_THUMB_PX = 64  # drawn at this size: four fit a narrow dock
+N_PROFILE_GENES = 6  # up and down each in the profile chart: 12 readable labels
+NO_CODE = -1  # background of the code map (a tile with no prediction)
+MIN_CHART_PX = 180
+REFRESH_MS = 1500  # at most one redraw per this interval while batches stream in
+
+
+def _warm_matplotlib() -> None:
+    """Import matplotlib's Qt canvas and figure machinery and draw once (fonts, text) with
+    Agg, in the worker: on the UI thread this costs ~1–2 s on a loaded 2-core machine."""
+    import matplotlib.backends.backend_qtagg  # noqa: F401
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2), tight_layout=True)
+    ax = fig.add_subplot(111)
+    ax.bar([0, 1], [1, 2])
+    ax.barh(["a", "b"], [1, -1])
+    ax.set_xlabel("x")
+    FigureCanvasAgg(fig).draw()
 
 
 def _profiles_job(state: Any) -> Any:
+    _warm_matplotlib()
     pred = state.loaded_predictor() or state.predictor()
     return pred, pred.code_profiles()
 
@@ -47,12 +76,19 @@ def _thumbs_job(slide: Any, grid: Any, tiles: np.ndarray, code: int) -> tuple[in
     return code, read_tiles(slide, grid, tiles, THUMB_PX)
 
 
+def code_labels(grid: Any, tiles: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """Code map whose label *is* the code: :func:`~napari_stgen.inference.codebook.code_map`
+    shifted by one, ``NO_CODE`` (-1) where nothing was predicted."""
+    return cb.code_map(grid, tiles, code) - 1
+
+
 def update_codes_layer(viewer: Any, state: Any, n_codes: int) -> Any:
-    """Create/update the Labels layer of code indices (label = code + 1) over the slide grid."""
+    """Create/update the Labels layer of code indices (label = code, background -1) over the
+    slide grid."""
     from napari.utils.colormaps import DirectLabelColormap
 
     store = state.store
-    data = cb.code_map(store.grid, store.tiles, store.code)
+    data = code_labels(store.grid, store.tiles, store.code)
     if CODES_LAYER in viewer.layers:
         layer = viewer.layers[CODES_LAYER]
         if layer.data.shape == data.shape:
@@ -62,7 +98,10 @@ def update_codes_layer(viewer: Any, state: Any, n_codes: int) -> Any:
             layer.data = data
         layer.scale, layer.translate = store.grid.scale, store.grid.translate
     else:
-        cmap = DirectLabelColormap(color_dict={**cb.code_colors(n_codes), None: (0, 0, 0, 0)})
+        colors = {k - 1: c for k, c in cb.code_colors(n_codes).items()}  # label = code
+        cmap = DirectLabelColormap(
+            color_dict={**colors, None: (0, 0, 0, 0)}, background_value=NO_CODE
+        )
         layer = viewer.add_labels(
             data,
             name=CODES_LAYER,
@@ -71,7 +110,7 @@ def update_codes_layer(viewer: Any, state: Any, n_codes: int) -> Any:
             opacity=0.55,
             colormap=cmap,
             units=("um", "um"),
-            metadata={"stgen": {"kind": "codes"}},
+            metadata={"stgen": {"kind": "codes"}, "stgen_code_offset": 0},
         )
     layer.features = _code_features(state, n_codes)
     return layer
@@ -82,8 +121,22 @@ def _code_features(state: Any, n_codes: int) -> Any:
 
     names = [state.code_names.get(k, "") for k in range(n_codes)]
     return pd.DataFrame(
-        {"index": np.arange(n_codes + 1), "code": [-1] + list(range(n_codes)), "name": [""] + names}
+        {"index": np.arange(-1, n_codes), "code": np.arange(-1, n_codes), "name": [""] + names}
     )
+
+
+def raise_above_overlays(viewer: Any, layer: Any) -> None:
+    """Move ``layer`` just above the top-most heatmap / spots layer (so it is not hidden)."""
+    layers = viewer.layers
+    kinds = ("heatmap", "spots")
+    idx = [
+        i
+        for i, ly in enumerate(layers)
+        if ((ly.metadata or {}).get("stgen") or {}).get("kind") in kinds
+    ]
+    i = layers.index(layer)
+    if idx and i < max(idx):
+        layers.move(i, max(idx) + 1)
 
 
 class CodebookWidget(QWidget):
@@ -102,59 +155,57 @@ class CodebookWidget(QWidget):
         self._build_ui()
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
-        self._timer.setInterval(300)
+        self._timer.setInterval(REFRESH_MS)
         self._timer.timeout.connect(self.refresh)
         self.state.store.changed.connect(self._on_store_changed)
         self.state.code_names_changed.connect(self._on_names_changed)
-        self.destroyed.connect(
-            self._disconnect_factory(self.state, self._on_store_changed, self._on_names_changed)
+        disconnect_on_destroyed(
+            self,
+            [
+                (self.state.store.changed, self._on_store_changed),
+                (self.state.code_names_changed, self._on_names_changed),
+            ],
         )
-        self._load_profiles()
-
-    @staticmethod
-    def _disconnect_factory(state: Any, on_store: Any, on_names: Any) -> Any:
-        def _disc(*_: Any) -> None:
-            for sig, slot in (
-                (state.store.changed, on_store),
-                (state.code_names_changed, on_names),
-            ):
-                try:
-                    sig.disconnect(slot)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
-
-        return _disc
+        self._loading = False
+        if len(self.state.store):  # else on the first predictions: opening stays light
+            self._load_profiles()
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        lay = QVBoxLayout(self)
+        body, footer = scrolling_dock(self)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Slide"))
+        self.slide_picker = SlidePicker(self.viewer, self.state)
+        row.addWidget(self.slide_picker, 1)
+        body.addLayout(row)
         self.health_label = QLabel("Predict some tiles first (Predict expression widget).")
         self.health_label.setWordWrap(True)
-        lay.addWidget(self.health_label)
+        body.addWidget(self.health_label)
         row = QHBoxLayout()
         row.addWidget(QLabel("Usage over"))
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(["all predicted tiles", "visible region"])
         self.scope_combo.currentIndexChanged.connect(lambda *_: self._draw_hist())
-        row.addWidget(self.scope_combo)
+        row.addWidget(self.scope_combo, 1)
+        body.addLayout(row)
+        row = QHBoxLayout()
         self.highlight_check = QCheckBox("only selected code")
         self.highlight_check.setChecked(True)
         self.highlight_check.setToolTip("Show only the selected code's tiles on the slide")
         self.highlight_check.toggled.connect(self._on_highlight)
         row.addWidget(self.highlight_check)
-        self.refresh_btn = QPushButton("Refresh")
-        self.refresh_btn.clicked.connect(self.refresh)
-        row.addWidget(self.refresh_btn)
-        lay.addLayout(row)
+        body.addLayout(row)
 
-        self.hist_fig = Figure(figsize=(4, 2.2), tight_layout=True)
-        self.hist_canvas = FigureCanvasQTAgg(self.hist_fig)
-        self.hist_canvas.setMinimumHeight(190)
-        self.hist_canvas.mpl_connect("pick_event", self._on_pick)
-        lay.addWidget(self.hist_canvas)
+        # matplotlib canvases are made once matplotlib is imported in the worker
+        self.hist_fig: Any = None
+        self.gene_fig: Any = None
+        self._hist_slot = QVBoxLayout()
+        body.addLayout(self._hist_slot)
+        body.addWidget(QLabel("Codes on this slide (colour · code · tiles · name)"))
+        self.legend = QListWidget()
+        self.legend.setMaximumHeight(110)
+        self.legend.itemClicked.connect(self._on_legend_clicked)
+        body.addWidget(self.legend)
 
         row = QHBoxLayout()
         row.addWidget(QLabel("Code"))
@@ -166,27 +217,46 @@ class CodebookWidget(QWidget):
         self.name_edit.setPlaceholderText("name this code, e.g. tumour epithelium")
         self.name_edit.editingFinished.connect(self._on_name_edited)
         row.addWidget(self.name_edit)
-        lay.addLayout(row)
+        body.addLayout(row)
         self.code_label = QLabel("")
         self.code_label.setWordWrap(True)
-        lay.addWidget(self.code_label)
+        body.addWidget(self.code_label)
+        self._gene_slot = QVBoxLayout()
+        body.addLayout(self._gene_slot)
 
-        self.gene_fig = Figure(figsize=(4, 2.6), tight_layout=True)
-        self.gene_canvas = FigureCanvasQTAgg(self.gene_fig)
-        self.gene_canvas.setMinimumHeight(200)
-        lay.addWidget(self.gene_canvas)
-
-        lay.addWidget(QLabel("Exemplar tiles of this code (nearest to its decoded profile)"))
+        body.addWidget(QLabel("Exemplar tiles of this code (nearest to its decoded profile)"))
         self.gallery = QGridLayout()
         self.thumb_labels = []
         for i in range(N_EXEMPLARS):
             lab = QLabel()
-            lab.setFixedSize(THUMB_PX, THUMB_PX)
+            lab.setFixedSize(SHOWN_THUMB_PX, SHOWN_THUMB_PX)
             lab.setAlignment(Qt.AlignmentFlag.AlignCenter)
             self.gallery.addWidget(lab, i // 4, i % 4)
             self.thumb_labels.append(lab)
-        lay.addLayout(self.gallery)
-        lay.addStretch(1)
+        body.addLayout(self.gallery)
+        body.addStretch(1)
+        self.refresh_btn = QPushButton("Refresh")
+        self.refresh_btn.clicked.connect(self.refresh)
+        footer.addWidget(self.refresh_btn)
+
+    def _make_figures(self) -> None:
+        """The histogram and profile canvases (matplotlib already imported by the worker)."""
+        if self.hist_fig is not None:
+            return
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.hist_fig = Figure(figsize=(4, 2.2), tight_layout=True)
+        self.hist_canvas = FigureCanvasQTAgg(self.hist_fig)
+        self.hist_canvas.setMinimumHeight(170)
+        self.hist_canvas.setMinimumWidth(MIN_CHART_PX)  # shrinks to the dock's width
+        self.hist_canvas.mpl_connect("pick_event", self._on_pick)
+        self._hist_slot.addWidget(self.hist_canvas)
+        self.gene_fig = Figure(figsize=(4, 3.0), tight_layout=True)
+        self.gene_canvas = FigureCanvasQTAgg(self.gene_fig)
+        self.gene_canvas.setMinimumHeight(260)
+        self.gene_canvas.setMinimumWidth(MIN_CHART_PX)
+        self._gene_slot.addWidget(self.gene_canvas)
 
     # ------------------------------------------------------------------ data
     def _start(self, worker: Any) -> None:
@@ -199,7 +269,9 @@ class CodebookWidget(QWidget):
     def _load_profiles(self) -> None:
         from napari.qt.threading import thread_worker
 
+        self._loading = True
         worker = thread_worker(_profiles_job, start_thread=False)(self.state)
+        worker.finished.connect(lambda: setattr(self, "_loading", False))
         worker.returned.connect(self._on_profiles)
         worker.errored.connect(lambda e: self._notify(f"cannot load the model: {e}"))
         self._start(worker)
@@ -208,6 +280,7 @@ class CodebookWidget(QWidget):
         if self._closed:
             return
         self.predictor, self.profiles = res
+        self._make_figures()
         if not self.predictor.n_codes:
             self.profiles = None
             self.health_label.setText(
@@ -218,7 +291,12 @@ class CodebookWidget(QWidget):
         self.refresh()
 
     def _on_store_changed(self, *_: Any) -> None:
-        if not self._closed:
+        # throttled, not debounced: one redraw per REFRESH_MS while batches stream in
+        if self._closed:
+            return
+        if self.profiles is None and self.predictor is None and not self._loading:
+            self._load_profiles()  # the first predictions: now fetch the code profiles
+        elif not self._timer.isActive():
             self._timer.start()
 
     def _on_names_changed(self, names: dict) -> None:
@@ -235,10 +313,17 @@ class CodebookWidget(QWidget):
         store = self.state.store
         if self._closed or self.profiles is None or store.grid is None or not len(store):
             return
+        if self.window().isVisible() and not self.isVisible():  # tabbed away: redraw on show
+            self._stale = True
+            return
+        self._stale = False
         if store.model_checksum != self.predictor.checksum:
             self._load_profiles()  # the store holds another model's predictions
             return
+        fresh = CODES_LAYER not in self.viewer.layers
         layer = update_codes_layer(self.viewer, self.state, self.predictor.n_codes)
+        if fresh:
+            raise_above_overlays(self.viewer, layer)
         if not getattr(self, "_label_hooked", False):
             layer.events.selected_label.connect(self._on_selected_label)
             self._label_hooked = True
@@ -271,11 +356,12 @@ class CodebookWidget(QWidget):
         return cb.usage_counts(self.state.store.code[self._scope_rows()], self.predictor.n_codes)
 
     def _draw_hist(self) -> None:
-        if self.predictor is None or not len(self.state.store):
+        if self.predictor is None or self.hist_fig is None or not len(self.state.store):
             return
         n = self.predictor.n_codes
         counts = self.usage()
         colors = cb.code_colors(n)
+        self._fill_legend(counts, colors)
         self.hist_fig.clear()
         ax = self.hist_fig.add_subplot(111)
         bars = ax.bar(
@@ -294,6 +380,26 @@ class CodebookWidget(QWidget):
                 ax.annotate(name, (k, counts[k]), fontsize=7, rotation=60, ha="left", va="bottom")
         self.hist_canvas.draw_idle()
 
+    def _fill_legend(self, counts: np.ndarray, colors: dict) -> None:
+        """The categorical legend: each code on the slide with its colour, count and name."""
+        self.legend.clear()
+        for k in np.argsort(-counts, kind="stable"):
+            if counts[k] == 0:
+                break
+            name = self.state.code_names.get(int(k), "")
+            text = f"code {k} · {counts[k]:,} tiles" + (f" · {name}" if name else "")
+            item = QListWidgetItem(text)
+            pix = QPixmap(14, 14)
+            pix.fill(QColor.fromRgbF(*[float(v) for v in colors[int(k) + 1][:3]]))
+            item.setIcon(pix)
+            item.setData(Qt.ItemDataRole.UserRole, int(k))
+            self.legend.addItem(item)
+            if int(k) == self.selected:
+                item.setSelected(True)
+
+    def _on_legend_clicked(self, item: QListWidgetItem) -> None:
+        self.code_spin.setValue(int(item.data(Qt.ItemDataRole.UserRole)))
+
     def _on_highlight(self, on: bool) -> None:
         if CODES_LAYER in self.viewer.layers:
             self.viewer.layers[CODES_LAYER].show_selected_label = bool(on)
@@ -305,8 +411,8 @@ class CodebookWidget(QWidget):
 
     def _on_selected_label(self, *_: Any) -> None:
         lab = int(self.viewer.layers[CODES_LAYER].selected_label)
-        if lab > 0 and lab - 1 != self.selected:
-            self.code_spin.setValue(lab - 1)
+        if lab >= 0 and lab != self.selected:
+            self.code_spin.setValue(lab)
 
     # ------------------------------------------------------------------ selection
     def summary(self, k: int) -> cb.CodeSummary:
@@ -338,22 +444,28 @@ class CodebookWidget(QWidget):
         self._draw_genes(s)
         if CODES_LAYER in self.viewer.layers:
             layer = self.viewer.layers[CODES_LAYER]
-            layer.selected_label = k + 1
+            layer.selected_label = k
             layer.show_selected_label = self.highlight_check.isChecked()
+            layer.visible = True
+            raise_above_overlays(self.viewer, layer)
         self._draw_hist()
         self._load_thumbs(s)
 
     def _draw_genes(self, s: cb.CodeSummary) -> None:
+        if self.gene_fig is None:
+            return
         self.gene_fig.clear()
         ax = self.gene_fig.add_subplot(111)
-        items = s.up[:8] + s.down[:8][::-1]
+        k = N_PROFILE_GENES
+        items = s.up[:k] + s.down[:k][::-1]
         if items:
             names = [g for g, _ in items][::-1]
             vals = np.array([v for _, v in items][::-1])
             ax.barh(names, vals, color=np.where(vals > 0, "#c0392b", "#2e86c1"))
             ax.axvline(0, color="grey", lw=0.8)
-            ax.tick_params(axis="y", labelsize=7)
-        ax.set_xlabel("decoded profile − slide mean (log1p CP10k)")
+            ax.tick_params(axis="y", labelsize=8)
+            ax.tick_params(axis="x", labelsize=8)
+        ax.set_xlabel("decoded profile − slide mean (log1p CP10k)", fontsize=8)
         ax.set_title(
             f"code {s.code}"
             + (f" · {self.state.code_names[s.code]}" if s.code in self.state.code_names else ""),
@@ -385,7 +497,14 @@ class CodebookWidget(QWidget):
             qimg = QImage(
                 img.data, img.shape[1], img.shape[0], 3 * img.shape[1], QImage.Format.Format_RGB888
             )
-            lab.setPixmap(QPixmap.fromImage(qimg.copy()))
+            lab.setPixmap(
+                QPixmap.fromImage(qimg.copy()).scaled(
+                    SHOWN_THUMB_PX,
+                    SHOWN_THUMB_PX,
+                    Qt.AspectRatioMode.KeepAspectRatio,
+                    Qt.TransformationMode.SmoothTransformation,
+                )
+            )
 
     def _on_name_edited(self) -> None:
         if self.selected is not None:
@@ -403,6 +522,11 @@ class CodebookWidget(QWidget):
         if not self._closed:
             self.health_label.setText(msg)
             show_error(msg)
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        super().showEvent(event)
+        if getattr(self, "_stale", False):
+            self._timer.start()
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         self._closed = True

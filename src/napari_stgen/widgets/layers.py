@@ -22,6 +22,9 @@ __all__ = [
     "update_heatmap",
     "update_spots",
     "update_tiles_points",
+    "show_tile_markers",
+    "show_scale",
+    "shown_display",
     "find_layer",
 ]
 
@@ -54,6 +57,37 @@ def robust_limits(values: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> tupl
     if not b > a:
         b = a + max(abs(a) * 1e-3, 1e-6)
     return (float(a), float(b))
+
+
+def show_scale(layer: Any) -> None:
+    """Show what a layer is on the canvas: its name (the gene) and its colour scale
+    (napari's colorbar overlay; ``face_colorbar`` for points)."""
+    for attr in ("colorbar", "face_colorbar"):
+        bar = getattr(layer, attr, None)
+        if bar is not None:
+            bar.visible = True
+            break
+    overlay = getattr(layer, "name_overlay", None)
+    if overlay is not None:
+        overlay.visible = True
+
+
+def shown_display(viewer: Any) -> dict | None:
+    """``{gene, contrast_limits, colormap}`` of the top-most visible prediction layer."""
+    for layer in reversed(viewer.layers):
+        md = ((layer.metadata or {}).get("stgen") or {}) if layer.visible else {}
+        if md.get("kind") == "heatmap":
+            lim, cmap = layer.contrast_limits, layer.colormap
+        elif md.get("kind") == "spots" and "gene" in md:
+            lim, cmap = layer.face_contrast_limits, layer.face_colormap
+        else:
+            continue
+        return {
+            "gene": str(md["gene"]),
+            "contrast_limits": [float(v) for v in lim],
+            "colormap": str(cmap.name),
+        }
+    return None
 
 
 def _auto_limits(layer: Any, values: np.ndarray) -> None:
@@ -126,6 +160,8 @@ def update_heatmap(
         layer.refresh()
     _auto_limits(layer, store.expr[:, gi])
     layer.visible = True
+    if fresh:
+        show_scale(layer)
     return layer
 
 
@@ -163,6 +199,7 @@ def update_spots(
             units=UNITS,
             metadata={"stgen": {"kind": "spots", "gene": gene}},
         )
+        show_scale(layer)
     else:
         with layer.events.blocker_all():
             layer.data = store.centres_um
@@ -176,8 +213,13 @@ def update_spots(
     return layer
 
 
-def update_tiles_points(viewer: Any, store: PredictionStore, visible: bool = True) -> Any:
-    """Points layer of tile centres whose features (all genes + code) show on hover."""
+def update_tiles_points(viewer: Any, store: PredictionStore, markers: bool = False) -> Any:
+    """Points layer over the predicted tiles whose features (all genes + code) show on hover.
+
+    Each point covers its tile, drawn fully transparent unless ``markers`` (a ring at each
+    tile centre), so hovering anywhere on a tile shows its values without cluttering the
+    heatmaps.
+    """
     layer = find_layer(viewer, TILES_LAYER)
     feats = _features(store)
     if layer is None:
@@ -185,12 +227,10 @@ def update_tiles_points(viewer: Any, store: PredictionStore, visible: bool = Tru
             store.centres_um,
             name=TILES_LAYER,
             features=feats,
-            size=0.25 * store.grid.tile_um,
+            size=store.grid.tile_um,
             face_color="transparent",
             border_color="white",
-            border_width=0.05,
-            opacity=0.6,
-            visible=visible,
+            border_width=0.0,
             units=UNITS,
             metadata={"stgen": {"kind": "tiles"}},
         )
@@ -198,8 +238,16 @@ def update_tiles_points(viewer: Any, store: PredictionStore, visible: bool = Tru
         with layer.events.blocker_all():
             layer.data = store.centres_um
             layer.features = feats
-        layer.refresh()
+        layer.size = store.grid.tile_um
+    show_tile_markers(layer, markers)
     return layer
+
+
+def show_tile_markers(layer: Any, on: bool) -> None:
+    """Draw (or hide) a thin ring at each tile centre of the hover layer."""
+    layer.border_width = 0.05 if on else 0.0
+    layer.border_width_is_relative = True
+    layer.refresh()
 
 
 def _features(store: PredictionStore, genes: list[str] | None = None) -> Any:

@@ -24,12 +24,14 @@ from qtpy.QtWidgets import (
     QListWidget,
     QPushButton,
     QSlider,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_stgen.widgets.close_watcher import CloseWatcher
+from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, threads_spin
 from napari_stgen.widgets.gene_search import gene_search_edit
+from napari_stgen.widgets.jobs import JobProgress
+from napari_stgen.widgets.slide_picker import SlidePicker
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
 MODES = ("Visible region", "ROI layer", "Whole slide")
@@ -70,6 +72,7 @@ class Request:
     shapes: list[tuple[str, np.ndarray]] = field(default_factory=list)
     labels: tuple[np.ndarray, tuple, tuple] | None = None
     tissue_only: bool = True
+    progressive: bool = True  # a fast pass without TTA first, refined in place
     measured: Any = None  # HistoTx: snapshot of the measured-spots Points layer (or None)
     image_only: bool = False  # HistoTx: ignore the measured spots
 
@@ -82,6 +85,7 @@ def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_siz
 
     try:
         pred = state.predictor(model)
+        state.apply_threads()
         token.check()
         if req.mode == "region":
             grid, tiles = engine.plan_region(slide, pred, req.region_um, req.tissue_only)
@@ -128,10 +132,35 @@ def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_siz
                 batch_size=batch_size,
                 cache=default_cache(),
                 centre_um=centre,
+                progressive=req.progressive,
             )
         )
     except Cancelled:
         return
+
+
+def _panel_job(state: Any, model: str) -> Any:
+    """The model's gene panel and kind from its card's JSON sidecar (no torch: opening the
+    widget stays light); the loaded predictor when there is no sidecar or it is loaded."""
+    from types import SimpleNamespace
+
+    from napari_stgen.models.checkpoint import resolve_checkpoint, sidecar_path
+
+    loaded = state.cached_predictor(model)
+    if loaded is not None:
+        return loaded
+    for kind in ("genst", "histotx"):
+        try:
+            side = sidecar_path(resolve_checkpoint(model, kind))
+        except Exception:  # noqa: BLE001 - not this kind / not found: try the next
+            continue
+        if side.is_file():
+            card = json.loads(side.read_text())
+            if "genes" in card:
+                return SimpleNamespace(
+                    genes=list(card["genes"]), kind=str(card.get("kind", kind)), device=None
+                )
+    return state.predictor(model)
 
 
 def _estimate_job(state: Any, slide: Any, model: str):
@@ -139,8 +168,18 @@ def _estimate_job(state: Any, slide: Any, model: str):
     from napari_stgen.inference.cache import default_cache
 
     pred = state.predictor(model)
+    state.apply_threads()
     grid, tiles = engine.plan_whole_slide(slide, pred)
     return engine.estimate(slide, pred, tiles, grid=grid, cache=default_cache())
+
+
+def _shown_display(viewer: Any) -> dict | None:
+    from napari_stgen.widgets.layers import shown_display
+
+    try:
+        return shown_display(viewer)
+    except RuntimeError:  # the viewer is gone
+        return None
 
 
 class PredictWidget(QWidget):
@@ -153,7 +192,7 @@ class PredictWidget(QWidget):
         self.batch_size = 64
         self.workers: list[Any] = []  # running workers (newest last)
         self._token: Any = None
-        self._pbar: Any = None
+        self.progress = JobProgress()
         self._pending_estimate: Any = None
         self._panel: list[str] = []
         self._watched: Any = None
@@ -174,13 +213,18 @@ class PredictWidget(QWidget):
         tokens = self._tokens = []  # captured by the destroyed hook (no reference to self)
         self.destroyed.connect(lambda *_: [t.cancel() for t in tokens])
         self._refresh_roi_layers()
+        viewer = self.viewer
+        self.state.store.set_display_source(lambda: _shown_display(viewer))
+        self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self._load_model_async()
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        lay = QVBoxLayout(self)
+        body, footer = scrolling_dock(self)
         form = QFormLayout()
-        lay.addLayout(form)
+        body.addLayout(form)
+        self.slide_picker = SlidePicker(self.viewer, self.state)
+        form.addRow("Slide", self.slide_picker)
         self.model_combo = QComboBox()
         for name in list_models():
             self.model_combo.addItem(Path(name).stem if name != "default" else name, name)
@@ -188,6 +232,8 @@ class PredictWidget(QWidget):
         form.addRow("Model", self.model_combo)
         self.device_label = QLabel("loading model…")
         form.addRow("Device", self.device_label)
+        self.threads_spin = threads_spin(self.state)
+        form.addRow("CPU threads", self.threads_spin)
 
         self.gene_edit, self._gene_model = gene_search_edit(
             self, "gene symbol, e.g. ERBB2 (Enter to add)"
@@ -200,7 +246,7 @@ class PredictWidget(QWidget):
         row.addWidget(add)
         form.addRow("Genes", row)
         self.gene_list = QListWidget()
-        self.gene_list.setMaximumHeight(90)
+        self.gene_list.setMaximumHeight(70)
         self.gene_list.setToolTip("Genes to show; select and press Delete (or Remove) to drop")
         rm = QPushButton("Remove selected")
         rm.clicked.connect(self._remove_selected_genes)
@@ -211,7 +257,7 @@ class PredictWidget(QWidget):
         self.mode_combo.addItems(MODES)
         self.mode_combo.currentIndexChanged.connect(self._on_mode_changed)
         form.addRow("Region", self.mode_combo)
-        self.roi_combo = QComboBox()
+        self.roi_combo = shrinkable(QComboBox())
         self.roi_combo.setEnabled(False)
         form.addRow("ROI layer", self.roi_combo)
         self.live_check = QCheckBox("Follow the view (live)")
@@ -222,7 +268,14 @@ class PredictWidget(QWidget):
             "Predict only grid cells whose overview pixels are stained tissue"
         )
         form.addRow(self.tissue_check)
-        self.measured_combo = QComboBox()
+        self.progressive_check = QCheckBox("Quick first look (refined in place)")
+        self.progressive_check.setChecked(True)
+        self.progressive_check.setToolTip(
+            "Show a fast pass without test-time augmentation first, then refine each tile "
+            "in place with the model's full prediction"
+        )
+        form.addRow(self.progressive_check)
+        self.measured_combo = shrinkable(QComboBox())
         self.measured_combo.setToolTip(
             "HistoTx: measured spots (a Points layer, e.g. opened from an .h5ad) to condition on"
         )
@@ -232,26 +285,39 @@ class PredictWidget(QWidget):
         self.image_only_check.setEnabled(False)
         form.addRow(self.image_only_check)
 
+        disp = QWidget()
+        dform = QFormLayout(disp)
+        dform.setContentsMargins(0, 0, 0, 0)
         self.display_combo = QComboBox()
         self.display_combo.addItems(DISPLAYS)
         self.display_combo.currentIndexChanged.connect(lambda *_: self._redraw_all())
-        form.addRow("Display", self.display_combo)
+        dform.addRow("Display", self.display_combo)
         self.cmap_combo = QComboBox()
         self.cmap_combo.addItems(COLORMAPS)
         self.cmap_combo.currentTextChanged.connect(self._apply_style)
-        form.addRow("Colormap", self.cmap_combo)
+        dform.addRow("Colormap", self.cmap_combo)
         self.opacity_slider = QSlider(Qt.Orientation.Horizontal)
         self.opacity_slider.setRange(0, 100)
         self.opacity_slider.setValue(70)
         self.opacity_slider.valueChanged.connect(self._apply_style)
-        form.addRow("Opacity", self.opacity_slider)
+        dform.addRow("Opacity", self.opacity_slider)
         self.blend_combo = QComboBox()
         self.blend_combo.addItems(["translucent", "additive"])
         self.blend_combo.currentTextChanged.connect(self._apply_style)
-        form.addRow("Blending", self.blend_combo)
-        self.points_check = QCheckBox("Tile values on hover (points layer)")
+        dform.addRow("Blending", self.blend_combo)
+        self.points_check = QCheckBox("All genes on hover (tiles layer)")
         self.points_check.setChecked(True)
-        form.addRow(self.points_check)
+        self.points_check.setToolTip(
+            "An invisible layer over the predicted tiles: hovering shows every gene and the code"
+        )
+        dform.addRow(self.points_check)
+        self.markers_check = QCheckBox("Show tile-centre markers")
+        self.markers_check.setChecked(False)
+        self.markers_check.toggled.connect(self._on_markers)
+        dform.addRow(self.markers_check)
+        self.display_box = collapsible("Display", disp)
+        body.addWidget(self.display_box)
+        body.addStretch(1)
 
         btns = QHBoxLayout()
         self.predict_btn = QPushButton("Predict")
@@ -261,11 +327,10 @@ class PredictWidget(QWidget):
         self.cancel_btn.setEnabled(False)
         btns.addWidget(self.predict_btn)
         btns.addWidget(self.cancel_btn)
-        lay.addLayout(btns)
+        footer.addLayout(btns)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
-        lay.addWidget(self.status_label)
-        lay.addStretch(1)
+        footer.addWidget(self.status_label)
 
     # ------------------------------------------------------------------ genes
     @property
@@ -316,14 +381,12 @@ class PredictWidget(QWidget):
 
         name = self.model_combo.currentData() or "default"
         self.state.set_model(name)
-        worker = thread_worker(self.state.predictor, start_thread=False)(name)
+        worker = thread_worker(_panel_job, start_thread=False)(self.state, name)
         worker.returned.connect(self._on_model_loaded)
         worker.errored.connect(self._on_model_error)
         self._start(worker)
 
     def _on_model_loaded(self, pred: Any) -> None:
-        from napari_stgen.inference.device import describe_device
-
         if self._closed:
             return
         self._panel = list(pred.genes)
@@ -331,9 +394,18 @@ class PredictWidget(QWidget):
         is_histotx = getattr(pred, "kind", "genst") == "histotx"
         self.measured_combo.setEnabled(is_histotx)
         self.image_only_check.setEnabled(is_histotx)
-        self.device_label.setText(f"{describe_device(pred.device)} · {len(self._panel)} genes")
+        self._show_device(pred)
         if not self.genes and self._panel:
             self.add_gene("ERBB2" if "ERBB2" in self._panel else self._panel[0])
+
+    def _show_device(self, pred: Any) -> None:
+        from napari_stgen.inference.device import describe_device
+
+        n = len(pred.genes)
+        if getattr(pred, "device", None) is None:  # only the card read: loads on first use
+            self.device_label.setText(f"loads on first Predict · {n} genes")
+        else:
+            self.device_label.setText(f"{describe_device(pred.device)} · {n} genes")
 
     def _on_model_error(self, exc: BaseException) -> None:
         if self._closed:
@@ -370,6 +442,15 @@ class PredictWidget(QWidget):
         if current in names:
             self.measured_combo.setCurrentText(current)
 
+    def _on_layer_inserted(self, event: Any) -> None:
+        """A reopened napari-stgen export: show its gene and colour scale on the canvas."""
+        from napari_stgen.widgets import layers as L
+
+        layer = getattr(event, "value", None)
+        md = getattr(layer, "metadata", None) or {}
+        if md.get("stgen_kind") == "spots" and md.get("stgen_genes"):
+            L.show_scale(layer)
+
     def _on_mode_changed(self, *_: Any) -> None:
         self.roi_combo.setEnabled(self.mode_combo.currentText() == "ROI layer")
         self._pending_estimate = None
@@ -404,7 +485,7 @@ class PredictWidget(QWidget):
     def _current_slide(self) -> Any:
         from napari_stgen.errors import StgenError
 
-        layer = find_slide_layer(self.viewer)
+        layer = find_slide_layer(self.viewer, self.state)
         if layer is None:
             raise StgenError("open a slide first (File ▸ Open or File ▸ Open Sample)")
         return self.state.set_slide_layer(layer)
@@ -432,6 +513,7 @@ class PredictWidget(QWidget):
             self._notify(str(e), error=True)
             return None
         req.tissue_only = self.tissue_check.isChecked()
+        req.progressive = self.progressive_check.isChecked()
         req.image_only = self.image_only_check.isChecked()
         name = self.measured_combo.currentText()
         if self.measured_combo.isEnabled() and name in self.viewer.layers:
@@ -497,32 +579,29 @@ class PredictWidget(QWidget):
             return
         if msg[0] == "plan":
             _, pred, grid, n = msg
+            self._show_device(pred)
             self.state.store.ensure(self.state.slide, pred, grid)
-            self._close_pbar()
             self._done = 0
             self.status_label.setText(
                 f"{n} tissue tiles to predict" if n else "no tissue tiles in this region"
             )
-            from napari.utils import progress
-
-            # creating a progress bar may process events, so batches can arrive (re-entrantly)
-            # before it exists: it starts from what is already done
-            pbar = progress(total=max(n, 1), desc="Predicting expression")
-            if token.cancelled or self._closed:
-                pbar.close()
-                return
-            self._pbar = pbar
-            pbar.n = self._done
-            pbar.refresh()
+            # the bar may process events while it is created: JobProgress copes with the
+            # job finishing meanwhile (a fully cached request finishes at once)
+            self.progress.update(token, 0, max(n, 1), "Predicting expression")
             return
         part = msg[1]
         self.state.store.add_result(part)
-        self._done = part.done
+        draft = bool(getattr(part, "draft", False))
+        if not draft:
+            self._done = part.done
         # heatmaps per batch (cheap, in place); the all-gene hover layer once at the end
         self._redraw_all(part.tiles, points=False)
-        if self._pbar is not None:
-            self._pbar.n = part.done
-            self._pbar.refresh()
+        self.progress.update(token, self._done, part.total, "Predicting expression")
+        if draft:
+            self.status_label.setText(
+                f"quick look {part.done}/{part.total} tiles (refining with the full model…)"
+            )
+            return
         cached = f", {part.cached} from cache" if part.cached else ""
         ctx = " (spatial context applied)" if getattr(part, "final", False) else ""
         self.status_label.setText(f"{part.done}/{part.total} tiles{cached}{ctx}")
@@ -530,22 +609,17 @@ class PredictWidget(QWidget):
     def _on_finished(self, token: Any) -> None:
         if token in self._tokens:
             self._tokens.remove(token)
+        self.progress.finish(token)
         if self._closed:
             return
         if len(self.state.store) and self.points_check.isChecked():
             from napari_stgen.widgets import layers as L
 
-            L.update_tiles_points(self.viewer, self.state.store)
+            L.update_tiles_points(self.viewer, self.state.store, self.markers_check.isChecked())
         if token is self._token:
-            self._close_pbar()
             self.cancel_btn.setEnabled(False)
             if token.cancelled:
                 self.status_label.setText("cancelled")
-
-    def _close_pbar(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
 
     def cancel(self) -> None:
         """Cancel the running prediction (it stops after its current batch)."""
@@ -554,7 +628,8 @@ class PredictWidget(QWidget):
         for w in list(self.workers):
             if hasattr(w, "quit"):
                 w.quit()
-        self._close_pbar()
+        if self._token is not None:
+            self.progress.finish(self._token)
         if not self._closed:
             self.cancel_btn.setEnabled(False)
 
@@ -565,6 +640,7 @@ class PredictWidget(QWidget):
         for t in list(self._tokens):
             t.cancel()
         self.cancel()
+        self.progress.close_all()
 
     def _watch_window(self) -> None:
         win = self.window()
@@ -619,7 +695,14 @@ class PredictWidget(QWidget):
         for g in self.genes:
             self._redraw_gene(g, new_tiles)
         if points and self.points_check.isChecked() and len(self.state.store):
-            L.update_tiles_points(self.viewer, self.state.store)
+            L.update_tiles_points(self.viewer, self.state.store, self.markers_check.isChecked())
+
+    def _on_markers(self, on: bool) -> None:
+        from napari_stgen.widgets import layers as L
+
+        layer = L.find_layer(self.viewer, L.TILES_LAYER)
+        if layer is not None:
+            L.show_tile_markers(layer, on)
 
     def _apply_style(self, *_: Any) -> None:
         from napari_stgen.widgets import layers as L

@@ -18,7 +18,15 @@ from psygnal import Signal
 
 from napari_stgen.coords import Grid
 
-__all__ = ["PredictionStore", "StgenState", "get_state", "slide_from_layer", "find_slide_layer"]
+__all__ = [
+    "PredictionStore",
+    "StgenState",
+    "get_state",
+    "slide_from_layer",
+    "is_slide_layer",
+    "slide_layers",
+    "find_slide_layer",
+]
 
 
 class PredictionStore:
@@ -38,7 +46,18 @@ class PredictionStore:
         self.model_checksum: str | None = None
         self.model_name: str | None = None
         self.mpp: float | None = None
+        self._display_source: Any = None
         self._alloc(0, 0)
+
+    @property
+    def display(self) -> dict | None:
+        """What the viewer shows of these predictions: ``{gene, contrast_limits, colormap}`` of
+        the top-most visible heatmap (exports record it, so a reopened file looks the same)."""
+        return self._display_source() if self._display_source is not None else None
+
+    def set_display_source(self, source: Any) -> None:
+        """A callable returning :attr:`display` (the Predict widget's layers), or None."""
+        self._display_source = source
 
     def _alloc(self, n_cells: int, n_genes: int, cap: int = 256) -> None:
         self._row_of = np.full(n_cells, -1, dtype=np.int64)
@@ -203,6 +222,7 @@ class StgenState:
     slide_changed = Signal(object)  # the slide layer (or None)
     model_changed = Signal(str)
     code_names_changed = Signal(dict)
+    threads_changed = Signal(int)
 
     def __init__(self) -> None:
         self.slide_layer: Any = None
@@ -212,9 +232,24 @@ class StgenState:
         self.code_names: dict[int, str] = {}
         self._predictors: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self.threads: int | None = None  # torch CPU threads (None: the device policy)
+
+    def set_threads(self, threads: int | None) -> None:
+        """Choose the torch CPU threads of this viewer's inference (None: policy default)."""
+        threads = int(threads) if threads else None
+        if threads != self.threads:
+            self.threads = threads
+            self.threads_changed.emit(threads or 0)
+
+    def apply_threads(self) -> int:
+        """Apply the thread choice in the calling (worker) thread; returns the count."""
+        from napari_stgen.inference.device import set_threads
+
+        return set_threads(self.threads)
 
     def set_slide_layer(self, layer: Any) -> Any:
         """Use ``layer`` (a slide image layer) as the current slide; returns the opened slide."""
+        layer = getattr(layer, "__wrapped__", layer)  # plugin widgets see proxies of layers
         if layer is self.slide_layer and self.slide is not None:
             return self.slide
         self.slide = slide_from_layer(layer) if layer is not None else None
@@ -234,6 +269,7 @@ class StgenState:
         with self._lock:
             pred = self._predictors.get(name)
             if pred is None:
+                self.apply_threads()
                 try:  # GenST or HistoTx by the checkpoint card's kind
                     from napari_stgen.inference.histotx import load_model
                 except ImportError:  # pragma: no cover - HistoTx not installed
@@ -242,6 +278,11 @@ class StgenState:
                 self._predictors[name] = pred
                 self._predictors.setdefault(pred.name, pred)  # also by card name
             return pred
+
+    def cached_predictor(self, name: str | None = None) -> Any:
+        """The predictor for ``name`` if it is already loaded (no loading), else None."""
+        with self._lock:
+            return self._predictors.get(name or self.model_name)
 
     def loaded_predictor(self) -> Any:
         """The already-loaded predictor whose results are in the store (or None; no loading)."""
@@ -300,14 +341,45 @@ def slide_from_layer(layer: Any) -> Any:
     return open_slide(path, mpp=mpp)
 
 
-def find_slide_layer(viewer: Any) -> Any:
-    """The selected RGB image layer if any, else the top-most RGB image layer (or None)."""
+def is_slide_layer(layer: Any) -> bool:
+    """Whether ``layer`` is a slide: an RGB image layer backed by a slide file.
+
+    Layers napari-stgen makes are never slides: heatmaps and code maps (not RGB), generated
+    or kept tiles (``metadata['stgen_generated']``) and the thumbnail of a reopened export.
+    """
     from napari.layers import Image
 
+    if not isinstance(layer, Image) or not layer.rgb:
+        return False
+    md = dict(layer.metadata or {})
+    st = md.get("stgen") if isinstance(md.get("stgen"), dict) else {}
+    if "stgen_generated" in md or md.get("stgen_kind") or st.get("kind"):
+        return False
+    return bool(
+        md.get("slide") is not None
+        or md.get("stgen_slide") is not None
+        or st.get("path")
+        or md.get("path")
+        or getattr(layer.source, "path", None)
+    )
+
+
+def slide_layers(viewer: Any) -> list[Any]:
+    """The viewer's slide layers (see :func:`is_slide_layer`), top-most first."""
+    return [ly for ly in reversed(viewer.layers) if is_slide_layer(ly)]
+
+
+def find_slide_layer(viewer: Any, state: StgenState | None = None) -> Any:
+    """The slide the widgets work on: the state's chosen slide layer while it is in the
+    viewer, else the selected slide layer, else the top-most one (None without a slide).
+
+    Never a layer the plugin made, so a generated tile kept on top of the slide, a heatmap
+    or a code map does not change what is read.
+    """
+    if state is not None and state.slide_layer is not None and state.slide_layer in viewer.layers:
+        return state.slide_layer
     active = viewer.layers.selection.active
-    if isinstance(active, Image) and active.rgb:
+    if is_slide_layer(active):
         return active
-    for layer in reversed(viewer.layers):
-        if isinstance(layer, Image) and layer.rgb:
-            return layer
-    return None
+    found = slide_layers(viewer)
+    return found[0] if found else None

@@ -6,7 +6,8 @@ prediction store, else through the prediction engine) and sets each gene slider 
 Generate (or live mode, debounced) runs STMDiT in a napari ``thread_worker`` generator with
 progress and Cancel; a newer request cancels the older one. The result appears exactly over
 the region as an image layer in µm with ``metadata['stgen_generated']``; variants by seed,
-a before/after toggle, Keep / Discard, Reset and an export of the kept tiles.
+a before/after toggle (before: the H&E alone, every overlay hidden), Keep / Discard, Reset
+and an export of the kept tiles. Nothing loads until the user draws or picks a region.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from qtpy.QtWidgets import (
     QSlider,
     QSpinBox,
     QToolButton,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_stgen.widgets.close_watcher import CloseWatcher
+from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, threads_spin
 from napari_stgen.widgets.gene_search import gene_search_edit
+from napari_stgen.widgets.jobs import JobProgress
+from napari_stgen.widgets.slide_picker import SlidePicker
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
 LIVE_DEBOUNCE_MS = 400
@@ -43,6 +46,8 @@ REGION_DEBOUNCE_MS = 150
 N_DEFAULT_GENES = 8
 REGION_LAYER = "Synthesis region"
 PREVIEW_LAYER = "Synthesis preview"
+NO_REGION = "(none: draw or pick a layer)"
+OVERLAY_KINDS = ("heatmap", "spots", "tiles", "codes")  # hidden in the "before" view
 
 
 def list_stmdit_models() -> list[str]:
@@ -73,10 +78,14 @@ def _load_job(state: Any, stmdit_name: str) -> Any:
         return _Failed(f"could not load the models: {e}")
 
 
-def _profile_job(slide: Any, model: Any, predictor: Any, plan: Any, known: Any, token: Any):
+def _profile_job(
+    slide: Any, model: Any, predictor: Any, plan: Any, known: Any, token: Any, threads: Any
+):
     from napari_stgen.errors import Cancelled, StgenError
     from napari_stgen.inference import synthesis_grid as sg
+    from napari_stgen.inference.device import set_threads
 
+    set_threads(threads)
     try:
         return (yield from sg.iter_region_profile(slide, model, predictor, plan, known, token))
     except Cancelled:
@@ -85,10 +94,14 @@ def _profile_job(slide: Any, model: Any, predictor: Any, plan: Any, known: Any, 
         return _Failed(f"region prediction failed: {e}")
 
 
-def _generate_job(slide: Any, model: Any, profile: Any, cond: Any, params: dict, token: Any):
+def _generate_job(
+    slide: Any, model: Any, profile: Any, cond: Any, params: dict, token: Any, threads: Any
+):
     from napari_stgen.errors import Cancelled, StgenError
     from napari_stgen.inference import synthesis_grid as sg
+    from napari_stgen.inference.device import set_threads
 
+    set_threads(threads)
     try:
         return (yield from sg.iter_synthesize(slide, model, profile, cond, cancel=token, **params))
     except Cancelled:
@@ -112,6 +125,7 @@ class _GeneRow:
         self.slider.setEnabled(False)
         self.info = QLabel("–")
         self.info.setStyleSheet("color: gray; font-size: 10px")
+        self.info.setWordWrap(True)  # never widens the dock
         self.predicted: float | None = None
         self.observed: tuple[float, float] = (0.0, 1.0)
         self.remove = QToolButton()
@@ -201,7 +215,8 @@ class SynthesizeWidget(QWidget):
         self.rows: dict[str, _GeneRow] = {}
         self.workers: list[Any] = []
         self._tokens: dict[str, Any] = {}
-        self._pbar: Any = None
+        self.progress = JobProgress()
+        self._hidden_overlays: list[Any] = []  # overlays hidden by the "before" view
         self._after_load: list[Any] = []
         self._generate_after_profile = False
         self._region_sig: tuple | None = None
@@ -226,8 +241,10 @@ class SynthesizeWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        lay = QVBoxLayout(self)
+        lay, footer = scrolling_dock(self)
         form = QFormLayout()
+        self.slide_picker = SlidePicker(self.viewer, self.state)
+        form.addRow("Slide", self.slide_picker)
         self.model_combo = QComboBox()
         self.model_combo.setEditable(True)
         self.model_combo.addItems(list_stmdit_models())
@@ -235,7 +252,7 @@ class SynthesizeWidget(QWidget):
         self.model_combo.currentTextChanged.connect(self._on_model_changed)
         form.addRow("Generator", self.model_combo)
         reg = QHBoxLayout()
-        self.region_combo = QComboBox()
+        self.region_combo = shrinkable(QComboBox())
         self.region_combo.setToolTip("Shapes layer (rectangle) or Points layer (one tile)")
         self.region_combo.currentIndexChanged.connect(self._on_region_layer_picked)
         self.draw_btn = QPushButton("Draw region")
@@ -262,7 +279,9 @@ class SynthesizeWidget(QWidget):
         add.addWidget(self.reset_btn)
         lay.addLayout(add)
 
-        params = QFormLayout()
+        sampler = QWidget()
+        params = QFormLayout(sampler)
+        params.setContentsMargins(0, 0, 0, 0)
         self.guid_genes = QDoubleSpinBox()
         self.guid_genes.setRange(0.0, 20.0)
         self.guid_genes.setSingleStep(0.25)
@@ -298,7 +317,10 @@ class SynthesizeWidget(QWidget):
         params.addRow("Steps", self.steps_spin)
         params.addRow("Seed", self.seed_spin)
         params.addRow("Variants", self.variants_spin)
-        lay.addLayout(params)
+        self.threads_spin = threads_spin(self.state)
+        params.addRow("CPU threads", self.threads_spin)
+        self.sampler_box = collapsible("Sampler settings", sampler)
+        lay.addWidget(self.sampler_box)
         for w in (
             self.guid_genes,
             self.guid_morph,
@@ -320,7 +342,7 @@ class SynthesizeWidget(QWidget):
         btns.addWidget(self.generate_btn, 1)
         btns.addWidget(self.cancel_btn)
         btns.addWidget(self.live_check)
-        lay.addLayout(btns)
+        footer.addLayout(btns)
 
         res = QHBoxLayout()
         self.after_check = QCheckBox("After")
@@ -340,19 +362,19 @@ class SynthesizeWidget(QWidget):
         res.addWidget(self.variant_label)
         res.addWidget(self.keep_btn)
         res.addWidget(self.discard_btn)
-        lay.addLayout(res)
+        footer.addLayout(res)
 
         lay.addWidget(QLabel("Kept tiles"))
         self.kept_list = QListWidget()
-        self.kept_list.setMaximumHeight(110)
+        self.kept_list.setMaximumHeight(80)
         lay.addWidget(self.kept_list)
         self.export_btn = QPushButton("Export kept tiles…")
         self.export_btn.clicked.connect(self._export_dialog)
         lay.addWidget(self.export_btn)
+        lay.addStretch(1)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
-        lay.addWidget(self.status_label)
-        lay.addStretch(1)
+        footer.addWidget(self.status_label)
         self._update_result_buttons()
 
     # ------------------------------------------------------------------ models
@@ -514,12 +536,10 @@ class SynthesizeWidget(QWidget):
         cur = self.region_layer.name if self.region_layer is not None else None
         self.region_combo.blockSignals(True)
         self.region_combo.clear()
-        self.region_combo.addItems(names)
+        self.region_combo.addItems([NO_REGION, *names])  # never a layer the user did not pick
         if cur in names:
             self.region_combo.setCurrentText(cur)
         self.region_combo.blockSignals(False)
-        if self.region_layer is None and names:
-            self._on_region_layer_picked()
 
     def _on_layer_removed(self, event: Any) -> None:
         layer = getattr(event, "value", None)
@@ -596,11 +616,7 @@ class SynthesizeWidget(QWidget):
     def _slide(self) -> Any:
         from napari_stgen.errors import StgenError
 
-        layer = self.state.slide_layer
-        if layer is None or layer not in self.viewer.layers:
-            layer = find_slide_layer(self.viewer)
-            if layer is not None and layer is self.preview_layer:
-                layer = None
+        layer = find_slide_layer(self.viewer, self.state)  # never a generated tile
         if layer is None:
             raise StgenError("open a slide first (File ▸ Open or File ▸ Open Sample)")
         return self.state.set_slide_layer(layer)
@@ -638,7 +654,7 @@ class SynthesizeWidget(QWidget):
             f"({rows}×{cols}); predicting expression…"
         )
         worker = thread_worker(_profile_job, start_thread=False)(
-            slide, self.model, self.predictor, plan, known, token
+            slide, self.model, self.predictor, plan, known, token, self.state.threads
         )
         worker.yielded.connect(lambda p, t=token: self._on_progress(p, t, "Predicting region"))
         worker.returned.connect(lambda prof, t=token, s=slide: self._on_profile(prof, t, s))
@@ -744,7 +760,7 @@ class SynthesizeWidget(QWidget):
             f"{params['steps']} steps…"
         )
         worker = thread_worker(_generate_job, start_thread=False)(
-            slide, self.model, self.profile, cond, params, token
+            slide, self.model, self.profile, cond, params, token, self.state.threads
         )
         worker.yielded.connect(lambda p, t=token: self._on_progress(p, t, "Synthesizing tiles"))
         worker.returned.connect(lambda r, t=token: self._on_generated(r, t))
@@ -777,7 +793,7 @@ class SynthesizeWidget(QWidget):
             ly.data = res.images[0]
             ly.scale, ly.translate = tr["scale"], tr["translate"]
             ly.metadata = {**ly.metadata, "stgen_generated": res.records[0]}
-        self.preview_layer.visible = self.after_check.isChecked()
+        self._on_before_after(self.after_check.isChecked())
         self._keep_region_on_top()
         self.variant_slider.blockSignals(True)
         self.variant_slider.setRange(0, len(res.images) - 1)
@@ -817,8 +833,21 @@ class SynthesizeWidget(QWidget):
             self.variant_slider.setValue(k)
 
     def _on_before_after(self, after: bool) -> None:
+        """After: the generated tile over the slide. Before: the H&E alone (the preview and
+        every napari-stgen overlay hidden, restored on After)."""
         if self.preview_layer is not None:
             self.preview_layer.visible = bool(after)
+        if after:
+            for ly in self._hidden_overlays:
+                if ly in self.viewer.layers:
+                    ly.visible = True
+            self._hidden_overlays = []
+            return
+        for ly in self.viewer.layers:
+            kind = ((ly.metadata or {}).get("stgen") or {}).get("kind")
+            if ly.visible and (kind in OVERLAY_KINDS or ly == self.region_layer):
+                ly.visible = False
+                self._hidden_overlays.append(ly)
 
     def keep(self) -> Any:
         """Keep the shown variant: it becomes a named layer, listed and exportable."""
@@ -936,34 +965,17 @@ class SynthesizeWidget(QWidget):
         worker.start()
 
     def _on_progress(self, p: tuple[int, int], token: Any, desc: str) -> None:
-        if token.cancelled:
-            return
         done, total = p
-        from napari.utils import progress
-
-        if self._pbar is None or getattr(self._pbar, "_stgen_token", None) is not token:
-            self._close_pbar()
-            if total <= 0:
-                return
-            self._pbar = progress(total=max(total, 1), desc=desc)
-            self._pbar._stgen_token = token
-        self._pbar.n = done
-        self._pbar.refresh()
+        self.progress.update(token, done, total, desc)
 
     def _on_finished(self, kind: str, token: Any) -> None:
+        self.progress.finish(token)
         if self._tokens.get(kind) is token:
             self._tokens.pop(kind, None)
-            if self._pbar is not None and getattr(self._pbar, "_stgen_token", None) is token:
-                self._close_pbar()
             if token.cancelled:
                 self.status_label.setText("cancelled")
         if not any(k in self._tokens for k in ("profile", "generate")):
             self.cancel_btn.setEnabled(False)
-
-    def _close_pbar(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
 
     @property
     def busy(self) -> bool:
@@ -980,7 +992,10 @@ class SynthesizeWidget(QWidget):
             if getattr(w, "_stgen_kind", None) in ("profile", "generate"):
                 w.quit()
         self._generate_after_profile = False
-        self._close_pbar()
+        for kind in ("profile", "generate"):
+            tok = self._tokens.get(kind)
+            if tok is not None:
+                self.progress.finish(tok)
         self.cancel_btn.setEnabled(False)
 
     def shutdown(self) -> None:
@@ -989,6 +1004,7 @@ class SynthesizeWidget(QWidget):
         self._region_timer.stop()
         self.live_check.setChecked(False)
         self.cancel()
+        self.progress.close_all()
 
     def _notify(self, msg: str, error: bool = False) -> None:
         self.status_label.setText(msg)
