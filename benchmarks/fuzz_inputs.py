@@ -1011,6 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-gb", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--families", nargs="*", default=None, help="only these families")
+    ap.add_argument("--ids", nargs="*", default=None, help="only these mutation ids")
     args = ap.parse_args(argv)
 
     # import what the children use once, here (they are forked from this process); nothing
@@ -1045,6 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
     rng.shuffle(rest)
     if args.families:
         rest = [c for c in rest if c[0].family in args.families]
+    if args.ids:
+        rest = [c for c in rest if c[0].id in args.ids]
     if args.sample:
         rest = rest[: args.sample]
     print(f"{len(corpus)} mutations in the corpus; running {len(rest)} + intact", flush=True)

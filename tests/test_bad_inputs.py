@@ -181,6 +181,25 @@ def test_f2_predict_stops_or_skips_unreadable_tiles(zlib_tiff: Path, tmp_path: P
     assert np.isnan(a["bad"].X).all() and np.isfinite(a[["a", "c"]].X).all()
 
 
+@pytest.mark.parametrize("delta", [-256, -16384])
+def test_f2_jpeg_tile_with_wrong_byte_count_is_an_error(
+    delta: int, sample_bytes: bytes, tmp_path: Path
+) -> None:
+    """The two silent cases of the fuzz run: a bit flip in TileByteCounts shortens a JPEG
+    tile, which libjpeg decodes (grey-filled) without complaint."""
+    ifd = fz.tiff_ifds(sample_bytes)[2]
+    _e, _t, _c, vf = ifd["entries"][325]
+    import struct
+
+    (arr,) = struct.unpack_from("<I", sample_bytes, vf)
+    (n,) = struct.unpack_from("<I", sample_bytes, arr + 4 * 44)
+    p = tmp_path / "short.tif"
+    p.write_bytes(fz.set_array_item(sample_bytes, 2, 325, 44, n + delta))
+    with open_slide(p) as s:
+        with pytest.raises(SlideReadError, match="level 2 tile .* no end marker"):
+            s.levels[2].compute()
+
+
 # ----------------------------------------------------------------------------------- 3
 def test_f3_failing_tile_draws_blank_with_one_notification(
     make_napari_viewer, zlib_tiff: Path, qtbot, monkeypatch: pytest.MonkeyPatch

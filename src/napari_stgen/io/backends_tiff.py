@@ -113,6 +113,7 @@ def _direct_level(page: Any, fh: Any, name: str, path: Path, level: int) -> da.A
     jt, jh = page.jpegtables, page.jpegheader
     tail = page.shape[2:]
     kind = "tile" if page.is_tiled else "strip"
+    jpeg = int(page.compression) in _JPEG_CODES
 
     def read_segment(sy: int, sx: int) -> np.ndarray:
         i = sy * per_row + sx
@@ -128,6 +129,9 @@ def _direct_level(page: Any, fh: Any, name: str, path: Path, level: int) -> da.A
             raise SlideReadError(
                 f"{where} is truncated ({len(data)} of {counts[i]} bytes in the file)"
             )
+        if jpeg and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            # JPEG has no checksum; a short or overlong byte count shows as a missing EOI
+            raise SlideReadError(f"{where} is truncated or corrupt (JPEG data has no end marker)")
         try:
             seg, _, _ = decode(data, i, jpegtables=jt, jpegheader=jh)
             seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)[:th_, :tw_]
@@ -233,6 +237,8 @@ def _axes_for(s: Any, ndim: int, path: Path) -> str:
     raise SlideReadError(f"{path}: cannot match axes {s.axes!r} to {ndim}-D data")
 
 
+#: TIFF compressions whose segments are JPEG streams ending with an EOI marker.
+_JPEG_CODES = {7, 34892}
 _CORRUPT_LOG = re.compile(r"invalid (?:page |value |tag )?offset|raised TiffFileError|missing data")
 
 
