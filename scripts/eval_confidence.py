@@ -53,6 +53,7 @@ def fold_calibration(data: Path, holdout: str, model_path: str, bins: int = 5) -
     conf = fit_confidence(net, np.concatenate([s.patches for s in tr], 0))
     cands = candidates(net, feat, zhat, z, bank=conf.bank)
     cands["combined"] = conf.score(cands["code_entropy"], feat.mean(0))
+    cands["combined_sum"] = conf.score(cands["code_entropy"], feat.mean(0), how="sum")
     with torch.inference_mode():
         ent_tile = code_entropy(net.gene.vq.distances(torch.from_numpy(zhat.mean(0)))).numpy()
     cands["code_entropy_tile"] = ent_tile

@@ -12,7 +12,7 @@ Candidates (each larger = less sure), computed without another encoder pass:
 - ``feature_novelty``: mean distance of the tile's pooled image features to their 8 nearest
   training-spot features (needs a feature bank: ``bank`` (M, F)).
 
-- ``combined``: the sum of code entropy and feature novelty, each standardized by its
+- ``combined``: the larger of code entropy and feature novelty, each standardized by its
   distribution over the training spots (novelty of a training spot leaves the spot itself
   out). Entropy says the image sits between expression programmes; novelty says the image is
   unlike anything trained on (glass, folds, pen marks, another stain).
@@ -74,12 +74,14 @@ class Confidence:
         stats = tensors.pop("confidence.stats").float().numpy()
         return cls(bank, stats)
 
-    def score(self, entropy: np.ndarray, feat_mean: np.ndarray) -> np.ndarray:
+    def score(self, entropy: np.ndarray, feat_mean: np.ndarray, how: str = "max") -> np.ndarray:
         """(N,) combined uncertainty of tiles with code entropy ``entropy`` (N,) and pooled
-        features ``feat_mean`` (N, F) (mean over TTA transforms)."""
+        features ``feat_mean`` (N, F) (mean over TTA transforms): the larger of the two
+        standardized scores (``how="max"``, shipped) or their sum (``"sum"``)."""
         e_mu, e_sd, n_mu, n_sd = (float(v) for v in self.stats)
         nov = feature_novelty(feat_mean, self.bank)
-        return ((entropy - e_mu) / e_sd + (nov - n_mu) / n_sd).astype(np.float32)
+        ze, zn = (entropy - e_mu) / e_sd, (nov - n_mu) / n_sd
+        return (np.maximum(ze, zn) if how == "max" else ze + zn).astype(np.float32)
 
 
 def fit_confidence(model, patches: np.ndarray, tta: int = 4, batch: int = 128) -> Confidence:

@@ -444,8 +444,8 @@ def confidence_card(conf, sections: list[str]) -> dict:
     """Model-card entry for the per-tile uncertainty the checkpoint carries."""
     return {
         "uncertainty": "combined",
-        "definition": "standardized code-posterior entropy + standardized feature novelty "
-        f"(mean distance to the {K_NOVELTY} nearest training-spot image features); "
+        "definition": "max(standardized code-posterior entropy, standardized feature novelty "
+        f"(mean distance to the {K_NOVELTY} nearest training-spot image features)); "
         "inference/confidence.py",
         "bank_spots": int(len(conf.bank)),
         "bank_sections": sections,
