@@ -11,12 +11,14 @@ tokens, never their expression); ``genst_tile`` is the same model tile by tile.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..inference.stain import normalise, stain_stats
 from ..io.her2st import smooth_over_neighbours
 from .data import SectionData, load_dataset, split_holdout
 from .metrics import pearson_per_gene
@@ -59,9 +61,12 @@ def run_fold(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     log=print,
+    stain_norm: str | None = None,
 ) -> dict:
     """Train (or load) GenST without ``holdout``, score it and the baselines on ``holdout``.
 
+    ``stain_norm`` ("reinhard" or "hed", inference/stain.py) normalises the held-out patches
+    to the training sections' stain statistics before anything scores them.
     Returns a JSON-ready dict with mean Pearson over the 50 benchmark genes per method.
     """
     import torch
@@ -72,8 +77,14 @@ def run_fold(
 
     sections, panel, bench = load_dataset(data_dir, cache_dir=cache_dir)
     te, tr = split_holdout(sections, holdout, data_dir)
+    if stain_norm:
+        ref = stain_stats(np.concatenate([s.patches for s in tr], 0), stain_norm)
+        te = dataclasses.replace(
+            te, patches=normalise(te.patches, stain_stats(te.patches, stain_norm), ref)
+        )
     res: dict = {
         "holdout": holdout,
+        "stain_norm": stain_norm,
         "train_sections": [s.name for s in tr],
         **split_kind(holdout, [s.name for s in tr]),
         "n_test_spots": int(len(te.y)),
