@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from scipy.stats import spearmanr
 
 from napari_stgen.inference.confidence import candidates, code_entropy, fit_confidence
 from napari_stgen.inference.predictor import load_genst
+from napari_stgen.io.atomic import write_text_atomic
 from napari_stgen.training.data import load_dataset, split_holdout
 from napari_stgen.training.genst_context import context_latent, section_tokens
 
@@ -106,9 +106,7 @@ def main() -> None:
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
-        tmp = a.out.with_name(a.out.name + ".partial")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, a.out)
+        write_text_atomic(a.out, text + "\n")
 
 
 if __name__ == "__main__":

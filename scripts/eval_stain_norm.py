@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from napari_stgen.io.atomic import write_text_atomic
 from napari_stgen.training.evaluate_genst import run_fold
 
 KEYS = ("genst", "genst_tile")
@@ -60,9 +60,7 @@ def main() -> None:
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
-        tmp = a.out.with_name(a.out.name + ".partial")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, a.out)
+        write_text_atomic(a.out, text + "\n")
 
 
 if __name__ == "__main__":
