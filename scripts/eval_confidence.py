@@ -54,6 +54,7 @@ def fold_calibration(data: Path, holdout: str, model_path: str, bins: int = 5) -
     cands = candidates(net, feat, zhat, z, bank=conf.bank)
     cands["combined"] = conf.score(cands["code_entropy"], feat.mean(0))
     cands["combined_sum"] = conf.score(cands["code_entropy"], feat.mean(0), how="sum")
+    cands["combined_sum_pos"] = conf.score(cands["code_entropy"], feat.mean(0), how="sum_pos")
     with torch.inference_mode():
         ent_tile = code_entropy(net.gene.vq.distances(torch.from_numpy(zhat.mean(0)))).numpy()
     cands["code_entropy_tile"] = ent_tile
@@ -82,12 +83,49 @@ def fold_calibration(data: Path, holdout: str, model_path: str, bins: int = 5) -
     return out
 
 
+def plot_reliability(res: dict, path: Path, name: str = "combined") -> None:
+    """Error by uncertainty quintile, one line per held-out fold (the shipped score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=120)
+    for f in res["folds"]:
+        rel = f["reliability"][name]
+        kind = "new patient" if f["holdout"][:1] not in {s[:1] for s in f["train_sections"]} else (
+            "within patient"
+        )
+        ax.plot(
+            np.arange(1, len(rel["error_mean"]) + 1),
+            rel["error_mean"],
+            marker="o",
+            lw=2.2 if kind == "new patient" else 1.2,
+            label=f"{f['holdout']} ({kind}), ρ = {f['spearman'][name]:.2f}",
+        )
+    ax.set_xticks(np.arange(1, 6))
+    ax.set_xlabel("uncertainty quintile (1 = surest fifth of the section's spots)")
+    ax.set_ylabel("mean |pred − measured|\n(log1p CP10k, 50 genes)")
+    ax.set_title("GenST confidence on held-out sections (fold models)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".partial.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--fold", action="append", required=True, help="HOLDOUT=CHECKPOINT")
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--fold", action="append", help="HOLDOUT=CHECKPOINT")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="reliability plot (PNG)")
+    ap.add_argument("--from-json", type=Path, default=None, help="only re-plot this result")
     a = ap.parse_args()
+    if a.from_json:
+        plot_reliability(json.loads(a.from_json.read_text()), a.plot)
+        return
     torch.set_num_threads(1)
     folds = [fold_calibration(a.data, *f.split("=", 1)) for f in a.fold]
     names = list(folds[0]["spearman"])
@@ -107,6 +145,8 @@ def main() -> None:
     print(text)
     if a.out:
         write_text_atomic(a.out, text + "\n")
+    if a.plot:
+        plot_reliability(res, a.plot)
 
 
 if __name__ == "__main__":

@@ -77,11 +77,21 @@ class Confidence:
     def score(self, entropy: np.ndarray, feat_mean: np.ndarray, how: str = "max") -> np.ndarray:
         """(N,) combined uncertainty of tiles with code entropy ``entropy`` (N,) and pooled
         features ``feat_mean`` (N, F) (mean over TTA transforms): the larger of the two
-        standardized scores (``how="max"``, shipped) or their sum (``"sum"``)."""
+        standardized scores (``how="max"``), their sum (``"sum"``), or the novelty plus the
+        entropy's excess over the training mean (``"sum_pos"``: glass, whose code posterior is
+        sharper than tissue's, is not made surer by it)."""
         e_mu, e_sd, n_mu, n_sd = (float(v) for v in self.stats)
         nov = feature_novelty(feat_mean, self.bank)
         ze, zn = (entropy - e_mu) / e_sd, (nov - n_mu) / n_sd
-        return (np.maximum(ze, zn) if how == "max" else ze + zn).astype(np.float32)
+        if how == "max":
+            u = np.maximum(ze, zn)
+        elif how == "sum":
+            u = ze + zn
+        elif how == "sum_pos":
+            u = np.maximum(ze, 0.0) + zn
+        else:
+            raise ValueError(f"confidence combination {how!r}: expected max, sum or sum_pos")
+        return u.astype(np.float32)
 
 
 def fit_confidence(model, patches: np.ndarray, tta: int = 4, batch: int = 128) -> Confidence:
