@@ -115,6 +115,92 @@ def merge(a) -> int:
     return 0
 
 
+LOPO_METHODS = [
+    ("histotx_transcripts_only", "HistoTx transcripts only"),
+    ("knn8", "kNN k = 8 (mean)"),
+    ("knn4", "kNN k = 4 (mean)"),
+    ("knn8_idw", "kNN k = 8 (inverse distance)"),
+    ("histotx", "HistoTx image + transcripts"),
+    ("histotx_image_only", "HistoTx image only"),
+]
+
+
+def lopo_table(res: dict) -> str:
+    """Markdown: one column per held-out patient, then the mean over patients."""
+    pts = res["summary"]["test_patients"]
+    per = res["summary"]["per_patient"]
+    keys = [(k, lab) for k, lab in LOPO_METHODS]
+    keys += [
+        (k, f"HistoTx fused, adapted {k.rsplit('_', 1)[1]} steps")
+        for k in sorted(
+            {k for v in per.values() for k in v if k.startswith("histotx_adapted_")},
+            key=lambda k: int(k.rsplit("_", 1)[1]),
+        )
+    ]
+    rows = ["| method | " + " | ".join(pts) + " | mean |", "|---" * (len(pts) + 2) + "|"]
+    for k, lab in keys:
+        if k not in res["summary"]["mean"]:
+            continue
+        cells = [f"{per[p][k]:.3f}" if k in per[p] else "–" for p in pts]
+        rows.append(
+            f"| {lab} | " + " | ".join(cells) + f" | **{res['summary']['mean'][k]['mean']:.3f}** |"
+        )
+    return "\n".join(rows)
+
+
+def lopo(a) -> int:
+    """Leave-one-patient-out over A–F (imaged + expression-only sections)."""
+    import torch
+
+    from napari_stgen.training.evaluate_histotx import (
+        PATIENTS,
+        load_lopo_data,
+        lopo_fold,
+        lopo_summary,
+    )
+    from napari_stgen.training.histotx import TrainConfig
+
+    torch.set_num_threads(1)
+    tcfg = TrainConfig(seed=a.seed, knn_k=a.knn_k, dim=a.dim, depth=a.depth)
+    if a.steps:
+        tcfg.steps = a.steps
+    sets, panel, bench = load_lopo_data(a.data, a.expression_data)
+    out = Path(a.out)
+    res = {
+        "protocol": "leave-one-patient-out over patients A-F; train on every section "
+        "(imaged + expression-only) of the other patients; hidden = seeded random half of "
+        "each held-out section's spots",
+        "command": "python scripts/eval_histotx.py " + " ".join(sys.argv[1:]),
+        "machine": f"{os.cpu_count()} CPU cores, torch threads 1, no GPU",
+        "folds": [],
+    }
+    for p in a.patients or PATIENTS:
+        save = Path(a.save_models) / f"histotx_no{p}.safetensors" if a.save_models else None
+        if save:
+            save.parent.mkdir(parents=True, exist_ok=True)
+        r = lopo_fold(
+            sets,
+            panel,
+            bench,
+            p,
+            tcfg,
+            split_seeds=tuple(a.split_seeds),
+            hide_frac=a.hide,
+            adapt_steps=tuple(a.lopo_adapt),
+            save_model=save,
+            log=lambda s, p=p: print(f"[{p}] {s}", file=sys.stderr, flush=True),
+        )
+        print(f"[{p}] {json.dumps(r['summary'])}", file=sys.stderr, flush=True)
+        res["folds"].append(r)
+        res["summary"] = lopo_summary(res["folds"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, out)
+    print(lopo_table(res))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -135,9 +221,19 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--merge", nargs="*", default=None, help="only merge these per-fold JSON outputs"
     )
+    ap.add_argument("--lopo", action="store_true", help="leave-one-patient-out over A-F")
+    ap.add_argument("--expression-data", default=None, help="expression-only sections (--lopo)")
+    ap.add_argument("--patients", nargs="*", default=None, help="held-out patients (--lopo)")
+    ap.add_argument("--split-seeds", nargs="*", type=int, default=[0])
+    ap.add_argument("--lopo-adapt", nargs="*", type=int, default=[], help="adaptation steps")
+    ap.add_argument("--knn-k", type=int, default=8, help="kNN residual (0: off)")
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=3)
     a = ap.parse_args(argv)
     if a.merge:
         return merge(a)
+    if a.lopo:
+        return lopo(a)
 
     import torch
 

@@ -277,6 +277,37 @@ def predict_sites(
     return out, n_ctx.astype(np.int64)
 
 
+UNCERTAINTY_K = (
+    8  # measured neighbours whose spread is a fused/transcripts prediction's uncertainty
+)
+
+
+def measured_spread(
+    meas_xy_um: np.ndarray,
+    meas_expr: np.ndarray,
+    query_xy_um: np.ndarray,
+    y_std: np.ndarray,
+    present: np.ndarray | None = None,
+    k: int = UNCERTAINTY_K,
+) -> np.ndarray:
+    """Uncertainty (Q,) of predictions made with measured spots: the spread (SD) of the
+    ``k`` nearest measured profiles around each query, in units of each gene's SD
+    (``y_std``), mean over the measured genes. Larger = less sure: the neighbourhood
+    disagrees, so interpolating it is unreliable (held-out calibration: docs/histotx.md)."""
+    from scipy.spatial import cKDTree
+
+    q = np.asarray(query_xy_um, np.float64).reshape(-1, 2)
+    xy = np.asarray(meas_xy_um, np.float64).reshape(-1, 2)
+    if len(q) == 0 or len(xy) < 2:
+        return np.full(len(q), np.nan, np.float32)
+    e = np.asarray(meas_expr, np.float32)
+    cols = np.ones(e.shape[1], bool) if present is None else np.asarray(present, bool)
+    _, nb = cKDTree(xy).query(q, k=min(k, len(xy)))
+    nb = nb.reshape(len(q), -1)
+    sd = np.asarray(y_std, np.float32)[cols]
+    return (e[:, cols][nb].std(1) / sd).mean(1).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- loading
 class HistoTxPredictor:
     """A loaded HistoTx model: ``genes``, ``mpp``, ``patch_px``, ``patch_um``, ``card``, ...
@@ -416,6 +447,8 @@ class HistoTxResult:
     image_only: bool
     measured: Measured | None = None
     info: dict = field(default_factory=dict)
+    # (N,) float32, larger = less sure (``measured_spread``); None for image-only predictions
+    uncertainty: np.ndarray | None = None
 
 
 def slide_mpp(slide: Any, mpp: float | None = None) -> float:
@@ -623,8 +656,13 @@ def predict_with_measurements(
         expr[sl], nctx[sl] = e, n
         if progress is not None:
             progress(sl.stop, len(c))
-    use = ctx is not None and not image_only
+    use = ctx is not None and not image_only and len(ctx.xy_um) > 0
     info = {"model": pred.name, "checksum": pred.checksum, "mpp": m, "image_only": not use}
+    unc = None
+    if use:
+        y_std = pred.model.y_std.detach().cpu().numpy()
+        unc = measured_spread(ctx.xy_um, ctx.measured.expr, c * m, y_std, ctx.measured.present)
+        info["uncertainty"] = f"SD of the {UNCERTAINTY_K} nearest measured profiles (gene SDs)"
     meas = ctx.measured if ctx is not None else None
     if meas is not None:
         info.update(
@@ -634,7 +672,7 @@ def predict_with_measurements(
             genes_overlap=meas.n_overlap,
             notes=meas.notes,
         )
-    return HistoTxResult(expr, list(pred.genes), nctx, not use, meas, info)
+    return HistoTxResult(expr, list(pred.genes), nctx, not use, meas, info, unc)
 
 
 def predict_tiles(
