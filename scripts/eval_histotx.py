@@ -120,7 +120,10 @@ LOPO_METHODS = [
     ("knn8", "kNN k = 8 (mean)"),
     ("knn4", "kNN k = 4 (mean)"),
     ("knn8_idw", "kNN k = 8 (inverse distance)"),
+    ("knn8_denoised", "kNN k = 8 of the denoised measured spots"),
+    ("histotx_transcripts_only_raw", "HistoTx transcripts only, raw (not denoised) tokens"),
     ("histotx", "HistoTx image + transcripts"),
+    ("histotx_raw", "HistoTx image + transcripts, raw tokens"),
     ("histotx_image_only", "HistoTx image only"),
 ]
 
@@ -176,6 +179,12 @@ def lopo(a) -> int:
     }
     for p in a.patients or PATIENTS:
         save = Path(a.save_models) / f"histotx_no{p}.safetensors" if a.save_models else None
+        model = None
+        if a.models_dir:  # evaluate saved fold models instead of training
+            from napari_stgen.inference.histotx import load_histotx
+
+            model = load_histotx(Path(a.models_dir) / f"histotx_no{p}.safetensors", device="cpu")
+            save = None
         if save:
             save.parent.mkdir(parents=True, exist_ok=True)
         r = lopo_fold(
@@ -184,6 +193,7 @@ def lopo(a) -> int:
             bench,
             p,
             tcfg,
+            model=model,
             split_seeds=tuple(a.split_seeds),
             hide_frac=a.hide,
             adapt_steps=tuple(a.lopo_adapt),
@@ -226,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patients", nargs="*", default=None, help="held-out patients (--lopo)")
     ap.add_argument("--split-seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--lopo-adapt", nargs="*", type=int, default=[], help="adaptation steps")
+    ap.add_argument("--models-dir", default=None, help="saved fold models (--lopo)")
     ap.add_argument("--knn-k", type=int, default=8, help="kNN residual (0: off)")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--depth", type=int, default=3)

@@ -51,14 +51,24 @@ def test_expression_sections_are_image_free_spotsets(lopo_data):
     assert b["tx_valid"].any()
 
 
-def test_training_with_expression_sections_loss_falls(lopo_data):
-    from napari_stgen.models.histotx import HistoTx
-    from napari_stgen.training.histotx import TrainConfig, WindowSampler, train_histotx
+@pytest.fixture(scope="module")
+def tiny(lopo_data):
+    """A tiny kNN-residual HistoTx trained on C3 (imaged) + A1, B1 (expression only)."""
+    from napari_stgen.training.histotx import TrainConfig, train_histotx
 
     torch.set_num_threads(1)
     (sets, panel, _), _ = lopo_data
     tcfg = TrainConfig(**TINY)
     model, hist = train_histotx(sets, panel, None, tcfg)
+    return model, hist, tcfg
+
+
+def test_training_with_expression_sections_loss_falls(lopo_data, tiny):
+    from napari_stgen.models.histotx import HistoTx
+    from napari_stgen.training.histotx import WindowSampler
+
+    (sets, panel, _), _ = lopo_data
+    model, hist, tcfg = tiny
     fresh = HistoTx(model.cfg)
     fresh.load_state_dict(model.state_dict())
     torch.manual_seed(1)
@@ -160,3 +170,31 @@ def test_cli_evaluate_lopo_subprocess(her2st_dir, expr_dir, lopo_data, tmp_path)
     assert res["train_patients"] == ["A", "C"] and res["test_sections"] == ["B1"]
     assert {"knn4", "knn8", "histotx_transcripts_only"} <= set(res["summary"])
     assert json.loads(r.stdout)["test_patient"] == "B"
+
+
+def test_impute_measured_without_image(lopo_data, tiny, expr_dir, tmp_path):
+    """Leave-one-out fill-in of a measured section with no image, with its uncertainty."""
+    import anndata
+    from scipy.stats import spearmanr
+
+    from napari_stgen.inference.histotx import impute_measured, load_histotx
+    from napari_stgen.io.her2st import read_expression_section
+    from napari_stgen.training.histotx import model_card, save_model
+    from napari_stgen.training.metrics import pearson_per_gene
+
+    (sets, panel, bench), _ = lopo_data
+    model, _, tcfg = tiny
+    path = save_model(tmp_path / "tiny.safetensors", model, model_card(model, panel, bench, tcfg))
+    pred = load_histotx(path, device="cpu")
+    e = read_expression_section(expr_dir, "D1")  # a patient the model never saw
+    a = anndata.AnnData(X=e.counts)
+    a.var_names = e.genes
+    a.obsm["spatial"] = e.array_xy.astype(np.float64)
+    res = impute_measured(pred, a, mpp=200.0)  # array units → µm
+    y = e.target(panel)
+    ib = [panel.index(g) for g in bench if g in set(e.genes)]
+    assert res.expr.shape == (len(y), len(panel)) and res.info["leave_one_out"]
+    assert pearson_per_gene(res.expr[:, ib], y[:, ib]).mean() > 0.15
+    err = np.abs(res.expr[:, ib] - y[:, ib]).mean(1)
+    assert res.uncertainty.shape == (len(y),) and np.isfinite(res.uncertainty).all()
+    assert spearmanr(res.uncertainty, err).statistic > 0.3  # larger = less sure, on real data

@@ -293,10 +293,12 @@ def score_section(
     tcfg=None,
 ) -> dict:
     """All methods on one held-out SpotSet ``s`` with a seeded ``hide_frac`` of spots hidden:
-    kNN (k = 4, 8; plain mean, and inverse-distance k = 8), HistoTx transcripts-only; for an
-    imaged section also fused, image-only and fused after each of ``adapt_steps``. Also the
+    kNN (k = 4, 8; plain mean, and inverse-distance k = 8; and k = 8 of the denoised visible
+    profiles), HistoTx transcripts-only; for an imaged section also fused, image-only and
+    fused after each of ``adapt_steps``. HistoTx's transcript tokens are the visible profiles
+    after ``denoise_measured`` (as the library does); ``*_raw``: the raw profiles. Also the
     Spearman of candidate uncertainties with each spot's absolute error."""
-    from ..inference.histotx import predict_sites
+    from ..inference.histotx import denoise_measured, predict_sites
     from .histotx import adapt_to_measured
 
     window = window or {}
@@ -314,11 +316,18 @@ def score_section(
     for k in KNN_K:
         preds[f"knn{k}"] = knn_interpolate(v_xy, yv, q_xy, k)
     preds["knn8_idw"] = knn_interpolate(v_xy, yv, q_xy, 8, idw=True)
-    preds["histotx_transcripts_only"] = predict_sites(
+    yd = denoise_measured(yv, pres)  # within-section low-rank denoising of the visible half
+    preds["knn8_denoised"] = knn_interpolate(v_xy, yd, q_xy, 8)
+    dmeas = (yd, pres, v_xy)
+    preds["histotx_transcripts_only_raw"] = predict_sites(
         net, feats[hid], q_xy, feats, s.xy_um, *meas, **w, use_image=False
     )[0]
+    preds["histotx_transcripts_only"] = predict_sites(
+        net, feats[hid], q_xy, feats, s.xy_um, *dmeas, **w, use_image=False
+    )[0]
     if s.has_image:
-        preds["histotx"] = predict_sites(net, feats[hid], q_xy, feats, s.xy_um, *meas, **w)[0]
+        preds["histotx_raw"] = predict_sites(net, feats[hid], q_xy, feats, s.xy_um, *meas, **w)[0]
+        preds["histotx"] = predict_sites(net, feats[hid], q_xy, feats, s.xy_um, *dmeas, **w)[0]
         preds["histotx_image_only"] = predict_sites(net, feats[hid], q_xy, feats, s.xy_um, **w)[0]
         for n in adapt_steps:
             if n <= 0:
@@ -327,7 +336,7 @@ def score_section(
             y[:, ~pres] = net.y_mean.numpy()[~pres]
             net_a = adapt_to_measured(net, feats[vis], v_xy, y, steps=n, tcfg=tcfg)
             preds[f"histotx_adapted_{n}"] = predict_sites(
-                net_a, feats[hid], q_xy, feats, s.xy_um, *meas, **w
+                net_a, feats[hid], q_xy, feats, s.xy_um, *dmeas, **w
             )[0]
     out = {
         "section": s.name,

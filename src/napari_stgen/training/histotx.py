@@ -76,7 +76,7 @@ class TrainConfig:
     depth: int = 3
     seed: int = 0
     threads: int = 1
-    knn_k: int = 0  # > 0: the model is a residual on kNN interpolation (HistoTxConfig.knn_k)
+    knn_k: int = 8  # > 0: the model is a residual on kNN interpolation (HistoTxConfig.knn_k)
     extra: dict = field(default_factory=dict)
 
 
