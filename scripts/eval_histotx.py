@@ -151,6 +151,54 @@ def lopo_table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def lopo_plot(res: dict, path: Path) -> None:
+    """Bars per held-out patient: HistoTx transcripts-only vs kNN; fused vs image-only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = res["summary"]["test_patients"]
+    per = res["summary"]["per_patient"]
+    keys = [k for k, _ in LOPO_METHODS if k in res["summary"]["mean"]]
+    labels = dict(LOPO_METHODS)
+    fig, ax = plt.subplots(figsize=(9, 4.6), dpi=120)
+    w = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        vals = [per[p].get(k, np.nan) for p in pts] + [res["summary"]["mean"][k]["mean"]]
+        ax.bar(np.arange(len(pts) + 1) + (i - len(keys) / 2 + 0.5) * w, vals, w, label=labels[k])
+    ax.set_xticks(np.arange(len(pts) + 1), [f"held out {p}" for p in pts] + ["mean"])
+    ax.set_ylabel("mean Pearson, hidden spots (top-50)")
+    ax.set_title("HER2ST leave-one-patient-out, half of each held-out section's spots hidden")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".partial.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def lopo_merge(a) -> int:
+    """Merge LOPO JSON files (one or more held-out patients each) into ``--out``."""
+    from napari_stgen.training.evaluate_histotx import lopo_summary
+
+    folds = {}
+    for p in a.lopo_merge:
+        for f in json.loads(Path(p).read_text())["folds"]:
+            folds[f["test_patient"]] = f
+    res = {"protocol": "leave-one-patient-out (merged)", "sources": a.lopo_merge}
+    res["folds"] = [folds[k] for k in sorted(folds)]
+    res["summary"] = lopo_summary(res["folds"])
+    out = Path(a.out)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, out)
+    if a.plot:
+        lopo_plot(res, Path(a.plot))
+    print(lopo_table(res))
+    return 0
+
+
 def lopo(a) -> int:
     """Leave-one-patient-out over A–F (imaged + expression-only sections)."""
     import torch
@@ -207,6 +255,8 @@ def lopo(a) -> int:
         tmp = out.with_name(f".{out.name}.partial")
         tmp.write_text(json.dumps(res, indent=2) + "\n")
         os.replace(tmp, out)
+    if a.plot:
+        lopo_plot(res, Path(a.plot))
     print(lopo_table(res))
     return 0
 
@@ -240,9 +290,12 @@ def main(argv=None) -> int:
     ap.add_argument("--knn-k", type=int, default=8, help="kNN residual (0: off)")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--lopo-merge", nargs="*", default=None, help="merge LOPO JSON files")
     a = ap.parse_args(argv)
     if a.merge:
         return merge(a)
+    if a.lopo_merge:
+        return lopo_merge(a)
     if a.lopo:
         return lopo(a)
 

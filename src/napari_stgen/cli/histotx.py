@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..inference.histotx import DEFAULT_ADAPT_STEPS
+
 
 def register_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -37,11 +39,14 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "histotx",
-        help="leave-one-section-out HistoTx benchmark (JSON)",
-        description="Train HistoTx without --holdout (or load --model), hide half of the "
-        "held-out spots and print JSON: Pearson (50 benchmark genes) on the hidden spots for "
-        "HistoTx image+transcripts, HistoTx image-only, nearest-neighbour and Gaussian-process "
-        "interpolation of the visible spots, and GenST when --genst is given.",
+        help="HistoTx benchmark: leave-one-patient-out or leave-one-section-out (JSON)",
+        description="Hide half of each held-out section's spots and print JSON: Pearson "
+        "(50 benchmark genes) on the hidden spots for HistoTx (transcripts only, image + "
+        "transcripts, image only, adapted) beside kNN interpolation of the visible spots "
+        "(k = 4 and 8, plain mean). --holdout-patient / --protocol lopo: train on every "
+        "section (imaged + expression-only) of the other patients, test on that patient's "
+        "sections. --holdout: train without one section (also nearest-neighbour, Gaussian "
+        "process and GenST with --genst).",
     )
     p.add_argument("--data", required=True, help="directory of HER2ST sections")
     p.add_argument(
@@ -81,8 +86,9 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--adapt-steps",
         type=int,
-        default=200,
-        help="test-time adaptation steps on the visible spots (0: off)",
+        default=DEFAULT_ADAPT_STEPS,
+        help="test-time adaptation steps on the visible spots (0: off; default "
+        f"{DEFAULT_ADAPT_STEPS}, chosen leave-one-patient-out: docs/histotx.md)",
     )
     p.add_argument("--knn-k", type=int, default=None, help="kNN residual of the model (0: off)")
     p.add_argument("--no-gp", action="store_true", help="skip the Gaussian-process baseline")
