@@ -47,29 +47,38 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def plot(res: dict, path: Path) -> None:
+def bar_plot(groups: list[str], series: list[tuple[str, list[float]]], title: str, path) -> None:
+    """Grouped bars (one series per method, ``len(groups)`` values each) to a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folds = [f["holdout"] for f in res["folds"]]
-    present = [(k, lab) for k, lab in METHODS if any(k in f["summary"] for f in res["folds"])]
     fig, ax = plt.subplots(figsize=(9, 4.6), dpi=120)
-    w = 0.8 / len(present)
-    for i, (k, lab) in enumerate(present):
-        vals = [f["summary"].get(k, np.nan) for f in res["folds"]]
-        vals.append(np.nanmean(vals))
-        ax.bar(np.arange(len(folds) + 1) + (i - len(present) / 2 + 0.5) * w, vals, w, label=lab)
-    ax.set_xticks(np.arange(len(folds) + 1), folds + ["mean"])
+    w = 0.8 / len(series)
+    for i, (lab, vals) in enumerate(series):
+        ax.bar(np.arange(len(groups)) + (i - len(series) / 2 + 0.5) * w, vals, w, label=lab)
+    ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("mean Pearson, hidden spots (top-50)")
-    ax.set_title("HER2ST leave-one-section-out, half of the held-out spots hidden")
+    ax.set_title(title)
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial.png")
     fig.savefig(tmp)
     os.replace(tmp, path)
+
+
+def plot(res: dict, path: Path) -> None:
+    folds = [f["holdout"] for f in res["folds"]]
+    present = [(k, lab) for k, lab in METHODS if any(k in f["summary"] for f in res["folds"])]
+    series = []
+    for k, lab in present:
+        vals = [f["summary"].get(k, np.nan) for f in res["folds"]]
+        series.append((lab, vals + [np.nanmean(vals)]))
+    title = "HER2ST leave-one-section-out, half of the held-out spots hidden"
+    bar_plot(folds + ["mean"], series, title, path)
 
 
 def _means(res: dict) -> dict:
@@ -153,29 +162,16 @@ def lopo_table(res: dict) -> str:
 
 def lopo_plot(res: dict, path: Path) -> None:
     """Bars per held-out patient: HistoTx transcripts-only vs kNN; fused vs image-only."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts = res["summary"]["test_patients"]
     per = res["summary"]["per_patient"]
-    keys = [k for k, _ in LOPO_METHODS if k in res["summary"]["mean"]]
     labels = dict(LOPO_METHODS)
-    fig, ax = plt.subplots(figsize=(9, 4.6), dpi=120)
-    w = 0.8 / len(keys)
-    for i, k in enumerate(keys):
-        vals = [per[p].get(k, np.nan) for p in pts] + [res["summary"]["mean"][k]["mean"]]
-        ax.bar(np.arange(len(pts) + 1) + (i - len(keys) / 2 + 0.5) * w, vals, w, label=labels[k])
-    ax.set_xticks(np.arange(len(pts) + 1), [f"held out {p}" for p in pts] + ["mean"])
-    ax.set_ylabel("mean Pearson, hidden spots (top-50)")
-    ax.set_title("HER2ST leave-one-patient-out, half of each held-out section's spots hidden")
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".partial.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    series = [
+        (labels[k], [per[p].get(k, np.nan) for p in pts] + [res["summary"]["mean"][k]["mean"]])
+        for k, _ in LOPO_METHODS
+        if k in res["summary"]["mean"]
+    ]
+    title = "HER2ST leave-one-patient-out, half of each held-out section's spots hidden"
+    bar_plot([f"held out {p}" for p in pts] + ["mean"], series, title, path)
 
 
 def lopo_merge(a) -> int:
