@@ -437,9 +437,11 @@ def lopo_fold(
             )
     else:
         net = model.model.cpu()
-        seen = model.card.get("data", {}).get("sections", [])
+        seen = [str(n) for n in model.card.get("data", {}).get("sections", [])]
         res["model"] = {"path": str(model.path), "sha256": model.checksum}
-        res["model_saw_test_patient"] = any(str(n)[:1] == patient for n in seen)
+        res["model_saw_test_patient"] = any(n[:1] == patient for n in seen)
+        res["train_sections"] = seen  # what the checkpoint was trained on (its card)
+        res["train_patients"] = sorted({n[:1] for n in seen})
         window = dict(max_img=model.max_img, max_tx=model.max_tx, radius_um=model.radius_um)
     torch.set_num_threads(max(1, tcfg.threads))
     rows = []
