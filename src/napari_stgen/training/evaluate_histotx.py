@@ -159,7 +159,10 @@ def run_fold(
     t1 = time.time()
     # every mode predicts the hidden spots from all image tokens of the section
     window = dict(max_img=max_img, max_tx=max_tx, radius_um=radius, exclude_self=True)
-    measured = (te.y[vis], None, te.xy_um[vis])
+    from ..inference.histotx import denoise_measured
+
+    y_tok = denoise_measured(te.y[vis])  # transcript tokens as the library makes them
+    measured = (y_tok, None, te.xy_um[vis])
     fused, nctx = predict_sites(net, q_f, q_xy, te.feats, te.xy_um, *measured, **window)
     img_only, _ = predict_sites(net, q_f, q_xy, te.feats, te.xy_um, **window)
     tx_only, _ = predict_sites(
@@ -180,7 +183,7 @@ def run_fold(
             q_xy,
             te.feats,
             te.xy_um,
-            te.y[vis],
+            y_tok,
             None,
             te.xy_um[vis],
             max_img=max_img,
