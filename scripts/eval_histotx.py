@@ -47,29 +47,38 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def plot(res: dict, path: Path) -> None:
+def bar_plot(groups: list[str], series: list[tuple[str, list[float]]], title: str, path) -> None:
+    """Grouped bars (one series per method, ``len(groups)`` values each) to a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folds = [f["holdout"] for f in res["folds"]]
-    present = [(k, lab) for k, lab in METHODS if any(k in f["summary"] for f in res["folds"])]
     fig, ax = plt.subplots(figsize=(9, 4.6), dpi=120)
-    w = 0.8 / len(present)
-    for i, (k, lab) in enumerate(present):
-        vals = [f["summary"].get(k, np.nan) for f in res["folds"]]
-        vals.append(np.nanmean(vals))
-        ax.bar(np.arange(len(folds) + 1) + (i - len(present) / 2 + 0.5) * w, vals, w, label=lab)
-    ax.set_xticks(np.arange(len(folds) + 1), folds + ["mean"])
+    w = 0.8 / len(series)
+    for i, (lab, vals) in enumerate(series):
+        ax.bar(np.arange(len(groups)) + (i - len(series) / 2 + 0.5) * w, vals, w, label=lab)
+    ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("mean Pearson, hidden spots (top-50)")
-    ax.set_title("HER2ST leave-one-section-out, half of the held-out spots hidden")
+    ax.set_title(title)
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial.png")
     fig.savefig(tmp)
     os.replace(tmp, path)
+
+
+def plot(res: dict, path: Path) -> None:
+    folds = [f["holdout"] for f in res["folds"]]
+    present = [(k, lab) for k, lab in METHODS if any(k in f["summary"] for f in res["folds"])]
+    series = []
+    for k, lab in present:
+        vals = [f["summary"].get(k, np.nan) for f in res["folds"]]
+        series.append((lab, vals + [np.nanmean(vals)]))
+    title = "HER2ST leave-one-section-out, half of the held-out spots hidden"
+    bar_plot(folds + ["mean"], series, title, path)
 
 
 def _means(res: dict) -> dict:
@@ -115,6 +124,139 @@ def merge(a) -> int:
     return 0
 
 
+LOPO_METHODS = [
+    ("histotx_transcripts_only", "HistoTx transcripts only"),
+    ("knn8", "kNN k = 8 (mean)"),
+    ("knn4", "kNN k = 4 (mean)"),
+    ("knn8_idw", "kNN k = 8 (inverse distance)"),
+    ("knn8_denoised", "kNN k = 8 of the denoised measured spots"),
+    ("histotx_transcripts_only_raw", "HistoTx transcripts only, raw (not denoised) tokens"),
+    ("histotx", "HistoTx image + transcripts"),
+    ("histotx_raw", "HistoTx image + transcripts, raw tokens"),
+    ("histotx_image_only", "HistoTx image only"),
+]
+
+
+def lopo_table(res: dict) -> str:
+    """Markdown: one column per held-out patient, then the mean over patients."""
+    pts = res["summary"]["test_patients"]
+    per = res["summary"]["per_patient"]
+    keys = [(k, lab) for k, lab in LOPO_METHODS]
+    keys += [
+        (k, f"HistoTx fused, adapted {k.rsplit('_', 1)[1]} steps")
+        for k in sorted(
+            {k for v in per.values() for k in v if k.startswith("histotx_adapted_")},
+            key=lambda k: int(k.rsplit("_", 1)[1]),
+        )
+    ]
+    rows = ["| method | " + " | ".join(pts) + " | mean |", "|---" * (len(pts) + 2) + "|"]
+    for k, lab in keys:
+        if k not in res["summary"]["mean"]:
+            continue
+        cells = [f"{per[p][k]:.3f}" if k in per[p] else "–" for p in pts]
+        rows.append(
+            f"| {lab} | " + " | ".join(cells) + f" | **{res['summary']['mean'][k]['mean']:.3f}** |"
+        )
+    return "\n".join(rows)
+
+
+def lopo_plot(res: dict, path: Path) -> None:
+    """Bars per held-out patient: HistoTx transcripts-only vs kNN; fused vs image-only."""
+    pts = res["summary"]["test_patients"]
+    per = res["summary"]["per_patient"]
+    labels = dict(LOPO_METHODS)
+    series = [
+        (labels[k], [per[p].get(k, np.nan) for p in pts] + [res["summary"]["mean"][k]["mean"]])
+        for k, _ in LOPO_METHODS
+        if k in res["summary"]["mean"]
+    ]
+    title = "HER2ST leave-one-patient-out, half of each held-out section's spots hidden"
+    bar_plot([f"held out {p}" for p in pts] + ["mean"], series, title, path)
+
+
+def lopo_merge(a) -> int:
+    """Merge LOPO JSON files (one or more held-out patients each) into ``--out``."""
+    from napari_stgen.training.evaluate_histotx import lopo_summary
+
+    folds = {}
+    for p in a.lopo_merge:
+        for f in json.loads(Path(p).read_text())["folds"]:
+            folds[f["test_patient"]] = f
+    res = {"protocol": "leave-one-patient-out (merged)", "sources": a.lopo_merge}
+    res["folds"] = [folds[k] for k in sorted(folds)]
+    res["summary"] = lopo_summary(res["folds"])
+    out = Path(a.out)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, out)
+    if a.plot:
+        lopo_plot(res, Path(a.plot))
+    print(lopo_table(res))
+    return 0
+
+
+def lopo(a) -> int:
+    """Leave-one-patient-out over A–F (imaged + expression-only sections)."""
+    import torch
+
+    from napari_stgen.training.evaluate_histotx import (
+        PATIENTS,
+        load_lopo_data,
+        lopo_fold,
+        lopo_summary,
+    )
+    from napari_stgen.training.histotx import TrainConfig
+
+    torch.set_num_threads(1)
+    tcfg = TrainConfig(seed=a.seed, knn_k=a.knn_k, dim=a.dim, depth=a.depth)
+    if a.steps:
+        tcfg.steps = a.steps
+    sets, panel, bench = load_lopo_data(a.data, a.expression_data)
+    out = Path(a.out)
+    res = {
+        "protocol": "leave-one-patient-out over patients A-F; train on every section "
+        "(imaged + expression-only) of the other patients; hidden = seeded random half of "
+        "each held-out section's spots",
+        "command": "python scripts/eval_histotx.py " + " ".join(sys.argv[1:]),
+        "machine": f"{os.cpu_count()} CPU cores, torch threads 1, no GPU",
+        "folds": [],
+    }
+    for p in a.patients or PATIENTS:
+        save = Path(a.save_models) / f"histotx_no{p}.safetensors" if a.save_models else None
+        model = None
+        if a.models_dir:  # evaluate saved fold models instead of training
+            from napari_stgen.inference.histotx import load_histotx
+
+            model = load_histotx(Path(a.models_dir) / f"histotx_no{p}.safetensors", device="cpu")
+            save = None
+        if save:
+            save.parent.mkdir(parents=True, exist_ok=True)
+        r = lopo_fold(
+            sets,
+            panel,
+            bench,
+            p,
+            tcfg,
+            model=model,
+            split_seeds=tuple(a.split_seeds),
+            hide_frac=a.hide,
+            adapt_steps=tuple(a.lopo_adapt),
+            save_model=save,
+            log=lambda s, p=p: print(f"[{p}] {s}", file=sys.stderr, flush=True),
+        )
+        print(f"[{p}] {json.dumps(r['summary'])}", file=sys.stderr, flush=True)
+        res["folds"].append(r)
+        res["summary"] = lopo_summary(res["folds"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, out)
+    if a.plot:
+        lopo_plot(res, Path(a.plot))
+    print(lopo_table(res))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -135,9 +277,23 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--merge", nargs="*", default=None, help="only merge these per-fold JSON outputs"
     )
+    ap.add_argument("--lopo", action="store_true", help="leave-one-patient-out over A-F")
+    ap.add_argument("--expression-data", default=None, help="expression-only sections (--lopo)")
+    ap.add_argument("--patients", nargs="*", default=None, help="held-out patients (--lopo)")
+    ap.add_argument("--split-seeds", nargs="*", type=int, default=[0])
+    ap.add_argument("--lopo-adapt", nargs="*", type=int, default=[], help="adaptation steps")
+    ap.add_argument("--models-dir", default=None, help="saved fold models (--lopo)")
+    ap.add_argument("--knn-k", type=int, default=8, help="kNN residual (0: off)")
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--lopo-merge", nargs="*", default=None, help="merge LOPO JSON files")
     a = ap.parse_args(argv)
     if a.merge:
         return merge(a)
+    if a.lopo_merge:
+        return lopo_merge(a)
+    if a.lopo:
+        return lopo(a)
 
     import torch
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..inference.histotx import DEFAULT_ADAPT_STEPS
+
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Options shared by ``predict`` and ``predict-batch``."""
@@ -55,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--adapt-steps",
         type=int,
-        default=200,
-        help="HistoTx: fine-tuning steps on the measured spots before predicting (0: off)",
+        default=DEFAULT_ADAPT_STEPS,
+        help="HistoTx: fine-tuning steps on the measured spots before predicting (0: off; "
+        f"default {DEFAULT_ADAPT_STEPS})",
     )
     p.add_argument(
         "--skip-unreadable",

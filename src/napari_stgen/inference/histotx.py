@@ -277,6 +277,63 @@ def predict_sites(
     return out, n_ctx.astype(np.int64)
 
 
+DENOISE_RANK = 5  # within-slide low-rank denoising of measured profiles (``denoise_measured``)
+DENOISE_BLEND = 0.5
+UNCERTAINTY_K = 8  # measured neighbours whose spread is the uncertainty
+
+
+def denoise_measured(
+    expr: np.ndarray,
+    present: np.ndarray | None = None,
+    rank: int = DENOISE_RANK,
+    blend: float = DENOISE_BLEND,
+) -> np.ndarray:
+    """Measured log1p CP10k profiles (M, G) pulled toward their rank-``rank`` PCA
+    reconstruction over the slide's own spots: ``blend · low-rank + (1 − blend) · measured``
+    (per gene standardized over the spots; absent genes untouched). One spot's counts are
+    noisy; the slide's main co-expression programmes are not, so this removes count noise
+    before measurements are interpolated. Nothing is learnt across slides or patients."""
+    y = np.asarray(expr, np.float32)
+    cols = np.ones(y.shape[1], bool) if present is None else np.asarray(present, bool)
+    r = min(rank, len(y) - 1, int(cols.sum()))
+    if r < 1 or blend <= 0:
+        return y.copy()
+    x = y[:, cols].astype(np.float64)
+    mu, sd = x.mean(0), x.std(0) + 1e-3
+    z = (x - mu) / sd
+    u, sv, vt = np.linalg.svd(z, full_matrices=False)
+    zr = (u[:, :r] * sv[:r]) @ vt[:r]
+    out = y.copy()
+    out[:, cols] = ((blend * zr + (1 - blend) * z) * sd + mu).astype(np.float32)
+    return out
+
+
+def measured_spread(
+    meas_xy_um: np.ndarray,
+    meas_expr: np.ndarray,
+    query_xy_um: np.ndarray,
+    y_std: np.ndarray,
+    present: np.ndarray | None = None,
+    k: int = UNCERTAINTY_K,
+) -> np.ndarray:
+    """Uncertainty (Q,) of predictions made with measured spots: the spread (SD) of the
+    ``k`` nearest measured profiles around each query, in units of each gene's SD
+    (``y_std``), mean over the measured genes. Larger = less sure: the neighbourhood
+    disagrees, so interpolating it is unreliable (held-out calibration: docs/histotx.md)."""
+    from scipy.spatial import cKDTree
+
+    q = np.asarray(query_xy_um, np.float64).reshape(-1, 2)
+    xy = np.asarray(meas_xy_um, np.float64).reshape(-1, 2)
+    if len(q) == 0 or len(xy) < 2:
+        return np.full(len(q), np.nan, np.float32)
+    e = np.asarray(meas_expr, np.float32)
+    cols = np.ones(e.shape[1], bool) if present is None else np.asarray(present, bool)
+    _, nb = cKDTree(xy).query(q, k=min(k, len(xy)))
+    nb = nb.reshape(len(q), -1)
+    sd = np.asarray(y_std, np.float32)[cols]
+    return (e[:, cols][nb].std(1) / sd).mean(1).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- loading
 class HistoTxPredictor:
     """A loaded HistoTx model: ``genes``, ``mpp``, ``patch_px``, ``patch_um``, ``card``, ...
@@ -404,6 +461,14 @@ class MeasuredContext:
     mpp: float
     model: Any = None  # a copy adapted to these spots (``adapt_steps`` > 0), else None
     adapt_steps: int = 0
+    tokens: np.ndarray | None = None  # (M, G) transcript-token profiles (``denoise_measured``)
+
+    def token_expr(self) -> np.ndarray:
+        """The profiles the transcript tokens carry: the measured ones after within-slide
+        low-rank denoising (computed once)."""
+        if self.tokens is None:
+            self.tokens = denoise_measured(self.measured.expr, self.measured.present)
+        return self.tokens
 
 
 @dataclass
@@ -416,6 +481,8 @@ class HistoTxResult:
     image_only: bool
     measured: Measured | None = None
     info: dict = field(default_factory=dict)
+    # (N,) float32, larger = less sure (``measured_spread``); None for image-only predictions
+    uncertainty: np.ndarray | None = None
 
 
 def slide_mpp(slide: Any, mpp: float | None = None) -> float:
@@ -493,7 +560,9 @@ def prepare_measured(
 
 
 _CONTEXTS: dict[tuple, MeasuredContext] = {}
-DEFAULT_ADAPT_STEPS = 200  # test-time adaptation steps widgets use (see ``prepare_measured``)
+# test-time adaptation steps the CLI and widgets use (``prepare_measured``): chosen by the
+# leave-one-patient-out measurement in docs/histotx.md ("Test-time adaptation")
+DEFAULT_ADAPT_STEPS = 200
 
 
 def cached_context(
@@ -561,7 +630,7 @@ def iter_predict(
             args = (
                 context.feats,
                 context.xy_um,
-                context.measured.expr,
+                context.token_expr(),
                 context.measured.present,
                 context.xy_um,
             )
@@ -623,8 +692,13 @@ def predict_with_measurements(
         expr[sl], nctx[sl] = e, n
         if progress is not None:
             progress(sl.stop, len(c))
-    use = ctx is not None and not image_only
+    use = ctx is not None and not image_only and len(ctx.xy_um) > 0
     info = {"model": pred.name, "checksum": pred.checksum, "mpp": m, "image_only": not use}
+    unc = None
+    if use:
+        y_std = pred.model.y_std.detach().cpu().numpy()
+        unc = measured_spread(ctx.xy_um, ctx.measured.expr, c * m, y_std, ctx.measured.present)
+        info["uncertainty"] = f"SD of the {UNCERTAINTY_K} nearest measured profiles (gene SDs)"
     meas = ctx.measured if ctx is not None else None
     if meas is not None:
         info.update(
@@ -634,7 +708,63 @@ def predict_with_measurements(
             genes_overlap=meas.n_overlap,
             notes=meas.notes,
         )
-    return HistoTxResult(expr, list(pred.genes), nctx, not use, meas, info)
+    return HistoTxResult(expr, list(pred.genes), nctx, not use, meas, info, unc)
+
+
+def impute_measured(
+    model: HistoTxPredictor | str | Path,
+    measured: Any,
+    query_xy: np.ndarray | None = None,
+    *,
+    mpp: float,
+    batch: int = 64,
+) -> HistoTxResult:
+    """Fill in expression from measured spots alone (no image): HistoTx transcripts-only.
+
+    ``measured``: AnnData, .h5ad path or ``Measured`` (``obsm['spatial']`` positions);
+    ``query_xy``: (N, 2) positions in the same frame (default: the measured spots
+    themselves, each predicted from the others: leave-one-out, e.g. to smooth or to check);
+    ``mpp``: µm per unit of those positions (e.g. 200 / the array pitch in units for ST
+    array coordinates). Returns a ``HistoTxResult`` with ``uncertainty``
+    (``measured_spread``)."""
+    pred = _as_predictor(model)
+    meas = (
+        measured if isinstance(measured, Measured) else measured_from_anndata(measured, pred.genes)
+    )
+    m = float(mpp)
+    xy = meas.xy_px * m
+    loo = query_xy is None
+    q = xy if loo else np.asarray(query_xy, np.float64).reshape(-1, 2) * m
+    tok = denoise_measured(meas.expr, meas.present)
+    nq, g = len(q), len(pred.genes)
+    expr = np.zeros((nq, g), np.float32)
+    nctx = np.zeros(nq, np.int64)
+    feat = np.zeros((nq, pred.model.cfg.img_dim), np.float32)
+    window = dict(max_img=pred.max_img, max_tx=pred.max_tx, radius_um=pred.radius_um)
+    if loo:  # each measured spot from the others
+        for i in range(nq):
+            keep = np.arange(len(xy)) != i
+            e, n = predict_sites(
+                pred.model, feat[i : i + 1], q[i : i + 1], feat[:0], q[:0],
+                tok[keep], meas.present, xy[keep], **window, use_image=False,
+                device=pred.device,
+            )  # fmt: skip
+            expr[i], nctx[i] = e[0], n[0]
+    else:
+        expr, nctx = predict_sites(
+            pred.model, feat, q, feat[:0], q[:0], tok, meas.present, xy, **window,
+            batch=batch, use_image=False, device=pred.device,
+        )  # fmt: skip
+    y_std = pred.model.y_std.detach().cpu().numpy()
+    unc = measured_spread(xy, meas.expr, q, y_std, meas.present)
+    info = {
+        "model": pred.name,
+        "checksum": pred.checksum,
+        "mode": "transcripts only (no image)",
+        "measured_spots": len(xy),
+        "leave_one_out": loo,
+    }
+    return HistoTxResult(expr, list(pred.genes), nctx, False, meas, info, unc)
 
 
 def predict_tiles(

@@ -44,6 +44,11 @@ class HistoTxConfig:
     # gene into the output. Off by default: on the B4 fold it helped after test-time
     # adaptation (0.398 vs 0.385) but hurt without it (0.104 vs 0.232).
     pool_um: tuple = ()
+    # > 0: residual on k-nearest-neighbour interpolation. Every image token gets the plain mean
+    # of the k nearest transcript tokens (per gene, measured genes only; standardized) as an
+    # input, and the output is ``knn_gate · kNN + head`` (per-gene gate, starts at 1), so the
+    # transformer predicts the correction to kNN. 0 (older checkpoints): off.
+    knn_k: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,6 +92,9 @@ class HistoTx(nn.Module):
             )
             self.pool_in = nn.Linear(k * (g + 1), d)
             self.pool_mix = nn.Parameter(torch.zeros(k, g))  # per-gene skip of pooled profiles
+        if cfg.knn_k > 0:
+            self.knn_in = nn.Linear(g + 2, d)  # kNN profile, log #neighbours, mean dist
+            self.knn_gate = nn.Parameter(torch.ones(g))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, g)
         # normalization statistics (set from the training spots)
@@ -134,6 +142,11 @@ class HistoTx(nn.Module):
             b, _, k, g = pooled.shape
             h = h + self.pool_in(torch.cat([pooled, wsum], -1).reshape(b, n, -1))
             skip = (pooled * self.pool_mix).sum(2)
+        if self.cfg.knn_k > 0:
+            knn, extra = self.knn(img_pos, tx, tx_mask, tx_pos, tx_valid, has_tx)
+            h = h + self.knn_in(torch.cat([knn, extra], -1))
+            sk = knn * self.knn_gate
+            skip = sk if skip is None else skip + sk
         if has_tx:
             t = self.tx_in(torch.cat([tx * tx_mask, tx_mask], -1))
             t = t + self.pos(tx_pos) + self.modality[1]
@@ -148,6 +161,27 @@ class HistoTx(nn.Module):
             h = blk(h, bias)
         out = self.head(self.norm(h[:, :n]))
         return out if skip is None else out + skip
+
+    def knn(self, img_pos, tx, tx_mask, tx_pos, tx_valid, has_tx: bool):
+        """Plain mean of the ``knn_k`` nearest transcript tokens at every image token:
+        (B, N, G) standardized profiles (0 = mean where nothing is measured) and (B, N, 2)
+        [log1p #neighbours used, mean neighbour distance / 1 mm]."""
+        b, n = img_pos.shape[:2]
+        g = self.cfg.n_genes
+        if not has_tx:
+            return img_pos.new_zeros(b, n, g), img_pos.new_zeros(b, n, 2)
+        d = torch.cdist(img_pos, tx_pos)  # (B, N, M)
+        d = d.masked_fill(~tx_valid[:, None, :], float("inf"))
+        k = min(self.cfg.knn_k, d.shape[-1])
+        dk, ik = d.topk(k, dim=-1, largest=False)
+        ok = torch.isfinite(dk)
+        w = torch.zeros_like(d).scatter(-1, ik, ok.to(d.dtype))  # (B, N, M) 1 on the k nearest
+        num = torch.bmm(w, tx * tx_mask)
+        den = torch.bmm(w, tx_mask)
+        knn = num / den.clamp_min(1.0)
+        cnt = ok.sum(-1, keepdim=True).to(d.dtype)
+        md = torch.where(ok, dk, torch.zeros_like(dk)).sum(-1, keepdim=True) / cnt.clamp_min(1)
+        return knn, torch.cat([torch.log1p(cnt), md / 1000.0], -1)
 
     def pool(self, img_pos, tx, tx_mask, tx_pos, tx_valid, has_tx: bool):
         """Gaussian pooling of the transcript tokens at every image token, per bandwidth:

@@ -30,14 +30,28 @@ DEFAULT_CACHE = cache_dir("histotx", "STGEN_HISTOTX_CACHE")
 
 @dataclass
 class SpotSet:
-    """One section: spot positions (µm), panel targets and image features."""
+    """One section: spot positions (µm), panel targets and image features (``None`` for an
+    expression-only section: its image tokens are withheld, i.e. the "no image" embedding)."""
 
     name: str
     xy_px: np.ndarray  # (N, 2)
     xy_um: np.ndarray  # (N, 2)
     y: np.ndarray  # (N, G) log1p CP10k on the panel
-    feats: np.ndarray  # (N, F)
+    feats: np.ndarray | None  # (N, F)
     mpp: float
+    present: np.ndarray | None = None  # (G,) bool: panel genes the section measured (None: all)
+
+    @property
+    def patient(self) -> str:
+        return self.name[:1]
+
+    @property
+    def has_image(self) -> bool:
+        return self.feats is not None
+
+    def gene_present(self) -> np.ndarray:
+        g = self.y.shape[1]
+        return np.ones(g, bool) if self.present is None else np.asarray(self.present, bool)
 
 
 @dataclass
@@ -62,6 +76,7 @@ class TrainConfig:
     depth: int = 3
     seed: int = 0
     threads: int = 1
+    knn_k: int = 8  # > 0: the model is a residual on kNN interpolation (HistoTxConfig.knn_k)
     extra: dict = field(default_factory=dict)
 
 
@@ -126,6 +141,33 @@ def load_spotsets(
     return out, list(panel), bench
 
 
+def load_expression_spotsets(
+    data_dir: str | Path, panel: list[str], names: list[str] | None = None
+) -> list[SpotSet]:
+    """Expression-only sections (``io.her2st.read_expression_section``; no image) as SpotSets
+    on ``panel``: µm positions = array position × 200 µm pitch, ``feats`` None, and the panel
+    genes a section lacks marked absent (``present``)."""
+    from ..io.her2st import ST_PITCH_UM, list_expression_sections, read_expression_section
+
+    out = []
+    for n in names if names is not None else list_expression_sections(data_dir):
+        e = read_expression_section(data_dir, n)
+        have = set(e.genes)
+        xy = e.array_xy.astype(np.float64)
+        out.append(
+            SpotSet(
+                name=n,
+                xy_px=xy,
+                xy_um=xy * ST_PITCH_UM,
+                y=e.target(panel),
+                feats=None,
+                mpp=ST_PITCH_UM,
+                present=np.array([g in have for g in panel]),
+            )
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- batches
 class WindowSampler:
     """Random masked windows over SpotSets (numpy); ``batch(rng)`` → dict of arrays."""
@@ -141,12 +183,15 @@ class WindowSampler:
         ]
         w = np.array([len(s.xy_um) for s in sets], np.float64)
         self.p = w / w.sum()
+        wi = w * np.array([s.has_image for s in sets])
+        self.p_img = wi / wi.sum() if wi.sum() > 0 else None  # image-only batches: imaged sets
+        self.fdim = next((s.feats.shape[1] for s in sets if s.has_image), 120)
 
     def batch(self, rng: np.random.Generator, b: int | None = None) -> dict:
         t = self.t
         b = b or t.batch
         n, g = t.max_tokens, self.ys[0].shape[1]
-        fdim = self.sets[0].feats.shape[1]
+        fdim = self.fdim
         out = {
             "img_feat": np.zeros((b, n, fdim), np.float32),
             "img_pos": np.zeros((b, n, 2), np.float32),
@@ -158,11 +203,15 @@ class WindowSampler:
             "tx_valid": np.zeros((b, n), bool),
             "target": np.zeros((b, n, g), np.float32),
             "weight": np.zeros((b, n), np.float32),
+            "gene_w": np.ones((b, g), np.float32),
         }
-        image_only = rng.random() < t.p_image_only  # whole batch one mode
+        # whole batch one mode; image-only batches draw imaged sections only
+        image_only = self.p_img is not None and rng.random() < t.p_image_only
         for i in range(b):
-            k = rng.choice(len(self.sets), p=self.p)
+            k = rng.choice(len(self.sets), p=self.p_img if image_only else self.p)
             s, ys = self.sets[k], self.ys[k]
+            pres = s.gene_present().astype(np.float32)
+            out["gene_w"][i] = pres
             c = rng.integers(len(s.xy_um))
             idx = self.nbr[k][c]
             idx = idx[idx >= 0]
@@ -173,7 +222,8 @@ class WindowSampler:
             if rng.random() < 0.5:
                 rot = rot @ np.diag([1.0, -1.0])
             rel = rel @ rot.T
-            out["img_feat"][i, :m] = s.feats[idx]
+            if s.has_image:
+                out["img_feat"][i, :m] = s.feats[idx]
             out["img_pos"][i, :m] = rel
             out["img_valid"][i, :m] = True
             out["target"][i, :m] = ys[idx]
@@ -187,17 +237,17 @@ class WindowSampler:
                 if hidden.all():
                     hidden[rng.integers(m)] = False
             vis = np.flatnonzero(~hidden)
-            gm = np.ones(g, np.float32)
+            gm = pres.copy()
             if rng.random() < t.p_gene_drop:
-                gm = (rng.random(g) >= rng.uniform(0.1, 0.9)).astype(np.float32)
+                gm *= (rng.random(g) >= rng.uniform(0.1, 0.9)).astype(np.float32)
                 if gm.sum() == 0:
-                    gm[rng.integers(g)] = 1.0
+                    gm[np.flatnonzero(pres)[rng.integers(int(pres.sum()))]] = 1.0
             out["tx"][i, : len(vis)] = ys[idx[vis]] * gm
             out["tx_mask"][i, : len(vis)] = gm
             out["tx_pos"][i, : len(vis)] = rel[vis]
             out["tx_valid"][i, : len(vis)] = True
             out["weight"][i, :m] = np.where(hidden, 1.0, t.w_visible)
-            if rng.random() < t.p_no_image:
+            if not s.has_image or rng.random() < t.p_no_image:
                 out["img_present"][i] = False
             else:
                 out["img_present"][i] = rng.random(n) >= t.p_drop_image
@@ -228,17 +278,27 @@ def train_histotx(
 
     tcfg = tcfg or TrainConfig()
     torch.manual_seed(tcfg.seed)
-    feats = np.concatenate([s.feats for s in sets])
+    imaged = [s.feats for s in sets if s.has_image]
+    feats = np.concatenate(imaged) if imaged else np.zeros((2, 120), np.float32)
     y = np.concatenate([s.y for s in sets])
+    yp = np.concatenate([np.broadcast_to(s.gene_present(), s.y.shape) for s in sets])
     cfg = cfg or HistoTxConfig(
-        n_genes=len(panel), img_dim=feats.shape[1], dim=tcfg.dim, depth=tcfg.depth
+        n_genes=len(panel),
+        img_dim=feats.shape[1],
+        dim=tcfg.dim,
+        depth=tcfg.depth,
+        knn_k=tcfg.knn_k,
     )
     model = HistoTx(cfg)
     with torch.no_grad():
         model.feat_mean.copy_(torch.from_numpy(feats.mean(0)))
         model.feat_std.copy_(torch.from_numpy(feats.std(0) + 1e-4))
-        model.y_mean.copy_(torch.from_numpy(y.mean(0)))
-        model.y_std.copy_(torch.from_numpy(y.std(0) + 1e-3))
+        # per gene over the spots that measured it
+        cnt = np.maximum(yp.sum(0), 1)
+        mu = (y * yp).sum(0) / cnt
+        sd = np.sqrt((((y - mu) * yp) ** 2).sum(0) / cnt)
+        model.y_mean.copy_(torch.from_numpy(mu.astype(np.float32)))
+        model.y_std.copy_(torch.from_numpy((sd + 1e-3).astype(np.float32)))
     return _fit(model, sets, tcfg, log=log)
 
 
@@ -275,8 +335,9 @@ def _fit(model, sets: list[SpotSet], tcfg: TrainConfig, log=None, warm: int = 10
                 tens["tx_valid"],
                 tens["img_present"],
             )
-        w = tens["weight"]
-        loss = (((pred - tens["target"]) ** 2).mean(-1) * w).sum() / w.sum().clamp_min(1e-6)
+        w, gw = tens["weight"], tens["gene_w"][:, None, :]
+        se = (((pred - tens["target"]) ** 2) * gw).sum(-1) / gw.sum(-1).clamp_min(1.0)
+        loss = (se * w).sum() / w.sum().clamp_min(1e-6)
         for pg in opt.param_groups:
             pg["lr"] = tcfg.lr * _cosine(step, tcfg.steps, warm)
         opt.zero_grad()
@@ -381,18 +442,29 @@ def train_and_save(
     evaluation: dict | None = None,
     command: str | None = None,
     log=print,
+    expression_dir: str | Path | None = None,
+    holdout_patient: str | None = None,
 ) -> Path:
-    """Train on the sections of ``data_dir`` (minus ``holdout``) and write checkpoint + card."""
+    """Train on the sections of ``data_dir`` (+ the expression-only sections of
+    ``expression_dir``), minus ``holdout`` / every section of ``holdout_patient``, and write
+    checkpoint + card."""
     import datetime
     import platform
+
+    from .data import split_holdout
 
     tcfg = tcfg or TrainConfig()
     out = Path(out)
     sets, panel, bench = load_spotsets(data_dir, cache_dir=cache_dir)
-    from .data import split_holdout
-
+    if expression_dir is not None:
+        sets = sets + load_expression_spotsets(expression_dir, panel)
     _, train = split_holdout(sets, holdout, data_dir)
+    if holdout_patient is not None:
+        train = [s for s in train if s.patient != holdout_patient]
     model, hist = train_histotx(train, panel, None, tcfg, log=log)
+    src = "HER2ST (Andersson et al. 2021): imaged sections B4, C2-C5"
+    if expression_dir is not None:
+        src += " + expression-only sections of patients A-F (no image: image tokens withheld)"
     card = model_card(
         model,
         panel,
@@ -401,20 +473,27 @@ def train_and_save(
         name=name or out.stem,
         data={
             "dir": str(data_dir),
+            "expression_dir": None if expression_dir is None else str(expression_dir),
             "sections": [s.name for s in train],
+            "imaged_sections": [s.name for s in train if s.has_image],
+            "patients": sorted({s.patient for s in train}),
             "n_spots": int(sum(len(s.y) for s in train)),
-            "source": "HER2ST (Andersson et al. 2021), sections B4, C2-C5",
+            "source": src,
         },
         command=command
         or f"stgen train histotx --data {data_dir} --out {out} --steps {tcfg.steps} "
-        f"--seed {tcfg.seed}"
-        + (f" --holdout {holdout}" if holdout else ""),
+        f"--seed {tcfg.seed} --knn-k {tcfg.knn_k}"
+        + (f" --expression-data {expression_dir}" if expression_dir else "")
+        + (f" --holdout {holdout}" if holdout else "")
+        + (f" --holdout-patient {holdout_patient}" if holdout_patient else ""),
         training={
             "seconds": round(hist["train_seconds"], 1),
             "threads": tcfg.threads,
             "machine": f"{platform.machine()} CPU",
             "final_loss_fused": round(float(np.mean(hist["loss_fused"][-100:])), 4),
-            "final_loss_image_only": round(float(np.mean(hist["loss_image"][-100:])), 4),
+            "final_loss_image_only": round(
+                float(np.mean(hist["loss_image"][-100:] or [np.nan])), 4
+            ),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
         evaluation=evaluation,
