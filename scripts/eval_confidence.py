@@ -83,7 +83,7 @@ def fold_calibration(data: Path, holdout: str, model_path: str, bins: int = 5) -
     return out
 
 
-def plot_reliability(res: dict, path: Path, name: str = "combined") -> None:
+def plot_reliability(res: dict, path: Path, name: str = "combined_sum_pos") -> None:
     """Error by uncertainty quintile, one line per held-out fold (the shipped score)."""
     import matplotlib
 

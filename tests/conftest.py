@@ -15,6 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_stgen.inference.device import safe_cpu_training
+
+# every test process trains tiny models: oneDNN's convolution backward corrupts the heap on
+# some CPUs (inference/device.py); the trainers call this too, this covers tests' own loops
+safe_cpu_training()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STGEN_SHARED_DATA") or REPO.parent / "shared" / "data")
 

@@ -379,7 +379,8 @@ def test_default_model_is_less_sure_off_tissue(sample_slide_path):
     from napari_stgen.io.slide import open_slide
 
     pred = load_genst("default", device="cpu")
-    assert pred.confidence is not None and pred.card["confidence"]["uncertainty"] == "combined"
+    assert pred.confidence is not None
+    assert pred.card["confidence"]["uncertainty"] == "combined_sum_pos"
     with open_slide(sample_slide_path) as s:
         g = slide_grid(s, 112.0)
         tiles = np.array([(r, c) for r in range(0, g.shape[0], 5) for c in range(0, g.shape[1], 5)])

@@ -49,6 +49,17 @@ def candidates(
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
+# the card's ``confidence.uncertainty`` name → the combination ``Confidence.score`` uses
+COMBINATIONS = {"combined": "max", "combined_sum": "sum", "combined_sum_pos": "sum_pos"}
+SHIPPED = "combined_sum_pos"
+
+
+def combination(card: dict | None) -> str:
+    """How a checkpoint's card says its two scores combine (``"max"`` for older cards)."""
+    name = ((card or {}).get("confidence") or {}).get("uncertainty", "combined")
+    return COMBINATIONS.get(name, "max")
+
+
 @dataclass
 class Confidence:
     """What a checkpoint stores to score uncertainty: the training spots' pooled image

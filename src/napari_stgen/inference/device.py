@@ -71,3 +71,16 @@ def set_threads(threads: int | None = None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def safe_cpu_training() -> bool:
+    """Turn off oneDNN (mkldnn) convolutions before training on the CPU; returns whether
+    they are off. torch 2.13's oneDNN convolution backward corrupts the heap on some CPUs
+    (seen on AMD EPYC: "double free or corruption" in ``mkldnn_convolution_backward_weights``
+    with the tests' tiny GenST). ``STGEN_ONEDNN=1`` keeps them on."""
+    import torch
+
+    off = os.environ.get("STGEN_ONEDNN", "") != "1"
+    if off:
+        torch.backends.mkldnn.enabled = False
+    return off

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, StgenError
-from .confidence import Confidence, code_entropy
+from .confidence import Confidence, code_entropy, combination
 
 KIND = "genst"
 
@@ -217,7 +217,7 @@ class GenSTPredictor:
         if self.confidence is None:
             return ent
         f = feat_mean.float().cpu().numpy() if hasattr(feat_mean, "cpu") else feat_mean
-        return self.confidence.score(ent, np.asarray(f, np.float32))
+        return self.confidence.score(ent, np.asarray(f, np.float32), combination(self.card))
 
     def code_profiles(self) -> np.ndarray:
         """Decoded profile (log1p CP10k) of each gene code, (n_codes, G) float32."""

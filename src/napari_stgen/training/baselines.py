@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..inference.device import safe_cpu_training
 from ..inference.features import colour_texture_features
 from .data import SectionData
 
@@ -108,6 +109,7 @@ def fit_cnn_regressor(
 
     from .genst import _cosine, augment
 
+    safe_cpu_training()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     mu, sd = Y.mean(0), Y.std(0) + 1e-3

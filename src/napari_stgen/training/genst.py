@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inference.confidence import K_NOVELTY, fit_confidence
+from ..inference.confidence import K_NOVELTY, SHIPPED, fit_confidence
+from ..inference.device import safe_cpu_training
 from ..io.her2st import smooth_over_neighbours
 from .data import SectionData
 
@@ -203,6 +204,7 @@ def train_genst(
 
     tcfg = tcfg or TrainConfig()
     torch.set_num_threads(max(1, tcfg.threads))
+    safe_cpu_training()
     torch.manual_seed(tcfg.seed)
     rng = np.random.default_rng(tcfg.seed)
     cfg = cfg or GenSTConfig(n_genes=len(panel))
@@ -443,10 +445,10 @@ def codebook_health(model, sections: list[SectionData], tta: int = 1) -> dict:
 def confidence_card(conf, sections: list[str]) -> dict:
     """Model-card entry for the per-tile uncertainty the checkpoint carries."""
     return {
-        "uncertainty": "combined",
-        "definition": "max(standardized code-posterior entropy, standardized feature novelty "
-        f"(mean distance to the {K_NOVELTY} nearest training-spot image features)); "
-        "inference/confidence.py",
+        "uncertainty": SHIPPED,
+        "definition": "standardized feature novelty (mean distance to the "
+        f"{K_NOVELTY} nearest training-spot image features) + the standardized code-posterior "
+        "entropy's excess over its training mean (max(z_entropy, 0)); inference/confidence.py",
         "bank_spots": int(len(conf.bank)),
         "bank_sections": sections,
         "stats": [round(float(v), 6) for v in conf.stats],
