@@ -140,18 +140,27 @@ def _role(card: dict, section: str) -> dict:
 
 
 def _held_out(card: dict, section: str) -> dict | None:
-    """The card's leave-one-section-out Pearson: this section held out, and the fold mean."""
+    """The card's held-out Pearson: first a new patient (the out-of-patient fold), then this
+    section held out and the within-patient and all-fold means."""
     ev = card.get("evaluation") or {}
     per = ev.get("per_fold") or {}
     mean = ev.get("mean") or {}
     if not per:
         return None
-    return {
-        "protocol": ev.get("protocol", "leave-one-section-out"),
-        f"{section}_held_out": (per.get(section) or {}).get("genst"),
-        "mean_over_folds": mean.get("genst"),
-        "folds": sorted(per),
-    }
+    out: dict = {"protocol": ev.get("protocol", "leave-one-section-out")}
+    oop = ev.get("out_of_patient") or {}
+    if oop:
+        out["new_patient"] = {
+            "folds": oop.get("folds"),  # held-out section → the sections its fold trained on
+            "pearson": (oop.get("mean") or {}).get("genst"),
+        }
+    wp = ev.get("within_patient") or {}
+    if wp:
+        out["within_patient_mean"] = (wp.get("mean") or {}).get("genst")
+    out[f"{section}_held_out"] = (per.get(section) or {}).get("genst")
+    out["mean_over_folds"] = mean.get("genst")
+    out["folds"] = sorted(per)
+    return out
 
 
 def _figure(ad, measured, total, gene: str, path: Path) -> Path:
