@@ -434,16 +434,15 @@ def load_ae(path: str | Path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..models.stmdit import AEConfig, TileAutoencoder
+    from ..models.stmdit import autoencoder_from_config
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "ae_config" in meta:
-        cfg = AEConfig.from_dict(json.loads(meta["ae_config"]))
+        cfg = json.loads(meta["ae_config"])
     else:
-        card = json.loads(meta["stgen_card"])
-        cfg = AEConfig.from_dict(card["ae"])
-    ae = TileAutoencoder(cfg)
+        cfg = json.loads(meta["stgen_card"])["ae"]
+    ae = autoencoder_from_config(cfg)
     t = load_file(str(path))
     ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
     return ae.eval()
