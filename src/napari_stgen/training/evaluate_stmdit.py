@@ -15,7 +15,9 @@
   several seeds; Spearman(slider, re-predicted), pooled over seeds. The earlier read-out with a
   different noise per slider value is reported too (``*_independent_noise``).
 - Realism: KID and Fréchet distance between generated and real held-out tiles in the feature
-  space of GenST's histology encoder (Inception weights cannot be downloaded here).
+  space of GenST's histology encoder (Inception weights cannot be downloaded here), and
+  encoder-independent pixel statistics (``training.realism``: sharpness, nuclei, a classifier
+  two-sample test) against real tiles of the same spots at 0.875 µm/px.
 - Speed: seconds per tile on CPU at the default step count.
 """
 
@@ -344,6 +346,8 @@ def evaluate_stmdit(
         other = np.concatenate(tr_tiles)
         rng = np.random.default_rng(0)
         realism["real_training_sections"] = space.scores(other[rng.choice(len(other), n, False)])
+        say("pixel realism (sharpness, nuclei, two-sample test)")
+        realism["pixel_statistics"] = pixel_realism(test, gen_tiles, rec, m.mpp, cache_dir)
 
     # speed
     g1 = m.gene_median[None]
@@ -420,6 +424,23 @@ def evaluate_stmdit(
         },
         "speed": speed,
     }
+
+
+def pixel_realism(sec, gen_tiles: dict, rec: np.ndarray, mpp: float, cache_dir=None) -> dict:
+    """Encoder-independent realism figures (``training.realism``) of every generated set and
+    of the autoencoder's reconstructions, against the real tiles of the same spots of ``sec``
+    at ``realism.REFERENCE_MPP`` (and at the model's µm/px when it is coarser)."""
+    from .realism import REFERENCE_MPP, compare_at_scales, spot_tiles_at
+
+    real = spot_tiles_at(sec, REFERENCE_MPP, cache_dir or _default_cache())
+    out: dict = {
+        "reference": f"real tiles of the same spots at {REFERENCE_MPP} µm/px; generated tiles "
+        "resampled to it (bicubic), and real tiles shrunk (box) to the model's µm/px",
+        "model_mpp": mpp,
+    }
+    for k, v in {**gen_tiles, "autoencoder_reconstruction": rec}.items():
+        out[k] = compare_at_scales(real, v, mpp)
+    return out
 
 
 def cnn_oracle(tiles: np.ndarray, expr: np.ndarray, cache_dir=None, epochs: int = 30):
