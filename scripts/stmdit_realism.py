@@ -1,7 +1,7 @@
 """Encoder-independent realism figures of STMDiT tiles and of tile-autoencoder reconstructions.
 
     python scripts/stmdit_realism.py [--model default] [--ae2 AE2.safetensors] [--holdout C3]
-        [--n 40] [--out docs/stmdit_realism.json] [--no-generate]
+        [--n 40] [--out docs/stmdit_realism.json] [--no-generate [--update]]
 
 On ``--n`` spots of the held-out section (seeded choice): the model's generated tiles (genes +
 morphology, the card's sampler; ``--guidance-expr 0`` for unguided) against the real tiles of
@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "her2st"))
     p.add_argument("--out", default=str(ROOT / "docs" / "stmdit_realism.json"))
+    p.add_argument("--update", action="store_true", help="keep --out's other rows")
     a = p.parse_args()
 
     sec = read_sections(a.data, [a.holdout])[0]
@@ -68,6 +69,9 @@ def main() -> None:
         },
     }
     coarse = spot_tiles_at(sec, m.mpp, a.cache)[idx]
+    # what a perfect model at its µm/px would score at 0.875: real tiles shrunk and re-enlarged
+    back = at_mpp(at_mpp(real, REFERENCE_MPP, m.mpp), m.mpp, REFERENCE_MPP)
+    res[f"reference_real_via_{m.mpp:g}_um_px"] = compare_at_scales(real, back, REFERENCE_MPP)
     if not a.no_generate:
         img = section_image(sec, m.mpp, a.cache)
         xy = np.asarray(sec.xy_px)[idx] * sec.mpp / m.mpp
@@ -106,6 +110,8 @@ def main() -> None:
             **compare_at_scales(real, rec2, REFERENCE_MPP),
         }
         print("ae_v2", json.dumps(res["ae_v2"]), flush=True)
+    if a.update and Path(a.out).is_file():
+        res = {**json.loads(Path(a.out).read_text()), **res}
     text = json.dumps(res, indent=1)
     tmp = Path(a.out).with_name(Path(a.out).name + ".partial")
     tmp.write_text(text + "\n")

@@ -135,3 +135,44 @@ def test_ae_v2_resume_is_bit_identical(her2st_c3_dir, cache, tmp_path):
     assert ta.keys() == tb.keys() and any(k.startswith("dopt.") for k in ta)
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+
+
+def test_tiny_dit_trains_in_the_v2_latent_space_and_samples_at_0875(her2st_c3_dir, cache, tmp_path):
+    from tiny_models import tiny_stmdit_config
+
+    from napari_stgen.inference.synthesis import load_stmdit, synthesize
+    from napari_stgen.io.her2st import gene_panel, read_sections
+    from napari_stgen.models.stmdit import OwnCondition
+    from napari_stgen.training.stmdit import (
+        ae_geometry,
+        assemble,
+        load_ae,
+        section_features,
+        train_dit,
+    )
+    from napari_stgen.training.stmdit_ae import train_autoencoder_v2
+
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg(steps=10)
+    ae_path = train_autoencoder_v2(
+        her2st_c3_dir, tmp_path / "ae.safetensors", cfg, cache_dir=cache, log=lambda m: None
+    )
+    ae = load_ae(ae_path)
+    mpp, px = ae_geometry(ae)
+    assert (mpp, px) == (0.875, 128)
+    sec = read_sections(her2st_c3_dir, ["C3"])[0]
+    panel = gene_panel([sec], 20)
+    enc = OwnCondition.fit(sec.target(panel), ae, 8)
+    feats = section_features(sec, panel, enc, None, tile_px=px, cache_dir=cache, mpp=mpp)
+    assert feats["spot_tiles"].shape[1:] == (128, 128, 3)
+    data = assemble([feats], "real")
+    tcfg = tiny_stmdit_config(save_every=10)
+    tcfg.steps, tcfg.tile_px = 20, px
+    ckpt = train_dit(data, ae, enc, panel, tmp_path / "dit.safetensors", tcfg,
+                     resume=False, progress=False, mpp=mpp)  # fmt: skip
+    m = load_stmdit(ckpt)
+    assert m.mpp == 0.875 and m.tile_px == 128 and m.dit.cfg.latent_px == 16
+    hist = m.card["loss_history"]
+    assert hist[-1][1] < hist[0][1], hist
+    out = synthesize(m, sec.target(panel)[:1], None, seed=0, steps=2, guidance_expr=0.0)
+    assert out.shape == (1, 128, 128, 3) and out.dtype == np.uint8

@@ -481,7 +481,7 @@ class OwnCondition(nn.Module):
         self.register_buffer("g_mean", torch.zeros(n_genes))
         self.register_buffer("g_std", torch.ones(n_genes))
         self.ae_cfg = dict(ae_cfg)
-        self.ae = TileAutoencoder(AEConfig.from_dict(ae_cfg))
+        self.ae = autoencoder_from_config(ae_cfg)
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -492,7 +492,7 @@ class OwnCondition(nn.Module):
 
     @property
     def morph_dim(self) -> int:
-        return 2 * int(self.ae.cfg.ch[1])
+        return 2 * int(self.ae.cfg.ch[-1])
 
     @classmethod
     def fit(cls, profiles, ae: TileAutoencoder, gene_dim: int = 16) -> OwnCondition:

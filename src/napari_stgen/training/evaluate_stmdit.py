@@ -183,7 +183,6 @@ def evaluate_stmdit(
     from ..io.her2st import benchmark_genes, read_sections
     from ..models.stmdit import GenSTCondition
     from .stmdit import (
-        TILE_MPP,
         genst_label_key,
         genst_patches_for_tiles,
         genst_predict,
@@ -221,9 +220,9 @@ def evaluate_stmdit(
     t = m.tile_px
     px = int(gcard["patch_px"])
 
-    feat = section_features(test, m.genes, m.enc, None, tile_px=t, cache_dir=cache_dir)
+    feat = section_features(test, m.genes, m.enc, None, tile_px=t, cache_dir=cache_dir, mpp=m.mpp)
     tiles, ctx2, expr = feat["spot_tiles"], feat["spot_ctx"], feat["spot_expr"]
-    img = section_image(test, TILE_MPP, cache_dir or _default_cache())
+    img = section_image(test, m.mpp, cache_dir or _default_cache())
     ctx3 = _context3(img, feat["spot_xy"], t)
     n = len(tiles)
     say(f"{holdout}: {n} spots, {len(bench)} benchmark genes")
@@ -238,7 +237,7 @@ def evaluate_stmdit(
     run_fid = "fidelity" in parts or "realism" in parts
     ceiling: dict = {}
     run_cnn = run_fid or "control" in parts
-    tr_tiles = [_spot_tiles(s, t, cache_dir) for s in train] if run_cnn else []
+    tr_tiles = [_spot_tiles(s, t, cache_dir, m.mpp) for s in train] if run_cnn else []
     if run_cnn:
         # independent oracle: a supervised CNN on the measured spots of the training sections
         cnn = cnn_oracle(
@@ -483,11 +482,11 @@ def _mean(v: list) -> float | None:
     return round(float(np.mean(v)), 3) if v else None
 
 
-def _spot_tiles(sec, t: int, cache_dir) -> np.ndarray:
-    from .stmdit import TILE_MPP, crop, section_image
+def _spot_tiles(sec, t: int, cache_dir, mpp: float) -> np.ndarray:
+    from .stmdit import crop, section_image
 
-    img = section_image(sec, TILE_MPP, cache_dir or _default_cache())
-    xy = np.asarray(sec.xy_px) * sec.mpp / TILE_MPP
+    img = section_image(sec, mpp, cache_dir or _default_cache())
+    xy = np.asarray(sec.xy_px) * sec.mpp / mpp
     return np.stack([crop(img, x, y, t) for x, y in xy])
 
 
