@@ -23,6 +23,28 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def save_grid(path: str, rows: dict, n: int = 6) -> None:
+    """Rows of tiles (same spots, same µm/px) with a label above each row, as a PNG."""
+    from PIL import Image, ImageDraw
+
+    t = next(iter(rows.values())).shape[1]
+    pad, lab = 4, 16
+    w = n * (t + pad) + pad
+    h = len(rows) * (t + lab + pad) + pad
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    for r, (name, tiles) in enumerate(rows.items()):
+        y = pad + r * (t + lab + pad)
+        d.text((pad, y + 2), name, fill="black")
+        for c in range(min(n, len(tiles))):
+            im.paste(
+                Image.fromarray(np.ascontiguousarray(tiles[c])), (pad + c * (t + pad), y + lab)
+            )
+    tmp = Path(path).with_name(Path(path).name + ".partial.png")
+    im.save(tmp)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     import torch
 
@@ -50,6 +72,7 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "her2st"))
     p.add_argument("--out", default=str(ROOT / "docs" / "stmdit_realism.json"))
     p.add_argument("--update", action="store_true", help="keep --out's other rows")
+    p.add_argument("--grid", default=None, help="PNG: real / generated / reconstructions, 0.875")
     a = p.parse_args()
 
     sec = read_sections(a.data, [a.holdout])[0]
@@ -72,6 +95,7 @@ def main() -> None:
     # what a perfect model at its µm/px would score at 0.875: real tiles shrunk and re-enlarged
     back = at_mpp(at_mpp(real, REFERENCE_MPP, m.mpp), m.mpp, REFERENCE_MPP)
     res[f"reference_real_via_{m.mpp:g}_um_px"] = compare_at_scales(real, back, REFERENCE_MPP)
+    rows = {"real (0.875 µm/px)": real}
     if not a.no_generate:
         img = section_image(sec, m.mpp, a.cache)
         xy = np.asarray(sec.xy_px)[idx] * sec.mpp / m.mpp
@@ -80,9 +104,11 @@ def main() -> None:
         se = m.default_guidance_expr if a.guidance_expr is None else a.guidance_expr
         guide = load_guide(m, m.card["sampler"].get("guide", "default")) if se > 0 else None
         gen = synthesize(m, expr, ctx, seed=1000, guide=guide, guidance_expr=se)
+        rows[f"STMDiT default ({m.mpp:g} µm/px)"] = at_mpp(gen, m.mpp, REFERENCE_MPP)
         res["generated_genes+morph"] = {"guidance_expr": se, **compare_at_scales(real, gen, m.mpp)}
         print("generated", json.dumps(res["generated_genes+morph"]), flush=True)
     rec = reconstruct(m.ae, coarse)
+    rows[f"AE v1 reconstruction ({m.mpp:g} µm/px)"] = at_mpp(rec, m.mpp, REFERENCE_MPP)
     res["ae_v1"] = {
         "config": m.ae.cfg.to_dict(),
         "params": sum(p.numel() for p in m.ae.parameters()),
@@ -94,6 +120,7 @@ def main() -> None:
     if a.ae2:
         ae2 = load_ae(a.ae2)
         rec2 = reconstruct(ae2, real)
+        rows["AE v2 reconstruction (0.875 µm/px)"] = rec2
         from safetensors import safe_open
 
         with safe_open(a.ae2, framework="pt") as f:
@@ -110,6 +137,8 @@ def main() -> None:
             **compare_at_scales(real, rec2, REFERENCE_MPP),
         }
         print("ae_v2", json.dumps(res["ae_v2"]), flush=True)
+    if a.grid:
+        save_grid(a.grid, rows)
     if a.update and Path(a.out).is_file():
         res = {**json.loads(Path(a.out).read_text()), **res}
     text = json.dumps(res, indent=1)
