@@ -95,7 +95,7 @@ def main() -> None:
     # what a perfect model at its µm/px would score at 0.875: real tiles shrunk and re-enlarged
     back = at_mpp(at_mpp(real, REFERENCE_MPP, m.mpp), m.mpp, REFERENCE_MPP)
     res[f"reference_real_via_{m.mpp:g}_um_px"] = compare_at_scales(real, back, REFERENCE_MPP)
-    rows = {"real (0.875 µm/px)": real}
+    rows = {"real (0.875 um/px)": real}
     if not a.no_generate:
         img = section_image(sec, m.mpp, a.cache)
         xy = np.asarray(sec.xy_px)[idx] * sec.mpp / m.mpp
@@ -104,11 +104,11 @@ def main() -> None:
         se = m.default_guidance_expr if a.guidance_expr is None else a.guidance_expr
         guide = load_guide(m, m.card["sampler"].get("guide", "default")) if se > 0 else None
         gen = synthesize(m, expr, ctx, seed=1000, guide=guide, guidance_expr=se)
-        rows[f"STMDiT default ({m.mpp:g} µm/px)"] = at_mpp(gen, m.mpp, REFERENCE_MPP)
+        rows[f"STMDiT default ({m.mpp:g} um/px)"] = at_mpp(gen, m.mpp, REFERENCE_MPP)
         res["generated_genes+morph"] = {"guidance_expr": se, **compare_at_scales(real, gen, m.mpp)}
         print("generated", json.dumps(res["generated_genes+morph"]), flush=True)
     rec = reconstruct(m.ae, coarse)
-    rows[f"AE v1 reconstruction ({m.mpp:g} µm/px)"] = at_mpp(rec, m.mpp, REFERENCE_MPP)
+    rows[f"AE v1 reconstruction ({m.mpp:g} um/px)"] = at_mpp(rec, m.mpp, REFERENCE_MPP)
     res["ae_v1"] = {
         "config": m.ae.cfg.to_dict(),
         "params": sum(p.numel() for p in m.ae.parameters()),
@@ -120,7 +120,7 @@ def main() -> None:
     if a.ae2:
         ae2 = load_ae(a.ae2)
         rec2 = reconstruct(ae2, real)
-        rows["AE v2 reconstruction (0.875 µm/px)"] = rec2
+        rows["AE v2 reconstruction (0.875 um/px)"] = rec2
         from safetensors import safe_open
 
         with safe_open(a.ae2, framework="pt") as f:
