@@ -51,6 +51,55 @@ def register_train(sub) -> None:
         "training standard deviation)",
     )
     p.set_defaults(func=_train)
+    _register_train_ae(sub)
+
+
+def _register_train_ae(sub) -> None:
+    p = sub.add_parser(
+        "stmdit-ae",
+        help="train the v2 tile autoencoder (0.875 µm/px, ×8) of STMDiT; resumable",
+    )
+    p.add_argument("--data", required=True, help="HER2ST directory")
+    p.add_argument("--out", required=True, help="output weights (.safetensors); state: <out>.state")
+    p.add_argument("--resume", default=None, metavar="STATE", help="continue from this state file")
+    p.add_argument("--steps", type=int, default=12000, help="length of the whole schedule")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (state saved) at this step")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop-px", type=int, default=64, help="training crop size")
+    p.add_argument("--disc-start", type=int, default=2500, help="step the PatchGAN term starts")
+    p.add_argument("--holdout", nargs="*", default=["C3"], help="sections not trained on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-every-s", type=float, default=240.0, help="checkpoint interval (s)")
+    p.add_argument("--cache", default=None, help="image cache directory")
+    p.set_defaults(func=_train_ae)
+
+
+def _train_ae(args) -> int:
+    from ..training.stmdit_ae import AE2TrainConfig, train_autoencoder_v2
+
+    cfg = AE2TrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        crop_px=args.crop_px,
+        disc_start=args.disc_start,
+        holdout=tuple(args.holdout),
+        seed=args.seed,
+        threads=args.threads,
+        save_every_s=args.save_every_s,
+    )
+    path = train_autoencoder_v2(
+        args.data,
+        args.out,
+        cfg,
+        resume=args.resume,
+        cache_dir=args.cache,
+        stop_after=args.stop_after,
+        log=lambda m: print(m, flush=True),
+        command="stgen " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    print(path)
+    return 0
 
 
 def _train(args) -> int:

@@ -569,11 +569,11 @@ def _decode(model: STMDiTModel, z: Any) -> np.ndarray:
 def load_stmdit(name_or_path: str | Path = "default", device: str = "cpu") -> STMDiTModel:
     """Load an STMDiT checkpoint ("default" or a path); CheckpointError on a bad file."""
     from ..errors import CheckpointError
-    from ..models.stmdit import AEConfig, DiTConfig, STMDiT, TileAutoencoder, encoders_from_tensors
+    from ..models.stmdit import DiTConfig, STMDiT, autoencoder_from_config, encoders_from_tensors
 
     path, tensors, card = _load_ckpt(name_or_path)
     try:
-        ae = TileAutoencoder(AEConfig.from_dict(card["ae"]))
+        ae = autoencoder_from_config(card["ae"])
         ae.load_state_dict(_sub(tensors, "ae."))
         dit = STMDiT(DiTConfig.from_dict(card["dit"]))
         dit.load_state_dict(_sub(tensors, "ema."))

@@ -100,6 +100,100 @@ class TileAutoencoder(nn.Module):
         return self.decode(z), m, lv
 
 
+@dataclass
+class AE2Config:
+    """Tile autoencoder v2: ``len(ch)`` stages, downsampling ×2^(len(ch)-1) (×8 for 4 stages)."""
+
+    ch: tuple[int, ...] = (32, 64, 128, 192)
+    z_ch: int = 8
+    kind: str = "v2"
+
+    @property
+    def down(self) -> int:
+        return 2 ** (len(self.ch) - 1)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "ch": list(self.ch), "z_ch": self.z_ch}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AE2Config:
+        return cls(ch=tuple(int(c) for c in d["ch"]), z_ch=int(d["z_ch"]))
+
+
+class TileAutoencoderV2(nn.Module):
+    """RGB tile (B, 3, H, W) in [-1, 1] ↔ latent (B, z_ch, H/8, W/8), KL-regularised.
+
+    Encoder: conv, then per stage a residual block and a stride-2 conv; two residual blocks at
+    the latent resolution. Decoder mirrors it with nearest up-sampling + conv. Fully
+    convolutional, so it trains on small crops and encodes tiles of any multiple of 8 px.
+    """
+
+    def __init__(self, cfg: AE2Config | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or AE2Config()
+        ch = list(cfg.ch)
+        enc: list[nn.Module] = [nn.Conv2d(3, ch[0], 3, padding=1)]
+        for a, b in zip(ch[:-1], ch[1:], strict=True):
+            enc += [_Res(a), nn.Conv2d(a, b, 4, stride=2, padding=1)]
+        enc += [_Res(ch[-1]), _Res(ch[-1]), nn.GroupNorm(8, ch[-1]), nn.SiLU()]
+        enc += [nn.Conv2d(ch[-1], 2 * cfg.z_ch, 3, padding=1)]
+        self.enc = nn.Sequential(*enc)
+        dec: list[nn.Module] = [nn.Conv2d(cfg.z_ch, ch[-1], 3, padding=1)]
+        dec += [_Res(ch[-1]), _Res(ch[-1])]
+        for a, b in zip(ch[::-1][:-1], ch[::-1][1:], strict=True):
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1)]
+            dec += [_Res(b)]
+        dec += [nn.GroupNorm(8, ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1)]
+        self.dec = nn.Sequential(*dec)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the output convolution (for the adaptive adversarial weight)."""
+        return self.dec[-1].weight
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance."""
+        m, lv = self.enc(x).chunk(2, dim=1)
+        return m, lv.clamp(-20.0, 10.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dec(z)
+
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m, lv = self.encode(x)
+        eps = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
+        return self.decode(m + eps * torch.exp(0.5 * lv)), m, lv
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (pix2pix / latent-diffusion autoencoders): one logit per patch."""
+
+    def __init__(self, ch: int = 32, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(3, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        c = ch
+        for i in range(1, layers):
+            n = ch * min(2**i, 8)
+            mods += [nn.Conv2d(c, n, 4, stride=2, padding=1), nn.GroupNorm(8, n)]
+            mods += [nn.LeakyReLU(0.2)]
+            c = n
+        mods += [nn.Conv2d(c, c, 4, padding=1), nn.GroupNorm(8, c), nn.LeakyReLU(0.2)]
+        mods += [nn.Conv2d(c, 1, 4, padding=1)]
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def autoencoder_from_config(d: dict) -> nn.Module:
+    """A tile autoencoder (v1 or v2) from its stored config."""
+    if d.get("kind") == "v2":
+        return TileAutoencoderV2(AE2Config.from_dict(d))
+    return TileAutoencoder(AEConfig.from_dict(d))
+
+
 def images_to_tensor(tiles_u8) -> torch.Tensor:
     """uint8 (N, H, W, 3) → float (N, 3, H, W) in [-1, 1]."""
     t = torch.as_tensor(tiles_u8)
@@ -387,7 +481,7 @@ class OwnCondition(nn.Module):
         self.register_buffer("g_mean", torch.zeros(n_genes))
         self.register_buffer("g_std", torch.ones(n_genes))
         self.ae_cfg = dict(ae_cfg)
-        self.ae = TileAutoencoder(AEConfig.from_dict(ae_cfg))
+        self.ae = autoencoder_from_config(ae_cfg)
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -398,7 +492,7 @@ class OwnCondition(nn.Module):
 
     @property
     def morph_dim(self) -> int:
-        return 2 * int(self.ae.cfg.ch[1])
+        return 2 * int(self.ae.cfg.ch[-1])
 
     @classmethod
     def fit(cls, profiles, ae: TileAutoencoder, gene_dim: int = 16) -> OwnCondition:

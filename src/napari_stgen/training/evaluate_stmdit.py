@@ -15,7 +15,9 @@
   several seeds; Spearman(slider, re-predicted), pooled over seeds. The earlier read-out with a
   different noise per slider value is reported too (``*_independent_noise``).
 - Realism: KID and Fréchet distance between generated and real held-out tiles in the feature
-  space of GenST's histology encoder (Inception weights cannot be downloaded here).
+  space of GenST's histology encoder (Inception weights cannot be downloaded here), and
+  encoder-independent pixel statistics (``training.realism``: sharpness, nuclei, a classifier
+  two-sample test) against real tiles of the same spots at 0.875 µm/px.
 - Speed: seconds per tile on CPU at the default step count.
 """
 
@@ -181,7 +183,6 @@ def evaluate_stmdit(
     from ..io.her2st import benchmark_genes, read_sections
     from ..models.stmdit import GenSTCondition
     from .stmdit import (
-        TILE_MPP,
         genst_label_key,
         genst_patches_for_tiles,
         genst_predict,
@@ -219,9 +220,9 @@ def evaluate_stmdit(
     t = m.tile_px
     px = int(gcard["patch_px"])
 
-    feat = section_features(test, m.genes, m.enc, None, tile_px=t, cache_dir=cache_dir)
+    feat = section_features(test, m.genes, m.enc, None, tile_px=t, cache_dir=cache_dir, mpp=m.mpp)
     tiles, ctx2, expr = feat["spot_tiles"], feat["spot_ctx"], feat["spot_expr"]
-    img = section_image(test, TILE_MPP, cache_dir or _default_cache())
+    img = section_image(test, m.mpp, cache_dir or _default_cache())
     ctx3 = _context3(img, feat["spot_xy"], t)
     n = len(tiles)
     say(f"{holdout}: {n} spots, {len(bench)} benchmark genes")
@@ -236,7 +237,7 @@ def evaluate_stmdit(
     run_fid = "fidelity" in parts or "realism" in parts
     ceiling: dict = {}
     run_cnn = run_fid or "control" in parts
-    tr_tiles = [_spot_tiles(s, t, cache_dir) for s in train] if run_cnn else []
+    tr_tiles = [_spot_tiles(s, t, cache_dir, m.mpp) for s in train] if run_cnn else []
     if run_cnn:
         # independent oracle: a supervised CNN on the measured spots of the training sections
         cnn = cnn_oracle(
@@ -344,6 +345,8 @@ def evaluate_stmdit(
         other = np.concatenate(tr_tiles)
         rng = np.random.default_rng(0)
         realism["real_training_sections"] = space.scores(other[rng.choice(len(other), n, False)])
+        say("pixel realism (sharpness, nuclei, two-sample test)")
+        realism["pixel_statistics"] = pixel_realism(test, gen_tiles, rec, m.mpp, cache_dir)
 
     # speed
     g1 = m.gene_median[None]
@@ -422,6 +425,23 @@ def evaluate_stmdit(
     }
 
 
+def pixel_realism(sec, gen_tiles: dict, rec: np.ndarray, mpp: float, cache_dir=None) -> dict:
+    """Encoder-independent realism figures (``training.realism``) of every generated set and
+    of the autoencoder's reconstructions, against the real tiles of the same spots of ``sec``
+    at ``realism.REFERENCE_MPP`` (and at the model's µm/px when it is coarser)."""
+    from .realism import REFERENCE_MPP, compare_at_scales, spot_tiles_at
+
+    real = spot_tiles_at(sec, REFERENCE_MPP, cache_dir or _default_cache())
+    out: dict = {
+        "reference": f"real tiles of the same spots at {REFERENCE_MPP} µm/px; generated tiles "
+        "resampled to it (bicubic), and real tiles shrunk (box) to the model's µm/px",
+        "model_mpp": mpp,
+    }
+    for k, v in {**gen_tiles, "autoencoder_reconstruction": rec}.items():
+        out[k] = compare_at_scales(real, v, mpp)
+    return out
+
+
 def cnn_oracle(tiles: np.ndarray, expr: np.ndarray, cache_dir=None, epochs: int = 30):
     """The CNN baseline regressor (``training.baselines``) fitted on real 112 µm tiles and
     their measured expression, cached in ``cache_dir`` by the data's checksum."""
@@ -462,11 +482,11 @@ def _mean(v: list) -> float | None:
     return round(float(np.mean(v)), 3) if v else None
 
 
-def _spot_tiles(sec, t: int, cache_dir) -> np.ndarray:
-    from .stmdit import TILE_MPP, crop, section_image
+def _spot_tiles(sec, t: int, cache_dir, mpp: float) -> np.ndarray:
+    from .stmdit import crop, section_image
 
-    img = section_image(sec, TILE_MPP, cache_dir or _default_cache())
-    xy = np.asarray(sec.xy_px) * sec.mpp / TILE_MPP
+    img = section_image(sec, mpp, cache_dir or _default_cache())
+    xy = np.asarray(sec.xy_px) * sec.mpp / mpp
     return np.stack([crop(img, x, y, t) for x, y in xy])
 
 

@@ -221,15 +221,20 @@ def load_genst_model(name_or_path: str | Path = "default"):
 
 
 def genst_predict(model, patches: np.ndarray, tta: int = 4, batch: int = 128) -> np.ndarray:
-    """GenST expression (N, G) log1p CP10k on uint8 patches at GenST's geometry."""
+    """GenST expression (N, G) log1p CP10k on uint8 224 µm patches (resampled to GenST's
+    patch size when they are at another µm/px)."""
     import torch
+    import torch.nn.functional as F
 
     from ..models.genst import to_input
 
     out = []
+    px = int(model.cfg.patch_px)
     with torch.inference_mode():
         for i in range(0, len(patches), batch):
             x = to_input(torch.from_numpy(np.ascontiguousarray(patches[i : i + batch])))
+            if x.shape[-1] != px:  # patches at another µm/px than GenST's (same 224 µm)
+                x = F.interpolate(x, size=(px, px), mode="area")
             out.append(model.predict(x, tta=tta)[0].numpy())
     return np.concatenate(out, 0).astype(np.float32) if out else np.zeros((0, model.cfg.n_genes))
 
@@ -280,9 +285,16 @@ def genst_label_key(genst) -> str:
 
 
 def section_features(
-    sec, panel: list[str], enc, genst=None, tile_px: int = 64, cache_dir: Path | None = None
+    sec,
+    panel: list[str],
+    enc,
+    genst=None,
+    tile_px: int = 64,
+    cache_dir: Path | None = None,
+    mpp: float = TILE_MPP,
 ) -> dict:
-    """Tiles + conditions of one section (cached): measured spots and PTPL lattice tiles.
+    """Tiles + conditions of one section (cached): measured spots and PTPL lattice tiles,
+    at ``mpp`` µm/px (GenST reads its 224 µm patches resampled to its own size).
 
     Keys: ``spot_tiles`` (N, t, t, 3), ``spot_expr`` measured (N, G), ``spot_pool``, ``spot_morph``,
     ``spot_ctx`` (N, 2t, 2t, 3) real 224 µm surroundings, ``spot_genst`` GenST on the real spot
@@ -291,13 +303,14 @@ def section_features(
     """
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
     key = _enc_key(enc) + (f"_g{genst_label_key(genst)}" if genst is not None else "")
+    key += "" if abs(mpp - TILE_MPP) < 1e-9 else f"_m{mpp:g}"
     path = cache_dir / f"{sec.name}_feat_{tile_px}_{key}.npz"
     if path.exists():
         z = np.load(path)
         return {k: z[k] for k in z.files}
-    img = section_image(sec, TILE_MPP, cache_dir)
+    img = section_image(sec, mpp, cache_dir)
     t = tile_px
-    xy = np.asarray(sec.xy_px) * sec.mpp / TILE_MPP
+    xy = np.asarray(sec.xy_px) * sec.mpp / mpp
     spot_ctx3 = np.stack([crop(img, x, y, 3 * t) for x, y in xy])
     spot_tiles = spot_ctx3[:, t : 2 * t, t : 2 * t].copy()
     spot_ctx2 = np.stack([crop(img, x, y, 2 * t) for x, y in xy])
@@ -434,19 +447,27 @@ def load_ae(path: str | Path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..models.stmdit import AEConfig, TileAutoencoder
+    from ..models.stmdit import autoencoder_from_config
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "ae_config" in meta:
-        cfg = AEConfig.from_dict(json.loads(meta["ae_config"]))
+        cfg = json.loads(meta["ae_config"])
     else:
-        card = json.loads(meta["stgen_card"])
-        cfg = AEConfig.from_dict(card["ae"])
-    ae = TileAutoencoder(cfg)
+        cfg = json.loads(meta["stgen_card"])["ae"]
+    ae = autoencoder_from_config(cfg)
     t = load_file(str(path))
     ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
     return ae.eval()
+
+
+def ae_geometry(ae) -> tuple[float, int]:
+    """(µm/px, px per 112 µm tile) of a tile autoencoder: 0.875 / 128 for v2, else 1.75 / 64."""
+    if getattr(ae.cfg, "kind", "") == "v2":
+        from .stmdit_ae import AE2_MPP
+
+        return AE2_MPP, int(round(112.0 / AE2_MPP))
+    return TILE_MPP, int(round(112.0 / TILE_MPP))
 
 
 def resolve_ae(name_or_path: str | Path) -> Path:
@@ -485,8 +506,10 @@ def train_dit(
     resume: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
+    mpp: float = TILE_MPP,
 ) -> Path | None:
-    """Train the DiT on assembled rows (``assemble``) and write the STMDiT checkpoint.
+    """Train the DiT on assembled rows (``assemble``, tiles at ``mpp`` µm/px) and write the
+    STMDiT checkpoint.
 
     Resumable: state (weights, EMA, Adam moments, step) is saved every ``save_every`` steps to
     ``<out>.state``; with ``resume`` a run continues from it. Batches are drawn from
@@ -605,9 +628,9 @@ def train_dit(
         "kind": "stmdit",
         "name": out.stem,
         "genes": list(panel),
-        "mpp": TILE_MPP,
+        "mpp": mpp,
         "tile_px": int(data["tiles"].shape[1]),
-        "tile_um": TILE_MPP * int(data["tiles"].shape[1]),
+        "tile_um": round(mpp * int(data["tiles"].shape[1]), 3),
         "normalization": "log1p(counts / total * 10000) per spot",
         "ae": ae.cfg.to_dict(),
         "dit": cfg.to_dict(),
@@ -761,6 +784,8 @@ def train_stmdit(
             )
     ae_path = resolve_ae(ae_path)
     ae = load_ae(ae_path)
+    mpp, tile_px = ae_geometry(ae)
+    tile_px = int(overrides.pop("tile_px", tile_px))
     gmodel, gcard, gpath, gsha = load_genst_model(genst or "default")
     enc = GenSTCondition.from_genst(gmodel)
     panel = list(gcard["genes"])
@@ -771,13 +796,20 @@ def train_stmdit(
             enc,
             gmodel if labels != "real" else None,
             cache_dir=cache_dir,
-            tile_px=int(overrides.get("tile_px", 64)),
+            tile_px=tile_px,
+            mpp=mpp,
         )
         for s in train_secs
     ]
     data = assemble(feats, labels)
     tcfg = STMDiTTrainConfig(
-        steps=steps, seed=seed, threads=threads, labels=labels, holdout=tuple(holdout), **overrides
+        steps=steps,
+        seed=seed,
+        threads=threads,
+        labels=labels,
+        holdout=tuple(holdout),
+        tile_px=tile_px,
+        **overrides,
     )
     extra = {
         "data": {
@@ -801,7 +833,7 @@ def train_stmdit(
     if name:
         extra["name"] = name
     return train_dit(
-        data, ae, enc, panel, out, tcfg, card_extra=extra, resume=resume, progress=progress
+        data, ae, enc, panel, out, tcfg, card_extra=extra, resume=resume, progress=progress, mpp=mpp
     )
 
 

@@ -1,0 +1,314 @@
+"""Tile autoencoder v2 for STMDiT: resumable training (CPU, or CUDA bf16); reconstruction figures.
+
+Recipe of latent-diffusion autoencoders without a pretrained perceptual network: L1 + a
+multi-scale gradient loss + a Fourier-amplitude loss + a KL term, and a PatchGAN hinge
+adversarial term (adaptive weight) switched on after ``disc_start`` steps. Random tissue crops
+of the training sections at ``mpp`` µm/px, all 8 dihedral transforms, stain jitter in HED space.
+
+Every batch and noise draw comes from ``rng(seed, step)``, so a run resumed from its state
+file (weights, discriminator, both Adam states, step) continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .stmdit import DEFAULT_CACHE, _save_state, dihedral, random_tissue_crops, section_image
+
+AE2_MPP = 0.875  # µm per pixel of the v2 autoencoder (128 px per 112 µm)
+
+_LOG_EPS = np.log(1e-6)
+
+
+def hed_jitter(
+    tiles: np.ndarray, rng: np.random.Generator, sigma: float = 0.05, bias: float = 0.01
+) -> np.ndarray:
+    """Stain augmentation (Tellez et al.): per tile and stain, HED → α·HED + β → RGB.
+
+    α ~ U(1−σ, 1+σ), β ~ U(−bias, bias); uint8 (N, H, W, 3) in and out. The identity jitter
+    reproduces the input (no clipping in HED space)."""
+    from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
+
+    x = np.maximum(np.asarray(tiles, np.float64) / 255.0, 1e-6)
+    hed = (np.log(x) / _LOG_EPS) @ hed_from_rgb
+    n = len(x)
+    a = rng.uniform(1 - sigma, 1 + sigma, (n, 1, 1, 3))
+    b = rng.uniform(-bias, bias, (n, 1, 1, 3))
+    rgb = np.exp((hed * a + b) @ rgb_from_hed * _LOG_EPS)
+    return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class AE2TrainConfig:
+    """Training hyper-parameters of the v2 autoencoder (stored with the weights)."""
+
+    steps: int = 20000
+    batch: int = 8
+    crop_px: int = 64  # training crops (fully convolutional: tiles are 128 px)
+    lr: float = 2e-4
+    disc_lr: float = 2e-4
+    kl_weight: float = 1e-6
+    grad_weight: float = 0.5
+    freq_weight: float = 0.1
+    disc_start: int = 2000
+    disc_weight: float = 0.5
+    seed: int = 0
+    threads: int = 1
+    save_every_s: float = 240.0
+    mpp: float = AE2_MPP
+    ch: tuple[int, ...] = (32, 64, 128, 192)
+    z_ch: int = 8
+    disc_ch: int = 32
+    sections: tuple[str, ...] = ()
+    holdout: tuple[str, ...] = ("C3",)
+    extra: dict = field(default_factory=dict)
+
+
+def gradient_loss(rec, x, scales: int = 3):
+    """Mean L1 difference of horizontal and vertical finite differences over ``scales``
+    dyadic scales (average-pooled)."""
+    import torch.nn.functional as F
+
+    loss = 0.0
+    for s in range(scales):
+        if s:
+            rec, x = F.avg_pool2d(rec, 2), F.avg_pool2d(x, 2)
+        for d in (-1, -2):
+            loss = loss + (rec.diff(dim=d) - x.diff(dim=d)).abs().mean()
+    return loss / scales
+
+
+def frequency_loss(rec, x):
+    """L1 between log(1 + |FFT|) amplitude spectra (orthonormal FFT), per channel."""
+    import torch
+
+    fa = torch.fft.rfft2(rec.float(), norm="ortho").abs()
+    fb = torch.fft.rfft2(x.float(), norm="ortho").abs()
+    return (torch.log1p(fa) - torch.log1p(fb)).abs().mean()
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _opt_tensors(opt, params, prefix: str) -> dict:
+    out = {}
+    for i, p in enumerate(params):
+        s = opt.state.get(p)
+        if s:
+            out[f"{prefix}.{i}.exp_avg"] = s["exp_avg"].detach().cpu()
+            out[f"{prefix}.{i}.exp_avg_sq"] = s["exp_avg_sq"].detach().cpu()
+            out[f"{prefix}.{i}.step"] = s["step"].detach().cpu().reshape(1).float()
+    return out
+
+
+def _load_opt(opt, params, t: dict, prefix: str, device) -> None:
+    import torch
+
+    for i, p in enumerate(params):
+        if f"{prefix}.{i}.exp_avg" in t:
+            opt.state[p] = {
+                "exp_avg": t[f"{prefix}.{i}.exp_avg"].to(device),
+                "exp_avg_sq": t[f"{prefix}.{i}.exp_avg_sq"].to(device),
+                "step": torch.tensor(float(t[f"{prefix}.{i}.step"][0])),
+            }
+
+
+def _lr(step: int, total: int, warm: int = 200) -> float:
+    """Linear warm-up then cosine to 10 %."""
+    w = min(1.0, (step + 1) / max(1, min(warm, total // 10)))
+    return w * (0.1 + 0.45 * (1 + float(np.cos(np.pi * min(step / max(total, 1), 1.0)))))
+
+
+def write_ae2(path: Path, ae, meta: dict) -> Path:
+    """Autoencoder weights (``ae.*``) + metadata (``ae_config``, training record), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {f"ae.{k}": v.detach().float().cpu().contiguous() for k, v in ae.state_dict().items()}
+    md = {"ae_config": json.dumps(ae.cfg.to_dict())}
+    md.update({k: json.dumps(v) for k, v in meta.items()})
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata=md)
+    os.replace(tmp, path)
+    return path
+
+
+def train_autoencoder_v2(
+    data_dir: str | Path,
+    out: str | Path,
+    cfg: AE2TrainConfig | None = None,
+    resume: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    stop_after: int | None = None,
+    log=print,
+    command: str = "",
+) -> Path:
+    """Train the v2 tile autoencoder on random tissue crops; write ``out`` and ``<out>.state``.
+
+    ``resume``: a state file written by a previous run (``<out>.state``) to continue from.
+    The weights file ``out`` is rewritten at every checkpoint (an intermediate until the
+    last step; its metadata records ``step`` and ``steps``). ``stop_after``: stop after that
+    step (state saved). Runs on CUDA with bf16 autocast when available, else CPU float32.
+    """
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from ..io.her2st import read_sections
+    from ..models.stmdit import AE2Config, PatchDiscriminator, TileAutoencoderV2, images_to_tensor
+
+    cfg = cfg or AE2TrainConfig()
+    torch.set_num_threads(cfg.threads)
+    dev = _device()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    secs = [
+        s for s in read_sections(data_dir, list(cfg.sections) or None) if s.name not in cfg.holdout
+    ]
+    if not secs:
+        raise ValueError("no training section left after the hold-out")
+    imgs = [section_image(s, cfg.mpp, Path(cache_dir or DEFAULT_CACHE)) for s in secs]
+    torch.manual_seed(cfg.seed)
+    ae = TileAutoencoderV2(AE2Config(ch=tuple(cfg.ch), z_ch=cfg.z_ch)).to(dev)
+    disc = PatchDiscriminator(cfg.disc_ch).to(dev)
+    opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    dopt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
+    state_path = Path(str(out) + ".state")
+    start, hist, wall = 0, [], 0.0
+    if resume:
+        t = load_file(str(resume))
+        ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
+        disc.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("disc.")})
+        _load_opt(opt, list(ae.parameters()), t, "opt", dev)
+        _load_opt(dopt, list(disc.parameters()), t, "dopt", dev)
+        meta = json.loads(Path(resume).with_suffix(".json").read_text())
+        start, hist, wall = int(meta["step"]), meta["hist"], float(meta.get("wall_s", 0.0))
+        log(f"resumed from {resume} at step {start}")
+    amp = dev.type == "cuda"
+    names = [s.name for s in secs]
+
+    def save(step: int) -> None:
+        t = {f"ae.{k}": v.detach().cpu() for k, v in ae.state_dict().items()}
+        t.update({f"disc.{k}": v.detach().cpu() for k, v in disc.state_dict().items()})
+        t.update(_opt_tensors(opt, list(ae.parameters()), "opt"))
+        t.update(_opt_tensors(dopt, list(disc.parameters()), "dopt"))
+        meta = {"step": step, "hist": hist, "wall_s": round(wall, 1)}
+        _save_state(state_path, t, meta)
+        rec = {
+            **meta,
+            "steps": cfg.steps,
+            "sections": names,
+            "device": dev.type,
+            "train": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+            "command": command,
+            "intermediate": step < cfg.steps,
+        }
+        write_ae2(out, ae, rec)
+
+    t_last = time.time()
+    run: dict[str, float] = {}
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        rng = np.random.default_rng([cfg.seed, step])
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        crops = hed_jitter(random_tissue_crops(imgs, cfg.batch, cfg.crop_px, rng), rng)
+        x = dihedral(images_to_tensor(crops), int(rng.integers(8))).contiguous().to(dev)
+        f = _lr(step, cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * f
+        for g in dopt.param_groups:
+            g["lr"] = cfg.disc_lr * f
+        gan = step >= cfg.disc_start
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            m, lv = ae.encode(x)
+            eps = torch.randn(m.shape, generator=gen).to(dev)
+            rec = ae.decode(m + eps * torch.exp(0.5 * lv))
+        rec = rec.float()
+        l1 = (rec - x).abs().mean()
+        gl = gradient_loss(rec, x)
+        fl = frequency_loss(rec, x)
+        kl = 0.5 * (m.float().pow(2) + lv.float().exp() - 1 - lv.float()).sum((1, 2, 3)).mean()
+        nll = l1 + cfg.grad_weight * gl + cfg.freq_weight * fl
+        loss = nll + cfg.kl_weight * kl
+        g_adv = torch.zeros(())
+        if gan:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                g_adv = -disc(rec).float().mean()
+            last = ae.last_layer
+            gn = torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+            ga = torch.autograd.grad(g_adv, last, retain_graph=True)[0].norm()
+            w = (gn / (ga + 1e-4)).clamp(0.0, 1e4).detach()
+            loss = loss + cfg.disc_weight * w * g_adv
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        d_loss = torch.zeros(())
+        if gan:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                lr_ = disc(x).float()
+                lf_ = disc(rec.detach()).float()
+            d_loss = 0.5 * (F.relu(1 - lr_).mean() + F.relu(1 + lf_).mean())
+            dopt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            dopt.step()
+        wall += time.time() - t0
+        vals = {
+            "l1": l1.item(),
+            "grad": gl.item(),
+            "freq": fl.item(),
+            "g_adv": g_adv.item(),
+            "d": d_loss.item(),
+        }
+        run = vals if not run else {k: 0.98 * run[k] + 0.02 * v for k, v in vals.items()}
+        done = step + 1
+        if done % 50 == 0 or done == cfg.steps:
+            hist.append([done, round(wall, 1), *(round(run[k], 5) for k in vals)])
+            log(
+                f"step {done}/{cfg.steps} wall {wall:.0f}s "
+                + " ".join(f"{k}={v:.4f}" for k, v in run.items())
+            )
+        last_step = done == cfg.steps or (stop_after is not None and done >= stop_after)
+        if last_step or time.time() - t_last >= cfg.save_every_s:
+            save(done)
+            t_last = time.time()
+        if stop_after is not None and done >= stop_after:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def psnr_ssim(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean PSNR (dB) and SSIM (skimage, RGB) of uint8 tile pairs (N, H, W, 3)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    ps = [peak_signal_noise_ratio(x, y, data_range=255) for x, y in zip(a, b, strict=True)]
+    ss = [
+        structural_similarity(x, y, channel_axis=-1, data_range=255)
+        for x, y in zip(a, b, strict=True)
+    ]
+    return {"psnr_db": round(float(np.mean(ps)), 2), "ssim": round(float(np.mean(ss)), 4)}
+
+
+def reconstruct(ae, tiles: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Autoencoder reconstructions (posterior mean) of uint8 tiles."""
+    import torch
+
+    from ..models.stmdit import images_to_tensor, tensor_to_images
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(tiles), batch):
+            x = images_to_tensor(np.ascontiguousarray(tiles[i : i + batch]))
+            out.append(tensor_to_images(ae.decode(ae.encode(x)[0])))
+    return np.concatenate(out, 0)

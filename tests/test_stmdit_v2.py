@@ -1,0 +1,178 @@
+"""STMDiT v2 (issue 15): realism figures and the v2 tile autoencoder, on real C3 tissue.
+
+Real tiles are the 112 µm tiles of section C3's spots at 0.875 µm/px (128 px).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+MPP = 0.875
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("stmdit_v2_cache")
+
+
+@pytest.fixture(scope="module")
+def real_tiles(her2st_c3_dir, cache) -> np.ndarray:
+    from napari_stgen.io.her2st import read_sections
+    from napari_stgen.training.realism import spot_tiles_at
+
+    sec = read_sections(her2st_c3_dir, ["C3"])[0]
+    t = spot_tiles_at(sec, MPP, cache)
+    return t[np.random.default_rng(0).permutation(len(t))]
+
+
+def _blur(tiles: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return np.stack(
+        [np.clip(gaussian_filter(t.astype(np.float32), (sigma, sigma, 0)), 0, 255) for t in tiles]
+    ).astype(np.uint8)
+
+
+def test_real_tiles_are_128_px_for_112_um(real_tiles):
+    assert real_tiles.shape[1:] == (128, 128, 3) and len(real_tiles) >= 80
+
+
+def test_realism_of_real_vs_real_is_near_one_and_indistinguishable(real_tiles):
+    from napari_stgen.training.realism import realism_report
+
+    r = realism_report(real_tiles[:40], real_tiles[40:80], MPP, paired=False)
+    for k in ("laplacian_variance", "hf_power_share", "nuclei_per_mm2", "nuclei_median_area_um2"):
+        assert 0.8 <= r[k]["ratio"] <= 1.25, (k, r[k])
+    assert r["nuclei_per_mm2"]["real"] > 200  # the threshold finds nuclei in real tissue
+    assert r["two_sample_accuracy"] <= 0.7, r
+
+
+def test_realism_of_real_vs_blurred_is_clearly_not(real_tiles):
+    from napari_stgen.training.realism import realism_report
+
+    a = real_tiles[:40]
+    r = realism_report(a, _blur(a, 1.5), MPP)
+    assert r["laplacian_variance"]["ratio"] < 0.3, r
+    assert r["hf_power_share"]["ratio"] < 0.3, r
+    assert r["two_sample_accuracy"] >= 0.9, r
+
+
+def test_high_frequency_share_follows_the_physical_scale(real_tiles):
+    from napari_stgen.training.realism import at_mpp, high_frequency_share
+
+    a = real_tiles[:20]
+    fine = high_frequency_share(a, MPP).mean()
+    # the same tiles shrunk to 1.75 µm/px keep less power above 0.25 cycles/µm
+    coarse = high_frequency_share(at_mpp(a, MPP, 1.75), 1.75).mean()
+    assert coarse < fine
+
+
+def test_hed_jitter_identity_reproduces_the_tile_and_jitter_changes_stain(real_tiles):
+    from napari_stgen.training.stmdit_ae import hed_jitter
+
+    a = real_tiles[:4]
+    rng = np.random.default_rng(0)
+    same = hed_jitter(a, rng, sigma=0.0, bias=0.0)
+    assert np.abs(same.astype(int) - a).max() <= 1
+    moved = hed_jitter(a, rng)
+    d = np.abs(moved.astype(int) - a)
+    assert d.mean() > 0.5 and d.mean() < 25
+
+
+def _tiny_cfg(**kw):
+    from napari_stgen.training.stmdit_ae import AE2TrainConfig
+
+    base = dict(
+        steps=30, batch=4, crop_px=32, ch=(8, 16, 16, 16), z_ch=4, disc_ch=8,
+        disc_start=10, sections=("C3",), holdout=(), lr=2e-3, save_every_s=1e9,
+    )  # fmt: skip
+    base.update(kw)
+    return AE2TrainConfig(**base)
+
+
+def _recon_l1(ae, tiles) -> float:
+    from napari_stgen.training.stmdit_ae import reconstruct
+
+    return float(np.abs(reconstruct(ae, tiles).astype(np.float32) - tiles).mean())
+
+
+def test_tiny_ae_v2_loss_falls_on_real_crops_and_loads(her2st_c3_dir, cache, real_tiles, tmp_path):
+    from napari_stgen.models.stmdit import AE2Config, TileAutoencoderV2
+    from napari_stgen.training.stmdit import load_ae
+    from napari_stgen.training.stmdit_ae import train_autoencoder_v2
+
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg()
+    out = train_autoencoder_v2(her2st_c3_dir, tmp_path / "ae.safetensors", cfg, cache_dir=cache,
+                               log=lambda m: None)  # fmt: skip
+    ae = load_ae(out)
+    assert isinstance(ae, TileAutoencoderV2) and ae.cfg.down == 8
+    torch.manual_seed(cfg.seed)
+    init = TileAutoencoderV2(AE2Config(ch=cfg.ch, z_ch=cfg.z_ch)).eval()
+    tiles = real_tiles[:8]
+    assert _recon_l1(ae, tiles) < 0.9 * _recon_l1(init, tiles)
+    with torch.no_grad():
+        m, _ = ae.encode(torch.zeros(1, 3, 128, 128))
+    assert m.shape == (1, 4, 16, 16)
+
+
+def test_ae_v2_resume_is_bit_identical(her2st_c3_dir, cache, tmp_path):
+    from safetensors.torch import load_file
+
+    from napari_stgen.training.stmdit_ae import train_autoencoder_v2
+
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg(steps=12, disc_start=4)
+    quiet = {"cache_dir": cache, "log": lambda m: None}
+    a = train_autoencoder_v2(her2st_c3_dir, tmp_path / "a.safetensors", cfg, **quiet)
+    b = tmp_path / "b.safetensors"
+    train_autoencoder_v2(her2st_c3_dir, b, cfg, stop_after=7, **quiet)
+    train_autoencoder_v2(her2st_c3_dir, b, cfg, resume=str(b) + ".state", **quiet)
+    ta, tb = load_file(str(a) + ".state"), load_file(str(b) + ".state")
+    assert ta.keys() == tb.keys() and any(k.startswith("dopt.") for k in ta)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_tiny_dit_trains_in_the_v2_latent_space_and_samples_at_0875(her2st_c3_dir, cache, tmp_path):
+    from tiny_models import tiny_stmdit_config
+
+    from napari_stgen.inference.synthesis import load_stmdit, synthesize
+    from napari_stgen.io.her2st import gene_panel, read_sections
+    from napari_stgen.models.stmdit import OwnCondition
+    from napari_stgen.training.stmdit import (
+        ae_geometry,
+        assemble,
+        load_ae,
+        section_features,
+        train_dit,
+    )
+    from napari_stgen.training.stmdit_ae import train_autoencoder_v2
+
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg(steps=10)
+    ae_path = train_autoencoder_v2(
+        her2st_c3_dir, tmp_path / "ae.safetensors", cfg, cache_dir=cache, log=lambda m: None
+    )
+    ae = load_ae(ae_path)
+    mpp, px = ae_geometry(ae)
+    assert (mpp, px) == (0.875, 128)
+    sec = read_sections(her2st_c3_dir, ["C3"])[0]
+    panel = gene_panel([sec], 20)
+    enc = OwnCondition.fit(sec.target(panel), ae, 8)
+    feats = section_features(sec, panel, enc, None, tile_px=px, cache_dir=cache, mpp=mpp)
+    assert feats["spot_tiles"].shape[1:] == (128, 128, 3)
+    data = assemble([feats], "real")
+    tcfg = tiny_stmdit_config(save_every=10)
+    tcfg.steps, tcfg.tile_px = 20, px
+    ckpt = train_dit(data, ae, enc, panel, tmp_path / "dit.safetensors", tcfg,
+                     resume=False, progress=False, mpp=mpp)  # fmt: skip
+    m = load_stmdit(ckpt)
+    assert m.mpp == 0.875 and m.tile_px == 128 and m.dit.cfg.latent_px == 16
+    hist = m.card["loss_history"]
+    assert hist[-1][1] < hist[0][1], hist
+    out = synthesize(m, sec.target(panel)[:1], None, seed=0, steps=2, guidance_expr=0.0)
+    assert out.shape == (1, 128, 128, 3) and out.dtype == np.uint8
