@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StgenError
+from ..inference.device import safe_cpu_training
 from .data import cache_dir
 
 TILE_MPP = 1.75  # µm per pixel of generated tiles
@@ -138,6 +139,8 @@ def train_autoencoder(
     from ..models.stmdit import AEConfig, TileAutoencoder, images_to_tensor
 
     torch.set_num_threads(threads)
+
+    safe_cpu_training()
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
     secs = read_sections(data_dir, sections)
     imgs = [section_image(s, TILE_MPP, cache_dir) for s in secs]
@@ -525,6 +528,8 @@ def train_dit(
     from ..models.stmdit import DiTConfig, STMDiT
 
     torch.set_num_threads(tcfg.threads)
+
+    safe_cpu_training()
     out = Path(out)
     lat = encode_latents(ae, data["tiles"])
     latent_scale = float(1.0 / lat.std())
@@ -764,6 +769,8 @@ def train_stmdit(
     from ..models.stmdit import GenSTCondition
 
     torch.set_num_threads(threads)
+
+    safe_cpu_training()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if labels not in ("real", "ptpl", "both"):

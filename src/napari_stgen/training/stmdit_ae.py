@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..inference.device import safe_cpu_training
 from .stmdit import DEFAULT_CACHE, _save_state, dihedral, random_tissue_crops, section_image
 
 AE2_MPP = 0.875  # µm per pixel of the v2 autoencoder (128 px per 112 µm)
@@ -168,6 +169,7 @@ def train_autoencoder_v2(
 
     cfg = cfg or AE2TrainConfig()
     torch.set_num_threads(cfg.threads)
+    safe_cpu_training()
     dev = _device()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
