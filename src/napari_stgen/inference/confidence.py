@@ -79,7 +79,9 @@ class Confidence:
         features ``feat_mean`` (N, F) (mean over TTA transforms): the larger of the two
         standardized scores (``how="max"``, shipped) or their sum (``"sum"``)."""
         e_mu, e_sd, n_mu, n_sd = (float(v) for v in self.stats)
-        nov = feature_novelty(feat_mean, self.bank)
+        if getattr(self, "_index", None) is None:  # the bank's k-d tree, built once
+            self._index = _bank_index(self.bank)
+        nov = feature_novelty(feat_mean, self.bank, index=self._index)
         ze, zn = (entropy - e_mu) / e_sd, (nov - n_mu) / n_sd
         return (np.maximum(ze, zn) if how == "max" else ze + zn).astype(np.float32)
 
@@ -129,16 +131,25 @@ def rotation_spread(model, zhat: np.ndarray) -> np.ndarray:
         return e.std(0).mean(1).numpy().astype(np.float32)
 
 
-def feature_novelty(
-    feat: np.ndarray, bank: np.ndarray, k: int = K_NOVELTY, leave_self_out: bool = False
-) -> np.ndarray:
-    """(N,) mean Euclidean distance of each row of ``feat`` to its ``k`` nearest ``bank`` rows
-    (both standardized by the bank's per-feature mean and SD); ``leave_self_out`` when
-    ``feat`` is the bank itself."""
+def _bank_index(bank: np.ndarray) -> tuple[np.ndarray, np.ndarray, object]:
+    """(mean, SD, k-d tree of the standardized bank) used by :func:`feature_novelty`."""
     from scipy.spatial import cKDTree
 
     mu, sd = bank.mean(0), bank.std(0) + 1e-6
-    tree = cKDTree((bank - mu) / sd)
+    return mu, sd, cKDTree((bank - mu) / sd)
+
+
+def feature_novelty(
+    feat: np.ndarray,
+    bank: np.ndarray,
+    k: int = K_NOVELTY,
+    leave_self_out: bool = False,
+    index: tuple | None = None,
+) -> np.ndarray:
+    """(N,) mean Euclidean distance of each row of ``feat`` to its ``k`` nearest ``bank`` rows
+    (both standardized by the bank's per-feature mean and SD); ``leave_self_out`` when
+    ``feat`` is the bank itself; ``index``: ``_bank_index(bank)`` computed before."""
+    mu, sd, tree = index if index is not None else _bank_index(bank)
     extra = 1 if leave_self_out else 0
     d, _ = tree.query((np.asarray(feat, np.float32) - mu) / sd, k=min(k + extra, len(bank)))
     d = d.reshape(len(feat), -1)[:, extra:]

@@ -223,6 +223,7 @@ def predict_tiles(
         blocks = [blocks[i] for i in np.argsort(dist, kind="stable")]
     ordered = [_centre_out(grid, b, centre_um) for b in blocks]
     read = {}  # block index -> patches, kept between the passes of a progressive request
+    quick: dict[int, tuple[list, list]] = {}  # block index -> the quick pass's tokens
     two_pass = progressive and int(getattr(predictor, "tta", 1)) > 1
     two_pass = two_pass and 0 < len(tiles) <= PROGRESSIVE_MAX_TILES
     if two_pass:
@@ -230,8 +231,11 @@ def predict_tiles(
         for i, btiles in enumerate(ordered):
             cancel.check()
             read[i] = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
+            quick[i] = ([], [])
             for bt, out in _batches(predictor, btiles, read[i], batch_size, n_draft, cancel,
-                                    tta=1):  # fmt: skip
+                                    tta=1, tokens=True):  # fmt: skip
+                quick[i][0].append(out.feat)
+                quick[i][1].append(out.zhat)
                 n_draft += len(bt)
                 yield PartialResult(
                     grid,
@@ -248,8 +252,10 @@ def predict_tiles(
         patches = read.pop(i, None)
         if patches is None:
             patches = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
+        q = quick.pop(i, None)  # the quick pass's untransformed tokens: not computed again
+        given = (np.concatenate(q[0], 1), np.concatenate(q[1], 1)) if q else None
         for bt, out in _batches(predictor, btiles, patches, batch_size, done, cancel,
-                                tokens=ctx, rate=True):  # fmt: skip
+                                tokens=ctx, rate=given is None, given=given):  # fmt: skip
             expr = np.asarray(out.expr, dtype=np.float32)
             code = np.asarray(out.code, dtype=np.int64)
             rows = expr
@@ -286,9 +292,11 @@ def _batches(
     tta: int | None = None,
     tokens: bool = False,
     rate: bool = False,
+    given: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Iterator[tuple[np.ndarray, Any]]:
     """(cells, prediction) per model batch of one block; the request's very first batch is
-    small so the first results show quickly. ``rate`` records the measured tiles/s."""
+    small so the first results show quickly. ``rate`` records the measured tiles/s; ``given``
+    the block's tokens of the first transforms (see ``GenSTPredictor.predict``)."""
     s = 0
     while s < len(btiles):
         cancel.check()
@@ -298,6 +306,8 @@ def _batches(
         kw: dict[str, Any] = {"tokens": True} if tokens else {}
         if tta is not None:
             kw["tta"] = tta
+        if given is not None:
+            kw["given"] = (given[0][:, s : s + n], given[1][:, s : s + n])
         out = predictor.predict(patches[s : s + n], **kw)
         s += n
         done += len(bt)

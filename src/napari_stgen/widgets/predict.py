@@ -9,6 +9,7 @@ viewer's :class:`~napari_stgen.widgets.state.PredictionStore`.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ MODES = ("Visible region", "ROI layer", "Whole slide")
 DISPLAYS = ("Heatmap", "Spot circles")
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "red", "green", "blue")
 DEBOUNCE_MS = 300
+REDRAW_MS = 200  # at most one heatmap redraw per this interval while batches stream in
 
 
 def list_models(kinds: tuple[str, ...] = ("genst", "histotx")) -> list[str]:
@@ -203,6 +205,11 @@ class PredictWidget(QWidget):
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self._on_live_timeout)
+        self._pending_tiles: list[np.ndarray] = []  # cells added since the last redraw
+        self._last_redraw = 0.0
+        self._redraw_timer = QTimer(self)
+        self._redraw_timer.setSingleShot(True)
+        self._redraw_timer.timeout.connect(self._flush_redraw)
         cam = camera_of(self.viewer)
         cam.events.center.connect(self._on_camera)
         cam.events.zoom.connect(self._on_camera)
@@ -539,6 +546,7 @@ class PredictWidget(QWidget):
         worker.finished.connect(lambda t=token: self._on_finished(t))
         self.cancel_btn.setEnabled(True)
         self.status_label.setText("preparing…")
+        self.state.set_busy(token, True)
         self._start(worker)
         return worker
 
@@ -580,6 +588,7 @@ class PredictWidget(QWidget):
         if msg[0] == "plan":
             _, pred, grid, n = msg
             self._show_device(pred)
+            self._flush_redraw()  # cells of an earlier request, before the store may reset
             self.state.store.ensure(self.state.slide, pred, grid)
             self._done = 0
             self.status_label.setText(
@@ -594,8 +603,10 @@ class PredictWidget(QWidget):
         draft = bool(getattr(part, "draft", False))
         if not draft:
             self._done = part.done
-        # heatmaps per batch (cheap, in place); the all-gene hover layer once at the end
-        self._redraw_all(part.tiles, points=False)
+        # heatmaps in place, batches coalesced (one redraw per REDRAW_MS); the all-gene hover
+        # layer once at the end
+        self._pending_tiles.append(part.tiles)
+        self._schedule_redraw()
         self.progress.update(token, self._done, part.total, "Predicting expression")
         if draft:
             self.status_label.setText(
@@ -610,8 +621,10 @@ class PredictWidget(QWidget):
         if token in self._tokens:
             self._tokens.remove(token)
         self.progress.finish(token)
+        self.state.set_busy(token, False)
         if self._closed:
             return
+        self._flush_redraw()
         if len(self.state.store) and self.points_check.isChecked():
             from napari_stgen.widgets import layers as L
 
@@ -637,6 +650,8 @@ class PredictWidget(QWidget):
         """Stop live updates and all work (the viewer is closing)."""
         self._closed = True
         self._timer.stop()
+        self._redraw_timer.stop()
+        self._pending_tiles.clear()
         for t in list(self._tokens):
             t.cancel()
         self.cancel()
@@ -687,6 +702,26 @@ class PredictWidget(QWidget):
             old = L.find_layer(self.viewer, L.heatmap_name(gene))
             if old is not None:
                 old.visible = False
+
+    def _schedule_redraw(self) -> None:
+        """Redraw now if the last redraw is REDRAW_MS old, else once the interval is over."""
+        if self._redraw_timer.isActive():
+            return
+        wait = REDRAW_MS - 1000.0 * (time.perf_counter() - self._last_redraw)
+        if wait <= 0:
+            self._flush_redraw()
+        else:
+            self._redraw_timer.start(int(wait) + 1)
+
+    def _flush_redraw(self) -> None:
+        """Write every cell added since the last redraw into the heatmaps (one redraw)."""
+        self._redraw_timer.stop()
+        if not self._pending_tiles or self._closed:
+            return
+        tiles = np.concatenate(self._pending_tiles)
+        self._pending_tiles.clear()
+        self._last_redraw = time.perf_counter()
+        self._redraw_all(tiles, points=False)
 
     def _redraw_all(self, new_tiles: np.ndarray | None = None, points: bool = True) -> None:
         """Redraw every chosen gene; the all-gene tiles layer only when ``points``."""

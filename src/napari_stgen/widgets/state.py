@@ -223,6 +223,7 @@ class StgenState:
     model_changed = Signal(str)
     code_names_changed = Signal(dict)
     threads_changed = Signal(int)
+    busy_changed = Signal(bool)  # whether any prediction of this viewer is running
 
     def __init__(self) -> None:
         self.slide_layer: Any = None
@@ -233,6 +234,20 @@ class StgenState:
         self._predictors: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.threads: int | None = None  # torch CPU threads (None: the device policy)
+        self._jobs: set[int] = set()  # ids of the running predictions' tokens
+
+    @property
+    def busy(self) -> bool:
+        """Whether a prediction is streaming results into the store."""
+        return bool(self._jobs)
+
+    def set_busy(self, job: Any, running: bool) -> None:
+        """Mark prediction ``job`` (any object, e.g. its cancel token) running or ended;
+        ``busy_changed`` emits when the viewer goes from idle to busy or back."""
+        was = self.busy
+        (self._jobs.add if running else self._jobs.discard)(id(job))
+        if self.busy != was:
+            self.busy_changed.emit(self.busy)
 
     def set_threads(self, threads: int | None) -> None:
         """Choose the torch CPU threads of this viewer's inference (None: policy default)."""
