@@ -154,3 +154,28 @@ def feature_novelty(
     d, _ = tree.query((np.asarray(feat, np.float32) - mu) / sd, k=min(k + extra, len(bank)))
     d = d.reshape(len(feat), -1)[:, extra:]
     return d.mean(1).astype(np.float32)
+
+
+def uncertainty_record(predictor: object) -> dict | None:
+    """What a prediction's ``uncertainty`` is, for exports (``uns['stgen']['uncertainty']``):
+    its definition, that larger means less sure, and the card's held-out calibration (the
+    fold and the Spearman of uncertainty vs absolute error). None for a model that gives no
+    uncertainty (HistoTx)."""
+    if getattr(predictor, "kind", "genst") != "genst" or not hasattr(predictor, "confidence"):
+        return None
+    card = getattr(predictor, "card", None) or {}
+    conf = card.get("confidence") or {}
+    rec: dict = {"larger_means": "less sure", "source": "napari_stgen/inference/confidence.py"}
+    if getattr(predictor, "confidence", None) is None:
+        rec["definition"] = "entropy (nats) of the gene-code posterior (no feature bank)"
+        return rec
+    rec["definition"] = str(
+        conf.get("definition")
+        or "max(standardized code-posterior entropy, standardized feature novelty)"
+    )
+    cal = conf.get("calibration") or {}
+    sp = (cal.get("spearman_uncertainty_vs_abs_error") or {}).get(conf.get("uncertainty", ""))
+    if sp is not None:
+        rec["calibration_fold"] = str(cal.get("fold", ""))
+        rec["spearman_vs_abs_error"] = float(sp)
+    return rec

@@ -79,6 +79,8 @@ class PartialResult:
     the tile-by-tile values of the earlier results. ``draft``: a quick-look value from the
     fast pass of a progressive request (no test-time augmentation, tile by tile), superseded
     by the full-quality result of the same tiles later in the same request.
+    ``uncertainty`` (n,) float32 per tile, larger = less sure (GenST: see
+    ``inference/confidence.py``); None when the model gives none (HistoTx).
     """
 
     grid: Grid
@@ -91,6 +93,7 @@ class PartialResult:
     cached: int = 0
     final: bool = False
     draft: bool = False
+    uncertainty: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -115,8 +118,9 @@ def _tp_key(predictor: Any) -> str:
 
 
 def _keys(skey: str, predictor: Any, grid: Grid, tiles: np.ndarray) -> list[tuple]:
-    # the TTA count is part of the key: values (and a context model's tokens) depend on it
-    ck = (predictor.checksum, int(getattr(predictor, "tta", 1)))
+    # the TTA count is part of the key: values (and a context model's tokens) depend on it;
+    # "u": rows end with the tile's uncertainty
+    ck = (predictor.checksum, int(getattr(predictor, "tta", 1)), "u")
     t = (grid.tile_um, float(predictor.patch_um))
     return [(skey, ck, t, int(r), int(c)) for r, c in tiles]
 
@@ -198,6 +202,7 @@ def predict_tiles(
             done += len(ht)
             n_cached = len(ht)
             rows = np.stack([e for e, _ in items]).astype(np.float32)
+            unc, rows = rows[:, -1], rows[:, :-1]
             if ctx:
                 lat = predictor.model.cfg.gene_latent
                 e, f, z = _unpack(rows, n_genes, predictor.tta, lat)
@@ -214,6 +219,7 @@ def predict_tiles(
                 done,
                 total,
                 cached=len(ht),
+                uncertainty=unc,
             )
         tiles = tiles[~hit]
     blocks = split_blocks(tiles, block) if len(tiles) else []
@@ -246,6 +252,7 @@ def predict_tiles(
                     n_draft,
                     total,
                     draft=True,
+                    uncertainty=_unc(out, len(bt)),
                 )
     for i, btiles in enumerate(ordered):
         cancel.check()
@@ -264,10 +271,14 @@ def predict_tiles(
                 tok["feat"].append(out.feat)
                 tok["zhat"].append(out.zhat)
                 rows = _pack(expr, out.feat, out.zhat)
+            unc = _unc(out, len(bt))
             if cache is not None:
+                rows = np.concatenate([rows, unc[:, None]], 1)
                 cache.put_many(_keys(slide_key(slide), predictor, grid, bt), rows, code)
             done += len(bt)
-            yield PartialResult(grid, bt, tile_centres_um(grid, bt), expr, code, done, total)
+            yield PartialResult(
+                grid, bt, tile_centres_um(grid, bt), expr, code, done, total, uncertainty=unc
+            )
     if ctx and tok["tiles"]:
         cancel.check()
         at = np.concatenate(tok["tiles"])
@@ -278,8 +289,15 @@ def predict_tiles(
             feat, zhat, yx[:, ::-1], cells=at, tile_um=grid.tile_um, cancel=cancel
         )
         yield PartialResult(
-            grid, at, yx, out.expr, out.code, total, total, cached=n_cached, final=True
-        )
+            grid, at, yx, out.expr, out.code, total, total, cached=n_cached, final=True,
+            uncertainty=_unc(out, len(at)),
+        )  # fmt: skip
+
+
+def _unc(out: Any, n: int) -> np.ndarray:
+    """A prediction's (n,) float32 uncertainty (NaN when the model gives none)."""
+    u = getattr(out, "uncertainty", None)
+    return np.full(n, np.nan, np.float32) if u is None else np.asarray(u, np.float32)
 
 
 def _batches(
@@ -456,6 +474,7 @@ def collect(results: Iterator[PartialResult]) -> PartialResult | None:
         return None
     if parts[-1].final:
         return parts[-1]
+    uncs = [p.uncertainty for p in parts]
     return PartialResult(
         parts[0].grid,
         np.concatenate([p.tiles for p in parts]),
@@ -465,4 +484,5 @@ def collect(results: Iterator[PartialResult]) -> PartialResult | None:
         parts[-1].done,
         parts[-1].total,
         sum(p.cached for p in parts),
+        uncertainty=None if any(u is None for u in uncs) else np.concatenate(uncs),
     )

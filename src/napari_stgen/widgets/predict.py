@@ -39,6 +39,12 @@ MODES = ("Visible region", "ROI layer", "Whole slide")
 DISPLAYS = ("Heatmap", "Spot circles")
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "red", "green", "blue")
 DEBOUNCE_MS = 300
+UNCERTAINTY_TIP = (
+    "A separate layer, 'uncertainty (GenST)', with its own colour bar: per tile the larger of "
+    "the standardized gene-code entropy and the image's novelty against the training spots "
+    "(larger = less sure; held-out Spearman with the absolute error in the model card)"
+)
+NO_UNCERTAINTY_TIP = "This model's predictions carry no uncertainty (HistoTx gives none)"
 REDRAW_MS = 200  # at most one heatmap redraw per this interval while batches stream in
 
 
@@ -318,6 +324,11 @@ class PredictWidget(QWidget):
             "An invisible layer over the predicted tiles: hovering shows every gene and the code"
         )
         dform.addRow(self.points_check)
+        self.uncertainty_check = QCheckBox("Show uncertainty layer (where the model is unsure)")
+        self.uncertainty_check.setChecked(False)
+        self.uncertainty_check.setToolTip(UNCERTAINTY_TIP)
+        self.uncertainty_check.toggled.connect(self._on_uncertainty)
+        dform.addRow(self.uncertainty_check)
         self.markers_check = QCheckBox("Show tile-centre markers")
         self.markers_check.setChecked(False)
         self.markers_check.toggled.connect(self._on_markers)
@@ -401,6 +412,10 @@ class PredictWidget(QWidget):
         is_histotx = getattr(pred, "kind", "genst") == "histotx"
         self.measured_combo.setEnabled(is_histotx)
         self.image_only_check.setEnabled(is_histotx)
+        self.uncertainty_check.setEnabled(not is_histotx)  # no uncertainty: say so, not fake
+        self.uncertainty_check.setToolTip(NO_UNCERTAINTY_TIP if is_histotx else UNCERTAINTY_TIP)
+        if is_histotx:
+            self.uncertainty_check.setChecked(False)
         self._show_device(pred)
         if not self.genes and self._panel:
             self.add_gene("ERBB2" if "ERBB2" in self._panel else self._panel[0])
@@ -729,8 +744,29 @@ class PredictWidget(QWidget):
 
         for g in self.genes:
             self._redraw_gene(g, new_tiles)
+        self._redraw_uncertainty(new_tiles)
         if points and self.points_check.isChecked() and len(self.state.store):
             L.update_tiles_points(self.viewer, self.state.store, self.markers_check.isChecked())
+
+    def _redraw_uncertainty(self, new_tiles: np.ndarray | None = None) -> None:
+        """The uncertainty layer, while its box is ticked and the store has uncertainties."""
+        from napari_stgen.widgets import layers as L
+
+        store = self.state.store
+        if not self.uncertainty_check.isChecked() or store.grid is None or not len(store):
+            return
+        if not store.has_uncertainty:
+            return
+        L.update_uncertainty(self.viewer, store, new_tiles, opacity=self._style()["opacity"])
+
+    def _on_uncertainty(self, on: bool) -> None:
+        from napari_stgen.widgets import layers as L
+
+        if on:
+            self._redraw_uncertainty()
+        layer = L.find_layer(self.viewer, L.UNCERTAINTY_LAYER)
+        if layer is not None:
+            layer.visible = bool(on)
 
     def _on_markers(self, on: bool) -> None:
         from napari_stgen.widgets import layers as L
