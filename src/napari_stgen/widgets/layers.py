@@ -22,6 +22,7 @@ __all__ = [
     "update_heatmap",
     "update_spots",
     "update_uncertainty",
+    "settle_limits",
     "UNCERTAINTY_LAYER",
     "update_tiles_points",
     "show_tile_markers",
@@ -94,13 +95,17 @@ def shown_display(viewer: Any) -> dict | None:
     return None
 
 
-def _auto_limits(layer: Any, values: np.ndarray) -> None:
+def _auto_limits(layer: Any, values: np.ndarray, exact: bool = True) -> None:
     # keep user-set limits: only update while the layer still shows the last automatic ones
     md = layer.metadata.setdefault("stgen", {})
     last = md.get("auto_limits")
     if last is not None and not np.allclose(layer.contrast_limits, last):
         return
     lim = robust_limits(values)
+    if last is not None and not exact:  # streaming: < 2 % of the range is not worth a redraw
+        span = max(last[1] - last[0], 1e-9)
+        if abs(lim[0] - last[0]) < 0.02 * span and abs(lim[1] - last[1]) < 0.02 * span:
+            return
     md["auto_limits"] = lim
     v = values[np.isfinite(values)]
     layer.contrast_limits_range = (
@@ -120,14 +125,17 @@ def update_heatmap(
     colormap: str = "inferno",
     opacity: float = 0.7,
     blending: str = "translucent",
+    exact: bool = True,
 ) -> Any:
     """Create or update the heatmap layer of ``gene`` from the store; returns the layer.
 
     With ``new_tiles`` only those cells are written into the existing canvas (in place).
+    ``exact=False`` (while batches stream in) keeps the colour limits unless they moved by
+    2 % of their range (each change redraws the colour bar); see :func:`settle_limits`.
     """
     gi = store.gene_index(gene)
     md = {"kind": "heatmap", "gene": gene}
-    style = {"colormap": colormap, "opacity": opacity, "blending": blending}
+    style = {"colormap": colormap, "opacity": opacity, "blending": blending, "exact": exact}
     return _update_grid_layer(viewer, store, heatmap_name(gene), store.expr[:, gi], new_tiles,
                               md, style)  # fmt: skip
 
@@ -140,11 +148,12 @@ def update_uncertainty(
     colormap: str = UNCERTAINTY_CMAP,
     opacity: float = 0.7,
     visible: bool = True,
+    exact: bool = True,
 ) -> Any:
     """Create or update the per-tile uncertainty layer (``UNCERTAINTY_LAYER``: larger = less
     sure, its own colormap and colour bar), like a heatmap; returns the layer."""
     md = {"kind": "uncertainty"}
-    style = {"colormap": colormap, "opacity": opacity, "blending": "translucent"}
+    style = {"colormap": colormap, "opacity": opacity, "blending": "translucent", "exact": exact}
     layer = _update_grid_layer(viewer, store, UNCERTAINTY_LAYER, store.uncertainty, new_tiles,
                                md, style)  # fmt: skip
     layer.visible = visible
@@ -199,11 +208,23 @@ def _update_grid_layer(
             t, v = t[rows >= 0], values[rows[rows >= 0]]
         data[t[:, 0], t[:, 1]] = v
         layer.refresh()
-    _auto_limits(layer, values)
+    _auto_limits(layer, values, style.get("exact", True))
     layer.visible = True
     if fresh:
         show_scale(layer)
     return layer
+
+
+def settle_limits(viewer: Any, store: PredictionStore, genes: list[str]) -> None:
+    """Exact automatic colour limits on the heatmaps of ``genes`` and the uncertainty layer
+    (a request ended: the limits are the 1st–99th percentiles of every stored value)."""
+    for g in genes:
+        layer = find_layer(viewer, heatmap_name(g))
+        if layer is not None and g in store.genes and len(store):
+            _auto_limits(layer, store.expr[:, store.gene_index(g)])
+    layer = find_layer(viewer, UNCERTAINTY_LAYER)
+    if layer is not None and len(store):
+        _auto_limits(layer, store.uncertainty)
 
 
 def update_spots(

@@ -213,6 +213,7 @@ class PredictWidget(QWidget):
         self._timer.timeout.connect(self._on_live_timeout)
         self._pending_tiles: list[np.ndarray] = []  # cells added since the last redraw
         self._last_redraw = 0.0
+        self._redraw_cost = 0.0  # seconds the last coalesced redraw took on the UI thread
         self._redraw_timer = QTimer(self)
         self._redraw_timer.setSingleShot(True)
         self._redraw_timer.timeout.connect(self._flush_redraw)
@@ -640,6 +641,9 @@ class PredictWidget(QWidget):
         if self._closed:
             return
         self._flush_redraw()
+        from napari_stgen.widgets import layers as L
+
+        L.settle_limits(self.viewer, self.state.store, self.genes)
         if len(self.state.store) and self.points_check.isChecked():
             from napari_stgen.widgets import layers as L
 
@@ -694,7 +698,9 @@ class PredictWidget(QWidget):
             "opacity": self.opacity_slider.value() / 100.0,
         }
 
-    def _redraw_gene(self, gene: str, new_tiles: np.ndarray | None = None) -> None:
+    def _redraw_gene(
+        self, gene: str, new_tiles: np.ndarray | None = None, exact: bool = True
+    ) -> None:
         from napari_stgen.widgets import layers as L
 
         store = self.state.store
@@ -707,6 +713,7 @@ class PredictWidget(QWidget):
                 gene,
                 new_tiles,
                 blending=self.blend_combo.currentText(),
+                exact=exact,
                 **self._style(),
             )
             old = L.find_layer(self.viewer, L.spots_name(gene))
@@ -722,7 +729,10 @@ class PredictWidget(QWidget):
         """Redraw now if the last redraw is REDRAW_MS old, else once the interval is over."""
         if self._redraw_timer.isActive():
             return
-        wait = REDRAW_MS - 1000.0 * (time.perf_counter() - self._last_redraw)
+        # the interval starts when the last redraw ended and is at least twice its cost, so
+        # the UI thread stays free for panning however slow the canvas draws
+        gap = max(REDRAW_MS, 2000.0 * self._redraw_cost)
+        wait = gap - 1000.0 * (time.perf_counter() - self._last_redraw)
         if wait <= 0:
             self._flush_redraw()
         else:
@@ -735,20 +745,25 @@ class PredictWidget(QWidget):
             return
         tiles = np.concatenate(self._pending_tiles)
         self._pending_tiles.clear()
+        t0 = time.perf_counter()
+        self._redraw_all(tiles, points=False, exact=False)
         self._last_redraw = time.perf_counter()
-        self._redraw_all(tiles, points=False)
+        self._redraw_cost = self._last_redraw - t0
 
-    def _redraw_all(self, new_tiles: np.ndarray | None = None, points: bool = True) -> None:
-        """Redraw every chosen gene; the all-gene tiles layer only when ``points``."""
+    def _redraw_all(
+        self, new_tiles: np.ndarray | None = None, points: bool = True, exact: bool = True
+    ) -> None:
+        """Redraw every chosen gene; the all-gene tiles layer only when ``points``; ``exact``
+        colour limits (False while batches stream in, see ``layers.update_heatmap``)."""
         from napari_stgen.widgets import layers as L
 
         for g in self.genes:
-            self._redraw_gene(g, new_tiles)
-        self._redraw_uncertainty(new_tiles)
+            self._redraw_gene(g, new_tiles, exact)
+        self._redraw_uncertainty(new_tiles, exact)
         if points and self.points_check.isChecked() and len(self.state.store):
             L.update_tiles_points(self.viewer, self.state.store, self.markers_check.isChecked())
 
-    def _redraw_uncertainty(self, new_tiles: np.ndarray | None = None) -> None:
+    def _redraw_uncertainty(self, new_tiles: np.ndarray | None = None, exact: bool = True) -> None:
         """The uncertainty layer, while its box is ticked and the store has uncertainties."""
         from napari_stgen.widgets import layers as L
 
@@ -757,7 +772,9 @@ class PredictWidget(QWidget):
             return
         if not store.has_uncertainty:
             return
-        L.update_uncertainty(self.viewer, store, new_tiles, opacity=self._style()["opacity"])
+        L.update_uncertainty(
+            self.viewer, store, new_tiles, opacity=self._style()["opacity"], exact=exact
+        )
 
     def _on_uncertainty(self, on: bool) -> None:
         from napari_stgen.widgets import layers as L
