@@ -325,7 +325,7 @@ class PredictWidget(QWidget):
             "An invisible layer over the predicted tiles: hovering shows every gene and the code"
         )
         dform.addRow(self.points_check)
-        self.uncertainty_check = QCheckBox("Show uncertainty layer (where the model is unsure)")
+        self.uncertainty_check = QCheckBox("Show uncertainty (how sure)")
         self.uncertainty_check.setChecked(False)
         self.uncertainty_check.setToolTip(UNCERTAINTY_TIP)
         self.uncertainty_check.toggled.connect(self._on_uncertainty)
