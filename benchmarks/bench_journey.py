@@ -20,6 +20,7 @@ Prints JSON (also written to --out).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for cls in (predict.PredictWidget, codebook.CodebookWidget, synthesize.SynthesizeWidget,
                 export.ExportWidget):  # fmt: skip
 
+        @functools.wraps(cls.__init__)  # napari reads the signature to pass the viewer
         def timed(self, *a, _init=cls.__init__, _name=cls.__name__, **k) -> None:
             t = time.perf_counter()
             _init(self, *a, **k)
