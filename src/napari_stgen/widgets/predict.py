@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidget,
+    QProgressBar,
     QPushButton,
     QSlider,
     QWidget,
@@ -31,7 +32,7 @@ from qtpy.QtWidgets import (
 from napari_stgen.widgets.close_watcher import CloseWatcher
 from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, threads_spin
 from napari_stgen.widgets.gene_search import gene_search_edit
-from napari_stgen.widgets.jobs import JobProgress
+from napari_stgen.widgets.jobs import DockProgress
 from napari_stgen.widgets.slide_picker import SlidePicker
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
@@ -200,13 +201,13 @@ class PredictWidget(QWidget):
         self.batch_size = 64
         self.workers: list[Any] = []  # running workers (newest last)
         self._token: Any = None
-        self.progress = JobProgress()
         self._pending_estimate: Any = None
         self._panel: list[str] = []
         self._watched: Any = None
         self._closed = False
         self._done = 0
         self._build_ui()
+        self.progress = DockProgress(self.progress_bar)
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
@@ -347,6 +348,8 @@ class PredictWidget(QWidget):
         btns.addWidget(self.predict_btn)
         btns.addWidget(self.cancel_btn)
         footer.addLayout(btns)
+        self.progress_bar = QProgressBar()  # in the dock: see jobs.DockProgress
+        footer.addWidget(self.progress_bar)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         footer.addWidget(self.status_label)
