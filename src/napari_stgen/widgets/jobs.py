@@ -85,6 +85,9 @@ class DockProgress:
         self.bar = bar
         self._active: dict[int, Any] = {}
         self._finished: weakref.WeakSet = weakref.WeakSet()
+        policy = bar.sizePolicy()
+        policy.setRetainSizeWhenHidden(True)  # showing it never moves the dock's layout
+        bar.setSizePolicy(policy)
         bar.setVisible(False)
 
     def __len__(self) -> int:
@@ -95,24 +98,30 @@ class DockProgress:
         if token in self._finished or getattr(token, "cancelled", False) or total <= 0:
             return
         self._active[id(token)] = token
-        self.bar.setMaximum(max(int(total), 1))
-        self.bar.setValue(min(int(done), max(int(total), 1)))
-        self.bar.setFormat(f"{desc}: %v/%m")
-        self.bar.setVisible(True)
+        try:
+            self.bar.setMaximum(max(int(total), 1))
+            self.bar.setValue(min(int(done), max(int(total), 1)))
+            self.bar.setFormat(f"{desc}: %v/%m")
+            self.bar.setVisible(True)
+        except RuntimeError:  # the bar is gone with its dock
+            pass
 
     def finish(self, token: Any) -> None:
         """The job of ``token`` ended: hide the bar when no job is left."""
         self._finished.add(token)
         self._active.pop(id(token), None)
         if not self._active:
+            self._hide()
+
+    def _hide(self) -> None:
+        try:
             self.bar.setVisible(False)
+        except RuntimeError:  # the bar is gone with its dock
+            pass
 
     def close_all(self) -> None:
         """Forget every job and hide the bar."""
         for token in self._active.values():
             self._finished.add(token)
         self._active.clear()
-        try:
-            self.bar.setVisible(False)
-        except RuntimeError:  # the bar is gone with its dock
-            pass
+        self._hide()

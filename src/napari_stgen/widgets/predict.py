@@ -347,9 +347,10 @@ class PredictWidget(QWidget):
         self.cancel_btn.setEnabled(False)
         btns.addWidget(self.predict_btn)
         btns.addWidget(self.cancel_btn)
+        self.progress_bar = QProgressBar()  # in the dock, beside the buttons: jobs.DockProgress
+        self.progress_bar.setMinimumWidth(40)
+        btns.addWidget(self.progress_bar, 1)
         footer.addLayout(btns)
-        self.progress_bar = QProgressBar()  # in the dock: see jobs.DockProgress
-        footer.addWidget(self.progress_bar)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         footer.addWidget(self.status_label)

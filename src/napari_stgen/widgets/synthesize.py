@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidget,
-    QProgressBar,
     QPushButton,
     QSlider,
     QSpinBox,
@@ -38,7 +37,7 @@ from qtpy.QtWidgets import (
 from napari_stgen.widgets.close_watcher import CloseWatcher
 from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, threads_spin
 from napari_stgen.widgets.gene_search import gene_search_edit
-from napari_stgen.widgets.jobs import DockProgress
+from napari_stgen.widgets.jobs import JobProgress
 from napari_stgen.widgets.slide_picker import SlidePicker
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
@@ -216,6 +215,7 @@ class SynthesizeWidget(QWidget):
         self.rows: dict[str, _GeneRow] = {}
         self.workers: list[Any] = []
         self._tokens: dict[str, Any] = {}
+        self.progress = JobProgress()
         self._hidden_overlays: list[Any] = []  # overlays hidden by the "before" view
         self._after_load: list[Any] = []
         self._generate_after_profile = False
@@ -370,9 +370,6 @@ class SynthesizeWidget(QWidget):
         self.export_btn.clicked.connect(self._export_dialog)
         lay.addWidget(self.export_btn)
         lay.addStretch(1)
-        self.progress_bar = QProgressBar()  # in the dock, not napari's animated one (jobs.py)
-        footer.addWidget(self.progress_bar)
-        self.progress = DockProgress(self.progress_bar)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         footer.addWidget(self.status_label)
