@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StgenError
+from .confidence import uncertainty_record
 
 SPOT_COLUMNS = ("barcode", "x", "y")
 
@@ -110,8 +111,9 @@ def predict_centres(
     grid: Any = None,
     tiles: np.ndarray | None = None,
     skip_unreadable: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(expr (N, G) float32, code (N,) int64) for patches centred on level-0 ``xy_px``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(expr (N, G) float32, code (N,) int64, uncertainty (N,) float32) for patches centred
+    on level-0 ``xy_px`` (uncertainty: ``inference/confidence.py``, NaN where none).
 
     Reads and predicts about ``batch_size`` patches at a time so memory stays bounded. With
     ``grid`` and its cells ``tiles`` (matching ``xy_px``), patches are read block-wise
@@ -127,6 +129,7 @@ def predict_centres(
     n, g = len(xy), len(predictor.genes)
     expr = np.empty((n, g), dtype=np.float32)
     code = np.empty(n, dtype=np.int64)
+    unc = np.full(n, np.nan, dtype=np.float32)
     bs = max(1, int(batch_size))
     if grid is not None and tiles is not None:
         from .tiles import read_tiles, split_blocks
@@ -155,6 +158,8 @@ def predict_centres(
         out = predictor.predict(px, tokens=True) if ctx else predictor.predict(px)
         expr[job[0]] = np.asarray(out.expr, dtype=np.float32)
         code[job[0]] = np.asarray(out.code, dtype=np.int64)
+        if getattr(out, "uncertainty", None) is not None:
+            unc[job[0]] = out.uncertainty
         if ctx:
             if feat is None:
                 feat = np.empty((out.feat.shape[0], n, out.feat.shape[2]), np.float32)
@@ -169,10 +174,14 @@ def predict_centres(
         tile_um = grid.tile_um if grid is not None else None
         out = predictor.predict_in_context(feat, zhat, xy * slide.mpp, cells=cells, tile_um=tile_um)
         expr, code = out.expr, out.code
+        if out.uncertainty is not None:
+            unc = np.asarray(out.uncertainty, dtype=np.float32)
     if bad.any():
         expr = np.array(expr, dtype=np.float32)
         expr[bad] = np.nan
-    return expr, code
+        unc = np.array(unc, dtype=np.float32)
+        unc[bad] = np.nan
+    return expr, code, unc
 
 
 def _load(model: str, device: str) -> Any:
@@ -290,12 +299,12 @@ def predict_slide(
                 batch=batch_size,
                 adapt_steps=adapt_steps,
             )
-            expr, code = res.expr, None
+            expr, code, unc = res.expr, None, None
             extra["histotx"] = res.info
         else:
             if measured is not None:
                 raise StgenError("--measured needs a HistoTx model (--model histotx)")
-            expr, code = predict_centres(
+            expr, code, unc = predict_centres(
                 slide, predictor, xy, batch_size, progress, *((g, tiles) if grid else (None, None)),
                 skip_unreadable=skip_unreadable,
             )  # fmt: skip
@@ -323,6 +332,8 @@ def predict_slide(
             obs_kind=kind,
             grid=grid_rec,
             extra_uns=extra or None,
+            uncertainty=unc,
+            uncertainty_info=uncertainty_record(predictor) if unc is not None else None,
         )
         adata.uns["stgen"]["device"] = str(getattr(predictor, "device", device))
         if fmt == "spatialdata":

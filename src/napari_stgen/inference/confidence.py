@@ -92,7 +92,9 @@ class Confidence:
         entropy's excess over the training mean (``"sum_pos"``: glass, whose code posterior is
         sharper than tissue's, is not made surer by it)."""
         e_mu, e_sd, n_mu, n_sd = (float(v) for v in self.stats)
-        nov = feature_novelty(feat_mean, self.bank)
+        if getattr(self, "_index", None) is None:  # the bank's k-d tree, built once
+            self._index = _bank_index(self.bank)
+        nov = feature_novelty(feat_mean, self.bank, index=self._index)
         ze, zn = (entropy - e_mu) / e_sd, (nov - n_mu) / n_sd
         if how == "max":
             u = np.maximum(ze, zn)
@@ -150,17 +152,51 @@ def rotation_spread(model, zhat: np.ndarray) -> np.ndarray:
         return e.std(0).mean(1).numpy().astype(np.float32)
 
 
-def feature_novelty(
-    feat: np.ndarray, bank: np.ndarray, k: int = K_NOVELTY, leave_self_out: bool = False
-) -> np.ndarray:
-    """(N,) mean Euclidean distance of each row of ``feat`` to its ``k`` nearest ``bank`` rows
-    (both standardized by the bank's per-feature mean and SD); ``leave_self_out`` when
-    ``feat`` is the bank itself."""
+def _bank_index(bank: np.ndarray) -> tuple[np.ndarray, np.ndarray, object]:
+    """(mean, SD, k-d tree of the standardized bank) used by :func:`feature_novelty`."""
     from scipy.spatial import cKDTree
 
     mu, sd = bank.mean(0), bank.std(0) + 1e-6
-    tree = cKDTree((bank - mu) / sd)
+    return mu, sd, cKDTree((bank - mu) / sd)
+
+
+def feature_novelty(
+    feat: np.ndarray,
+    bank: np.ndarray,
+    k: int = K_NOVELTY,
+    leave_self_out: bool = False,
+    index: tuple | None = None,
+) -> np.ndarray:
+    """(N,) mean Euclidean distance of each row of ``feat`` to its ``k`` nearest ``bank`` rows
+    (both standardized by the bank's per-feature mean and SD); ``leave_self_out`` when
+    ``feat`` is the bank itself; ``index``: ``_bank_index(bank)`` computed before."""
+    mu, sd, tree = index if index is not None else _bank_index(bank)
     extra = 1 if leave_self_out else 0
     d, _ = tree.query((np.asarray(feat, np.float32) - mu) / sd, k=min(k + extra, len(bank)))
     d = d.reshape(len(feat), -1)[:, extra:]
     return d.mean(1).astype(np.float32)
+
+
+def uncertainty_record(predictor: object) -> dict | None:
+    """What a prediction's ``uncertainty`` is, for exports (``uns['stgen']['uncertainty']``):
+    its definition, that larger means less sure, and the card's held-out calibration (the
+    fold and the Spearman of uncertainty vs absolute error). None for a model that gives no
+    uncertainty (HistoTx)."""
+    if getattr(predictor, "kind", "genst") != "genst" or not hasattr(predictor, "confidence"):
+        return None
+    card = getattr(predictor, "card", None) or {}
+    conf = card.get("confidence") or {}
+    rec: dict = {"larger_means": "less sure", "source": "napari_stgen/inference/confidence.py"}
+    if getattr(predictor, "confidence", None) is None:
+        rec["definition"] = "entropy (nats) of the gene-code posterior (no feature bank)"
+        return rec
+    rec["definition"] = str(
+        conf.get("definition")
+        or "max(standardized code-posterior entropy, standardized feature novelty)"
+    )
+    cal = conf.get("calibration") or {}
+    sp = (cal.get("spearman_uncertainty_vs_abs_error") or {}).get(conf.get("uncertainty", ""))
+    if sp is not None:
+        rec["calibration_fold"] = str(cal.get("fold", ""))
+        rec["spearman_vs_abs_error"] = float(sp)
+    return rec

@@ -79,6 +79,8 @@ class PartialResult:
     the tile-by-tile values of the earlier results. ``draft``: a quick-look value from the
     fast pass of a progressive request (no test-time augmentation, tile by tile), superseded
     by the full-quality result of the same tiles later in the same request.
+    ``uncertainty`` (n,) float32 per tile, larger = less sure (GenST: see
+    ``inference/confidence.py``); None when the model gives none (HistoTx).
     """
 
     grid: Grid
@@ -91,6 +93,7 @@ class PartialResult:
     cached: int = 0
     final: bool = False
     draft: bool = False
+    uncertainty: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -115,8 +118,9 @@ def _tp_key(predictor: Any) -> str:
 
 
 def _keys(skey: str, predictor: Any, grid: Grid, tiles: np.ndarray) -> list[tuple]:
-    # the TTA count is part of the key: values (and a context model's tokens) depend on it
-    ck = (predictor.checksum, int(getattr(predictor, "tta", 1)))
+    # the TTA count is part of the key: values (and a context model's tokens) depend on it;
+    # "u": rows end with the tile's uncertainty
+    ck = (predictor.checksum, int(getattr(predictor, "tta", 1)), "u")
     t = (grid.tile_um, float(predictor.patch_um))
     return [(skey, ck, t, int(r), int(c)) for r, c in tiles]
 
@@ -198,6 +202,7 @@ def predict_tiles(
             done += len(ht)
             n_cached = len(ht)
             rows = np.stack([e for e, _ in items]).astype(np.float32)
+            unc, rows = rows[:, -1], rows[:, :-1]
             if ctx:
                 lat = predictor.model.cfg.gene_latent
                 e, f, z = _unpack(rows, n_genes, predictor.tta, lat)
@@ -214,6 +219,7 @@ def predict_tiles(
                 done,
                 total,
                 cached=len(ht),
+                uncertainty=unc,
             )
         tiles = tiles[~hit]
     blocks = split_blocks(tiles, block) if len(tiles) else []
@@ -223,6 +229,7 @@ def predict_tiles(
         blocks = [blocks[i] for i in np.argsort(dist, kind="stable")]
     ordered = [_centre_out(grid, b, centre_um) for b in blocks]
     read = {}  # block index -> patches, kept between the passes of a progressive request
+    quick: dict[int, tuple[list, list]] = {}  # block index -> the quick pass's tokens
     two_pass = progressive and int(getattr(predictor, "tta", 1)) > 1
     two_pass = two_pass and 0 < len(tiles) <= PROGRESSIVE_MAX_TILES
     if two_pass:
@@ -230,8 +237,11 @@ def predict_tiles(
         for i, btiles in enumerate(ordered):
             cancel.check()
             read[i] = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
+            quick[i] = ([], [])
             for bt, out in _batches(predictor, btiles, read[i], batch_size, n_draft, cancel,
-                                    tta=1):  # fmt: skip
+                                    tta=1, tokens=True):  # fmt: skip
+                quick[i][0].append(out.feat)
+                quick[i][1].append(out.zhat)
                 n_draft += len(bt)
                 yield PartialResult(
                     grid,
@@ -242,14 +252,17 @@ def predict_tiles(
                     n_draft,
                     total,
                     draft=True,
+                    uncertainty=_unc(out, len(bt)),
                 )
     for i, btiles in enumerate(ordered):
         cancel.check()
         patches = read.pop(i, None)
         if patches is None:
             patches = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
+        q = quick.pop(i, None)  # the quick pass's untransformed tokens: not computed again
+        given = (np.concatenate(q[0], 1), np.concatenate(q[1], 1)) if q else None
         for bt, out in _batches(predictor, btiles, patches, batch_size, done, cancel,
-                                tokens=ctx, rate=True):  # fmt: skip
+                                tokens=ctx, rate=given is None, given=given):  # fmt: skip
             expr = np.asarray(out.expr, dtype=np.float32)
             code = np.asarray(out.code, dtype=np.int64)
             rows = expr
@@ -258,10 +271,14 @@ def predict_tiles(
                 tok["feat"].append(out.feat)
                 tok["zhat"].append(out.zhat)
                 rows = _pack(expr, out.feat, out.zhat)
+            unc = _unc(out, len(bt))
             if cache is not None:
+                rows = np.concatenate([rows, unc[:, None]], 1)
                 cache.put_many(_keys(slide_key(slide), predictor, grid, bt), rows, code)
             done += len(bt)
-            yield PartialResult(grid, bt, tile_centres_um(grid, bt), expr, code, done, total)
+            yield PartialResult(
+                grid, bt, tile_centres_um(grid, bt), expr, code, done, total, uncertainty=unc
+            )
     if ctx and tok["tiles"]:
         cancel.check()
         at = np.concatenate(tok["tiles"])
@@ -272,8 +289,15 @@ def predict_tiles(
             feat, zhat, yx[:, ::-1], cells=at, tile_um=grid.tile_um, cancel=cancel
         )
         yield PartialResult(
-            grid, at, yx, out.expr, out.code, total, total, cached=n_cached, final=True
-        )
+            grid, at, yx, out.expr, out.code, total, total, cached=n_cached, final=True,
+            uncertainty=_unc(out, len(at)),
+        )  # fmt: skip
+
+
+def _unc(out: Any, n: int) -> np.ndarray:
+    """A prediction's (n,) float32 uncertainty (NaN when the model gives none)."""
+    u = getattr(out, "uncertainty", None)
+    return np.full(n, np.nan, np.float32) if u is None else np.asarray(u, np.float32)
 
 
 def _batches(
@@ -286,9 +310,11 @@ def _batches(
     tta: int | None = None,
     tokens: bool = False,
     rate: bool = False,
+    given: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Iterator[tuple[np.ndarray, Any]]:
     """(cells, prediction) per model batch of one block; the request's very first batch is
-    small so the first results show quickly. ``rate`` records the measured tiles/s."""
+    small so the first results show quickly. ``rate`` records the measured tiles/s; ``given``
+    the block's tokens of the first transforms (see ``GenSTPredictor.predict``)."""
     s = 0
     while s < len(btiles):
         cancel.check()
@@ -298,6 +324,8 @@ def _batches(
         kw: dict[str, Any] = {"tokens": True} if tokens else {}
         if tta is not None:
             kw["tta"] = tta
+        if given is not None:
+            kw["given"] = (given[0][:, s : s + n], given[1][:, s : s + n])
         out = predictor.predict(patches[s : s + n], **kw)
         s += n
         done += len(bt)
@@ -446,6 +474,7 @@ def collect(results: Iterator[PartialResult]) -> PartialResult | None:
         return None
     if parts[-1].final:
         return parts[-1]
+    uncs = [p.uncertainty for p in parts]
     return PartialResult(
         parts[0].grid,
         np.concatenate([p.tiles for p in parts]),
@@ -455,4 +484,5 @@ def collect(results: Iterator[PartialResult]) -> PartialResult | None:
         parts[-1].done,
         parts[-1].total,
         sum(p.cached for p in parts),
+        uncertainty=None if any(u is None for u in uncs) else np.concatenate(uncs),
     )

@@ -110,10 +110,13 @@ class GenSTPredictor:
         tta: int | None = None,
         batch_size: int | None = None,
         tokens: bool = False,
+        given: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Prediction:
         """Expression + gene code for uint8 (N, patch_px, patch_px, 3) patches at ``mpp``, each
         tile on its own. ``tokens`` also returns the per-transform features and ẑ that
-        ``predict_in_context`` needs (same expression and codes)."""
+        ``predict_in_context`` needs (same expression and codes). ``given``: the tokens
+        (feat (r, N, F), ẑ (r, N, D)) of the first ``r`` transforms, computed before (e.g. by
+        a ``tta=1`` quick pass); only the remaining transforms are run (same result)."""
         import torch
 
         from ..models.genst import to_input
@@ -143,7 +146,18 @@ class GenSTPredictor:
             for i in range(0, n, bs):
                 xb = torch.from_numpy(np.ascontiguousarray(p[i : i + bs])).to(self.device)
                 x = to_input(xb)
-                f, z, grids = self.model.tile_tokens(x, tta)
+                r0 = 0 if given is None or image_codes else min(len(given[0]), tta)
+                grids: list = []
+                if r0:
+                    f, z = (
+                        torch.from_numpy(np.ascontiguousarray(a[:r0, i : i + bs])).to(self.device)
+                        for a in given
+                    )
+                    if r0 < tta:
+                        f1, z1, _ = self.model.tile_tokens(x, tta, start=r0)
+                        f, z = torch.cat([f.to(f1), f1], 0), torch.cat([z.to(z1), z1], 0)
+                else:
+                    f, z, grids = self.model.tile_tokens(x, tta)
                 e, c = self.model.decode_latent(z.mean(0))
                 e = self.model.unstandardize(e.float())
                 unc.append(self._uncertainty(z.mean(0), f.mean(0)))

@@ -160,18 +160,44 @@ _mask_lock = threading.Lock()
 _mask_cache: dict[tuple, np.ndarray] = {}
 
 
+SMUDGE_SAT = 0.12  # stained tissue on the sample: 0.20–0.40; a grey smudge on its glass 0.07
+SMUDGE_DETAIL = 3.0  # mean |Laplacian| (grey levels): tissue 17–37; the smudge 0.5
+
+
 def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
     """Tissue pixels of a slide overview: stained and darker than the slide's background.
 
     Stained = ``napari_stgen.inference.patches.tissue_mask`` (saturated or dark); darker =
     grey level below an Otsu threshold of the overview clipped to [180, 215], which drops
     faintly tinted glass (eosin haze around a section) that a fixed saturation cut keeps.
+    Connected pieces that are both grey (mean saturation < ``SMUDGE_SAT``) and featureless
+    (mean |Laplacian| < ``SMUDGE_DETAIL``: no nuclei, out of focus) are dropped: a smudge or
+    dust on the glass. Stained tissue, however small, is coloured and textured.
     """
+    from scipy import ndimage as ndi
+
     from napari_stgen.inference.patches import tissue_mask as stained
 
-    gray = np.asarray(rgb)[..., :3].astype(np.float32).mean(-1)
+    p = np.asarray(rgb)[..., :3]
+    gray = p.astype(np.float32).mean(-1)
     t = otsu_threshold(gray)
-    return stained(rgb) & (gray < min(max(t, 180.0), 215.0))
+    mask = stained(rgb) & (gray < min(max(t, 180.0), 215.0))
+    lab, n = ndi.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return mask
+    idx = np.arange(1, n + 1)
+    hi = np.asarray(ndi.mean(p.max(-1), lab, idx))  # per piece: mean max and min channel
+    lo = np.asarray(ndi.mean(p.min(-1), lab, idx))
+    grey = idx[(hi - lo) / np.maximum(hi, 1.0) < SMUDGE_SAT]
+    boxes = ndi.find_objects(lab)
+    for k in grey:  # only grey pieces: is there any detail (nuclei) in them?
+        box = boxes[k - 1]
+        pad = tuple(slice(max(b.start - 2, 0), b.stop + 2) for b in box)
+        detail = np.abs(ndi.laplace(ndi.gaussian_filter(gray[pad], 0.7)))
+        piece = lab[pad] == k
+        if detail[piece].mean() < SMUDGE_DETAIL:
+            mask[pad] &= ~piece
+    return mask
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

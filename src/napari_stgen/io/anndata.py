@@ -9,6 +9,8 @@ Layout (the contract in ARCHITECTURE.md, the scanpy/squidpy Visium convention):
   slide and ``scalefactors`` {``tissue_hires_scalef``, ``tissue_lowres_scalef``,
   ``spot_diameter_fullres``}, so ``sc.pl.spatial(adata, color=GENE)`` plots aligned.
 - ``obs['genst_code']`` (int) and ``obs['genst_code_name']`` (categorical) when known.
+- ``obs['uncertainty']`` (float, larger = less sure) when the model gives one, described in
+  ``uns['stgen']['uncertainty']`` (definition and held-out calibration).
 - ``uns['stgen']``: provenance and records, schema ``napari-stgen/1``::
 
     schema, software_version, created_utc, normalization, obs_kind ('spots' | 'tiles'),
@@ -385,6 +387,8 @@ def predictions_to_anndata(
     obs_kind: str = "spots",
     grid: Mapping[str, Any] | None = None,
     normalization: str = NORMALIZATION,
+    uncertainty: np.ndarray | None = None,
+    uncertainty_info: Mapping[str, Any] | None = None,
 ) -> Any:
     """An AnnData of predictions (or measurements) at level-0 pixel positions.
 
@@ -396,7 +400,8 @@ def predictions_to_anndata(
     (or a mapping of name, checksum, mpp, patch_px, patch_um, n_codes, card). ``obs`` adds
     columns (a DataFrame aligned with the rows). ``rois`` / ``generated`` are recorded in
     ``uns['stgen']``, ``extra_uns`` is merged into it. ``spot_diameter_um`` defaults to half
-    the median nearest-neighbour distance of the positions.
+    the median nearest-neighbour distance of the positions. ``uncertainty`` (N,) goes to
+    ``obs['uncertainty']``, ``uncertainty_info`` (what it is) to ``uns['stgen']``.
     """
     import anndata as ad
     import pandas as pd
@@ -446,6 +451,13 @@ def predictions_to_anndata(
         "obs_kind": obs_kind,
     }
 
+    if uncertainty is not None:
+        u = np.asarray(uncertainty, dtype=np.float32).ravel()
+        if len(u) != n:
+            raise StgenError(f"{n} rows but {len(u)} uncertainties")
+        obs_df["uncertainty"] = u
+        if uncertainty_info:
+            stgen["uncertainty"] = dict(uncertainty_info)
     table = _as_code_table(code_names)
     if codes is not None:
         c = np.asarray(codes).astype(np.int64).ravel()

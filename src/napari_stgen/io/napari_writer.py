@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StgenError
+from ..inference.confidence import uncertainty_record
 from .anndata import (
     GeneratedTile,
     LayerData,
@@ -41,6 +42,7 @@ from .anndata import (
 NON_GENE = {
     "barcode",
     "genst_code",
+    "uncertainty",
     "grid_row",
     "grid_col",
     "in_tissue",
@@ -284,7 +286,8 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
                 uns_base.setdefault("normalization", str(st["source"]))
             size = np.asarray(meta.get("size", 10.0), dtype=np.float64)
             diam.append(float(np.median(size)) * float(_vec2(meta.get("scale"), 1.0)[-1]))
-        keys = ("model", "slide", "region_um", "grid", "code_names", "obs_kind", "normalization")
+        keys = ("model", "slide", "region_um", "grid", "code_names", "obs_kind", "normalization",
+                "uncertainty")  # fmt: skip
         for k in (*keys, "display"):
             if k in st and k not in uns_base:
                 uns_base[k] = st[k]
@@ -347,7 +350,9 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
     rois = _shape_rois(layers)
     images = _slide_images(slide_layer, mpp) if slide_layer is not None else None
     slide_md = _meta(slide_layer[1]) if slide_layer is not None else {}
-    extra: dict[str, Any] = {k: v for k, v in uns_base.items() if k in ("grid", "display")}
+    extra: dict[str, Any] = {
+        k: v for k, v in uns_base.items() if k in ("grid", "display", "uncertainty")
+    }
     extra["mpp_source"] = mpp_src
     if np.any(origin != 0):
         extra["origin_yx_um"] = origin
@@ -427,6 +432,8 @@ def store_layer_data(store: Any, code_names: dict | None = None, model: Any = No
         raise StgenError("no predictions to export yet")
     feats = pd.DataFrame(store.expr, columns=list(store.genes), copy=False)
     feats["genst_code"] = store.code
+    if getattr(store, "has_uncertainty", False):
+        feats["uncertainty"] = store.uncertainty
     feats["grid_row"] = store.tiles[:, 0]
     feats["grid_col"] = store.tiles[:, 1]
     feats["barcode"] = store.tile_ids
@@ -443,6 +450,9 @@ def store_layer_data(store: Any, code_names: dict | None = None, model: Any = No
         st["mpp"] = float(store.mpp)
     if model is not None:
         st["model"] = {k: v for k, v in _model_record(model).items() if v is not None}
+        info = uncertainty_record(model) if "uncertainty" in feats else None
+        if info:
+            st["uncertainty"] = info
     if code_names:
         ks = sorted(int(k) for k in code_names)
         st["code_names"] = {"code": ks, "name": [str(code_names[k]) for k in ks]}

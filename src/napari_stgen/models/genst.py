@@ -342,13 +342,14 @@ class GenST(nn.Module):
         return self.unstandardize(expr.float()), code, icodes
 
     def tile_tokens(
-        self, x: torch.Tensor, tta: int = 4
+        self, x: torch.Tensor, tta: int = 4, start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Normalized input (N, 3, P, P) → per-transform pooled features (R, N, F), ẑ (R, N, D)
         for the ``tta`` transforms (k % 4 quarter turns; k ≥ 4 adds a horizontal flip), and the
-        per-view feature grids of the untransformed input."""
+        per-view feature grids of the untransformed input. ``start`` skips the first
+        transforms (computed before by the caller): R = ``tta - start``, no grids."""
         fs, zs, grids0 = [], [], []
-        for k in range(tta):
+        for k in range(start, tta):
             xi = torch.rot90(x, k % 4, dims=(2, 3))
             if k >= 4:
                 xi = torch.flip(xi, dims=(3,))

@@ -46,7 +46,7 @@ SHOWN_THUMB_PX = 64  # drawn at this size: four fit a narrow dock
 N_PROFILE_GENES = 6  # up and down each in the profile chart: 12 readable labels
 NO_CODE = -1  # background of the code map (a tile with no prediction)
 MIN_CHART_PX = 180
-REFRESH_MS = 1500  # at most one redraw per this interval while batches stream in
+REFRESH_MS = 400  # debounce: redraw once the store has been quiet this long
 
 
 def _warm_matplotlib() -> None:
@@ -159,11 +159,13 @@ class CodebookWidget(QWidget):
         self._timer.timeout.connect(self.refresh)
         self.state.store.changed.connect(self._on_store_changed)
         self.state.code_names_changed.connect(self._on_names_changed)
+        self.state.busy_changed.connect(self._on_busy_changed)
         disconnect_on_destroyed(
             self,
             [
                 (self.state.store.changed, self._on_store_changed),
                 (self.state.code_names_changed, self._on_names_changed),
+                (self.state.busy_changed, self._on_busy_changed),
             ],
         )
         self._loading = False
@@ -291,12 +293,21 @@ class CodebookWidget(QWidget):
         self.refresh()
 
     def _on_store_changed(self, *_: Any) -> None:
-        # throttled, not debounced: one redraw per REFRESH_MS while batches stream in
+        # debounced: the code map and charts are rebuilt once batches stop (a prediction
+        # ended, or the store was quiet for REFRESH_MS), not per batch
         if self._closed:
             return
         if self.profiles is None and self.predictor is None and not self._loading:
             self._load_profiles()  # the first predictions: now fetch the code profiles
-        elif not self._timer.isActive():
+        elif not self.state.busy:
+            self._timer.start()  # (re)starts the debounce interval
+
+    def _on_busy_changed(self, busy: bool) -> None:
+        if self._closed:
+            return
+        if busy:
+            self._timer.stop()
+        elif self.predictor is not None and len(self.state.store):
             self._timer.start()
 
     def _on_names_changed(self, names: dict) -> None:
@@ -332,8 +343,7 @@ class CodebookWidget(QWidget):
             f"{h['tiles']:,} tiles · codes used {h['used']}/{h['n_codes']} · "
             f"perplexity {h['perplexity']:.1f} · dead codes {h['dead']}"
         )
-        self._draw_hist()
-        if self.selected is None:
+        if self.selected is None:  # select_code draws the histogram (once)
             counts = cb.usage_counts(store.code, self.predictor.n_codes)
             self.select_code(int(np.argmax(counts)))
         else:

@@ -57,12 +57,25 @@ def is_slide_like(layer: Any) -> bool:
     return "stgen_generated" not in (layer.metadata or {})
 
 
+def _is_spots(layer: Any) -> bool:
+    """A spots layer napari-stgen made or read (measured spots, a reopened export's spots,
+    the Predict widget's spot circles) rather than the user's own points."""
+    md = layer.metadata or {}
+    st = md.get("stgen") or {}
+    return st.get("kind") in ("tiles", "spots") or md.get("stgen_kind") == "spots"
+
+
 def _default_checked(layer: Any) -> bool:
-    """Ticked unless it is one of the Predict widget's display layers (heatmap points of a
-    gene, tile markers): those duplicate the prediction store. Measured spots stay ticked."""
-    st = (layer.metadata or {}).get("stgen") or {}
-    kind = st.get("kind")
-    return not (kind == "tiles" or (kind == "spots" and "gene" in st))
+    """Ticked unless it is a spots layer (:func:`_is_spots`): the Predict widget's display
+    layers duplicate the prediction store, and measured spots carry genes outside the
+    model's panel, which would read NaN on every predicted tile. The user can tick them."""
+    return not _is_spots(layer)
+
+
+SPOTS_TIP = (
+    "Spots layer: unticked by default. Ticked, its spots become rows of the export too; "
+    "genes it measures outside the model's panel are NaN on the predicted tiles."
+)
 
 
 class ExportWidget(QWidget):
@@ -184,6 +197,8 @@ class ExportWidget(QWidget):
 
     def _add_item(self, text: str, layer: Any, state: Any) -> None:
         item = QListWidgetItem(text)
+        if layer is not None and _is_spots(layer):
+            item.setToolTip(SPOTS_TIP)
         item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
         item.setCheckState(state)
         item.setData(_ROLE, layer)

@@ -21,6 +21,9 @@ __all__ = [
     "robust_limits",
     "update_heatmap",
     "update_spots",
+    "update_uncertainty",
+    "settle_limits",
+    "UNCERTAINTY_LAYER",
     "update_tiles_points",
     "show_tile_markers",
     "show_scale",
@@ -29,6 +32,8 @@ __all__ = [
 ]
 
 TILES_LAYER = "stgen tiles"
+UNCERTAINTY_LAYER = "uncertainty (GenST)"
+UNCERTAINTY_CMAP = "cividis"  # none of the gene heatmaps' colormaps
 UNITS = ("um", "um")
 
 
@@ -90,17 +95,22 @@ def shown_display(viewer: Any) -> dict | None:
     return None
 
 
-def _auto_limits(layer: Any, values: np.ndarray) -> None:
+def _auto_limits(layer: Any, values: np.ndarray, exact: bool = True) -> None:
     # keep user-set limits: only update while the layer still shows the last automatic ones
     md = layer.metadata.setdefault("stgen", {})
     last = md.get("auto_limits")
     if last is not None and not np.allclose(layer.contrast_limits, last):
         return
     lim = robust_limits(values)
+    if last is not None and not exact:  # streaming: < 2 % of the range is not worth a redraw
+        span = max(last[1] - last[0], 1e-9)
+        if abs(lim[0] - last[0]) < 0.02 * span and abs(lim[1] - last[1]) < 0.02 * span:
+            return
     md["auto_limits"] = lim
+    v = values[np.isfinite(values)]
     layer.contrast_limits_range = (
-        min(lim[0], float(np.nanmin(values))) if values.size else lim[0],
-        max(lim[1], float(np.nanmax(values))) if values.size else lim[1],
+        min(lim[0], float(v.min())) if v.size else lim[0],
+        max(lim[1], float(v.max())) if v.size else lim[1],
     )
     layer.contrast_limits = lim
     md["auto_limits"] = tuple(float(x) for x in layer.contrast_limits)
@@ -115,19 +125,59 @@ def update_heatmap(
     colormap: str = "inferno",
     opacity: float = 0.7,
     blending: str = "translucent",
+    exact: bool = True,
 ) -> Any:
     """Create or update the heatmap layer of ``gene`` from the store; returns the layer.
 
     With ``new_tiles`` only those cells are written into the existing canvas (in place).
+    ``exact=False`` (while batches stream in) keeps the colour limits unless they moved by
+    2 % of their range (each change redraws the colour bar); see :func:`settle_limits`.
     """
-    grid = store.grid
     gi = store.gene_index(gene)
-    name = heatmap_name(gene)
+    md = {"kind": "heatmap", "gene": gene}
+    style = {"colormap": colormap, "opacity": opacity, "blending": blending, "exact": exact}
+    return _update_grid_layer(viewer, store, heatmap_name(gene), store.expr[:, gi], new_tiles,
+                              md, style)  # fmt: skip
+
+
+def update_uncertainty(
+    viewer: Any,
+    store: PredictionStore,
+    new_tiles: np.ndarray | None = None,
+    *,
+    colormap: str = UNCERTAINTY_CMAP,
+    opacity: float = 0.7,
+    visible: bool = True,
+    exact: bool = True,
+) -> Any:
+    """Create or update the per-tile uncertainty layer (``UNCERTAINTY_LAYER``: larger = less
+    sure, its own colormap and colour bar), like a heatmap; returns the layer."""
+    md = {"kind": "uncertainty"}
+    style = {"colormap": colormap, "opacity": opacity, "blending": "translucent", "exact": exact}
+    layer = _update_grid_layer(viewer, store, UNCERTAINTY_LAYER, store.uncertainty, new_tiles,
+                               md, style)  # fmt: skip
+    layer.visible = visible
+    return layer
+
+
+def _update_grid_layer(
+    viewer: Any,
+    store: PredictionStore,
+    name: str,
+    values: np.ndarray,
+    new_tiles: np.ndarray | None,
+    md: dict,
+    style: dict,
+) -> Any:
+    """Create or update the slide-grid Image layer ``name`` showing ``values`` (N,) of the
+    store's tiles (NaN elsewhere); ``new_tiles``: only those cells are written."""
+    grid = store.grid
+    colormap, opacity, blending = style["colormap"], style["opacity"], style["blending"]
     layer = find_layer(viewer, name)
     md_key = (store.slide_key, store.model_checksum, grid)
     fresh = layer is None or layer.metadata.get("stgen", {}).get("key") != md_key
     if fresh:
-        data = store.canvas(store.expr[:, gi])
+        data = store.canvas(values)
         if layer is None:
             layer = viewer.add_image(
                 data,
@@ -137,10 +187,10 @@ def update_heatmap(
                 colormap=colormap,
                 opacity=opacity,
                 blending=blending,
-                contrast_limits=robust_limits(store.expr[:, gi]),
+                contrast_limits=robust_limits(values),
                 interpolation2d="nearest",
                 units=UNITS,
-                metadata={"stgen": {"kind": "heatmap", "gene": gene, "key": md_key}},
+                metadata={"stgen": {**md, "key": md_key}},
             )
         else:
             layer.data = data
@@ -151,18 +201,30 @@ def update_heatmap(
         data = layer.data
         if new_tiles is None:
             data[...] = np.nan
-            t, v = store.tiles, store.expr[:, gi]
+            t, v = store.tiles, values
         else:
             t = np.asarray(new_tiles, dtype=np.int64).reshape(-1, 2)
             rows = store.rows_of(t)
-            t, v = t[rows >= 0], store.expr[rows[rows >= 0], gi]
+            t, v = t[rows >= 0], values[rows[rows >= 0]]
         data[t[:, 0], t[:, 1]] = v
         layer.refresh()
-    _auto_limits(layer, store.expr[:, gi])
+    _auto_limits(layer, values, style.get("exact", True))
     layer.visible = True
     if fresh:
         show_scale(layer)
     return layer
+
+
+def settle_limits(viewer: Any, store: PredictionStore, genes: list[str]) -> None:
+    """Exact automatic colour limits on the heatmaps of ``genes`` and the uncertainty layer
+    (a request ended: the limits are the 1st–99th percentiles of every stored value)."""
+    for g in genes:
+        layer = find_layer(viewer, heatmap_name(g))
+        if layer is not None and g in store.genes and len(store):
+            _auto_limits(layer, store.expr[:, store.gene_index(g)])
+    layer = find_layer(viewer, UNCERTAINTY_LAYER)
+    if layer is not None and len(store):
+        _auto_limits(layer, store.uncertainty)
 
 
 def update_spots(

@@ -9,6 +9,7 @@ viewer's :class:`~napari_stgen.widgets.state.PredictionStore`.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidget,
+    QProgressBar,
     QPushButton,
     QSlider,
     QWidget,
@@ -30,7 +32,7 @@ from qtpy.QtWidgets import (
 from napari_stgen.widgets.close_watcher import CloseWatcher
 from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, threads_spin
 from napari_stgen.widgets.gene_search import gene_search_edit
-from napari_stgen.widgets.jobs import JobProgress
+from napari_stgen.widgets.jobs import DockProgress
 from napari_stgen.widgets.slide_picker import SlidePicker
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
@@ -38,6 +40,13 @@ MODES = ("Visible region", "ROI layer", "Whole slide")
 DISPLAYS = ("Heatmap", "Spot circles")
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "red", "green", "blue")
 DEBOUNCE_MS = 300
+UNCERTAINTY_TIP = (
+    "A separate layer, 'uncertainty (GenST)', with its own colour bar: per tile the larger of "
+    "the standardized gene-code entropy and the image's novelty against the training spots "
+    "(larger = less sure; held-out Spearman with the absolute error in the model card)"
+)
+NO_UNCERTAINTY_TIP = "This model's predictions carry no uncertainty (HistoTx gives none)"
+REDRAW_MS = 200  # at most one heatmap redraw per this interval while batches stream in
 
 
 def list_models(kinds: tuple[str, ...] = ("genst", "histotx")) -> list[str]:
@@ -192,17 +201,23 @@ class PredictWidget(QWidget):
         self.batch_size = 64
         self.workers: list[Any] = []  # running workers (newest last)
         self._token: Any = None
-        self.progress = JobProgress()
         self._pending_estimate: Any = None
         self._panel: list[str] = []
         self._watched: Any = None
         self._closed = False
         self._done = 0
         self._build_ui()
+        self.progress = DockProgress(self.progress_bar)
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self._on_live_timeout)
+        self._pending_tiles: list[np.ndarray] = []  # cells added since the last redraw
+        self._last_redraw = 0.0
+        self._redraw_cost = 0.0  # seconds the last coalesced redraw took on the UI thread
+        self._redraw_timer = QTimer(self)
+        self._redraw_timer.setSingleShot(True)
+        self._redraw_timer.timeout.connect(self._flush_redraw)
         cam = camera_of(self.viewer)
         cam.events.center.connect(self._on_camera)
         cam.events.zoom.connect(self._on_camera)
@@ -311,6 +326,11 @@ class PredictWidget(QWidget):
             "An invisible layer over the predicted tiles: hovering shows every gene and the code"
         )
         dform.addRow(self.points_check)
+        self.uncertainty_check = QCheckBox("Show uncertainty (how sure)")
+        self.uncertainty_check.setChecked(False)
+        self.uncertainty_check.setToolTip(UNCERTAINTY_TIP)
+        self.uncertainty_check.toggled.connect(self._on_uncertainty)
+        dform.addRow(self.uncertainty_check)
         self.markers_check = QCheckBox("Show tile-centre markers")
         self.markers_check.setChecked(False)
         self.markers_check.toggled.connect(self._on_markers)
@@ -327,6 +347,9 @@ class PredictWidget(QWidget):
         self.cancel_btn.setEnabled(False)
         btns.addWidget(self.predict_btn)
         btns.addWidget(self.cancel_btn)
+        self.progress_bar = QProgressBar()  # in the dock, beside the buttons: jobs.DockProgress
+        self.progress_bar.setMinimumWidth(40)
+        btns.addWidget(self.progress_bar, 1)
         footer.addLayout(btns)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
@@ -394,6 +417,10 @@ class PredictWidget(QWidget):
         is_histotx = getattr(pred, "kind", "genst") == "histotx"
         self.measured_combo.setEnabled(is_histotx)
         self.image_only_check.setEnabled(is_histotx)
+        self.uncertainty_check.setEnabled(not is_histotx)  # no uncertainty: say so, not fake
+        self.uncertainty_check.setToolTip(NO_UNCERTAINTY_TIP if is_histotx else UNCERTAINTY_TIP)
+        if is_histotx:
+            self.uncertainty_check.setChecked(False)
         self._show_device(pred)
         if not self.genes and self._panel:
             self.add_gene("ERBB2" if "ERBB2" in self._panel else self._panel[0])
@@ -539,6 +566,7 @@ class PredictWidget(QWidget):
         worker.finished.connect(lambda t=token: self._on_finished(t))
         self.cancel_btn.setEnabled(True)
         self.status_label.setText("preparing…")
+        self.state.set_busy(token, True)
         self._start(worker)
         return worker
 
@@ -580,6 +608,7 @@ class PredictWidget(QWidget):
         if msg[0] == "plan":
             _, pred, grid, n = msg
             self._show_device(pred)
+            self._flush_redraw()  # cells of an earlier request, before the store may reset
             self.state.store.ensure(self.state.slide, pred, grid)
             self._done = 0
             self.status_label.setText(
@@ -594,8 +623,10 @@ class PredictWidget(QWidget):
         draft = bool(getattr(part, "draft", False))
         if not draft:
             self._done = part.done
-        # heatmaps per batch (cheap, in place); the all-gene hover layer once at the end
-        self._redraw_all(part.tiles, points=False)
+        # heatmaps in place, batches coalesced (one redraw per REDRAW_MS); the all-gene hover
+        # layer once at the end
+        self._pending_tiles.append(part.tiles)
+        self._schedule_redraw()
         self.progress.update(token, self._done, part.total, "Predicting expression")
         if draft:
             self.status_label.setText(
@@ -610,8 +641,13 @@ class PredictWidget(QWidget):
         if token in self._tokens:
             self._tokens.remove(token)
         self.progress.finish(token)
+        self.state.set_busy(token, False)
         if self._closed:
             return
+        self._flush_redraw()
+        from napari_stgen.widgets import layers as L
+
+        L.settle_limits(self.viewer, self.state.store, self.genes)
         if len(self.state.store) and self.points_check.isChecked():
             from napari_stgen.widgets import layers as L
 
@@ -637,6 +673,8 @@ class PredictWidget(QWidget):
         """Stop live updates and all work (the viewer is closing)."""
         self._closed = True
         self._timer.stop()
+        self._redraw_timer.stop()
+        self._pending_tiles.clear()
         for t in list(self._tokens):
             t.cancel()
         self.cancel()
@@ -664,7 +702,9 @@ class PredictWidget(QWidget):
             "opacity": self.opacity_slider.value() / 100.0,
         }
 
-    def _redraw_gene(self, gene: str, new_tiles: np.ndarray | None = None) -> None:
+    def _redraw_gene(
+        self, gene: str, new_tiles: np.ndarray | None = None, exact: bool = True
+    ) -> None:
         from napari_stgen.widgets import layers as L
 
         store = self.state.store
@@ -677,6 +717,7 @@ class PredictWidget(QWidget):
                 gene,
                 new_tiles,
                 blending=self.blend_combo.currentText(),
+                exact=exact,
                 **self._style(),
             )
             old = L.find_layer(self.viewer, L.spots_name(gene))
@@ -688,14 +729,65 @@ class PredictWidget(QWidget):
             if old is not None:
                 old.visible = False
 
-    def _redraw_all(self, new_tiles: np.ndarray | None = None, points: bool = True) -> None:
-        """Redraw every chosen gene; the all-gene tiles layer only when ``points``."""
+    def _schedule_redraw(self) -> None:
+        """Redraw now if the last redraw is REDRAW_MS old, else once the interval is over."""
+        if self._redraw_timer.isActive():
+            return
+        # the interval starts when the last redraw ended and is at least twice its cost, so
+        # the UI thread stays free for panning however slow the canvas draws
+        gap = max(REDRAW_MS, 2000.0 * self._redraw_cost)
+        wait = gap - 1000.0 * (time.perf_counter() - self._last_redraw)
+        if wait <= 0:
+            self._flush_redraw()
+        else:
+            self._redraw_timer.start(int(wait) + 1)
+
+    def _flush_redraw(self) -> None:
+        """Write every cell added since the last redraw into the heatmaps (one redraw)."""
+        self._redraw_timer.stop()
+        if not self._pending_tiles or self._closed:
+            return
+        tiles = np.concatenate(self._pending_tiles)
+        self._pending_tiles.clear()
+        t0 = time.perf_counter()
+        self._redraw_all(tiles, points=False, exact=False)
+        self._last_redraw = time.perf_counter()
+        self._redraw_cost = self._last_redraw - t0
+
+    def _redraw_all(
+        self, new_tiles: np.ndarray | None = None, points: bool = True, exact: bool = True
+    ) -> None:
+        """Redraw every chosen gene; the all-gene tiles layer only when ``points``; ``exact``
+        colour limits (False while batches stream in, see ``layers.update_heatmap``)."""
         from napari_stgen.widgets import layers as L
 
         for g in self.genes:
-            self._redraw_gene(g, new_tiles)
+            self._redraw_gene(g, new_tiles, exact)
+        self._redraw_uncertainty(new_tiles, exact)
         if points and self.points_check.isChecked() and len(self.state.store):
             L.update_tiles_points(self.viewer, self.state.store, self.markers_check.isChecked())
+
+    def _redraw_uncertainty(self, new_tiles: np.ndarray | None = None, exact: bool = True) -> None:
+        """The uncertainty layer, while its box is ticked and the store has uncertainties."""
+        from napari_stgen.widgets import layers as L
+
+        store = self.state.store
+        if not self.uncertainty_check.isChecked() or store.grid is None or not len(store):
+            return
+        if not store.has_uncertainty:
+            return
+        L.update_uncertainty(
+            self.viewer, store, new_tiles, opacity=self._style()["opacity"], exact=exact
+        )
+
+    def _on_uncertainty(self, on: bool) -> None:
+        from napari_stgen.widgets import layers as L
+
+        if on:
+            self._redraw_uncertainty()
+        layer = L.find_layer(self.viewer, L.UNCERTAINTY_LAYER)
+        if layer is not None:
+            layer.visible = bool(on)
 
     def _on_markers(self, on: bool) -> None:
         from napari_stgen.widgets import layers as L

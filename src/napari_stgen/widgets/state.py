@@ -64,6 +64,7 @@ class PredictionStore:
         self._tiles = np.zeros((cap, 2), dtype=np.int64)
         self._expr = np.zeros((cap, n_genes), dtype=np.float32)
         self._code = np.zeros(cap, dtype=np.int64)
+        self._unc = np.full(cap, np.nan, dtype=np.float32)
         self._n = 0
 
     # ---------------------------------------------------------------- identity
@@ -108,8 +109,15 @@ class PredictionStore:
             )
 
     # ---------------------------------------------------------------- writing
-    def add(self, tiles: np.ndarray, expr: np.ndarray, code: np.ndarray) -> None:
-        """Insert or overwrite predictions of grid cells ``tiles`` (n, 2)."""
+    def add(
+        self,
+        tiles: np.ndarray,
+        expr: np.ndarray,
+        code: np.ndarray,
+        uncertainty: np.ndarray | None = None,
+    ) -> None:
+        """Insert or overwrite predictions of grid cells ``tiles`` (n, 2); ``uncertainty``
+        (n,) per tile (NaN when the model gives none)."""
         if self.grid is None:
             raise RuntimeError("PredictionStore.add before reset(grid, genes, ...)")
         tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
@@ -117,6 +125,11 @@ class PredictionStore:
             return
         expr = np.asarray(expr, dtype=np.float32)
         code = np.asarray(code, dtype=np.int64)
+        unc = (
+            np.full(len(tiles), np.nan, np.float32)
+            if uncertainty is None
+            else np.asarray(uncertainty, dtype=np.float32)
+        )
         with self._lock:
             flat = tiles[:, 0] * self.grid.shape[1] + tiles[:, 1]
             rows = self._row_of[flat]
@@ -127,18 +140,20 @@ class PredictionStore:
                 self._tiles = _grow(self._tiles, cap)
                 self._expr = _grow(self._expr, cap)
                 self._code = _grow(self._code, cap)
+                self._unc = _grow(self._unc, cap, np.nan)
             rows = rows.copy()
             rows[new] = np.arange(self._n, self._n + n_new)
             self._row_of[flat[new]] = rows[new]
             self._tiles[rows] = tiles
             self._expr[rows] = expr
             self._code[rows] = code
+            self._unc[rows] = unc
             self._n += n_new
         self.changed.emit(tiles)
 
     def add_result(self, result: Any) -> None:
         """Add an engine :class:`PartialResult`."""
-        self.add(result.tiles, result.expr, result.code)
+        self.add(result.tiles, result.expr, result.code, getattr(result, "uncertainty", None))
 
     # ---------------------------------------------------------------- reading
     def __len__(self) -> int:
@@ -158,6 +173,16 @@ class PredictionStore:
     def code(self) -> np.ndarray:
         """(N,) int64 gene-code index per tile."""
         return self._code[: self._n]
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        """(N,) float32 per-tile uncertainty, larger = less sure (NaN: none given)."""
+        return self._unc[: self._n]
+
+    @property
+    def has_uncertainty(self) -> bool:
+        """Whether any stored tile has an uncertainty (GenST predictions; HistoTx none)."""
+        return bool(np.isfinite(self.uncertainty).any())
 
     @property
     def centres_um(self) -> np.ndarray:
@@ -210,8 +235,8 @@ class PredictionStore:
         return out
 
 
-def _grow(a: np.ndarray, cap: int) -> np.ndarray:
-    out = np.zeros((cap,) + a.shape[1:], dtype=a.dtype)
+def _grow(a: np.ndarray, cap: int, fill: float = 0) -> np.ndarray:
+    out = np.full((cap,) + a.shape[1:], fill, dtype=a.dtype)
     out[: len(a)] = a
     return out
 
@@ -223,6 +248,7 @@ class StgenState:
     model_changed = Signal(str)
     code_names_changed = Signal(dict)
     threads_changed = Signal(int)
+    busy_changed = Signal(bool)  # whether any prediction of this viewer is running
 
     def __init__(self) -> None:
         self.slide_layer: Any = None
@@ -233,6 +259,20 @@ class StgenState:
         self._predictors: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.threads: int | None = None  # torch CPU threads (None: the device policy)
+        self._jobs: set[int] = set()  # ids of the running predictions' tokens
+
+    @property
+    def busy(self) -> bool:
+        """Whether a prediction is streaming results into the store."""
+        return bool(self._jobs)
+
+    def set_busy(self, job: Any, running: bool) -> None:
+        """Mark prediction ``job`` (any object, e.g. its cancel token) running or ended;
+        ``busy_changed`` emits when the viewer goes from idle to busy or back."""
+        was = self.busy
+        (self._jobs.add if running else self._jobs.discard)(id(job))
+        if self.busy != was:
+            self.busy_changed.emit(self.busy)
 
     def set_threads(self, threads: int | None) -> None:
         """Choose the torch CPU threads of this viewer's inference (None: policy default)."""
