@@ -137,6 +137,30 @@ def test_ae_v2_resume_is_bit_identical(her2st_c3_dir, cache, tmp_path):
         assert torch.equal(ta[k], tb[k]), k
 
 
+def test_ae_v2_warm_starts_from_an_fp16_weights_file(her2st_c3_dir, cache, tmp_path):
+    """The committed intermediate is fp16 weights only: training continues from its step."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from napari_stgen.training.stmdit_ae import train_autoencoder_v2
+
+    torch.set_num_threads(1)
+    quiet = {"cache_dir": cache, "log": lambda m: None}
+    w = train_autoencoder_v2(her2st_c3_dir, tmp_path / "w.safetensors", _tiny_cfg(steps=4), **quiet)
+    with safe_open(str(w), "pt") as f:
+        meta = f.metadata()
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(w)).items()}, str(half), metadata=meta)
+    logs: list[str] = []
+    out = train_autoencoder_v2(
+        her2st_c3_dir, tmp_path / "c.safetensors", _tiny_cfg(steps=6), resume=half,
+        cache_dir=cache, log=logs.append,
+    )  # fmt: skip
+    assert any("warm start" in m and "step 4" in m for m in logs)
+    with safe_open(str(out), "pt") as f:
+        assert int(f.metadata()["step"]) == 6
+
+
 def test_tiny_dit_trains_in_the_v2_latent_space_and_samples_at_0875(her2st_c3_dir, cache, tmp_path):
     from tiny_models import tiny_stmdit_config
 

@@ -61,7 +61,12 @@ def _register_train_ae(sub) -> None:
     )
     p.add_argument("--data", required=True, help="HER2ST directory")
     p.add_argument("--out", required=True, help="output weights (.safetensors); state: <out>.state")
-    p.add_argument("--resume", default=None, metavar="STATE", help="continue from this state file")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="STATE",
+        help="continue from this state file (bit-identical) or warm-start from a weights file",
+    )
     p.add_argument("--steps", type=int, default=12000, help="length of the whole schedule")
     p.add_argument("--stop-after", type=int, default=None, help="stop (state saved) at this step")
     p.add_argument("--batch", type=int, default=8)

@@ -162,6 +162,7 @@ def train_autoencoder_v2(
     """
     import torch
     import torch.nn.functional as F
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from ..io.her2st import read_sections
@@ -188,13 +189,21 @@ def train_autoencoder_v2(
     start, hist, wall = 0, [], 0.0
     if resume:
         t = load_file(str(resume))
-        ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
-        disc.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("disc.")})
-        _load_opt(opt, list(ae.parameters()), t, "opt", dev)
-        _load_opt(dopt, list(disc.parameters()), t, "dopt", dev)
-        meta = json.loads(Path(resume).with_suffix(".json").read_text())
+        ae.load_state_dict({k[3:]: v.float() for k, v in t.items() if k.startswith("ae.")})
+        if any(k.startswith("disc.") for k in t):  # a state file: bit-identical resume
+            disc.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("disc.")})
+            _load_opt(opt, list(ae.parameters()), t, "opt", dev)
+            _load_opt(dopt, list(disc.parameters()), t, "dopt", dev)
+            meta = json.loads(Path(resume).with_suffix(".json").read_text())
+            log(f"resumed from {resume} at step {int(meta['step'])}")
+        else:  # an intermediate weights file (the committed one): warm start
+            with safe_open(str(resume), "pt") as f:
+                meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            log(
+                f"warm start from the weights {resume} at step {int(meta['step'])}: Adam moments "
+                "and the discriminator restart (not bit-identical to an unbroken run)"
+            )
         start, hist, wall = int(meta["step"]), meta["hist"], float(meta.get("wall_s", 0.0))
-        log(f"resumed from {resume} at step {start}")
     amp = dev.type == "cuda"
     names = [s.name for s in secs]
 
