@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import StgenError
 from .confidence import uncertainty_record
+from .histotx import DEFAULT_ADAPT_STEPS
 
 SPOT_COLUMNS = ("barcode", "x", "y")
 
@@ -207,7 +208,7 @@ def predict_slide(
     progress: Callable[[int, int], None] | None = None,
     measured: str | os.PathLike | None = None,
     image_only: bool = False,
-    adapt_steps: int = 200,
+    adapt_steps: int = DEFAULT_ADAPT_STEPS,
     skip_unreadable: bool = False,
 ) -> Path:
     """Predict expression over a slide and write ``out``; returns its path.
