@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_stgen.io.atomic import write_text_atomic
+
 METHODS = [
     ("histotx_adapted", "HistoTx image + transcripts, adapted to the visible spots"),
     ("histotx", "HistoTx image + transcripts"),
@@ -114,10 +116,7 @@ def merge(a) -> int:
     res["commands"] = [p.get("command") for p in parts]
     res["mean"] = _means(res)
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(res, indent=2) + "\n")
     if a.plot:
         plot(res, Path(a.plot))
     print(table(res))
@@ -247,10 +246,7 @@ def lopo(a) -> int:
         print(f"[{p}] {json.dumps(r['summary'])}", file=sys.stderr, flush=True)
         res["folds"].append(r)
         res["summary"] = lopo_summary(res["folds"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.partial")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_text_atomic(out, json.dumps(res, indent=2) + "\n")
     if a.plot:
         lopo_plot(res, Path(a.plot))
     print(lopo_table(res))
@@ -333,10 +329,7 @@ def main(argv=None) -> int:
             r["summary"]["genst_fold"] = gfold[h]
         print(f"[{h}] {json.dumps(r['summary'])}", file=sys.stderr, flush=True)
         res["folds"].append(r)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.partial")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_text_atomic(out, json.dumps(res, indent=2) + "\n")
     res["seconds"] = round(time.time() - t0, 1)
     res["mean"] = _means(res)
     tmp = out.with_name(f".{out.name}.partial")
