@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..inference.code_names import suggest_names
 from ..io.her2st import read_expression_section, read_labelled_regions
+from ..models.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["codes_vs_pathology", "profile_codes", "suggest_names", "update_card"]
 
 LABELLED = ("A1", "B1", "C1", "D1", "E1", "F1")
 SKIP_LABEL = "undetermined"
@@ -96,21 +100,16 @@ def codes_vs_pathology(
     }
 
 
-def suggest_names(code_labels: dict, min_share: float = 0.5, min_spots: int = 5) -> dict[int, str]:
-    """A suggested region name per code: its most frequent pathologist label when that label
-    holds ≥ ``min_share`` of the code's ≥ ``min_spots`` labelled spots, with its share and its
-    enrichment over the label's share of all labelled spots (else no suggestion)."""
-    base: Counter = Counter()
-    for counts in code_labels.values():
-        base.update(counts)
-    n_all = max(sum(base.values()), 1)
-    out = {}
-    for c, counts in code_labels.items():
-        total = sum(counts.values())
-        if total < min_spots:
-            continue
-        label, n = max(counts.items(), key=lambda kv: kv[1])
-        if n / total >= min_share:
-            lift = (n / total) / (base[label] / n_all)
-            out[int(c)] = f"{label} ({n / total:.0%} of {total} spots, {lift:.1f}× base rate)"
-    return out
+def update_card(path: str | Path, res: dict, command: str) -> Path:
+    """Re-save a GenST checkpoint (same tensors) with ``res`` (from :func:`codes_vs_pathology`)
+    under ``codebook.pathology`` of its card, from which the Codebook widget suggests names."""
+    tensors, card = load_checkpoint(path, "genst")
+    card.setdefault("codebook", {})["pathology"] = {
+        "command": command,
+        "protocol": res["protocol"],
+        "sections": res["sections"],
+        "mean": res["mean"],
+        "pooled_codes": res["pooled_codes"],
+        "code_labels": res["code_labels"],
+    }
+    return save_checkpoint(path, tensors, card)

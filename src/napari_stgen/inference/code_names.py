@@ -1,0 +1,54 @@
+"""Suggested region names for GenST's gene codes, from a pathologist's labels they co-occur with.
+
+``stgen evaluate codes --update-card`` stores, in the GenST card under
+``codebook.pathology.code_labels``, how often each gene code (assigned from *measured*
+expression) falls on each pathologist region of the labelled HER2ST sections. A code is given a
+suggested name when one region holds most of its spots and is enriched over that region's share
+of all labelled spots; the name is a suggestion, shown with its share, its support and its lift.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+#: A suggestion needs this share of the code's spots, this many spots and this enrichment.
+MIN_SHARE = 0.5
+MIN_SPOTS = 5
+MIN_LIFT = 1.25
+
+
+def suggest_names(
+    code_labels: Mapping[str | int, Mapping[str, int]],
+    min_share: float = MIN_SHARE,
+    min_spots: int = MIN_SPOTS,
+    min_lift: float = MIN_LIFT,
+) -> dict[int, str]:
+    """A suggested region name per code: its most frequent pathologist label when that label
+    holds ≥ ``min_share`` of the code's ≥ ``min_spots`` labelled spots and is ≥ ``min_lift``
+    times its share of all labelled spots, with share, support and lift (else no entry)."""
+    base: Counter = Counter()
+    for counts in code_labels.values():
+        base.update(counts)
+    n_all = max(sum(base.values()), 1)
+    out = {}
+    for c, counts in code_labels.items():
+        total = sum(counts.values())
+        if total < min_spots:
+            continue
+        label, n = max(counts.items(), key=lambda kv: kv[1])
+        share = n / total
+        lift = share / (base[label] / n_all)
+        if share >= min_share and lift >= min_lift:
+            out[int(c)] = f"{label} ({share:.0%} of {total} spots, {lift:.1f}× base rate)"
+    return out
+
+
+def card_code_names(card: Mapping) -> tuple[dict[int, str], str]:
+    """(suggested names per code, where they come from) from a GenST card; empty when the card
+    carries no pathology table."""
+    path = card.get("codebook", {}).get("pathology")
+    if not isinstance(path, Mapping) or not path.get("code_labels"):
+        return {}, ""
+    sections = ", ".join(path.get("sections", []))
+    return suggest_names(path["code_labels"]), f"pathologist regions of HER2ST {sections}"
