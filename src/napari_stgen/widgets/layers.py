@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_stgen.widgets.state import PredictionStore
+from napari_stgen.inference.store import PredictionStore
 
 __all__ = [
     "heatmap_name",
