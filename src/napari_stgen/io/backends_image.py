@@ -21,9 +21,10 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
-from ..errors import SlideReadError
-from .limits import check_level_shape, limit
-from .slide import CHUNK_PX, Slide, TileSource, _convert_block, tiled_dask
+from napari_stgen.errors import SlideReadError
+from napari_stgen.io.dask_tiles import CHUNK_PX, TileSource, _convert_block, tiled_dask
+from napari_stgen.io.limits import check_level_shape, limit
+from napari_stgen.io.slide_handle import Slide
 
 _UNIT_UM_PER_INCH = 25400.0
 

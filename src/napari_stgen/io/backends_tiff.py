@@ -14,9 +14,10 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from ..errors import SlideReadError
-from .limits import check_level_shape, check_pyramid, check_tiling
-from .slide import Slide, TileSource, guarded_dask, tiled_dask, to_rgb_uint8
+from napari_stgen.errors import SlideReadError
+from napari_stgen.io.dask_tiles import TileSource, guarded_dask, tiled_dask, to_rgb_uint8
+from napari_stgen.io.limits import check_level_shape, check_pyramid, check_tiling
+from napari_stgen.io.slide_handle import Slide
 
 _MPP_RE = re.compile(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 # ResolutionUnit values: 2 inch, 3 cm, plus tifffile's non-standard mm / µm

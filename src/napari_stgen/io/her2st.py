@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import StgenError
+from napari_stgen.errors import StgenError
 
 ST_PITCH_UM = 200.0  # ST array: 100 µm spots on a 200 µm centre-to-centre grid
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StgenError
+from napari_stgen.errors import StgenError
 
 #: obs column names AnnData reserves (writing them fails inside h5py).
 RESERVED_OBS = ("_index",)
@@ -176,6 +176,11 @@ def _check_matrix(
         raise StgenError(f"{p}: sparse {what} has shape {sh}, expected {tuple(shape)}")
     if rows is not None and sh[0] != rows:
         raise StgenError(f"{p}: sparse {what} has {sh[0]} rows, expected {rows}")
+    _check_sparse_index(el, p, what, sh, enc)
+
+
+def _check_sparse_index(el: Any, p: Any, what: str, sh: tuple[int, ...], enc: str) -> None:
+    """The values, indices and indptr of a CSR/CSC group are one consistent sparse matrix."""
     major, minor = (sh[0], sh[1]) if enc == "csr_matrix" else (sh[1], sh[0])
     data, indices, indptr = el["data"], el["indices"], el["indptr"]
     if data.dtype.kind not in "biuf":
