@@ -1,4 +1,10 @@
-"""npe2 writer: napari layers → one napari-stgen ``.h5ad`` (see ``io/anndata.py``).
+"""npe2 writer: napari layers → one napari-stgen ``.h5ad`` (see ``io/anndata_export.py``).
+
+For layers the plugin did not predict (File ▸ Save Layers, user points, ROIs, generated
+tiles, reopened exports); the viewer's predictions are written from their store by
+:func:`napari_stgen.inference.export.store_to_anndata`. Both end in the same
+:func:`~napari_stgen.io.anndata_export.record_to_anndata`. µm/px comes from one place, the
+slide layer's ``metadata['stgen']['mpp']`` (:mod:`napari_stgen.io.layer_meta`).
 
 What goes where:
 
