@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from napari_stgen.errors import StgenError
 from napari_stgen.io.anndata_export import (
@@ -159,8 +160,6 @@ def anndata_layers(
 def _layers(
     path: Path, adata: Any, include_image: bool, base: str | None = None
 ) -> list[LayerData]:
-    import pandas as pd
-
     if adata.n_obs == 0:
         raise StgenError(f"{path}: no spots (obs is empty)")
     if "spatial" not in adata.obsm:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.spatial import cKDTree
 
 from napari_stgen import __version__
@@ -171,8 +172,6 @@ def _checked_arrays(rec: ExportRecord) -> tuple[np.ndarray, list[str], np.ndarra
 
 def _obs_frame(rec: ExportRecord, n: int, genes: list[str]) -> Any:
     """obs: the row names and the extra columns (renamed off gene and AnnData names)."""
-    import pandas as pd
-
     kind = rec.obs_kind
     if rec.obs_names is None:
         names = pd.Index([f"{kind[:-1] if kind.endswith('s') else kind}_{i}" for i in range(n)])
@@ -209,8 +208,6 @@ def _add_uncertainty(rec: ExportRecord, obs_df: Any, stgen: dict) -> None:
 
 
 def _add_codes(rec: ExportRecord, obs_df: Any, stgen: dict) -> None:
-    import pandas as pd
-
     table = _as_code_table(rec.code_names)
     if rec.codes is not None:
         c = np.asarray(rec.codes).astype(np.int64).ravel()
@@ -323,7 +320,6 @@ def _spatial_library(rec: ExportRecord, xy: np.ndarray, mpp: float | None, versi
 def record_to_anndata(rec: ExportRecord) -> Any:
     """The AnnData of one :class:`ExportRecord` (the layout in the module docstring)."""
     import anndata as ad
-    import pandas as pd
 
     x, genes, xy = _checked_arrays(rec)
     obs_df = _obs_frame(rec, x.shape[0], genes)

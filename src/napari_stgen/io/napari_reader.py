@@ -10,6 +10,7 @@ a notification says so.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,4 @@ def _notify(msg: str) -> None:
 
         show_warning(msg)
     except Exception:  # noqa: BLE001 - headless use without napari
-        import warnings
-
         warnings.warn(msg, stacklevel=3)

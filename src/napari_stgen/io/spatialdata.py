@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 
 from napari_stgen.errors import StgenError
@@ -99,7 +100,6 @@ def _scale_factors(h: int, w: int, min_px: int = 256) -> list[int]:
 
 def _image_element(arr: Any, sy: float, sx: float, tyx: tuple[float, float] = (0.0, 0.0)) -> Any:
     """An RGB (H, W, 3) array as an Image2DModel in ``global`` µm (scale, then translate)."""
-    import dask.array as da
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale, Translation
     from spatialdata.transformations import Sequence as Seq

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from napari_stgen.errors import StgenError
@@ -60,9 +62,6 @@ def validate_h5ad(path: Any, need_x: bool = False) -> None:
     element; a too-short ``indptr`` or an out-of-range index would otherwise crash the process.
     ``need_x``: an absent ``X`` is an error too (readers of the expression matrix).
     """
-    from pathlib import Path
-
-    import h5py
 
     p = Path(path)
     if not p.is_file():
@@ -102,8 +101,6 @@ def _items(f: Any, group: str) -> list:
 
 
 def _axis_len(f: Any, name: str, p: Any) -> int:
-    import h5py
-
     g = f.get(name)
     if g is None:
         raise StgenError(f"{p}: no '{name}' table; not an AnnData file")
@@ -138,8 +135,6 @@ def _enc(el: Any) -> str:
 
 
 def _check_rows(el: Any, rows: int, p: Any, what: str) -> None:
-    import h5py
-
     if isinstance(el, h5py.Dataset):
         if not el.shape or int(el.shape[0]) != rows:
             raise StgenError(f"{p}: {what} has shape {el.shape}, expected {rows} rows")
@@ -155,8 +150,6 @@ def _check_rows(el: Any, rows: int, p: Any, what: str) -> None:
 def _check_matrix(
     el: Any, shape: tuple[int, int] | None, p: Any, what: str, rows: int | None = None
 ) -> None:
-    import h5py
-
     if isinstance(el, h5py.Dataset):
         if el.dtype.kind not in "biuf":
             raise StgenError(f"{p}: {what} holds {el.dtype} values, not numbers")
