@@ -205,6 +205,7 @@ def test_f3_failing_tile_draws_blank_with_one_notification(
     make_napari_viewer, zlib_tiff: Path, qtbot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from napari_stgen.io import napari_reader
+    from napari_stgen.widgets.state import slide_from_layer
 
     told: list[str] = []
     monkeypatch.setattr(napari_reader, "_notify", lambda msg: told.append(msg))
@@ -224,7 +225,7 @@ def test_f3_failing_tile_draws_blank_with_one_notification(
     assert (bad == 255).all() and good.std() > 5  # exactly that tile is blank
     # the strict levels (what prediction reads) still raise
     with pytest.raises(SlideReadError):
-        layer.metadata["slide"].levels[0][256:512, 512:768].compute()
+        slide_from_layer(layer).levels[0][256:512, 512:768].compute()
 
 
 @pytest.mark.parametrize(

@@ -69,8 +69,8 @@ def test_widget_layer_matches_cli(
                                rtol=1e-4, atol=1e-4)  # fmt: skip
 
     # the widget's export: the same column and description
-    from napari_stgen.io.napari_writer import layers_to_anndata, store_layer_data
+    from napari_stgen.inference.export import store_to_anndata
 
-    b = layers_to_anndata([store_layer_data(st.store, {}, pred)])
+    b = store_to_anndata(st.store, model=pred)
     np.testing.assert_allclose(b[a.obs_names].obs["uncertainty"].to_numpy(), u, atol=1e-4)
     assert b.uns["stgen"]["uncertainty"]["definition"] == info["definition"]

@@ -11,6 +11,7 @@ resampling into slide pixels. Pixel (r, c) of an image layer covers world
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,23 @@ class Grid:
         """napari ``translate`` so pixel (0, 0) covers cell (0, 0) exactly."""
         h = self.tile_um / 2.0
         return (self.origin_um[0] + h, self.origin_um[1] + h)
+
+    def to_record(self) -> dict:
+        """The grid as stored in ``uns['stgen']['grid']`` / layer metadata."""
+        return {
+            "origin_yx_um": np.asarray(self.origin_um, dtype=np.float64),
+            "tile_um": float(self.tile_um),
+            "shape": np.asarray(self.shape, dtype=np.int64),
+        }
+
+    @classmethod
+    def from_record(cls, rec: Mapping) -> Grid:
+        """The grid of a :meth:`to_record` mapping (as read back from an h5ad)."""
+        o = np.asarray(rec["origin_yx_um"], dtype=np.float64).ravel()
+        shape = np.asarray(rec["shape"]).ravel()
+        return cls(
+            (float(o[0]), float(o[1])), float(rec["tile_um"]), (int(shape[0]), int(shape[1]))
+        )
 
     def centres_um(self) -> np.ndarray:
         """(rows*cols, 2) array of cell centres (y, x) in µm, row-major."""

@@ -282,11 +282,7 @@ def predict_slide(
 
             obs = pd.DataFrame({"grid_row": tiles[:, 0], "grid_col": tiles[:, 1]})
             kind, diam = "tiles", float(g.tile_um)
-            grid_rec = {
-                "origin_yx_um": np.asarray(g.origin_um, dtype=np.float64),
-                "tile_um": float(g.tile_um),
-                "shape": np.asarray(g.shape, dtype=np.int64),
-            }
+            grid_rec = g.to_record()
         from .histotx import is_histotx, predict_with_measurements
 
         if is_histotx(predictor):

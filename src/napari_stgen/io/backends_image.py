@@ -20,16 +20,18 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
+from PIL import Image, UnidentifiedImageError
 
-from ..errors import SlideReadError
-from .limits import check_level_shape, limit
-from .slide import CHUNK_PX, Slide, TileSource, _convert_block, tiled_dask
+from napari_stgen.errors import SlideReadError
+from napari_stgen.io.dask_tiles import CHUNK_PX, TileSource, _convert_block, tiled_dask
+from napari_stgen.io.limits import check_level_shape, limit
+from napari_stgen.io.slide_handle import Slide
 
 _UNIT_UM_PER_INCH = 25400.0
 
 
 def _open_pil(path: Path):  # -> PIL.Image.Image
-    from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -92,9 +94,6 @@ def _level(dec: _Decoded, shape: tuple[int, int], name: str) -> da.Array:
 
 def open_image(path: Path) -> Slide:
     """Open a JPEG/PNG/… image as a lazy slide (mpp from its DPI when plausible)."""
-    from dask.base import tokenize
-    from PIL import UnidentifiedImageError
-
     try:
         im = _open_pil(path)
     except UnidentifiedImageError:

@@ -11,8 +11,9 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from ..errors import SlideReadError
-from .slide import CHUNK_PX, OPENSLIDE_HINT, Slide, TileSource, tiled_dask
+from napari_stgen.errors import SlideReadError
+from napari_stgen.io.dask_tiles import CHUNK_PX, TileSource, tiled_dask
+from napari_stgen.io.slide_handle import OPENSLIDE_HINT, Slide
 
 
 def _import_openslide() -> Any:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import struct
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +14,14 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import tifffile
+import zarr
+from dask.base import tokenize
 
-from ..errors import SlideReadError
-from .limits import check_level_shape, check_pyramid, check_tiling
-from .slide import Slide, TileSource, guarded_dask, tiled_dask, to_rgb_uint8
+from napari_stgen.errors import SlideReadError
+from napari_stgen.io.dask_tiles import TileSource, guarded_dask, tiled_dask, to_rgb_uint8
+from napari_stgen.io.limits import check_level_shape, check_pyramid, check_tiling
+from napari_stgen.io.slide_handle import Slide
 
 _MPP_RE = re.compile(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 # ResolutionUnit values: 2 inch, 3 cm, plus tifffile's non-standard mm / µm
@@ -33,8 +38,6 @@ def open_tiff(path: Path) -> Slide:
     TIFF tile, read under the file lock and decoded in the worker thread. Other layouts (planar
     OME, multi-page levels) go through tifffile's zarr store.
     """
-    import tifffile
-
     with _tifffile_warnings() as warned:
         try:
             tf = tifffile.TiffFile(path)
@@ -173,8 +176,6 @@ def _probe_tile(page: Any, arr: da.Array, path: Path, level: int) -> None:
 def _zarr_level(
     series: Any, s: Any, k: int, is_extra: bool, name: str, stores: list, path: Path
 ) -> tuple[da.Array, str]:
-    import zarr
-
     store = s.aszarr() if is_extra else series.aszarr(level=k)
     stores.append(store)
     z = zarr.open_array(store, mode="r") if is_extra else _open_level(store)
@@ -182,8 +183,6 @@ def _zarr_level(
 
 
 def _open_level(store: Any) -> Any:
-    import zarr
-
     z = zarr.open(store, mode="r")
     if isinstance(z, zarr.Group):  # multiscales group from series.aszarr(level=k) in old versions
         z = z[sorted(z.array_keys())[0]]
@@ -197,7 +196,6 @@ def _short(e: BaseException) -> str:
 
 def _file_token(path: Path) -> str:
     st = path.stat()
-    from dask.base import tokenize
 
     return tokenize(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
@@ -271,8 +269,6 @@ def _check_structure(tf: Any, level_series: list[Any], path: Path, warned: list[
     inside the file and tiles not overlapping one another. Truncation is detected here: an
     IFD chain, tag array or tile that points past the end of the file.
     """
-    import tifffile
-
     size = tf.filehandle.size
     bad = [m for m in warned if _CORRUPT_LOG.search(m)]
     if bad:
@@ -366,8 +362,6 @@ def tf_inline(page: Any) -> int:
 
 def _ifd_next(tf: Any, offset: int) -> tuple[int, int]:
     """(end of the IFD at ``offset``, the next-IFD pointer it holds); (-1, -1) if unreadable."""
-    import struct
-
     t = tf.tiff
     fh = tf.filehandle
     try:

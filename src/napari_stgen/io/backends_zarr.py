@@ -7,9 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import SlideReadError
-from .limits import check_level_shape, check_pyramid, check_tiling
-from .slide import Slide, guarded_dask, to_rgb_uint8
+import zarr
+
+from napari_stgen.errors import SlideReadError
+from napari_stgen.io.dask_tiles import guarded_dask, to_rgb_uint8
+from napari_stgen.io.limits import check_level_shape, check_pyramid, check_tiling
+from napari_stgen.io.slide_handle import Slide
 
 #: Metadata files larger than this are refused unread (a .zattrs is a few kB).
 MAX_ATTRS_BYTES = 4 * 2**20
@@ -63,8 +66,6 @@ def open_zarr(path: Path) -> Slide:
     a well-formed ``multiscales`` entry, finite positive scales, level shapes and chunks
     within ``io.limits``, levels that shrink consistently and no missing chunk files.
     """
-    import zarr
-
     _check_metadata_files(path)
     try:
         node = zarr.open(str(path), mode="r")

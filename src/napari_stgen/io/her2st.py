@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
-from ..errors import StgenError
+from napari_stgen.errors import StgenError
 
 ST_PITCH_UM = 200.0  # ST array: 100 µm spots on a 200 µm centre-to-centre grid
 
@@ -101,8 +103,6 @@ def _image_for(d: Path, name: str) -> Path | None:
 
 def _read_tables(d: Path, name: str, need: set[str]) -> tuple:
     """(counts, selection, counts path, selection path) of section ``name`` in ``d``."""
-    import pandas as pd
-
     counts_path, sel_path = d / f"{name}.tsv.gz", d / f"{name}_selection.tsv"
     for p in (counts_path, sel_path):
         if not p.exists():
@@ -162,7 +162,6 @@ def read_anndata_section(
     ``uns['spatial'][lib]['scalefactors']['spot_diameter_fullres']`` (Visium spots: 55 µm).
     """
     import anndata
-    import scipy.sparse as sp
 
     h5ad, image = Path(h5ad), Path(image)
     for p in (h5ad, image):
@@ -327,8 +326,6 @@ def read_expression_section(data_dir: str | Path, name: str) -> ExpressionSectio
 def read_labelled_regions(data_dir: str | Path, sec: ExpressionSection) -> np.ndarray:
     """Pathologist region label of each spot of ``sec`` (``pathologist/S_labeled_coordinates
     .tsv``, matched by nearest array position), object array; StgenError if absent."""
-    import pandas as pd
-
     p = Path(data_dir) / "pathologist" / f"{sec.name}_labeled_coordinates.tsv"
     if not p.exists():
         raise StgenError(f"{p}: no pathologist labels for section {sec.name}")

@@ -26,7 +26,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import SlideReadError
+from napari_stgen.errors import SlideReadError
 
 MAX_SIDE_PX = 1_000_000
 MAX_PIXELS = 10**11

@@ -9,13 +9,17 @@ a notification says so.
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..coords import level_scale
+from napari_stgen.coords import level_scale
+from napari_stgen.io.anndata import read_h5ad_layers
+from napari_stgen.io.backends_zarr import read_json_attrs
+from napari_stgen.io.slide import open_slide
+from napari_stgen.io.spatialdata import is_spatialdata_path, read_spatialdata_layers
 
 LayerData = tuple[Any, dict[str, Any], str]
 _SLIDE_EXTS = {
@@ -33,15 +37,8 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
     p = Path(os.fspath(path))
     ext = p.suffix.lower()
     if ext == ".h5ad":
-        if importlib.util.find_spec("napari_stgen.io.anndata") is None:
-            return None
-        from . import anndata as _ad
-
-        fn = getattr(_ad, "read_h5ad_layers", None)
-        return None if fn is None else (lambda _path: fn(p))
+        return lambda _path: read_h5ad_layers(p)
     if p.is_dir():
-        from .spatialdata import is_spatialdata_path, read_spatialdata_layers
-
         if is_spatialdata_path(p):  # SpatialData zarr (a napari-stgen export or spatialdata-io)
             return read_spatialdata_layers
         # OME-Zarr images; other zarr stores (AnnData…) are left to others
@@ -53,8 +50,6 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
 
 
 def _is_ome_zarr_image(p: Path) -> bool:
-    from .backends_zarr import read_json_attrs
-
     for name in (".zattrs", "zarr.json"):
         f = p / name
         if f.is_file():
@@ -75,8 +70,6 @@ def _is_ome_zarr_image(p: Path) -> bool:
 
 def read_slide_layers(path: str | list[str]) -> list[LayerData]:
     """Open a slide lazily and return its multiscale image layer (raises SlideReadError)."""
-    from .slide import open_slide
-
     if isinstance(path, list | tuple):
         path = path[0]
     slide = open_slide(path)
@@ -112,7 +105,6 @@ def slide_layer_data(slide: Any, name: str | None = None) -> LayerData:
             "levels": info["levels"],
             "units": "um" if known else "pixel",
         },
-        "slide": slide,
     }
     kwargs: dict[str, Any] = {
         "name": name or slide.path.stem,
@@ -153,6 +145,4 @@ def _notify(msg: str) -> None:
 
         show_warning(msg)
     except Exception:  # noqa: BLE001 - headless use without napari
-        import warnings
-
         warnings.warn(msg, stacklevel=3)

@@ -1,4 +1,10 @@
-"""npe2 writer: napari layers → one napari-stgen ``.h5ad`` (see ``io/anndata.py``).
+"""npe2 writer: napari layers → one napari-stgen ``.h5ad`` (see ``io/anndata_export.py``).
+
+For layers the plugin did not predict (File ▸ Save Layers, user points, ROIs, generated
+tiles, reopened exports); the viewer's predictions are written from their store by
+:func:`napari_stgen.inference.export.store_to_anndata`. Both end in the same
+:func:`~napari_stgen.io.anndata_export.record_to_anndata`. µm/px comes from one place, the
+slide layer's ``metadata['stgen']['mpp']`` (:mod:`napari_stgen.io.layer_meta`).
 
 What goes where:
 
@@ -20,23 +26,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
 
-from ..errors import StgenError
-from ..inference.confidence import uncertainty_record
-from .anndata import (
-    GeneratedTile,
-    LayerData,
-    Roi,
-    predictions_to_anndata,
-    thumbnails_from_levels,
-)
-from .anndata import (
-    write_h5ad as _write_atomic,
-)
+from napari_stgen.coords import Grid
+from napari_stgen.errors import StgenError
+from napari_stgen.io.anndata_export import ExportRecord, record_to_anndata, write_h5ad
+from napari_stgen.io.layer_meta import layer_info, layer_mpp
+from napari_stgen.io.records import GeneratedTile, LayerData, Roi
+from napari_stgen.io.thumbnails import thumbnails_from_levels
 
 # obs columns that are never genes even when numeric
 NON_GENE = {
@@ -92,28 +95,23 @@ def _find_slide(layers: Sequence[LayerData]) -> LayerData | None:
     return best
 
 
-def _slide_mpp(slide_layer: LayerData | None, points_meta: list[dict]) -> tuple[float, str]:
+def _slide_mpp(slide_layer: LayerData | None, points: list[LayerData]) -> tuple[float, str]:
+    """µm per level-0 px: the slide layer's ``metadata['stgen']['mpp']`` (else its scale),
+    else a points layer's, else 1.0 (world units written as pixels)."""
     if slide_layer is not None:
-        md = _meta(slide_layer[1])
-        if md.get("mpp"):
-            return float(md["mpp"]), "slide layer metadata['mpp']"
-        st = md.get("stgen") if isinstance(md.get("stgen"), dict) else {}
-        if st.get("mpp"):
-            return float(st["mpp"]), "slide layer metadata['stgen']['mpp']"
-        sl = md.get("slide")
-        if sl is not None and getattr(sl, "mpp", None):
-            return float(sl.mpp), "slide layer metadata['slide'].mpp"
+        mpp = layer_mpp(_meta(slide_layer[1]))
+        if mpp:
+            return mpp, "slide layer metadata['stgen']['mpp']"
         return float(_vec2(slide_layer[1].get("scale"), 1.0)[-1]), "slide layer scale"
-    for md in points_meta:
-        st = md.get("stgen") or {}
-        if md.get("mpp"):
-            return float(md["mpp"]), "points layer metadata['mpp']"
-        if st.get("mpp"):
-            return float(st["mpp"]), "points layer metadata['stgen']['mpp']"
+    for _, meta, _ in points:
+        mpp = layer_mpp(_meta(meta))
+        if mpp:
+            return mpp, "points layer metadata['stgen']['mpp']"
     return 1.0, "none (world units written as pixels)"
 
 
-def _slide_images(slide_layer: LayerData, mpp: float) -> dict:
+def layer_images(slide_layer: LayerData, mpp: float) -> dict:
+    """Thumbnails (and scalefactors at ``mpp``) of a slide layer's pyramid."""
     data, meta, _ = slide_layer
     s0 = float(_vec2(meta.get("scale"), 1.0)[-1])
     (hi, sh), (lo, sl) = thumbnails_from_levels(_levels(data))
@@ -176,11 +174,7 @@ def _label_cells(layer: LayerData) -> dict:
         "yx": rc * s + t,  # napari centres pixel (0, 0) on translate
         "code": arr[rr, cc].astype(np.int64) - off,
         "tile_um": float(s[-1]),
-        "grid": {
-            "origin_yx_um": t - s / 2,
-            "tile_um": float(s[-1]),
-            "shape": np.asarray(arr.shape, dtype=np.int64),
-        },
+        "grid": Grid(tuple(t - s / 2), float(s[-1]), arr.shape[-2:]).to_record(),
     }
 
 
@@ -203,7 +197,8 @@ def _code_names_from_labels(layer: LayerData, offset: int) -> dict[int, str]:
     return {}
 
 
-def _shape_rois(layers: Sequence[LayerData]) -> list[Roi]:
+def shape_rois(layers: Sequence[LayerData]) -> list[Roi]:
+    """ROIs in world µm: every shape of every shapes layer."""
     rois = []
     for data, meta, kind in layers:
         if kind != "shapes":
@@ -230,166 +225,209 @@ def _shape_rois(layers: Sequence[LayerData]) -> list[Roi]:
     return rois
 
 
-def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None) -> Any:
-    """One AnnData from napari layer data tuples (see the module docstring)."""
-    import pandas as pd
+#: ``metadata['stgen']`` entries of a points layer that go to ``uns['stgen']`` (first wins)
+UNS_KEYS = ("model", "slide", "region_um", "grid", "code_names", "obs_kind", "normalization",
+            "uncertainty", "display")  # fmt: skip
 
-    layers = list(layers)
-    slide_layer = _find_slide(layers)
-    points = [ly for ly in layers if ly[2] == "points"]
-    labels = [ly for ly in layers if ly[2] == "labels"]
-    pmeta = [_meta(m) for _, m, _ in points]
-    mpp, mpp_src = _slide_mpp(slide_layer, pmeta)
-    origin = _vec2(slide_layer[1].get("translate"), 0.0) if slide_layer is not None else np.zeros(2)
 
-    genes: list[str] = []
-    blocks, yx_all, obs_parts, names = [], [], [], []
-    diam = []
-    uns_base: dict[str, Any] = {}
-    seen: set[tuple[int, int]] = set()
-    for (data, meta, _), md in zip(points, pmeta, strict=True):
-        yx = _world_yx(data, meta)
-        n = len(yx)
-        key = (n, hash(np.ascontiguousarray(yx).tobytes()))
-        if key in seen:  # the same spots shown twice (e.g. one display layer per gene)
-            continue
-        seen.add(key)
-        feats = meta.get("features")
-        feats = pd.DataFrame(feats).reset_index(drop=True) if feats is not None else pd.DataFrame()
-        if len(feats) != n:
-            feats = pd.DataFrame(index=range(n))
-        gcols = _gene_columns(feats, md)
-        for g in gcols:
-            if g not in genes:
-                genes.append(g)
-        blocks.append((gcols, feats[gcols].to_numpy(np.float32) if gcols else None, n))
-        other = feats[[c for c in feats.columns if c not in gcols and c != "barcode"]]
-        obs_parts.append(other.assign(layer=str(meta.get("name", "points"))))
-        ids = (
-            [str(b) for b in feats["barcode"]]
-            if "barcode" in feats.columns
-            else [f"{meta.get('name', 'points')}_{i}" for i in range(n)]
-        )
-        names.append(ids)
-        yx_all.append(yx)
-        st = md.get("stgen") or {}
-        predict_layer = st.get("kind") == "tiles" or (st.get("kind") == "spots" and "gene" in st)
-        if predict_layer and "obs_kind" not in st and n > 1:
-            # the Predict widget's display layers: drawn smaller than the tiles they stand for
-            from scipy.spatial import cKDTree
+@dataclass
+class _Rows:
+    """Rows gathered from points (or codebook labels) layers, in layer order."""
 
-            diam.append(float(np.median(cKDTree(yx).query(yx, k=2)[0][:, 1])))
-            uns_base.setdefault("obs_kind", "tiles")
-            uns_base.setdefault("normalization", "log1p_cp10k")
-        else:
-            if "normalization" not in st and st.get("source"):  # e.g. the sample's measured counts
-                uns_base.setdefault("normalization", str(st["source"]))
-            size = np.asarray(meta.get("size", 10.0), dtype=np.float64)
-            diam.append(float(np.median(size)) * float(_vec2(meta.get("scale"), 1.0)[-1]))
-        keys = ("model", "slide", "region_um", "grid", "code_names", "obs_kind", "normalization",
-                "uncertainty")  # fmt: skip
-        for k in (*keys, "display"):
-            if k in st and k not in uns_base:
-                uns_base[k] = st[k]
+    genes: list[str] = field(default_factory=list)
+    blocks: list[tuple[list[str], np.ndarray | None, int]] = field(default_factory=list)
+    yx: list[np.ndarray] = field(default_factory=list)
+    obs: list[Any] = field(default_factory=list)
+    ids: list[list[str]] = field(default_factory=list)
+    diam: list[float] = field(default_factory=list)
+    uns: dict[str, Any] = field(default_factory=dict)
+    seen: set[tuple[int, int]] = field(default_factory=set)
 
-    if not blocks and labels:  # a codebook map alone: one row per labelled grid cell
-        cells = _label_cells(labels[0])
-        blocks.append(([], None, len(cells["yx"])))
-        yx_all.append(cells["yx"])
-        obs_parts.append(pd.DataFrame({"grid_row": cells["rc"][:, 0], "grid_col": cells["rc"][:, 1],
-                                       "genst_code": cells["code"]}))  # fmt: skip
-        names.append([f"tile_{r}_{c}" for r, c in cells["rc"]])
-        diam.append(cells["tile_um"])
-        uns_base.setdefault("obs_kind", "tiles")
-        uns_base.setdefault("grid", cells["grid"])
-    n_all = sum(b[2] for b in blocks)
-    x = np.full((n_all, len(genes)), np.nan, dtype=np.float32)
-    gpos = {g: i for i, g in enumerate(genes)}
+    @property
+    def n(self) -> int:
+        return sum(b[2] for b in self.blocks)
+
+
+def _spot_diameter(yx: np.ndarray, meta: dict, st: dict, uns: dict) -> float:
+    """Spot diameter µm of a points layer; the Predict widget's display layers are drawn
+    smaller than the tiles they stand for, so theirs is the tile pitch."""
+    predict_layer = st.get("kind") == "tiles" or (st.get("kind") == "spots" and "gene" in st)
+    if predict_layer and "obs_kind" not in st and len(yx) > 1:
+        uns.setdefault("obs_kind", "tiles")
+        uns.setdefault("normalization", "log1p_cp10k")
+        return float(np.median(cKDTree(yx).query(yx, k=2)[0][:, 1]))
+    if "normalization" not in st and st.get("source"):  # e.g. the sample's measured counts
+        uns.setdefault("normalization", str(st["source"]))
+    size = np.asarray(meta.get("size", 10.0), dtype=np.float64)
+    return float(np.median(size)) * float(_vec2(meta.get("scale"), 1.0)[-1])
+
+
+def _add_points(rows: _Rows, layer: LayerData) -> None:
+    """Add a points layer's spots (once: the same spots shown twice are written once)."""
+    data, meta, _ = layer
+    md = _meta(meta)
+    yx = _world_yx(data, meta)
+    n = len(yx)
+    key = (n, hash(np.ascontiguousarray(yx).tobytes()))
+    if key in rows.seen:  # e.g. one display layer per gene
+        return
+    rows.seen.add(key)
+    feats = meta.get("features")
+    feats = pd.DataFrame(feats).reset_index(drop=True) if feats is not None else pd.DataFrame()
+    if len(feats) != n:
+        feats = pd.DataFrame(index=range(n))
+    gcols = _gene_columns(feats, md)
+    rows.genes += [g for g in gcols if g not in rows.genes]
+    rows.blocks.append((gcols, feats[gcols].to_numpy(np.float32) if gcols else None, n))
+    other = feats[[c for c in feats.columns if c not in gcols and c != "barcode"]]
+    name = str(meta.get("name", "points"))
+    rows.obs.append(other.assign(layer=name))
+    if "barcode" in feats.columns:
+        rows.ids.append([str(b) for b in feats["barcode"]])
+    else:
+        rows.ids.append([f"{name}_{i}" for i in range(n)])
+    rows.yx.append(yx)
+    st = layer_info(md)
+    rows.diam.append(_spot_diameter(yx, meta, st, rows.uns))
+    for k in UNS_KEYS:
+        if k in st and k not in rows.uns:
+            rows.uns[k] = st[k]
+
+
+def _add_label_cells(rows: _Rows, layer: LayerData) -> None:
+    """A codebook map alone: one row per labelled grid cell."""
+    cells = _label_cells(layer)
+    rc = cells["rc"]
+    rows.blocks.append(([], None, len(cells["yx"])))
+    rows.yx.append(cells["yx"])
+    rows.obs.append(pd.DataFrame({"grid_row": rc[:, 0], "grid_col": rc[:, 1],
+                                  "genst_code": cells["code"]}))  # fmt: skip
+    rows.ids.append([f"tile_{r}_{c}" for r, c in rc])
+    rows.diam.append(cells["tile_um"])
+    rows.uns.setdefault("obs_kind", "tiles")
+    rows.uns.setdefault("grid", cells["grid"])
+
+
+def _matrix(rows: _Rows) -> np.ndarray:
+    """(N, G) expression, NaN where a layer lacks a gene."""
+    x = np.full((rows.n, len(rows.genes)), np.nan, dtype=np.float32)
+    gpos = {g: i for i, g in enumerate(rows.genes)}
     r0 = 0
-    for gcols, vals, n in blocks:
+    for gcols, vals, n in rows.blocks:
         if vals is not None:
             x[r0 : r0 + n, [gpos[g] for g in gcols]] = vals
         r0 += n
-    yx = np.concatenate(yx_all) if yx_all else np.zeros((0, 2))
-    obs = pd.concat(obs_parts, ignore_index=True) if obs_parts else pd.DataFrame()
-    ids = [i for part in names for i in part]
+    return x
+
+
+def _unique_ids(ids: list[str], obs: Any) -> list[str]:
     if len(set(ids)) != len(ids):  # two layers with the same barcodes: prefix by layer
         ids = [f"{o}:{i}" for o, i in zip(obs.get("layer", [""] * len(ids)), ids, strict=True)]
         if len(set(ids)) != len(ids):
             ids = [f"{i}_{k}" for k, i in enumerate(ids)]
-    if len(blocks) == 1 and "layer" in obs:
-        obs = obs.drop(columns="layer")
+    return ids
 
-    codes = None
+
+def _codes(
+    obs: Any, labels: list[LayerData], yx: np.ndarray, uns: dict
+) -> tuple[np.ndarray | None, dict[int, str]]:
+    """Gene codes per row (points' ``genst_code``, else sampled from the codebook labels)
+    and code names (labels, points' ``genst_code_name``, else the recorded table)."""
+    codes = obs.pop("genst_code").to_numpy() if "genst_code" in obs.columns else None
     code_names: dict[int, str] = {}
-    if "genst_code" in obs.columns:
-        codes = obs.pop("genst_code").to_numpy()
-    if labels and n_all:
-        lab = labels[0]
-        off = int(_meta(lab[1]).get("stgen_code_offset", 1))
-        code_names = _code_names_from_labels(lab, off)
+    if labels and len(yx):
+        off = int(_meta(labels[0][1]).get("stgen_code_offset", 1))
+        code_names = _code_names_from_labels(labels[0], off)
         if codes is None:
-            v = _labels_lookup(lab, yx)
+            v = _labels_lookup(labels[0], yx)
             codes = np.where(v >= off, v - off, -1)
     if "genst_code_name" in obs.columns:
         cn = obs.pop("genst_code_name")
-        if codes is not None:
-            for c, name in zip(codes, cn, strict=True):
-                if int(c) >= 0 and isinstance(name, str):
-                    code_names.setdefault(int(c), name)
-    if not code_names and "code_names" in uns_base:
-        cn = uns_base.pop("code_names")
+        for c, name in zip(codes if codes is not None else [], cn, strict=False):
+            if int(c) >= 0 and isinstance(name, str):
+                code_names.setdefault(int(c), name)
+    cn = uns.pop("code_names", None)
+    if not code_names and cn is not None:
         code_names = {int(c): str(n) for c, n in zip(cn["code"], cn["name"], strict=True)}
-    uns_base.pop("code_names", None)
+    return codes, code_names
 
-    generated = [
+
+def _slide_extra(slide_layer: LayerData | None, mpp: float, uns: dict) -> dict:
+    """``uns['stgen']['slide']``: recorded by a points layer, else the slide layer's file
+    and level-0 size."""
+    if "slide" in uns:
+        return {"slide": uns["slide"]}
+    if slide_layer is None:
+        return {}
+    data, meta, _ = slide_layer
+    h, w = _levels(data)[0].shape[:2]
+    k = float(_vec2(meta.get("scale"), 1.0)[-1]) / mpp  # level-0 px per layer px
+    path = layer_info(_meta(meta)).get("path")
+    rec = {"path": str(path or ""), "layer": str(meta.get("name", ""))}
+    return {"slide": {**rec, "width": round(w * k), "height": round(h * k)}}
+
+
+def generated_tiles(layers: Sequence[LayerData]) -> list[GeneratedTile]:
+    """The generated tiles among image layers (``metadata['stgen_generated']`` + pixels)."""
+    return [
         GeneratedTile.from_record(_meta(m)["stgen_generated"], image=np.asarray(d))
         for d, m, k in layers
         if k == "image" and "stgen_generated" in _meta(m)
     ]
-    rois = _shape_rois(layers)
-    images = _slide_images(slide_layer, mpp) if slide_layer is not None else None
-    slide_md = _meta(slide_layer[1]) if slide_layer is not None else {}
-    extra: dict[str, Any] = {
-        k: v for k, v in uns_base.items() if k in ("grid", "display", "uncertainty")
-    }
+
+
+def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None) -> Any:
+    """One AnnData from napari layer data tuples (see the module docstring)."""
+    layers = list(layers)
+    slide_layer = _find_slide(layers)
+    points = [ly for ly in layers if ly[2] == "points"]
+    labels = [ly for ly in layers if ly[2] == "labels"]
+    mpp, mpp_src = _slide_mpp(slide_layer, points)
+    origin = _vec2(slide_layer[1].get("translate"), 0.0) if slide_layer is not None else np.zeros(2)
+
+    rows = _Rows()
+    for ly in points:
+        _add_points(rows, ly)
+    if not rows.blocks and labels:
+        _add_label_cells(rows, labels[0])
+    yx = np.concatenate(rows.yx) if rows.yx else np.zeros((0, 2))
+    obs = pd.concat(rows.obs, ignore_index=True) if rows.obs else pd.DataFrame()
+    ids = _unique_ids([i for part in rows.ids for i in part], obs)
+    if len(rows.blocks) == 1 and "layer" in obs:
+        obs = obs.drop(columns="layer")
+    codes, code_names = _codes(obs, labels, yx, rows.uns)
+
+    uns = rows.uns
+    extra: dict[str, Any] = {k: uns[k] for k in ("grid", "display", "uncertainty") if k in uns}
     extra["mpp_source"] = mpp_src
     if np.any(origin != 0):
         extra["origin_yx_um"] = origin
-    if slide_layer is not None and "slide" not in uns_base:
-        st = slide_md.get("stgen") if isinstance(slide_md.get("stgen"), dict) else {}
-        sp = st.get("path") or getattr(slide_md.get("slide"), "path", None)
-        h, w = _levels(slide_layer[0])[0].shape[:2]
-        k = float(_vec2(slide_layer[1].get("scale"), 1.0)[-1]) / mpp  # level-0 px per layer px
-        h, w = round(h * k), round(w * k)
-        extra["slide"] = {"path": str(sp or ""), "layer": str(slide_layer[1].get("name", ""))}
-        extra["slide"].update({"width": int(w), "height": int(h)})
-    elif "slide" in uns_base:
-        extra["slide"] = uns_base["slide"]
+    extra.update(_slide_extra(slide_layer, mpp, uns))
     if library_id is None and slide_layer is not None:
         library_id = str(slide_layer[1].get("name") or "") or None
-    adata = predictions_to_anndata(
-        x,
-        genes,
+    rec = ExportRecord(
+        _matrix(rows),
+        rows.genes,
         (yx[:, ::-1] - origin[::-1]) / mpp,
         codes=codes,
         code_names=code_names or None,
         obs_names=ids,
-        model=uns_base.get("model"),
-        region_um=uns_base.get("region_um"),
+        model=uns.get("model"),
+        region_um=uns.get("region_um"),
         mpp=mpp,
         library_id=library_id,
         obs=obs if len(obs.columns) else None,
-        rois=rois,
-        generated=generated,
-        spot_diameter_um=float(np.median(diam)) if diam else None,
-        images=images,
-        obs_kind=str(uns_base.get("obs_kind", "spots")),
-        normalization=str(uns_base.get("normalization", "log1p_cp10k")),
+        rois=shape_rois(layers),
+        generated=generated_tiles(layers),
+        spot_diameter_um=float(np.median(rows.diam)) if rows.diam else None,
+        images=layer_images(slide_layer, mpp) if slide_layer is not None else None,
+        obs_kind=str(uns.get("obs_kind", "spots")),
+        normalization=str(uns.get("normalization", "log1p_cp10k")),
         extra_uns=extra,
     )
-    if uns_base.get("model") is not None:  # keep the recorded model provenance verbatim
-        adata.uns["stgen"]["model"] = uns_base["model"]
+    adata = record_to_anndata(rec)
+    if uns.get("model") is not None:  # keep the recorded model provenance verbatim
+        adata.uns["stgen"]["model"] = uns["model"]
     return adata
 
 
@@ -410,58 +448,9 @@ def write_layers(
             f"{path}: nothing to export (need a points, labels or shapes layer, or a "
             "generated tile)"
         )
-    return _write_atomic(layers_to_anndata(layers), path, overwrite=overwrite)
+    return write_h5ad(layers_to_anndata(layers), path, overwrite=overwrite)
 
 
-def write_h5ad(path: str, layer_data: list[LayerData]) -> list[str]:
+def write_layers_npe2(path: str, layer_data: list[LayerData]) -> list[str]:
     """npe2 writer (File ▸ Save Layers): napari's save dialog has confirmed overwriting."""
     return [str(write_layers(path, layer_data, overwrite=True))]
-
-
-def store_layer_data(store: Any, code_names: dict | None = None, model: Any = None) -> LayerData:
-    """A points layer tuple for a Predict-widget ``PredictionStore`` (every predicted tile).
-
-    Carries the tile ids, grid cells, all genes, gene codes, code names, grid and model
-    provenance, so the writer records them exactly as ``stgen predict --grid`` does.
-    """
-    import pandas as pd
-
-    from .anndata import _model_record
-
-    if store.grid is None or len(store) == 0:
-        raise StgenError("no predictions to export yet")
-    feats = pd.DataFrame(store.expr, columns=list(store.genes), copy=False)
-    feats["genst_code"] = store.code
-    if getattr(store, "has_uncertainty", False):
-        feats["uncertainty"] = store.uncertainty
-    feats["grid_row"] = store.tiles[:, 0]
-    feats["grid_col"] = store.tiles[:, 1]
-    feats["barcode"] = store.tile_ids
-    g = store.grid
-    st: dict[str, Any] = {
-        "obs_kind": "tiles",
-        "grid": {
-            "origin_yx_um": np.asarray(g.origin_um, dtype=np.float64),
-            "tile_um": float(g.tile_um),
-            "shape": np.asarray(g.shape, dtype=np.int64),
-        },
-    }
-    if store.mpp:
-        st["mpp"] = float(store.mpp)
-    if model is not None:
-        st["model"] = {k: v for k, v in _model_record(model).items() if v is not None}
-        info = uncertainty_record(model) if "uncertainty" in feats else None
-        if info:
-            st["uncertainty"] = info
-    if code_names:
-        ks = sorted(int(k) for k in code_names)
-        st["code_names"] = {"code": ks, "name": [str(code_names[k]) for k in ks]}
-    if getattr(store, "display", None):  # the gene and colour scale shown: same on reopening
-        st["display"] = dict(store.display)
-    meta = {
-        "name": "predicted tiles",
-        "features": feats,
-        "size": float(g.tile_um),
-        "metadata": {"stgen_genes": list(store.genes), "stgen": st},
-    }
-    return (store.centres_um, meta, "points")

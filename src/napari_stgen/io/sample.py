@@ -10,7 +10,13 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from ..errors import StgenError
+import numpy as np
+import pandas as pd
+
+from napari_stgen.coords import px_to_um, xy_to_rc
+from napari_stgen.errors import StgenError
+from napari_stgen.io.napari_reader import _show_scale_bar, slide_layer_data
+from napari_stgen.io.slide import open_slide
 
 SLIDE_NAME = "her2st_C3.tif"
 SPOTS_NAME = "her2st_C3_spots.csv"
@@ -50,8 +56,6 @@ def sample_spots_path() -> Path:
 
 def read_spots(path: str | Path | None = None) -> Any:
     """Spot table as a pandas DataFrame (columns barcode, x, y, then gene counts)."""
-    import pandas as pd
-
     p = Path(path) if path is not None else sample_spots_path()
     try:
         df = pd.read_csv(p)
@@ -65,10 +69,6 @@ def read_spots(path: str | Path | None = None) -> Any:
 
 def spots_layer_data(df: Any, mpp: float, name: str = "HER2ST C3 spots") -> tuple:
     """A napari Points layer of spots in µm, gene counts (and log1p CP10k of ERBB2) as features."""
-    import numpy as np
-
-    from ..coords import px_to_um, xy_to_rc
-
     rc_um = xy_to_rc(px_to_um(df[["x", "y"]].to_numpy(np.float64), mpp))
     features = df.drop(columns=["x", "y"]).reset_index(drop=True)
     kwargs: dict[str, Any] = {
@@ -88,9 +88,6 @@ def spots_layer_data(df: Any, mpp: float, name: str = "HER2ST C3 spots") -> tupl
 
 def her2st_sample() -> list[tuple]:
     """npe2 sample data: the C3 slide (multiscale, µm) and its measured spots (Points, µm)."""
-    from .napari_reader import _show_scale_bar, slide_layer_data
-    from .slide import open_slide
-
     slide = open_slide(sample_slide_path())
     layers = [slide_layer_data(slide, name="HER2ST C3")]
     layers.append(spots_layer_data(read_spots(), slide.mpp))

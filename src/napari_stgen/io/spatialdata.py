@@ -35,17 +35,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 
-from ..errors import StgenError
-from .anndata import (
-    VISIUM_SPOT_UM,
-    GeneratedTile,
-    LayerData,
-    _plain,
-    anndata_layers,
-    rois_from_record,
+from napari_stgen.errors import StgenError
+from napari_stgen.io.anndata import VISIUM_SPOT_UM, anndata_layers
+from napari_stgen.io.napari_writer import (
+    _find_slide,
+    _levels,
+    _meta,
+    exportable,
+    layers_to_anndata,
 )
+from napari_stgen.io.records import GeneratedTile, LayerData, rois_from_record
+from napari_stgen.io.records import plain as _plain
 
 CS = "global"
 UNIT = "micrometer"
@@ -97,7 +100,6 @@ def _scale_factors(h: int, w: int, min_px: int = 256) -> list[int]:
 
 def _image_element(arr: Any, sy: float, sx: float, tyx: tuple[float, float] = (0.0, 0.0)) -> Any:
     """An RGB (H, W, 3) array as an Image2DModel in ``global`` µm (scale, then translate)."""
-    import dask.array as da
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale, Translation
     from spatialdata.transformations import Sequence as Seq
@@ -336,8 +338,6 @@ def write_layers_spatialdata(
     (:func:`napari_stgen.io.napari_writer.layers_to_anndata`); the slide layer's pyramid
     gives the image element.
     """
-    from .napari_writer import _find_slide, _levels, _meta, exportable, layers_to_anndata
-
     if not exportable(layers):
         raise StgenError(
             f"{path}: nothing to export (need a points, labels or shapes layer, or a "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
-from ..errors import StgenError
+from napari_stgen.errors import StgenError
 
 #: obs column names AnnData reserves (writing them fails inside h5py).
 RESERVED_OBS = ("_index",)
@@ -60,9 +62,6 @@ def validate_h5ad(path: Any, need_x: bool = False) -> None:
     element; a too-short ``indptr`` or an out-of-range index would otherwise crash the process.
     ``need_x``: an absent ``X`` is an error too (readers of the expression matrix).
     """
-    from pathlib import Path
-
-    import h5py
 
     p = Path(path)
     if not p.is_file():
@@ -102,8 +101,6 @@ def _items(f: Any, group: str) -> list:
 
 
 def _axis_len(f: Any, name: str, p: Any) -> int:
-    import h5py
-
     g = f.get(name)
     if g is None:
         raise StgenError(f"{p}: no '{name}' table; not an AnnData file")
@@ -138,8 +135,6 @@ def _enc(el: Any) -> str:
 
 
 def _check_rows(el: Any, rows: int, p: Any, what: str) -> None:
-    import h5py
-
     if isinstance(el, h5py.Dataset):
         if not el.shape or int(el.shape[0]) != rows:
             raise StgenError(f"{p}: {what} has shape {el.shape}, expected {rows} rows")
@@ -155,8 +150,6 @@ def _check_rows(el: Any, rows: int, p: Any, what: str) -> None:
 def _check_matrix(
     el: Any, shape: tuple[int, int] | None, p: Any, what: str, rows: int | None = None
 ) -> None:
-    import h5py
-
     if isinstance(el, h5py.Dataset):
         if el.dtype.kind not in "biuf":
             raise StgenError(f"{p}: {what} holds {el.dtype} values, not numbers")
@@ -176,6 +169,11 @@ def _check_matrix(
         raise StgenError(f"{p}: sparse {what} has shape {sh}, expected {tuple(shape)}")
     if rows is not None and sh[0] != rows:
         raise StgenError(f"{p}: sparse {what} has {sh[0]} rows, expected {rows}")
+    _check_sparse_index(el, p, what, sh, enc)
+
+
+def _check_sparse_index(el: Any, p: Any, what: str, sh: tuple[int, ...], enc: str) -> None:
+    """The values, indices and indptr of a CSR/CSC group are one consistent sparse matrix."""
     major, minor = (sh[0], sh[1]) if enc == "csr_matrix" else (sh[1], sh[0])
     data, indices, indptr = el["data"], el["indices"], el["indptr"]
     if data.dtype.kind not in "biuf":

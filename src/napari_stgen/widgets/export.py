@@ -1,6 +1,8 @@
 """Export dock widget: chosen layers (+ the session's predictions) → one .h5ad or SpatialData.
 
-Thin Qt layer over :func:`napari_stgen.io.napari_writer.write_layers` (AnnData ``.h5ad``) and
+Thin Qt layer over :func:`napari_stgen.inference.export.store_to_anndata` (the prediction
+store, with the ticked ROIs and generated tiles), or for layers the plugin did not predict
+:func:`napari_stgen.io.napari_writer.write_layers` (AnnData ``.h5ad``) and
 :func:`napari_stgen.io.spatialdata.write_layers_spatialdata` (SpatialData ``.zarr``): lists
 what can be exported (points with features, shapes as ROIs, codebook labels, generated tiles
 and the viewer's prediction store), takes a format, an output path and an overwrite flag, and
@@ -33,7 +35,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_stgen.widgets.state import get_state
+from napari_stgen.inference.export import StoreExtras, store_layer_data, store_to_anndata
+from napari_stgen.io.anndata import write_h5ad
+from napari_stgen.io.napari_writer import generated_tiles, layer_images, shape_rois, write_layers
+from napari_stgen.io.spatialdata import export_spatialdata, write_layers_spatialdata
+from napari_stgen.widgets.state import get_state, is_slide_layer, slide_from_layer
 
 STORE_ITEM = "\u2731 predicted tiles (all predictions of this session)"
 _ROLE = Qt.ItemDataRole.UserRole
@@ -237,9 +243,8 @@ class ExportWidget(QWidget):
 
     # ---------------------------------------------------------------- export
     def layer_data(self) -> list[Any]:
-        """Layer data tuples to write: ticked layers, the store, and the slide layer."""
-        from napari_stgen.io.napari_writer import store_layer_data
-
+        """Layer data tuples to write: ticked layers, the store, and the slide layer (the
+        export of layers only, or of the store mixed with other points layers)."""
         layers, use_store = self.selected()
         data = [ly.as_layer_data_tuple() for ly in layers]
         slide = self.slide_layer()
@@ -249,6 +254,29 @@ class ExportWidget(QWidget):
             model = self._model_record()
             data.append(store_layer_data(self.state.store, self.state.code_names, model))
         return data
+
+    def store_export(self) -> Any:
+        """A no-argument function making the store's AnnData (:func:`store_to_anndata`, with
+        the ticked ROIs and generated tiles), or None when the export is not of the store
+        (or mixes in other points layers). Reads the widgets here, converts when called."""
+        layers, use_store = self.selected()
+        if not use_store or any(type(ly).__name__ == "Points" for ly in layers):
+            return None
+        st = self.state
+        slide_layer = self.slide_layer()
+        slide = slide_from_layer(slide_layer) if is_slide_layer(slide_layer) else None
+        tuples = [ly.as_layer_data_tuple() for ly in layers]
+        thumb = (
+            None if slide is not None or slide_layer is None else slide_layer.as_layer_data_tuple()
+        )
+        model, names, rows = self._model_record(), dict(st.code_names), np.arange(len(st.store))
+
+        def make() -> Any:
+            images = layer_images(thumb, float(st.store.mpp or 1.0)) if thumb else None
+            extras = StoreExtras(shape_rois(tuples), generated_tiles(tuples), images)
+            return store_to_anndata(st.store, slide, model, names, rows, extras)
+
+        return make
 
     def slide_layer(self) -> Any:
         """The slide: the widgets' current one, else the largest RGB image (not generated)."""
@@ -272,12 +300,23 @@ class ExportWidget(QWidget):
             return pred
         return {"name": st.model_name, "checksum": st.model_checksum}
 
+    def _writer(self, path: Path) -> Any:
+        """A no-argument function writing the export (built here, run in the worker)."""
+        overwrite = self.overwrite.isChecked()
+        make = self.store_export()
+        if make is None:
+            data = self.layer_data()
+            write = write_layers if path.suffix == ".h5ad" else write_layers_spatialdata
+            return lambda: write(path, data, overwrite=overwrite)
+        if path.suffix == ".h5ad":
+            return lambda: write_h5ad(make(), path, overwrite=overwrite)
+        slide = self.slide_layer()
+        levels = None if slide is None else list(slide.data) if slide.multiscale else [slide.data]
+        return lambda: export_spatialdata(make(), path, levels, overwrite=overwrite)
+
     def export(self) -> Any:
         """Start writing the ticked layers to the chosen path (returns the worker)."""
         from napari.qt.threading import thread_worker
-
-        from napari_stgen.io.napari_writer import write_layers
-        from napari_stgen.io.spatialdata import write_layers_spatialdata
 
         suffix = self.suffix()
         text = self.path_edit.text().strip()
@@ -291,16 +330,13 @@ class ExportWidget(QWidget):
             self._notify(f"{path} exists; tick 'Overwrite' to replace it", error=True)
             return None
         try:
-            data = self.layer_data()
+            write = self._writer(path)
         except Exception as e:  # noqa: BLE001 - surfaced to the user
             self._notify(f"export failed: {e}", error=True)
             return None
         self.export_btn.setEnabled(False)
         self.status.setText(f"Exporting to {path.name}…")
-        write = write_layers if suffix == ".h5ad" else write_layers_spatialdata
-        worker = thread_worker(write, start_thread=False)(
-            path, data, overwrite=self.overwrite.isChecked()
-        )
+        worker = thread_worker(write, start_thread=False)()
         worker.returned.connect(self._done)
         worker.errored.connect(lambda e: self._notify(f"export failed: {e}", error=True))
         worker.finished.connect(lambda: self.export_btn.setEnabled(True))

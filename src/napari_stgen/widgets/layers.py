@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from napari_stgen.widgets.state import PredictionStore
+from napari_stgen.inference.store import PredictionStore
 
 __all__ = [
     "heatmap_name",
@@ -313,8 +314,6 @@ def show_tile_markers(layer: Any, on: bool) -> None:
 
 
 def _features(store: PredictionStore, genes: list[str] | None = None) -> Any:
-    import pandas as pd
-
     if genes is None:
         df = pd.DataFrame(store.expr, columns=store.genes, copy=False)
     else:

@@ -11,6 +11,7 @@ from typing import Any
 
 from qtpy.QtWidgets import QComboBox
 
+from napari_stgen.errors import StgenError
 from napari_stgen.widgets.close_watcher import disconnect_on_destroyed
 from napari_stgen.widgets.dock import shrinkable
 from napari_stgen.widgets.state import find_slide_layer, slide_layers
@@ -74,8 +75,6 @@ class SlidePicker(QComboBox):
     def _on_picked(self, index: int) -> None:
         layer = self.itemData(index)
         if layer is not None and layer != self.state.slide_layer:
-            from napari_stgen.errors import StgenError
-
             try:
                 self.state.set_slide_layer(layer)
             except StgenError as e:

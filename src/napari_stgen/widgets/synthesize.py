@@ -892,7 +892,8 @@ class SynthesizeWidget(QWidget):
         """Write the kept tiles to an ``.h5ad``: the predicted tiles under them as rows, the
         generated tiles (pixels + conditioning records) in ``uns['stgen']['generated']``."""
         from napari_stgen.errors import StgenError
-        from napari_stgen.io.anndata import predictions_to_anndata, write_h5ad
+        from napari_stgen.inference.export import StoreExtras, store_to_anndata
+        from napari_stgen.io.anndata import write_h5ad
 
         if not self.kept:
             raise StgenError("no kept tiles to export (press Keep first)")
@@ -909,19 +910,8 @@ class SynthesizeWidget(QWidget):
 
             data = [ly.as_layer_data_tuple() for ly in self.kept_layers if ly in self.viewer.layers]
             return write_layers(path, data, overwrite=overwrite)
-        adata = predictions_to_anndata(
-            store.expr[rows],
-            store.genes,
-            store.xy_px[rows],
-            slide=slide,
-            codes=store.code[rows],
-            code_names=dict(self.state.code_names) or None,
-            obs_names=[store.tile_ids[i] for i in rows],
-            model=self.predictor,
-            obs_kind="tiles",
-            generated=list(self.kept),
-            spot_diameter_um=store.grid.tile_um if store.grid is not None else None,
-        )
+        extras = StoreExtras(generated=list(self.kept))
+        adata = store_to_anndata(store, slide, self.predictor, self.state.code_names, rows, extras)
         return write_h5ad(adata, path, overwrite=overwrite)
 
     def _export_dialog(self) -> None:

@@ -1,0 +1,134 @@
+"""The one export writer: a :class:`~napari_stgen.inference.store.PredictionStore` → AnnData.
+
+:func:`store_to_anndata` is what the Export widget, the Synthesize widget and ``stgen predict
+--grid`` write (``.h5ad`` directly, SpatialData from the same AnnData): every stored tile as
+a row with its grid cell, gene code and uncertainty, the grid, the model and the slide's
+provenance. :func:`store_layer_data` is the store as a napari points-layer tuple, for an
+export that mixes the store with other points layers (``io.napari_writer``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from napari_stgen.errors import StgenError
+from napari_stgen.inference.confidence import uncertainty_record
+from napari_stgen.inference.store import PredictionStore
+from napari_stgen.io.anndata_export import ExportRecord, model_record, record_to_anndata
+from napari_stgen.io.records import GeneratedTile, LayerData, Roi
+
+__all__ = ["StoreExtras", "store_to_anndata", "store_layer_data"]
+
+
+@dataclass
+class StoreExtras:
+    """What an export adds to the store's rows: ROIs, generated tiles, thumbnails
+    (``images``, when there is no ``Slide``), ``uns['stgen']`` entries and extra obs."""
+
+    rois: Sequence[Roi | Mapping] = ()
+    generated: Sequence[GeneratedTile | Mapping] = ()
+    images: Mapping[str, Any] | None = None
+    uns: Mapping[str, Any] = field(default_factory=dict)
+    obs: Mapping[str, np.ndarray] = field(default_factory=dict)
+    region_um: Sequence[float] | None = None
+    library_id: str | None = None
+
+
+def _code_table(code_names: Mapping | None) -> Mapping | None:
+    return dict(code_names) if code_names else None
+
+
+def store_to_anndata(
+    store: PredictionStore,
+    slide: Any = None,
+    model: Any = None,
+    code_names: Mapping[int, str] | None = None,
+    rows: np.ndarray | None = None,
+    extras: StoreExtras | None = None,
+) -> Any:
+    """The AnnData of ``store`` (all rows, or ``rows``), tiles as obs (``tile_<r>_<c>``).
+
+    ``slide`` (a ``Slide``) gives µm/px, provenance and thumbnails (else the store's µm/px
+    and ``extras.images``); ``model`` the predictor (or a mapping of its record);
+    ``code_names`` names per gene code.
+    """
+    if store.grid is None or len(store) == 0:
+        raise StgenError("no predictions to export yet")
+    ex = extras or StoreExtras()
+    sel = np.arange(len(store)) if rows is None else np.asarray(rows, dtype=np.int64)
+    tiles = store.tiles[sel]
+    obs = pd.DataFrame({"grid_row": tiles[:, 0], "grid_col": tiles[:, 1]})
+    for k, v in ex.obs.items():
+        obs[k] = np.asarray(v)
+    unc = store.uncertainty[sel] if store.has_uncertainty else None
+    uns = dict(ex.uns)
+    if store.display:  # the gene and colour scale shown: the same on reopening
+        uns.setdefault("display", dict(store.display))
+    rec = ExportRecord(
+        store.expr[sel],
+        store.genes,
+        store.xy_px[sel],
+        slide=slide,
+        codes=store.code[sel],
+        code_names=_code_table(code_names),
+        obs_names=[f"tile_{r}_{c}" for r, c in tiles],
+        model=model,
+        region_um=ex.region_um,
+        extra_uns=uns or None,
+        mpp=None if slide is not None else store.mpp,
+        library_id=ex.library_id,
+        obs=obs,
+        rois=list(ex.rois),
+        generated=list(ex.generated),
+        spot_diameter_um=float(store.grid.tile_um),
+        images=ex.images,
+        obs_kind="tiles",
+        grid=store.grid.to_record(),
+        uncertainty=unc,
+        uncertainty_info=uncertainty_record(model) if unc is not None and model else None,
+    )
+    return record_to_anndata(rec)
+
+
+def store_layer_data(
+    store: PredictionStore, code_names: Mapping | None = None, model: Any = None
+) -> LayerData:
+    """A points layer tuple for a ``PredictionStore`` (every predicted tile).
+
+    Carries the tile ids, grid cells, all genes, gene codes, code names, grid and model
+    provenance, so ``io.napari_writer`` records them as :func:`store_to_anndata` does.
+    """
+    if store.grid is None or len(store) == 0:
+        raise StgenError("no predictions to export yet")
+    feats = pd.DataFrame(store.expr, columns=list(store.genes), copy=False)
+    feats["genst_code"] = store.code
+    if store.has_uncertainty:
+        feats["uncertainty"] = store.uncertainty
+    feats["grid_row"] = store.tiles[:, 0]
+    feats["grid_col"] = store.tiles[:, 1]
+    feats["barcode"] = store.tile_ids
+    st: dict[str, Any] = {"obs_kind": "tiles", "grid": store.grid.to_record()}
+    if store.mpp:
+        st["mpp"] = float(store.mpp)
+    if model is not None:
+        st["model"] = {k: v for k, v in model_record(model).items() if v is not None}
+        info = uncertainty_record(model) if "uncertainty" in feats else None
+        if info:
+            st["uncertainty"] = info
+    if code_names:
+        ks = sorted(int(k) for k in code_names)
+        st["code_names"] = {"code": ks, "name": [str(code_names[k]) for k in ks]}
+    if store.display:
+        st["display"] = dict(store.display)
+    meta = {
+        "name": "predicted tiles",
+        "features": feats,
+        "size": float(store.grid.tile_um),
+        "metadata": {"stgen_genes": list(store.genes), "stgen": st},
+    }
+    return (store.centres_um, meta, "points")
