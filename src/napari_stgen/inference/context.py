@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_stgen.inference.neighbours import neighbour_order
+
 
 def transform_offsets(pos: np.ndarray, k: int) -> np.ndarray:
     """µm offsets (…, 2) as (x, y) → offsets in the patch transformed like ``GenST.tile_tokens``
@@ -38,8 +40,6 @@ def windows(
     within ``radius_um`` (−1 pads). ``query`` indexes the sites (default: all). With grid
     ``cells`` (N, 2) (row, col) and ``step`` > 1, only sites whose row and column differ from
     the query's by multiples of ``step`` join."""
-    from .histotx import neighbour_order
-
     xy = np.asarray(xy_um, np.float64).reshape(-1, 2)
     q = np.arange(len(xy)) if query is None else np.asarray(query, np.int64)
     sub = cells is not None and step > 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..inference.device import safe_cpu_training
-from ..inference.features import colour_texture_features
+from ..inference.features import he_patch_features
 from .data import SectionData
 
 
@@ -40,9 +40,9 @@ def ridge_baseline(train: list[SectionData], test_patches: np.ndarray) -> np.nda
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    Xtr = colour_texture_features(np.concatenate([centre_view(s.patches) for s in train], 0))
+    Xtr = he_patch_features(np.concatenate([centre_view(s.patches) for s in train], 0))
     ytr = np.concatenate([s.y for s in train], 0)
-    Xte = colour_texture_features(centre_view(test_patches))
+    Xte = he_patch_features(centre_view(test_patches))
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
     model.fit(Xtr, ytr)
     return model.predict(Xte).astype(np.float32)

@@ -310,11 +310,9 @@ class StgenState:
             pred = self._predictors.get(name)
             if pred is None:
                 self.apply_threads()
-                try:  # GenST or HistoTx by the checkpoint card's kind
-                    from napari_stgen.inference.histotx import load_model
-                except ImportError:  # pragma: no cover - HistoTx not installed
-                    from napari_stgen.inference.predictor import load_genst as load_model
-                pred = load_model(name)
+                from napari_stgen.inference.registry import load_predictor
+
+                pred = load_predictor(name)  # GenST or HistoTx by the checkpoint card's kind
                 self._predictors[name] = pred
                 self._predictors.setdefault(pred.name, pred)  # also by card name
             return pred
