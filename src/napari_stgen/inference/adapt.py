@@ -11,12 +11,15 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_stgen.inference.features import N_FEATURES
 from napari_stgen.inference.neighbours import neighbour_order
+
+if TYPE_CHECKING:  # torch at import: type names only
+    from napari_stgen.models.histotx import HistoTx
 
 
 @dataclass
@@ -166,12 +169,12 @@ def cosine_lr(step: int, total: int, warm: int = 100) -> float:
 
 
 def fit_masked(
-    model: Any,
+    model: HistoTx,
     sets: list[SpotSet],
     tcfg: TrainConfig,
     log: Callable[[str], None] | None = None,
     warm: int = 100,
-) -> tuple[Any, dict]:
+) -> tuple[HistoTx, dict]:
     """Masked training of ``model`` on ``sets`` (normalization buffers already set)."""
     import torch
 
@@ -231,7 +234,7 @@ def fit_masked(
 
 
 def adapt_to_measured(
-    model: Any,
+    model: HistoTx,
     feats: np.ndarray,
     xy_um: np.ndarray,
     y: np.ndarray,
@@ -240,7 +243,7 @@ def adapt_to_measured(
     tcfg: TrainConfig | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
-) -> Any:
+) -> HistoTx:
     """Test-time adaptation: a copy of ``model`` fine-tuned by masking on the measured spots
     of one slide (their image features, µm positions and log1p CP10k panel profiles ``y``).
 

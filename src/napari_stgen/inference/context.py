@@ -9,11 +9,14 @@ pitch join the window, so a 112 µm grid sees windows like the training spots. N
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from napari_stgen.inference.neighbours import neighbour_order
+
+if TYPE_CHECKING:  # torch at import: type names only
+    from napari_stgen.models.genst import GenST
 
 
 def transform_offsets(pos: np.ndarray, k: int) -> np.ndarray:
@@ -59,7 +62,7 @@ def windows(
 
 
 def context_latent(
-    model: Any,
+    model: GenST,
     feat: np.ndarray,
     zhat: np.ndarray,
     xy_um: np.ndarray,

@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from napari_stgen.inference.contract import (
     TileRequest,
 )
 from napari_stgen.inference.device import pick_device
-from napari_stgen.inference.engine import PartialResult
+from napari_stgen.inference.engine import CancelToken, PartialResult
 from napari_stgen.inference.features import FEATURES, N_FEATURES, PATCH_PX, PATCH_UM, image_features
 from napari_stgen.inference.histotx_sites import predict_sites
 from napari_stgen.inference.measured import (
@@ -52,6 +52,10 @@ from napari_stgen.inference.tiles import slide_grid, tile_centres_um, tile_um_of
 from napari_stgen.io.slide import Slide
 from napari_stgen.models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
 
+if TYPE_CHECKING:  # torch at import: type names only
+    from napari_stgen.models.histotx import HistoTx
+
+
 KIND = Kind.HISTOTX.value
 
 
@@ -64,7 +68,7 @@ class HistoTxPredictor:
     ``predict_with_measurements`` and ``predict_tiles``.
     """
 
-    def __init__(self, model: Any, card: dict, path: Path, checksum: str, device: str):
+    def __init__(self, model: HistoTx, card: dict, path: Path, checksum: str, device: str):
         self.model = model
         self.card = card
         self.path = path
@@ -151,7 +155,7 @@ def as_measured(measured: Any, genes: list[str], mpp: float) -> Measured:
     return measured_from_layer(measured, genes, mpp)
 
 
-def build_model(tensors: dict, card: dict, path: Path) -> Any:
+def build_model(tensors: dict, card: dict, path: Path) -> HistoTx:
     """A HistoTx module from checkpoint tensors + card; CheckpointError on a mismatch."""
     from napari_stgen.models.histotx import HistoTx, HistoTxConfig  # torch at import
 
@@ -195,7 +199,7 @@ class MeasuredContext:
     feats: np.ndarray  # (M, F)
     xy_um: np.ndarray  # (M, 2)
     mpp: float
-    model: Any = None  # a copy adapted to these spots (``adapt_steps`` > 0), else None
+    model: HistoTx | None = None  # a copy adapted to these spots (``adapt_steps`` > 0), else None
     adapt_steps: int = 0
     tokens: np.ndarray | None = None  # (M, G) transcript-token profiles (``denoise_measured``)
 
@@ -221,7 +225,7 @@ class HistoTxResult:
     uncertainty: np.ndarray | None = None
 
 
-def slide_mpp(slide: Any, mpp: float | None = None) -> float:
+def slide_mpp(slide: Slide | np.ndarray, mpp: float | None = None) -> float:
     """µm/px of a Slide (or ``mpp``); StgenError when unknown. Arrays need ``mpp``."""
     m = mpp if mpp is not None else getattr(slide, "mpp", None)
     if m is None or float(m) <= 0:
@@ -229,18 +233,18 @@ def slide_mpp(slide: Any, mpp: float | None = None) -> float:
     return float(m)
 
 
-def _as_predictor(model: Any) -> HistoTxPredictor:
+def _as_predictor(model: HistoTxPredictor | str | Path) -> HistoTxPredictor:
     if isinstance(model, HistoTxPredictor):
         return model
     return load_histotx(model)
 
 
 def slide_features(
-    slide: Any,
+    slide: Slide | np.ndarray,
     pred: HistoTxPredictor,
     xy_px: np.ndarray,
     mpp: float,
-    cancel: Any = None,
+    cancel: CancelToken | None = None,
     chunk: int = 128,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yields (start, features) chunks of the patches centred on level-0 ``xy_px``."""
@@ -252,17 +256,23 @@ def slide_features(
         yield s, image_features(p)
 
 
-def _all_features(slide, pred, xy_px, mpp, cancel=None) -> np.ndarray:
+def _all_features(
+    slide: Slide | np.ndarray,
+    pred: HistoTxPredictor,
+    xy_px: np.ndarray,
+    mpp: float,
+    cancel: CancelToken | None = None,
+) -> np.ndarray:
     parts = [f for _, f in slide_features(slide, pred, xy_px, mpp, cancel)]
     return np.concatenate(parts) if parts else np.zeros((0, N_FEATURES), np.float32)
 
 
 def prepare_measured(
-    slide: Any,
-    model: Any,
+    slide: Slide | np.ndarray,
+    model: HistoTxPredictor | str | Path,
     measured: Any,
     mpp: float | None = None,
-    cancel: Any = None,
+    cancel: CancelToken | None = None,
     adapt_steps: int = 0,
 ) -> MeasuredContext:
     """Measured spots (AnnData, .h5ad path or ``Measured``) with image features on ``slide``.
@@ -295,11 +305,11 @@ _CONTEXTS: dict[tuple, MeasuredContext] = {}
 
 
 def cached_context(
-    slide: Any,
+    slide: Slide | np.ndarray,
     model: HistoTxPredictor,
     measured: Any,
     adapt_steps: int | None = None,
-    cancel: Any = None,
+    cancel: CancelToken | None = None,
     max_items: int = 4,
 ) -> MeasuredContext:
     """``prepare_measured`` remembered per (slide, model, measured spots, adapt_steps), so a
@@ -324,15 +334,15 @@ def cached_context(
 
 
 def iter_predict(
-    slide: Any,
-    model: Any,
+    slide: Slide | np.ndarray,
+    model: HistoTxPredictor | str | Path,
     centres_xy_px: np.ndarray,
     context: MeasuredContext | None = None,
     *,
     mpp: float | None = None,
     image_only: bool = False,
     batch: int = BATCH_SIZE,
-    cancel: Any = None,
+    cancel: CancelToken | None = None,
     query_feats: np.ndarray | None = None,
 ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
     """Yields (slice of the centres, expr (n, G), transcript tokens used (n,)) batch by batch.
@@ -380,7 +390,7 @@ def iter_predict(
 
 
 def predict_with_measurements(
-    slide: Any,
+    slide: Slide | np.ndarray,
     model: HistoTxPredictor | str | Path,
     centres_xy_px: np.ndarray,
     measured: Any = None,
@@ -495,14 +505,14 @@ def impute_measured(
 
 
 def predict_tiles(
-    slide: Any,
-    model: Any,
+    slide: Slide | np.ndarray,
+    model: HistoTxPredictor | str | Path,
     tiles: np.ndarray,
     *,
     grid: Any,
     context: MeasuredContext | None = None,
     image_only: bool = False,
-    cancel: Any = None,
+    cancel: CancelToken | None = None,
     batch_size: int = BATCH_SIZE,
 ) -> Iterator[Any]:
     """``engine.predict_tiles`` for HistoTx: yields ``engine.PartialResult`` per batch of the

@@ -4,16 +4,19 @@ nearest context sites' image tokens and its nearest measured spots' transcript t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_stgen.inference.contract import BATCH_SIZE
 from napari_stgen.inference.neighbours import neighbour_order
 
+if TYPE_CHECKING:  # torch at import: type names only
+    from napari_stgen.models.histotx import HistoTx
+
 
 def predict_sites(  # noqa: PLR0913 - positional (query, context, transcripts) every caller uses
-    model: Any,
+    model: HistoTx,
     query_feat: np.ndarray,
     query_xy_um: np.ndarray,
     ctx_feat: np.ndarray,

@@ -8,11 +8,10 @@ resized (antialiased) to ``out_px``. Outside the image is white. No torch here.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from ..errors import StgenError
+from napari_stgen.errors import StgenError
+from napari_stgen.io.slide import Slide
 
 
 def _resize(img: np.ndarray, out_px: int) -> np.ndarray:
@@ -49,7 +48,7 @@ def patches_from_array(
 
 
 def read_patches(
-    slide: Any,
+    slide: Slide | np.ndarray,
     centres_xy_px: np.ndarray,
     patch_um: float,
     out_px: int,

@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,11 +28,15 @@ from napari_stgen.inference.confidence import Confidence, code_entropy, combinat
 from napari_stgen.inference.context import context_latent, lattice_step
 from napari_stgen.inference.contract import BATCH_SIZE, Kind, SpotRequest, SpotResult, TileRequest
 from napari_stgen.inference.device import pick_device
-from napari_stgen.inference.engine import PartialResult, predict_genst_tiles
+from napari_stgen.inference.engine import CancelToken, PartialResult, predict_genst_tiles
 from napari_stgen.inference.patches import read_patches
 from napari_stgen.inference.tiles import read_or_skip, read_tiles, split_blocks
 from napari_stgen.io.slide import Slide
 from napari_stgen.models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
+
+if TYPE_CHECKING:  # torch at import: type names only
+    from napari_stgen.models.genst import GenST
+
 
 KIND = Kind.GENST.value
 
@@ -180,7 +184,7 @@ class GenSTPredictor:
         query: np.ndarray | None = None,
         cells: np.ndarray | None = None,
         tile_um: float | None = None,
-        cancel: Any = None,
+        cancel: CancelToken | None = None,
     ) -> Prediction:
         """Expression + gene code of sites (all or ``query``) from all sites' tokens
         (``predict(..., tokens=True)``) and centres ``xy_um`` (N, 2) (x, y) µm; on a tile grid
@@ -320,7 +324,7 @@ def predict_centres(
     return expr, code, unc
 
 
-def build_model(tensors: dict, card: dict, path: Path) -> Any:
+def build_model(tensors: dict, card: dict, path: Path) -> GenST:
     """A GenST module from checkpoint tensors + card; CheckpointError on any mismatch."""
     from napari_stgen.models.genst import GenST, GenSTConfig  # torch at import
 
@@ -364,7 +368,7 @@ def load_genst(
     return GenSTPredictor(model, card, path, sha256_file(path), dev, t, confidence=conf)
 
 
-def load_genst_module(name_or_path: str | Path = "default") -> tuple[Any, dict, Path, str]:
+def load_genst_module(name_or_path: str | Path = "default") -> tuple[GenST, dict, Path, str]:
     """(GenST torch module on the CPU, card, path, sha256) of a GenST checkpoint: the one
     strict loader (``build_model``), for code that drives the module itself (STMDiT)."""
     path = resolve_checkpoint(name_or_path, KIND)

@@ -18,6 +18,7 @@ import hashlib
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,7 +41,10 @@ from napari_stgen.io.her2st import (
     read_sections,
 )
 from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
-from napari_stgen.training.data import cache_dir, split_holdout
+from napari_stgen.training.data import CardNotes, cache_dir, split_holdout
+
+if TYPE_CHECKING:  # torch at import: type names only
+    from napari_stgen.models.histotx import HistoTx
 
 KIND = Kind.HISTOTX.value
 __all__ = ["SpotSet", "TrainConfig", "WindowSampler", "adapt_to_measured", "train_histotx"]
@@ -172,7 +176,9 @@ def train_histotx(
     return fit_masked(model, sets, tcfg, log=log)
 
 
-def model_card(model, panel: list[str], bench: list[str], tcfg: TrainConfig, **extra) -> dict:
+def model_card(
+    model: HistoTx, panel: list[str], bench: list[str], tcfg: TrainConfig, **extra
+) -> dict:
     """Model card (checkpoint contract) of a trained HistoTx."""
     card = {
         "kind": KIND,
@@ -200,7 +206,7 @@ def model_card(model, panel: list[str], bench: list[str], tcfg: TrainConfig, **e
     return card
 
 
-def save_model(path: str | Path, model, card: dict) -> Path:
+def save_model(path: str | Path, model: HistoTx, card: dict) -> Path:
     return save_checkpoint(path, model.state_dict(), card)
 
 
@@ -210,20 +216,19 @@ def train_and_save(
     tcfg: TrainConfig | None = None,
     holdout: str | None = None,
     cache_dir: str | Path | None = None,
-    name: str | None = None,
-    evaluation: dict | None = None,
-    command: str | None = None,
+    notes: CardNotes | None = None,
     log=print,
     expression_dir: str | Path | None = None,
     holdout_patient: str | None = None,
 ) -> Path:
     """Train on the sections of ``data_dir`` (+ the expression-only sections of
     ``expression_dir``), minus ``holdout`` / every section of ``holdout_patient``, and write
-    checkpoint + card."""
+    checkpoint + card (``notes``: name, command, evaluation)."""
     import datetime
     import platform
 
     tcfg = tcfg or TrainConfig()
+    notes = notes or CardNotes()
     out = Path(out)
     sets, panel, bench = load_spotsets(data_dir, cache_dir=cache_dir)
     if expression_dir is not None:
@@ -240,7 +245,7 @@ def train_and_save(
         panel,
         bench,
         tcfg,
-        name=name or out.stem,
+        name=notes.name or out.stem,
         data={
             "dir": str(data_dir),
             "expression_dir": None if expression_dir is None else str(expression_dir),
@@ -250,7 +255,7 @@ def train_and_save(
             "n_spots": int(sum(len(s.y) for s in train)),
             "source": src,
         },
-        command=command
+        command=notes.command
         or f"stgen train histotx --data {data_dir} --out {out} --steps {tcfg.steps} "
         f"--seed {tcfg.seed} --knn-k {tcfg.knn_k}"
         + (f" --expression-data {expression_dir}" if expression_dir else "")
@@ -266,7 +271,7 @@ def train_and_save(
             ),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
-        evaluation=evaluation,
+        evaluation=notes.evaluation,
     )
     return save_model(out, model, card)
 

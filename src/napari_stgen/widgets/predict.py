@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_stgen.inference.contract import TileRequest
+from napari_stgen.inference.contract import BATCH_SIZE, TileRequest
 from napari_stgen.inference.registry import list_models, read_panel
 from napari_stgen.widgets.close_watcher import CloseWatcher
 from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, threads_spin
@@ -149,7 +149,7 @@ class PredictWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.state = get_state(napari_viewer)
-        self.batch_size = 64
+        self.batch_size = BATCH_SIZE
         self.workers: list[Any] = []  # running workers (newest last)
         self._token: Any = None
         self._pending_estimate: Any = None
