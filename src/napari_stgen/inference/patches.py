@@ -67,7 +67,7 @@ def read_patches(
         return patches_from_array(slide, c, patch_um / mpp, out_px)
     mpp = float(mpp if mpp is not None else (slide.mpp or 0.0))
     if mpp <= 0:
-        raise StgenError(f"{getattr(slide, 'path', 'slide')}: no µm/px; pass --mpp")
+        raise StgenError(f"{getattr(slide, 'path', 'slide')}: no µm/px; pass mpp= (µm/px)")
     target = patch_um / out_px
     # best level for the wanted resolution, with the slide's own mpp possibly overridden
     ds = list(getattr(slide, "downsamples", [1.0]))
