@@ -69,7 +69,8 @@ def cohort(tmp_path_factory, sample_slide_path, sample_spots_path):
 def test_predict_batch_local_cluster(genst_model, cohort, tmp_path):
     import anndata as ad
 
-    from napari_stgen.inference.batch import predict_slide, run_batch
+    from napari_stgen.inference.batch import predict_slide
+    from napari_stgen.inference.cohort import run_batch
 
     d, slides, spots = cohort
     out = tmp_path / "results"
@@ -138,7 +139,7 @@ def test_batch_bad_arguments(tmp_path):
 
 
 def test_batch_output_names_and_spots_lookup(tmp_path):
-    from napari_stgen.inference.batch import batch_outputs, find_spots
+    from napari_stgen.inference.cohort import batch_outputs, find_spots
 
     outs = batch_outputs(["a/S1.svs", "b/S1.svs", "c/S2.ome.tiff"], tmp_path)
     assert [p.name for p in outs] == ["S1.h5ad", "S1_2.h5ad", "S2.h5ad"]

@@ -165,12 +165,8 @@ def test_cli_registers_histotx_commands():
 def test_predict_tiles_on_sample_slide_with_measured_context(saved, c3, sample_slide_path):
     """The widget path: grid cells of a region → PartialResults conditioned on measured spots."""
     from napari_stgen.inference.engine import collect
-    from napari_stgen.inference.histotx import (
-        load_histotx,
-        load_model,
-        predict_tiles,
-        prepare_measured,
-    )
+    from napari_stgen.inference.histotx import load_histotx, predict_tiles, prepare_measured
+    from napari_stgen.inference.registry import load_predictor as load_model
     from napari_stgen.inference.tiles import slide_grid, tiles_in_region
     from napari_stgen.io.slide import open_slide
 

@@ -190,7 +190,7 @@ def test_viewer_opens_it_with_both_plugins(
 
 
 def test_batch_grid_tiles_are_squares(sample_slide_path, tmp_path):
-    from napari_stgen.inference.batch import run_batch
+    from napari_stgen.inference.cohort import run_batch
 
     rows = run_batch([sample_slide_path], tmp_path, grid=True, workers=1, processes=False,
                      region_um=(2000.0, 2000.0, 2700.0, 2600.0), device="cpu", progress=False,

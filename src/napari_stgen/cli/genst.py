@@ -80,7 +80,7 @@ def _recipe_args(p) -> None:
 
 
 def _tcfg(args):
-    from ..training.genst import TrainConfig
+    from napari_stgen.training.genst import TrainConfig
 
     t = TrainConfig(
         seed=args.seed,
@@ -95,7 +95,8 @@ def _tcfg(args):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..training.genst import train_and_save
+    from napari_stgen.training.data import CardNotes
+    from napari_stgen.training.genst import train_and_save
 
     tcfg = _tcfg(args)
     cmd = "stgen " + " ".join(sys.argv[1:]) if sys.argv and "stgen" in sys.argv[0] else None
@@ -106,10 +107,9 @@ def _train(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         resume=args.resume,
         cache_dir=args.cache,
-        name=args.name,
+        notes=CardNotes(name=args.name, command=cmd),
         folds_json=args.folds_json,
         progress=not args.no_progress,
-        command=cmd,
     )
     print(path)
     return 0
@@ -138,8 +138,8 @@ def _write_json(text: str, out: Path | None) -> None:
 def _evaluate_codes(args: argparse.Namespace) -> int:
     import json
 
-    from ..inference.predictor import load_genst
-    from ..training.evaluate_codes import codes_vs_pathology
+    from napari_stgen.inference.predictor import load_genst
+    from napari_stgen.training.evaluate_codes import codes_vs_pathology
 
     res = codes_vs_pathology(load_genst(args.model, device="cpu"), args.data, seeds=args.seeds)
     _write_json(json.dumps(res, indent=2), args.out)
@@ -150,7 +150,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..training.evaluate_genst import dumps, run_fold
+    from napari_stgen.training.evaluate_genst import dumps, run_fold
 
     torch.set_num_threads(max(1, args.threads))
     res = run_fold(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..inference.histotx import DEFAULT_ADAPT_STEPS
+from napari_stgen.errors import StgenError
+from napari_stgen.inference.contract import DEFAULT_ADAPT_STEPS
+from napari_stgen.io.her2st import list_expression_sections, list_sections
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:
@@ -98,15 +100,13 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _tcfg(args: argparse.Namespace):
-    from ..training.histotx import TrainConfig
+    from napari_stgen.training.histotx import TrainConfig
 
     t = TrainConfig(seed=args.seed, threads=getattr(args, "threads", 1))
     if getattr(args, "knn_k", None) is not None:
         t.knn_k = max(0, args.knn_k)
     if args.steps is not None:
         if args.steps < 1:
-            from ..errors import StgenError
-
             raise StgenError("--steps must be >= 1")
         t.steps = args.steps
     return t
@@ -116,8 +116,8 @@ def run_train(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from ..errors import StgenError
-    from ..training.histotx import train_and_save
+    from napari_stgen.training.data import CardNotes
+    from napari_stgen.training.histotx import train_and_save
 
     ev = None
     if args.evaluation:
@@ -132,11 +132,9 @@ def run_train(args: argparse.Namespace) -> int:
         _tcfg(args),
         holdout=args.holdout,
         cache_dir=args.cache,
-        name=args.name,
+        notes=CardNotes(name=args.name, command=cmd, evaluation=ev),
         expression_dir=args.expression_data,
         holdout_patient=args.holdout_patient,
-        evaluation=ev,
-        command=cmd,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(path)
@@ -147,8 +145,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from ..errors import StgenError
-    from ..training.evaluate_histotx import dumps
+    from napari_stgen.training.evaluate_histotx import dumps
 
     if not 0.0 < args.hide < 1.0:
         raise StgenError("--hide must be between 0 and 1")
@@ -172,8 +169,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _expression_dir(args: argparse.Namespace):
     from pathlib import Path
 
-    from ..errors import StgenError
-
     if args.expression_data:
         d = Path(args.expression_data)
         if not d.is_dir():
@@ -184,11 +179,14 @@ def _expression_dir(args: argparse.Namespace):
 
 
 def _run_lopo(args: argparse.Namespace) -> dict:
-    from ..errors import StgenError
-    from ..training.evaluate_histotx import PATIENTS, load_lopo_data, lopo_fold, lopo_summary
+    from napari_stgen.training.evaluate_histotx import (
+        PATIENTS,
+        load_lopo_data,
+        lopo_fold,
+        lopo_summary,
+    )
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    from ..io.her2st import list_expression_sections, list_sections
 
     edir = _expression_dir(args)
     imaged = expression = None
@@ -208,7 +206,7 @@ def _run_lopo(args: argparse.Namespace) -> dict:
         raise StgenError(f"no section of patient(s) {bad}; patients in the data: {have}")
     model = None
     if args.model:
-        from ..inference.histotx import load_histotx
+        from napari_stgen.inference.histotx import load_histotx
 
         model = load_histotx(args.model, device="cpu")
     folds = [
@@ -232,7 +230,7 @@ def _run_lopo(args: argparse.Namespace) -> dict:
 
 
 def _run_section(args: argparse.Namespace) -> dict:
-    from ..training.evaluate_histotx import run_fold
+    from napari_stgen.training.evaluate_histotx import run_fold
 
     return run_fold(
         args.data,

@@ -6,7 +6,41 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..inference.histotx import DEFAULT_ADAPT_STEPS
+from napari_stgen.errors import StgenError
+from napari_stgen.inference.contract import BATCH_SIZE, DEFAULT_ADAPT_STEPS
+
+#: how the library's error messages name parameters → this CLI's flags
+FLAGS = (
+    ("region_um", "--region"),
+    ("overwrite=True", "--overwrite"),
+    ("spots_dir=", "--spots-dir"),
+    ("spots= (a CSV of barcode,x,y)", "--spots SPOTS.csv"),
+    ("grid=True", "--grid"),
+    ("workers=", "--workers"),
+    ("fmt=", "--format"),
+    ("model='histotx'", "--model histotx"),
+    ("pass mpp= (µm/px)", "pass --mpp MPP"),
+    ("mpp= must", "--mpp must"),
+    ("measured spots need", "--measured needs"),
+)
+
+
+def cli_message(msg: str) -> str:
+    """A library message with its parameter names replaced by the CLI flags."""
+    for name, flag in FLAGS:
+        msg = msg.replace(name, flag)
+    return msg
+
+
+def cli_error(e: StgenError) -> StgenError:
+    """``e`` with the library's parameter names replaced by the CLI flags (same type)."""
+    msg = cli_message(str(e))
+    if msg == str(e):
+        return e
+    try:
+        return type(e)(msg)
+    except TypeError:  # an error type with another constructor: keep the reason
+        return StgenError(msg)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -26,7 +60,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
         help="restrict to this region in µm",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--batch-size", type=int, default=64, help="patches per model batch")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="patches per model batch")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
@@ -73,13 +107,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inference.batch import predict_slide
+    from napari_stgen.inference.batch import predict_slide
+    from napari_stgen.inference.device import set_threads
 
     if args.batch_size < 1:
         print("stgen: error: --batch-size must be >= 1", file=sys.stderr)
         return 2
-    from ..inference.device import set_threads
-
     set_threads(args.threads)
     bar = None
 
@@ -110,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
             adapt_steps=max(0, args.adapt_steps),
             skip_unreadable=args.skip_unreadable,
         )
+    except StgenError as e:
+        raise cli_error(e) from e
     finally:
         if bar is not None:
             bar.close()

@@ -10,14 +10,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from napari_stgen.io.slide import Slide
 
 _ENTRY_OVERHEAD = 200  # bytes: key tuple, OrderedDict node, array headers (approximate)
 
 
-def slide_key(slide: Any) -> str:
+def slide_key(slide: Slide) -> str:
     """Stable identity of a slide: resolved path, level-0 size and file mtime."""
     path = Path(slide.path)
     try:

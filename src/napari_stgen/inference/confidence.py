@@ -111,7 +111,7 @@ def fit_confidence(model, patches: np.ndarray, tta: int = 4, batch: int = 128) -
     """The ``Confidence`` of a trained model from its training spots' uint8 patches."""
     import torch
 
-    from ..models.genst import to_input
+    from napari_stgen.models.genst import to_input
 
     fs, es = [], []
     model.eval()
@@ -132,7 +132,7 @@ def code_entropy(dist):
     ``dist`` (N, K) torch tensor of latents to the gene codes: the shipped uncertainty."""
     import torch
 
-    from ..models.genst import code_logits
+    from napari_stgen.models.genst import code_logits
 
     p = torch.softmax(code_logits(dist.float()), dim=1)
     return -(p * p.clamp_min(1e-12).log()).sum(1)

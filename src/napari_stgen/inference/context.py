@@ -9,9 +9,14 @@ pitch join the window, so a 112 µm grid sees windows like the training spots. N
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from napari_stgen.inference.neighbours import neighbour_order
+
+if TYPE_CHECKING:  # torch at import: type names only
+    from napari_stgen.models.genst import GenST
 
 
 def transform_offsets(pos: np.ndarray, k: int) -> np.ndarray:
@@ -38,8 +43,6 @@ def windows(
     within ``radius_um`` (−1 pads). ``query`` indexes the sites (default: all). With grid
     ``cells`` (N, 2) (row, col) and ``step`` > 1, only sites whose row and column differ from
     the query's by multiples of ``step`` join."""
-    from .histotx import neighbour_order
-
     xy = np.asarray(xy_um, np.float64).reshape(-1, 2)
     q = np.arange(len(xy)) if query is None else np.asarray(query, np.int64)
     sub = cells is not None and step > 1
@@ -59,7 +62,7 @@ def windows(
 
 
 def context_latent(
-    model: Any,
+    model: GenST,
     feat: np.ndarray,
     zhat: np.ndarray,
     xy_um: np.ndarray,

@@ -14,14 +14,28 @@ from napari_stgen.errors import StgenError
 _VALID = ("auto", "cpu", "cuda", "mps")
 
 
+def pick_device(device: str = "auto") -> str:
+    """``auto`` → cuda if available, else mps, else cpu; otherwise the name as given."""
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise StgenError(f"device {device!r} requested but CUDA is not available")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def select_device(preference: str = "auto") -> str:
     """Resolve ``preference`` ('auto'|'cpu'|'cuda'|'mps'|'cuda:N') to an available device.
 
     'auto' picks cuda, then mps, then cpu (the GenST predictor's own rule); asking for an
     unknown or unavailable device raises :class:`StgenError` naming it.
     """
-    from napari_stgen.inference.predictor import pick_device
-
     pref = (preference or "auto").lower()
     if pref.split(":")[0] not in _VALID:
         raise StgenError(f"unknown device {preference!r}: use one of {', '.join(_VALID)}")

@@ -18,6 +18,7 @@ import numpy as np
 from napari_stgen.coords import Grid
 from napari_stgen.errors import Cancelled
 from napari_stgen.inference.cache import TileCache, slide_key
+from napari_stgen.inference.contract import BATCH_SIZE, Predictor, TileRequest
 from napari_stgen.inference.tiles import (
     filter_tissue,
     read_tiles,
@@ -28,13 +29,17 @@ from napari_stgen.inference.tiles import (
     tiles_in_labels,
     tiles_in_region,
     tiles_in_shapes,
+    tissue_mask,
 )
+from napari_stgen.io.slide import Slide
 
 __all__ = [
     "CancelToken",
     "PartialResult",
     "Estimate",
+    "TileRequest",
     "predict_tiles",
+    "predict_genst_tiles",
     "predict_region",
     "predict_roi",
     "plan_region",
@@ -113,11 +118,11 @@ _throughput: dict[str, float] = {}  # model checksum + device -> measured tiles/
 PROGRESSIVE_MAX_TILES = 1024  # a progressive request keeps its patches for the second pass
 
 
-def _tp_key(predictor: Any) -> str:
+def _tp_key(predictor: Predictor) -> str:
     return f"{predictor.checksum}|{predictor.device}"
 
 
-def _keys(skey: str, predictor: Any, grid: Grid, tiles: np.ndarray) -> list[tuple]:
+def _keys(skey: str, predictor: Predictor, grid: Grid, tiles: np.ndarray) -> list[tuple]:
     # the TTA count is part of the key: values (and a context model's tokens) depend on it;
     # "u": rows end with the tile's uncertainty
     ck = (predictor.checksum, int(getattr(predictor, "tta", 1)), "u")
@@ -125,7 +130,7 @@ def _keys(skey: str, predictor: Any, grid: Grid, tiles: np.ndarray) -> list[tupl
     return [(skey, ck, t, int(r), int(c)) for r, c in tiles]
 
 
-def _has_context(predictor: Any) -> bool:
+def _has_context(predictor: Predictor) -> bool:
     return bool(getattr(predictor, "has_context", False))
 
 
@@ -156,19 +161,26 @@ def _centre_out(grid: Grid, tiles: np.ndarray, centre_yx: Sequence[float] | None
 
 
 def predict_tiles(
-    slide: Any,
-    predictor: Any,
-    tiles: np.ndarray,
-    *,
-    grid: Grid | None = None,
-    cancel: CancelToken | None = None,
-    batch_size: int = 64,
-    cache: TileCache | None = None,
-    centre_um: Sequence[float] | None = None,
-    block: int = 24,
-    progressive: bool = False,
+    slide: Slide,
+    predictor: Predictor,
+    request: TileRequest | np.ndarray,
+    **options: Any,
 ) -> Iterator[PartialResult]:
-    """Predict the given grid cells batch by batch.
+    """The one tile-prediction entry point (widgets, CLI, cohorts): ``PartialResult`` per
+    batch of the request's grid cells, by the predictor's own ``predict_tiles``.
+
+    ``request``: a :class:`TileRequest`, or the cells (n, 2) with the request's other
+    fields as keywords (``grid``, ``cancel``, ``batch_size``, ``cache``, ``centre_um``,
+    ``block``, ``progressive``, ``measured``, ``image_only``).
+    """
+    req = request if isinstance(request, TileRequest) else TileRequest(request, **options)
+    yield from predictor.predict_tiles(slide, req)
+
+
+def predict_genst_tiles(
+    slide: Slide, predictor: Predictor, request: TileRequest
+) -> Iterator[PartialResult]:
+    """GenST's ``predict_tiles``: the request's grid cells batch by batch.
 
     Cached cells are yielded first in one result. The rest are read in blocks of
     ``block``×``block`` cells (one read each), ordered by distance of the block to
@@ -183,10 +195,11 @@ def predict_tiles(
     same cells (the patches are read once). Drafts are not cached. Raises
     :class:`Cancelled` at the first check after ``cancel`` is set.
     """
-    grid = grid or slide_grid(slide, tile_um_of(predictor))
-    tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
+    grid = request.grid or slide_grid(slide, tile_um_of(predictor))
+    tiles = np.asarray(request.tiles, dtype=np.int64).reshape(-1, 2)
+    batch_size, cache, centre_um = request.batch_size, request.cache, request.centre_um
     total = len(tiles)
-    cancel = cancel or CancelToken()
+    cancel = request.cancel or CancelToken()
     cancel.check()
     done = 0
     ctx = _has_context(predictor)
@@ -222,7 +235,7 @@ def predict_tiles(
                 uncertainty=unc,
             )
         tiles = tiles[~hit]
-    blocks = split_blocks(tiles, block) if len(tiles) else []
+    blocks = split_blocks(tiles, request.block) if len(tiles) else []
     if centre_um is not None:
         c = np.asarray(centre_um, dtype=np.float64)
         dist = [((tile_centres_um(grid, b).mean(0) - c) ** 2).sum() for b in blocks]
@@ -230,7 +243,7 @@ def predict_tiles(
     ordered = [_centre_out(grid, b, centre_um) for b in blocks]
     read = {}  # block index -> patches, kept between the passes of a progressive request
     quick: dict[int, tuple[list, list]] = {}  # block index -> the quick pass's tokens
-    two_pass = progressive and int(getattr(predictor, "tta", 1)) > 1
+    two_pass = request.progressive and int(getattr(predictor, "tta", 1)) > 1
     two_pass = two_pass and 0 < len(tiles) <= PROGRESSIVE_MAX_TILES
     if two_pass:
         n_draft = done
@@ -301,7 +314,7 @@ def _unc(out: Any, n: int) -> np.ndarray:
 
 
 def _batches(
-    predictor: Any,
+    predictor: Predictor,
     btiles: np.ndarray,
     patches: np.ndarray,
     batch_size: int,
@@ -339,7 +352,7 @@ def _batches(
 
 
 def plan_region(
-    slide: Any, predictor: Any, region_um: Sequence[float], tissue_only: bool = True
+    slide: Slide, predictor: Predictor, region_um: Sequence[float], tissue_only: bool = True
 ) -> tuple[Grid, np.ndarray]:
     """Grid and cells to predict for a world region (x0, y0, x1, y1) µm."""
     grid = slide_grid(slide, tile_um_of(predictor))
@@ -350,8 +363,8 @@ def plan_region(
 
 
 def plan_roi(
-    slide: Any,
-    predictor: Any,
+    slide: Slide,
+    predictor: Predictor,
     shapes: Sequence[tuple[str, np.ndarray]] | None = None,
     labels: tuple[np.ndarray, Sequence[float], Sequence[float]] | None = None,
     tissue_only: bool = False,
@@ -373,25 +386,23 @@ def plan_roi(
     return grid, tiles
 
 
-def plan_whole_slide(slide: Any, predictor: Any) -> tuple[Grid, np.ndarray]:
+def plan_whole_slide(slide: Slide, predictor: Predictor) -> tuple[Grid, np.ndarray]:
     """Grid and every tissue cell of the slide."""
     grid = slide_grid(slide, tile_um_of(predictor))
     r, c = np.nonzero(_mask(slide, grid))
     return grid, np.stack([r, c], axis=1).astype(np.int64)
 
 
-def _mask(slide: Any, grid: Grid) -> np.ndarray:
-    from napari_stgen.inference.tiles import tissue_mask
-
+def _mask(slide: Slide, grid: Grid) -> np.ndarray:
     return tissue_mask(slide, grid)
 
 
 def predict_region(
-    slide: Any,
-    predictor: Any,
+    slide: Slide,
+    predictor: Predictor,
     region_um: Sequence[float],
     cancel: CancelToken | None = None,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     cache: TileCache | None = None,
     tissue_only: bool = True,
 ) -> Iterator[PartialResult]:
@@ -411,12 +422,12 @@ def predict_region(
 
 
 def predict_roi(
-    slide: Any,
-    predictor: Any,
+    slide: Slide,
+    predictor: Predictor,
     shapes: Sequence[tuple[str, np.ndarray]] | None = None,
     labels: tuple[np.ndarray, Sequence[float], Sequence[float]] | None = None,
     cancel: CancelToken | None = None,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     cache: TileCache | None = None,
 ) -> Iterator[PartialResult]:
     """Predict every cell whose centre falls inside the ROI (see :func:`plan_roi`)."""
@@ -426,7 +437,7 @@ def predict_roi(
     )
 
 
-def measure_throughput(slide: Any, predictor: Any, n: int = 32) -> float:
+def measure_throughput(slide: Slide, predictor: Predictor, n: int = 32) -> float:
     """Tiles per second of read + predict, measured on ``n`` tissue cells of the slide."""
     grid, tiles = plan_whole_slide(slide, predictor)
     if len(tiles) == 0:
@@ -445,8 +456,8 @@ def measure_throughput(slide: Any, predictor: Any, n: int = 32) -> float:
 
 
 def estimate(
-    slide: Any,
-    predictor: Any,
+    slide: Slide,
+    predictor: Predictor,
     tiles: np.ndarray,
     grid: Grid | None = None,
     cache: TileCache | None = None,

@@ -1,19 +1,26 @@
 """Hand-made colour/texture features of H&E patches (no learning, no torch).
 
-Used by the ridge baseline (``training.baselines``) and as HistoTx's image tokens.
+``he_patch_features`` is used by the ridge baseline (``training.baselines``);
+``image_features`` (two views of a 224 µm patch) are HistoTx's image tokens.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from napari_stgen.errors import StgenError
+from napari_stgen.inference.patches import _resize, tissue_fraction
 
-def colour_texture_features(patches: np.ndarray) -> np.ndarray:
+PATCH_UM = 224.0  # image token = a 224 µm patch at 128 px; features of its centre and whole
+PATCH_PX = 128
+FEATURES = "colour-texture v1: centre 112 µm + whole 224 µm views at 64 px, 60 features each"
+N_FEATURES = 120
+
+
+def he_patch_features(patches: np.ndarray) -> np.ndarray:
     """Per patch: RGB/HSV/HED means, stds and percentiles, gradient energy at two scales,
     grey-level histogram and tissue fraction. (N, F) float32."""
     from skimage.color import rgb2hed, rgb2hsv
-
-    from .patches import tissue_fraction
 
     feats = []
     for p in patches:
@@ -33,3 +40,18 @@ def colour_texture_features(patches: np.ndarray) -> np.ndarray:
         feats.append(f)
     out = np.asarray(feats, dtype=np.float32)
     return np.concatenate([out, tissue_fraction(patches)[:, None]], 1)
+
+
+def image_features(patches: np.ndarray) -> np.ndarray:
+    """(N, 120) float32 HistoTx image tokens of uint8 (N, 128, 128, 3) patches of 224 µm."""
+    p = np.asarray(patches)
+    if p.ndim != 4 or p.shape[1:] != (PATCH_PX, PATCH_PX, 3) or p.dtype != np.uint8:
+        raise StgenError(
+            f"HistoTx needs uint8 (N, {PATCH_PX}, {PATCH_PX}, 3) patches, got {p.shape}"
+        )
+    if len(p) == 0:
+        return np.zeros((0, N_FEATURES), np.float32)
+    o = PATCH_PX // 4
+    centre = p[:, o : o + PATCH_PX // 2, o : o + PATCH_PX // 2]
+    whole = np.stack([_resize(x, PATCH_PX // 2) for x in p])
+    return np.concatenate([he_patch_features(centre), he_patch_features(whole)], 1)

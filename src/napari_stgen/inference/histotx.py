@@ -1,4 +1,4 @@
-"""HistoTx inference: image features, measured spots from AnnData, windowed prediction.
+"""HistoTx inference: a loaded model, measured spots prepared on a slide, windowed prediction.
 
 ::
 
@@ -10,328 +10,53 @@
 
 Every query centre gets a window: its own image token, the image tokens of the nearest
 measured spots (or, image-only, of the nearest other queries) and the transcript tokens of
-the nearest measured spots within ``radius_um``. No torch or napari at import.
+the nearest measured spots within ``radius_um`` (``histotx_sites.predict_sites``). No torch
+or napari at import.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CheckpointError, StgenError
-from .features import colour_texture_features
+from napari_stgen.errors import CheckpointError, StgenError
+from napari_stgen.inference.adapt import adapt_to_measured
+from napari_stgen.inference.contract import (
+    BATCH_SIZE,
+    DEFAULT_ADAPT_STEPS,
+    Kind,
+    SpotRequest,
+    SpotResult,
+    TileRequest,
+)
+from napari_stgen.inference.device import pick_device
+from napari_stgen.inference.engine import CancelToken, PartialResult
+from napari_stgen.inference.features import FEATURES, N_FEATURES, PATCH_PX, PATCH_UM, image_features
+from napari_stgen.inference.histotx_sites import predict_sites
+from napari_stgen.inference.measured import (
+    UNCERTAINTY_K,
+    Measured,
+    denoise_measured,
+    measured_from_anndata,
+    measured_from_layer,
+    measured_spread,
+)
+from napari_stgen.inference.patches import read_patches
+from napari_stgen.inference.predictor import Prediction
+from napari_stgen.inference.tiles import slide_grid, tile_centres_um, tile_um_of
+from napari_stgen.io.slide import Slide
+from napari_stgen.models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
 
-KIND = "histotx"
-PATCH_UM = 224.0  # image token = a 224 µm patch at 128 px; features of its centre and whole
-PATCH_PX = 128
-FEATURES = "colour-texture v1: centre 112 µm + whole 224 µm views at 64 px, 60 features each"
-
-
-# ----------------------------------------------------------------------------- image features
-def image_features(patches: np.ndarray) -> np.ndarray:
-    """(N, 120) float32 features of uint8 (N, 128, 128, 3) patches of 224 µm."""
-    from .patches import _resize
-
-    p = np.asarray(patches)
-    if p.ndim != 4 or p.shape[1:] != (PATCH_PX, PATCH_PX, 3) or p.dtype != np.uint8:
-        raise StgenError(
-            f"HistoTx needs uint8 (N, {PATCH_PX}, {PATCH_PX}, 3) patches, got {p.shape}"
-        )
-    if len(p) == 0:
-        return np.zeros((0, 120), np.float32)
-    o = PATCH_PX // 4
-    centre = p[:, o : o + PATCH_PX // 2, o : o + PATCH_PX // 2]
-    whole = np.stack([_resize(x, PATCH_PX // 2) for x in p])
-    return np.concatenate([colour_texture_features(centre), colour_texture_features(whole)], 1)
-
-
-# ----------------------------------------------------------------------------- measured spots
-@dataclass
-class Measured:
-    """Measured spots mapped onto a model panel."""
-
-    xy_px: np.ndarray  # (M, 2) level-0 pixel (x, y)
-    expr: np.ndarray  # (M, G) log1p CP10k on the panel (0 where absent)
-    present: np.ndarray  # (G,) bool: panel genes the measurement has
-    obs_names: list[str]
-    source: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def n_overlap(self) -> int:
-        return int(self.present.sum())
+if TYPE_CHECKING:  # torch at import: type names only
+    from napari_stgen.models.histotx import HistoTx
 
 
-def _is_counts(x: np.ndarray) -> bool:
-    sample = x[: min(len(x), 200)]
-    return bool(np.all(sample >= 0) and np.allclose(sample, np.round(sample)) and sample.max() > 20)
-
-
-def measured_from_anndata(adata: Any, genes: list[str], source: str | None = None) -> Measured:
-    """Measured spots of an AnnData (or a path to .h5ad) on the panel ``genes``.
-
-    Coordinates: ``obsm['spatial']`` (level-0 px x, y). Expression: ``layers['counts']``,
-    ``raw`` or integer-valued ``X`` are normalized to log1p CP10k over *all* the file's genes
-    (or over ``obs['total_counts']`` when present, for files holding a subset of genes);
-    a non-integer ``X`` is taken as already log1p-normalized. Raises StgenError naming the file
-    when there are no coordinates or no gene overlaps the panel.
-    """
-    import scipy.sparse as sp
-
-    name = source or "measured spots"
-    if isinstance(adata, (str, Path)):
-        import anndata
-
-        name = str(adata)
-        if not Path(adata).is_file():
-            raise StgenError(f"{adata}: measured-spots file not found")
-        from ..io.validate import validate_h5ad
-
-        validate_h5ad(adata, need_x=True)  # before native code: a bad sparse X would crash it
-        try:
-            adata = anndata.read_h5ad(adata)
-        except Exception as e:  # noqa: BLE001 - h5py raises several types
-            raise StgenError(f"{name}: cannot read AnnData ({e})") from e
-    if "spatial" not in adata.obsm:
-        raise StgenError(f"{name}: no obsm['spatial'] spot coordinates (level-0 px x, y)")
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
-    var = [str(g) for g in adata.var_names]
-    if "counts" in adata.layers:
-        x, counts = adata.layers["counts"], True
-    elif adata.raw is not None and adata.raw.shape[1] == adata.shape[1]:
-        x, counts = adata.raw.X, True
-    else:
-        x, counts = adata.X, None
-    x = x.toarray() if sp.issparse(x) else np.asarray(x)
-    x = np.asarray(x, dtype=np.float64)
-    notes = []
-    if counts is None:
-        counts = _is_counts(x)
-        notes.append("X read as raw counts" if counts else "X read as log1p-normalized")
-    if counts:
-        tot = x.sum(1, keepdims=True)
-        if "total_counts" in adata.obs:  # library size over the whole transcriptome
-            tot = np.asarray(adata.obs["total_counts"], np.float64).reshape(-1, 1)
-            notes.append("CP10k over obs['total_counts']")
-        tot[tot == 0] = 1.0
-        x = np.log1p(x / tot * 1e4)
-    pos = {g: i for i, g in enumerate(var)}
-    present = np.array([g in pos for g in genes], bool)
-    if not present.any():
-        raise StgenError(
-            f"{name}: none of its {len(var)} genes is in the model's {len(genes)}-gene panel "
-            f"(e.g. file: {var[:3]}, panel: {genes[:3]})"
-        )
-    expr = np.zeros((len(xy), len(genes)), np.float32)
-    cols = [pos[g] for g, p in zip(genes, present, strict=True) if p]
-    expr[:, present] = x[:, cols]
-    if not np.isfinite(expr).all() or not np.isfinite(xy).all():
-        raise StgenError(f"{name}: non-finite expression or coordinates")
-    return Measured(xy, expr, present, [str(o) for o in adata.obs_names], name, notes)
-
-
-def measured_from_layer(layer: Any, genes: list[str], slide_mpp: float) -> Measured:
-    """Measured spots from a napari Points layer (no napari import needed).
-
-    A layer read from an .h5ad (``metadata['h5ad_path']``, as ``io.anndata.read_h5ad_layers``
-    makes) is re-read from that file (raw counts, ``obsm['spatial']``). Otherwise positions
-    come from the layer's world (y, x) µm data (divided by ``slide_mpp`` into level-0 px) and
-    expression from its ``features`` columns named like panel genes.
-    """
-    import pandas as pd
-
-    name = str(getattr(layer, "name", "layer"))
-    meta = getattr(layer, "metadata", {}) or {}
-    path = meta.get("h5ad_path")
-    if path and Path(path).is_file():
-        return measured_from_anndata(path, genes)
-    feats = getattr(layer, "features", None)
-    if feats is None or not isinstance(feats, pd.DataFrame):
-        raise StgenError(f"layer {name!r}: no features table with gene columns")
-    import anndata
-
-    cols = [c for c in feats.columns if str(c) in set(genes)]
-    if not cols:
-        raise StgenError(
-            f"layer {name!r}: none of its feature columns is in the model's {len(genes)}-gene panel"
-        )
-    yx = np.asarray(layer.data, np.float64)[:, -2:]
-    a = anndata.AnnData(X=feats[cols].to_numpy(np.float32))
-    a.var_names = [str(c) for c in cols]
-    a.obsm["spatial"] = yx[:, ::-1] / float(slide_mpp)
-    return measured_from_anndata(a, genes, source=f"layer {name!r}")
-
-
-# ----------------------------------------------------------------------------- windows
-def neighbour_order(query_xy: np.ndarray, site_xy: np.ndarray, k: int, radius: float):
-    """Indices (Q, k) of the k nearest sites to each query (−1 beyond ``radius`` / missing)."""
-    q = np.asarray(query_xy, np.float64).reshape(-1, 2)
-    s = np.asarray(site_xy, np.float64).reshape(-1, 2)
-    out = np.full((len(q), k), -1, np.int64)
-    if len(s) == 0 or k == 0:
-        return out
-    from scipy.spatial import cKDTree
-
-    kk = min(k, len(s))
-    d, idx = cKDTree(s).query(q, k=kk)
-    d, idx = d.reshape(len(q), kk), idx.reshape(len(q), kk)
-    idx = np.where(d <= radius, idx, -1)
-    out[:, :kk] = idx
-    return out
-
-
-def predict_sites(
-    model: Any,
-    query_feat: np.ndarray,
-    query_xy_um: np.ndarray,
-    ctx_feat: np.ndarray,
-    ctx_xy_um: np.ndarray,
-    tx: np.ndarray | None = None,
-    tx_present: np.ndarray | None = None,
-    tx_xy_um: np.ndarray | None = None,
-    max_img: int = 64,
-    max_tx: int = 64,
-    radius_um: float = 1500.0,
-    batch: int = 64,
-    exclude_self: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-    device: str = "cpu",
-    use_image: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Profiles (Q, G) log1p CP10k at the queries and how many transcript tokens each saw.
-
-    A query's window: its own image token first, then the image tokens of the nearest
-    ``max_img - 1`` context sites and the transcript tokens (log1p CP10k, panel order,
-    ``tx_present`` marks measured genes) of the nearest ``max_tx`` measured sites, all within
-    ``radius_um``. ``exclude_self`` drops context sites at the query's own position.
-    ``use_image=False`` withholds every image token's pixels (transcripts only).
-    """
-    import torch
-
-    qf = np.asarray(query_feat, np.float32)
-    qxy = np.asarray(query_xy_um, np.float64).reshape(-1, 2)
-    nq, g = len(qxy), model.cfg.n_genes
-    if nq == 0:
-        return np.zeros((0, g), np.float32), np.zeros(0, np.int64)
-    cxy = np.asarray(ctx_xy_um, np.float64).reshape(-1, 2)
-    cf = np.asarray(ctx_feat, np.float32)
-    ci = neighbour_order(qxy, cxy, max_img - 1 + (1 if exclude_self else 0), radius_um)
-    if exclude_self and len(cxy):
-        same = np.zeros_like(ci, bool)
-        ok = ci >= 0
-        d = np.linalg.norm(cxy[np.maximum(ci, 0)] - qxy[:, None], axis=-1)
-        same[ok] = d[ok] < 1e-6
-        ci = np.where(same, -1, ci)
-    use_tx = tx is not None and tx_xy_um is not None and len(tx_xy_um) > 0
-    if use_tx:
-        txy = np.asarray(tx_xy_um, np.float64).reshape(-1, 2)
-        ti = neighbour_order(qxy, txy, max_tx, radius_um)
-        ty = model.standardize(torch.from_numpy(np.asarray(tx, np.float32))).numpy()
-        pres = np.ones(g, np.float32) if tx_present is None else np.asarray(tx_present, np.float32)
-        ty = ty * pres
-    else:
-        ti = np.full((nq, 0), -1, np.int64)
-    out = np.empty((nq, g), np.float32)
-    model.eval()
-    with torch.inference_mode():
-        for s in range(0, nq, batch):
-            e = min(s + batch, nq)
-            b = e - s
-            ic = ci[s:e]
-            n_img = 1 + ic.shape[1]
-            feat = np.zeros((b, n_img, cf.shape[1] if cf.ndim == 2 else qf.shape[1]), np.float32)
-            pos = np.zeros((b, n_img, 2), np.float32)
-            valid = np.zeros((b, n_img), bool)
-            feat[:, 0], valid[:, 0] = qf[s:e], True
-            okc = ic >= 0
-            if okc.any():
-                feat[:, 1:][okc] = cf[ic[okc]]
-                rel = cxy[np.maximum(ic, 0)] - qxy[s:e, None]
-                pos[:, 1:][okc] = rel[okc]
-                valid[:, 1:] = okc
-            args = [torch.from_numpy(feat), torch.from_numpy(pos), torch.from_numpy(valid)]
-            if use_tx and ti.shape[1]:
-                it = ti[s:e]
-                okt = it >= 0
-                t = np.zeros((b, it.shape[1], g), np.float32)
-                m = np.zeros((b, it.shape[1], g), np.float32)
-                tp = np.zeros((b, it.shape[1], 2), np.float32)
-                t[okt] = ty[it[okt]]
-                m[okt] = pres
-                tp[okt] = (txy[np.maximum(it, 0)] - qxy[s:e, None])[okt]
-                args += [torch.from_numpy(x) for x in (t, m, tp, okt)]
-            else:
-                args += [None, None, None, None]
-            if not use_image:
-                args.append(torch.zeros(b, n_img, dtype=torch.bool))
-            args = [a if a is None else a.to(device) for a in args]
-            y = model(*args)[:, 0]
-            out[s:e] = model.unstandardize(y).float().cpu().numpy()
-            if progress is not None:
-                progress(e, nq)
-    n_ctx = (ti >= 0).sum(1) if use_tx else np.zeros(nq, np.int64)
-    return out, n_ctx.astype(np.int64)
-
-
-DENOISE_RANK = 5  # within-slide low-rank denoising of measured profiles (``denoise_measured``)
-DENOISE_BLEND = 0.5
-UNCERTAINTY_K = 8  # measured neighbours whose spread is the uncertainty
-
-
-def denoise_measured(
-    expr: np.ndarray,
-    present: np.ndarray | None = None,
-    rank: int = DENOISE_RANK,
-    blend: float = DENOISE_BLEND,
-) -> np.ndarray:
-    """Measured log1p CP10k profiles (M, G) pulled toward their rank-``rank`` PCA
-    reconstruction over the slide's own spots: ``blend · low-rank + (1 − blend) · measured``
-    (per gene standardized over the spots; absent genes untouched). One spot's counts are
-    noisy; the slide's main co-expression programmes are not, so this removes count noise
-    before measurements are interpolated. Nothing is learnt across slides or patients."""
-    y = np.asarray(expr, np.float32)
-    cols = np.ones(y.shape[1], bool) if present is None else np.asarray(present, bool)
-    r = min(rank, len(y) - 1, int(cols.sum()))
-    if r < 1 or blend <= 0:
-        return y.copy()
-    x = y[:, cols].astype(np.float64)
-    mu, sd = x.mean(0), x.std(0) + 1e-3
-    z = (x - mu) / sd
-    u, sv, vt = np.linalg.svd(z, full_matrices=False)
-    zr = (u[:, :r] * sv[:r]) @ vt[:r]
-    out = y.copy()
-    out[:, cols] = ((blend * zr + (1 - blend) * z) * sd + mu).astype(np.float32)
-    return out
-
-
-def measured_spread(
-    meas_xy_um: np.ndarray,
-    meas_expr: np.ndarray,
-    query_xy_um: np.ndarray,
-    y_std: np.ndarray,
-    present: np.ndarray | None = None,
-    k: int = UNCERTAINTY_K,
-) -> np.ndarray:
-    """Uncertainty (Q,) of predictions made with measured spots: the spread (SD) of the
-    ``k`` nearest measured profiles around each query, in units of each gene's SD
-    (``y_std``), mean over the measured genes. Larger = less sure: the neighbourhood
-    disagrees, so interpolating it is unreliable (held-out calibration: docs/histotx.md)."""
-    from scipy.spatial import cKDTree
-
-    q = np.asarray(query_xy_um, np.float64).reshape(-1, 2)
-    xy = np.asarray(meas_xy_um, np.float64).reshape(-1, 2)
-    if len(q) == 0 or len(xy) < 2:
-        return np.full(len(q), np.nan, np.float32)
-    e = np.asarray(meas_expr, np.float32)
-    cols = np.ones(e.shape[1], bool) if present is None else np.asarray(present, bool)
-    _, nb = cKDTree(xy).query(q, k=min(k, len(xy)))
-    nb = nb.reshape(len(q), -1)
-    sd = np.asarray(y_std, np.float32)[cols]
-    return (e[:, cols][nb].std(1) / sd).mean(1).astype(np.float32)
+KIND = Kind.HISTOTX.value
 
 
 # ----------------------------------------------------------------------------- loading
@@ -343,7 +68,7 @@ class HistoTxPredictor:
     ``predict_with_measurements`` and ``predict_tiles``.
     """
 
-    def __init__(self, model: Any, card: dict, path: Path, checksum: str, device: str):
+    def __init__(self, model: HistoTx, card: dict, path: Path, checksum: str, device: str):
         self.model = model
         self.card = card
         self.path = path
@@ -357,7 +82,8 @@ class HistoTxPredictor:
         self.tile_um = float(card.get("tile_um", self.patch_um / 2))
         self.name = str(card.get("name", path.stem))
         self.n_codes = 0
-        self.batch_size = 64
+        self.confidence = None  # no novelty scorer: HistoTx's uncertainty needs measured spots
+        self.batch_size = BATCH_SIZE
         w = card.get("window", {})
         self.max_img = int(w.get("max_img", 64))
         self.max_tx = int(w.get("max_tx", 64))
@@ -369,10 +95,8 @@ class HistoTxPredictor:
     def features(self, patches: np.ndarray) -> np.ndarray:
         return image_features(patches)
 
-    def predict(self, patches: np.ndarray, **_: Any):
+    def predict(self, patches: np.ndarray, **_: Any) -> Prediction:
         """Image-only expression of uint8 (N, patch_px, patch_px, 3) patches, each alone."""
-        from .predictor import Prediction
-
         p = np.asarray(patches)
         if p.ndim == 3:
             p = p[None]
@@ -385,10 +109,55 @@ class HistoTxPredictor:
         """HistoTx has no gene codebook: an empty (0, G) array."""
         return np.zeros((0, len(self.genes)), np.float32)
 
+    def predict_tiles(self, slide: Slide, request: TileRequest) -> Iterator[PartialResult]:
+        """The request's grid cells, conditioned on ``request.measured`` (``Measured``,
+        AnnData, .h5ad path or a measured-spots Points layer; prepared once per slide by
+        ``cached_context``) unless ``image_only``."""
+        ctx = None
+        if request.measured is not None and not request.image_only:
+            meas = as_measured(request.measured, self.genes, slide_mpp(slide))
+            ctx = cached_context(slide, self, meas, cancel=request.cancel)
+        grid = request.grid or slide_grid(slide, tile_um_of(self))
+        yield from predict_tiles(
+            slide,
+            self,
+            request.tiles,
+            grid=grid,
+            context=ctx,
+            image_only=request.image_only,
+            cancel=request.cancel,
+            batch_size=request.batch_size,
+        )
 
-def build_model(tensors: dict, card: dict, path: Path):
+    def predict_spots(self, slide: Slide, xy_px: np.ndarray, request: SpotRequest) -> SpotResult:
+        """``predict_with_measurements`` at level-0 ``xy_px``; ``info['histotx']`` records the
+        model, the measured spots and the adaptation."""
+        m = request.measured
+        res = predict_with_measurements(
+            slide,
+            self,
+            xy_px,
+            str(m) if isinstance(m, Path) else m,
+            image_only=request.image_only,
+            progress=request.progress,
+            batch=request.batch_size,
+            adapt_steps=request.adapt_steps,
+        )
+        return SpotResult(res.expr, None, None, {"histotx": res.info})
+
+
+def as_measured(measured: Any, genes: list[str], mpp: float) -> Measured:
+    """A ``Measured`` of ``genes`` from a ``Measured``, AnnData, .h5ad path or Points layer."""
+    if isinstance(measured, Measured):
+        return measured
+    if isinstance(measured, str | Path) or hasattr(measured, "obsm"):
+        return measured_from_anndata(measured, genes)
+    return measured_from_layer(measured, genes, mpp)
+
+
+def build_model(tensors: dict, card: dict, path: Path) -> HistoTx:
     """A HistoTx module from checkpoint tensors + card; CheckpointError on a mismatch."""
-    from ..models.histotx import HistoTx, HistoTxConfig
+    from napari_stgen.models.histotx import HistoTx, HistoTxConfig  # torch at import
 
     try:
         cfg = HistoTxConfig.from_dict(card["architecture"])
@@ -413,41 +182,12 @@ def build_model(tensors: dict, card: dict, path: Path):
 
 def load_histotx(name_or_path: str | Path = "default", device: str = "auto") -> HistoTxPredictor:
     """Load a HistoTx checkpoint by name (``"default"``) or path."""
-    from ..models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
-    from .predictor import pick_device
-
     path = resolve_checkpoint(name_or_path, KIND)
     tensors, card = load_checkpoint(path, KIND)
     model = build_model(tensors, card, path)
     dev = pick_device(device)
     model.to(dev)
     return HistoTxPredictor(model, card, path, sha256_file(path), dev)
-
-
-def load_model(name_or_path: str | Path = "default", device: str = "auto") -> Any:
-    """GenST or HistoTx predictor, by the checkpoint card's ``kind``.
-
-    ``"default"`` is the default GenST; ``"histotx"`` the default HistoTx; a path or a name in
-    ``weights/`` is loaded as whatever its card says.
-    """
-    from ..models.checkpoint import read_card, resolve_checkpoint
-    from .predictor import load_genst
-
-    if str(name_or_path) in ("default", "genst_default"):
-        return load_genst("default", device=device)
-    if str(name_or_path) in ("histotx", "histotx_default"):
-        return load_histotx("default", device=device)
-    try:
-        path = resolve_checkpoint(name_or_path, KIND)
-    except CheckpointError:
-        return load_genst(name_or_path, device=device)
-    if read_card(path).get("kind") == KIND:
-        return load_histotx(path, device=device)
-    return load_genst(path, device=device)
-
-
-def is_histotx(predictor: Any) -> bool:
-    return getattr(predictor, "kind", None) == KIND
 
 
 # ----------------------------------------------------------------------------- slides
@@ -459,7 +199,7 @@ class MeasuredContext:
     feats: np.ndarray  # (M, F)
     xy_um: np.ndarray  # (M, 2)
     mpp: float
-    model: Any = None  # a copy adapted to these spots (``adapt_steps`` > 0), else None
+    model: HistoTx | None = None  # a copy adapted to these spots (``adapt_steps`` > 0), else None
     adapt_steps: int = 0
     tokens: np.ndarray | None = None  # (M, G) transcript-token profiles (``denoise_measured``)
 
@@ -485,31 +225,29 @@ class HistoTxResult:
     uncertainty: np.ndarray | None = None
 
 
-def slide_mpp(slide: Any, mpp: float | None = None) -> float:
+def slide_mpp(slide: Slide | np.ndarray, mpp: float | None = None) -> float:
     """µm/px of a Slide (or ``mpp``); StgenError when unknown. Arrays need ``mpp``."""
     m = mpp if mpp is not None else getattr(slide, "mpp", None)
     if m is None or float(m) <= 0:
-        raise StgenError(f"{getattr(slide, 'path', 'image array')}: no µm/px; pass --mpp / mpp=")
+        raise StgenError(f"{getattr(slide, 'path', 'image array')}: no µm/px; pass mpp= (µm/px)")
     return float(m)
 
 
-def _as_predictor(model: Any) -> HistoTxPredictor:
+def _as_predictor(model: HistoTxPredictor | str | Path) -> HistoTxPredictor:
     if isinstance(model, HistoTxPredictor):
         return model
     return load_histotx(model)
 
 
 def slide_features(
-    slide: Any,
+    slide: Slide | np.ndarray,
     pred: HistoTxPredictor,
     xy_px: np.ndarray,
     mpp: float,
-    cancel: Any = None,
+    cancel: CancelToken | None = None,
     chunk: int = 128,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yields (start, features) chunks of the patches centred on level-0 ``xy_px``."""
-    from .patches import read_patches
-
     xy = np.asarray(xy_px, np.float64).reshape(-1, 2)
     for s in range(0, len(xy), chunk):
         if cancel is not None:
@@ -518,17 +256,23 @@ def slide_features(
         yield s, image_features(p)
 
 
-def _all_features(slide, pred, xy_px, mpp, cancel=None) -> np.ndarray:
+def _all_features(
+    slide: Slide | np.ndarray,
+    pred: HistoTxPredictor,
+    xy_px: np.ndarray,
+    mpp: float,
+    cancel: CancelToken | None = None,
+) -> np.ndarray:
     parts = [f for _, f in slide_features(slide, pred, xy_px, mpp, cancel)]
-    return np.concatenate(parts) if parts else np.zeros((0, 120), np.float32)
+    return np.concatenate(parts) if parts else np.zeros((0, N_FEATURES), np.float32)
 
 
 def prepare_measured(
-    slide: Any,
-    model: Any,
+    slide: Slide | np.ndarray,
+    model: HistoTxPredictor | str | Path,
     measured: Any,
     mpp: float | None = None,
-    cancel: Any = None,
+    cancel: CancelToken | None = None,
     adapt_steps: int = 0,
 ) -> MeasuredContext:
     """Measured spots (AnnData, .h5ad path or ``Measured``) with image features on ``slide``.
@@ -545,8 +289,6 @@ def prepare_measured(
     feats = _all_features(slide, pred, meas.xy_px, m, cancel)
     ctx = MeasuredContext(meas, feats, meas.xy_px * m, m)
     if adapt_steps > 0 and len(feats) >= 4:
-        from ..training.histotx import adapt_to_measured
-
         if cancel is not None:
             cancel.check()
         y = meas.expr.copy()
@@ -560,25 +302,20 @@ def prepare_measured(
 
 
 _CONTEXTS: dict[tuple, MeasuredContext] = {}
-# test-time adaptation steps the CLI and widgets use (``prepare_measured``): chosen by the
-# leave-one-patient-out measurement in docs/histotx.md ("Test-time adaptation")
-DEFAULT_ADAPT_STEPS = 200
 
 
 def cached_context(
-    slide: Any,
+    slide: Slide | np.ndarray,
     model: HistoTxPredictor,
     measured: Any,
     adapt_steps: int | None = None,
-    cancel: Any = None,
+    cancel: CancelToken | None = None,
     max_items: int = 4,
 ) -> MeasuredContext:
     """``prepare_measured`` remembered per (slide, model, measured spots, adapt_steps), so a
     widget that predicts again (live view, new ROI) reuses the features and adapted model.
     ``measured``: a ``Measured``, AnnData or .h5ad path; ``adapt_steps`` defaults to
     ``DEFAULT_ADAPT_STEPS``."""
-    import hashlib
-
     if adapt_steps is None:
         adapt_steps = DEFAULT_ADAPT_STEPS
     meas = (
@@ -597,15 +334,15 @@ def cached_context(
 
 
 def iter_predict(
-    slide: Any,
-    model: Any,
+    slide: Slide | np.ndarray,
+    model: HistoTxPredictor | str | Path,
     centres_xy_px: np.ndarray,
     context: MeasuredContext | None = None,
     *,
     mpp: float | None = None,
     image_only: bool = False,
-    batch: int = 64,
-    cancel: Any = None,
+    batch: int = BATCH_SIZE,
+    cancel: CancelToken | None = None,
     query_feats: np.ndarray | None = None,
 ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
     """Yields (slice of the centres, expr (n, G), transcript tokens used (n,)) batch by batch.
@@ -653,7 +390,7 @@ def iter_predict(
 
 
 def predict_with_measurements(
-    slide: Any,
+    slide: Slide | np.ndarray,
     model: HistoTxPredictor | str | Path,
     centres_xy_px: np.ndarray,
     measured: Any = None,
@@ -661,7 +398,7 @@ def predict_with_measurements(
     mpp: float | None = None,
     image_only: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    batch: int = 64,
+    batch: int = BATCH_SIZE,
     adapt_steps: int = 0,
 ) -> HistoTxResult:
     """Expression at level-0 pixel centres (x, y) of ``slide`` from the image and, when given,
@@ -683,7 +420,7 @@ def predict_with_measurements(
                 if isinstance(measured, Measured)
                 else measured_from_anndata(measured, pred.genes)
             )
-            ctx = MeasuredContext(meas, np.zeros((0, 120), np.float32), np.zeros((0, 2)), m)
+            ctx = MeasuredContext(meas, np.zeros((0, N_FEATURES), np.float32), np.zeros((0, 2)), m)
         else:
             ctx = prepare_measured(slide, pred, measured, m, adapt_steps=adapt_steps)
     expr = np.zeros((len(c), len(pred.genes)), np.float32)
@@ -717,7 +454,7 @@ def impute_measured(
     query_xy: np.ndarray | None = None,
     *,
     mpp: float,
-    batch: int = 64,
+    batch: int = BATCH_SIZE,
 ) -> HistoTxResult:
     """Fill in expression from measured spots alone (no image): HistoTx transcripts-only.
 
@@ -768,23 +505,20 @@ def impute_measured(
 
 
 def predict_tiles(
-    slide: Any,
-    model: Any,
+    slide: Slide | np.ndarray,
+    model: HistoTxPredictor | str | Path,
     tiles: np.ndarray,
     *,
     grid: Any,
     context: MeasuredContext | None = None,
     image_only: bool = False,
-    cancel: Any = None,
-    batch_size: int = 64,
+    cancel: CancelToken | None = None,
+    batch_size: int = BATCH_SIZE,
 ) -> Iterator[Any]:
     """``engine.predict_tiles`` for HistoTx: yields ``engine.PartialResult`` per batch of the
     grid cells ``tiles`` (row, col), conditioned on ``context`` (``prepare_measured``) unless
     ``image_only``. ``code`` is −1 (HistoTx has no codebook). Not cached (results depend on the
     measured spots)."""
-    from .engine import PartialResult
-    from .tiles import tile_centres_um
-
     t = np.asarray(tiles, np.int64).reshape(-1, 2)
     m = slide_mpp(slide)
     yx = tile_centres_um(grid, t)

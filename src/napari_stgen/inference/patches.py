@@ -8,11 +8,10 @@ resized (antialiased) to ``out_px``. Outside the image is white. No torch here.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from ..errors import StgenError
+from napari_stgen.errors import StgenError
+from napari_stgen.io.slide import Slide
 
 
 def _resize(img: np.ndarray, out_px: int) -> np.ndarray:
@@ -49,7 +48,7 @@ def patches_from_array(
 
 
 def read_patches(
-    slide: Any,
+    slide: Slide | np.ndarray,
     centres_xy_px: np.ndarray,
     patch_um: float,
     out_px: int,
@@ -68,7 +67,7 @@ def read_patches(
         return patches_from_array(slide, c, patch_um / mpp, out_px)
     mpp = float(mpp if mpp is not None else (slide.mpp or 0.0))
     if mpp <= 0:
-        raise StgenError(f"{getattr(slide, 'path', 'slide')}: no µm/px; pass --mpp")
+        raise StgenError(f"{getattr(slide, 'path', 'slide')}: no µm/px; pass mpp= (µm/px)")
     target = patch_um / out_px
     # best level for the wanted resolution, with the slide's own mpp possibly overridden
     ds = list(getattr(slide, "downsamples", [1.0]))

@@ -15,15 +15,30 @@ torch is imported lazily.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CheckpointError, StgenError
-from .confidence import Confidence, code_entropy, combination
+from napari_stgen.errors import CheckpointError, StgenError
+from napari_stgen.inference.confidence import Confidence, code_entropy, combination
+from napari_stgen.inference.context import context_latent, lattice_step
+from napari_stgen.inference.contract import BATCH_SIZE, Kind, SpotRequest, SpotResult, TileRequest
+from napari_stgen.inference.device import pick_device
+from napari_stgen.inference.engine import CancelToken, PartialResult, predict_genst_tiles
+from napari_stgen.inference.patches import read_patches
+from napari_stgen.inference.tiles import read_or_skip, read_tiles, split_blocks
+from napari_stgen.io.slide import Slide
+from napari_stgen.models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
 
-KIND = "genst"
+if TYPE_CHECKING:  # torch at import: type names only
+    from napari_stgen.models.genst import GenST
+
+
+KIND = Kind.GENST.value
 
 
 @dataclass
@@ -36,22 +51,6 @@ class Prediction:
     feat: np.ndarray | None = None  # (R, N, F) float32 pooled features per transform (tokens)
     zhat: np.ndarray | None = None  # (R, N, D) float32 aligned latent per transform (tokens)
     uncertainty: np.ndarray | None = None  # (N,) float32 (inference/confidence.py)
-
-
-def pick_device(device: str = "auto") -> str:
-    """``auto`` → cuda if available, else mps, else cpu; otherwise the name as given."""
-    import torch
-
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise StgenError(f"device {device!r} requested but CUDA is not available")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 class GenSTPredictor:
@@ -80,7 +79,8 @@ class GenSTPredictor:
         self.mpp: float = float(card["mpp"])
         self.n_codes: int = int(card.get("n_codes", model.cfg.gene_codes))
         self.name: str = str(card.get("name", path.stem))
-        self.batch_size = 64
+        self.kind: str = KIND
+        self.batch_size = BATCH_SIZE
 
     def __repr__(self) -> str:
         return (
@@ -88,9 +88,7 @@ class GenSTPredictor:
             f"{self.mpp:.3g} µm/px, device={self.device!r})"
         )
 
-    def _autocast(self):
-        import contextlib
-
+    def _autocast(self) -> Any:
         import torch
 
         if self.device.startswith("cuda"):
@@ -119,7 +117,7 @@ class GenSTPredictor:
         a ``tta=1`` quick pass); only the remaining transforms are run (same result)."""
         import torch
 
-        from ..models.genst import to_input
+        from napari_stgen.models.genst import to_input  # torch at import
 
         p = np.asarray(patches)
         if p.ndim == 3:
@@ -186,14 +184,12 @@ class GenSTPredictor:
         query: np.ndarray | None = None,
         cells: np.ndarray | None = None,
         tile_um: float | None = None,
-        cancel=None,
+        cancel: CancelToken | None = None,
     ) -> Prediction:
         """Expression + gene code of sites (all or ``query``) from all sites' tokens
         (``predict(..., tokens=True)``) and centres ``xy_um`` (N, 2) (x, y) µm; on a tile grid
         pass its ``cells`` (N, 2) and ``tile_um``. Without a context head: the tiles alone."""
         import torch
-
-        from .context import context_latent, lattice_step
 
         if self.has_context:
             step = 1
@@ -240,10 +236,97 @@ class GenSTPredictor:
         with torch.inference_mode():
             return self.model.code_profiles().float().cpu().numpy()
 
+    def predict_tiles(self, slide: Slide, request: TileRequest) -> Iterator[PartialResult]:
+        """Cached, progressive, centre-out tile prediction (``engine.predict_genst_tiles``)."""
+        return predict_genst_tiles(slide, self, request)
 
-def build_model(tensors: dict, card: dict, path: Path):
+    def predict_spots(self, slide: Slide, xy_px: np.ndarray, request: SpotRequest) -> SpotResult:
+        """Expression, gene code and uncertainty at level-0 ``xy_px`` (``predict_centres``)."""
+        if request.measured is not None:
+            raise StgenError("measured spots need a HistoTx model (model='histotx')")
+        expr, code, unc = predict_centres(slide, self, xy_px, request)
+        return SpotResult(expr, code, unc)
+
+
+def predict_centres(
+    slide: Slide, predictor: GenSTPredictor, xy_px: np.ndarray, request: SpotRequest
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(expr (N, G) float32, code (N,) int64, uncertainty (N,) float32) for patches centred
+    on level-0 ``xy_px`` (uncertainty: ``inference/confidence.py``, NaN where none).
+
+    Reads and predicts about ``batch_size`` patches at a time so memory stays bounded. With
+    ``grid`` and its cells ``tiles`` (matching ``xy_px``), patches are read block-wise
+    (``inference.tiles.read_tiles``: pixel-identical to ``read_patches``, one read a block).
+    A model with a spatial context head then predicts each centre from its window of the
+    other centres' tokens (``inference.context``). ``skip_unreadable``: rows whose pixels
+    cannot be read get NaN expression (``inference.tiles.read_or_skip``) instead of an error.
+    """
+    batch_size, progress, skip_unreadable = (
+        request.batch_size,
+        request.progress,
+        request.skip_unreadable,
+    )
+    grid, tiles = request.grid, request.tiles
+    xy = np.asarray(xy_px, dtype=np.float64).reshape(-1, 2)
+    n, g = len(xy), len(predictor.genes)
+    expr = np.empty((n, g), dtype=np.float32)
+    code = np.empty(n, dtype=np.int64)
+    unc = np.full(n, np.nan, dtype=np.float32)
+    bs = max(1, int(batch_size))
+    if grid is not None and tiles is not None:
+        t = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
+        row_of = {(int(r), int(c)): i for i, (r, c) in enumerate(t)}
+        side = max(1, int(np.sqrt(bs)))
+        jobs = [
+            (np.array([row_of[(int(r), int(c))] for r, c in b]), b)
+            for b in split_blocks(t, block=side)
+        ]
+        read = lambda idx: read_tiles(  # noqa: E731
+            slide, grid, t[idx], predictor.patch_px, predictor.patch_um
+        )
+    else:
+        jobs = [(np.arange(i, min(i + bs, n)), None) for i in range(0, n, bs)]
+        read = lambda idx: read_patches(  # noqa: E731
+            slide, xy[idx], predictor.patch_um, predictor.patch_px
+        )
+    done = 0
+    ctx = predictor.has_context
+    feat = zhat = None
+    bad = np.zeros(n, dtype=bool)
+    for job in jobs:
+        px = read_or_skip(read, job[0], skip_unreadable, bad, predictor.patch_px)
+        out = predictor.predict(px, tokens=True) if ctx else predictor.predict(px)
+        expr[job[0]] = np.asarray(out.expr, dtype=np.float32)
+        code[job[0]] = np.asarray(out.code, dtype=np.int64)
+        if out.uncertainty is not None:
+            unc[job[0]] = out.uncertainty
+        if ctx:
+            if feat is None:
+                feat = np.empty((out.feat.shape[0], n, out.feat.shape[2]), np.float32)
+                zhat = np.empty((out.zhat.shape[0], n, out.zhat.shape[2]), np.float32)
+            feat[:, job[0]], zhat[:, job[0]] = out.feat, out.zhat
+        done += len(job[0])
+        if progress is not None:
+            progress(done, n)
+    if ctx and n:
+        # every site's window of neighbouring sites (spatial context head)
+        cells = tiles if grid is not None else None
+        tile_um = grid.tile_um if grid is not None else None
+        out = predictor.predict_in_context(feat, zhat, xy * slide.mpp, cells=cells, tile_um=tile_um)
+        expr, code = out.expr, out.code
+        if out.uncertainty is not None:
+            unc = np.asarray(out.uncertainty, dtype=np.float32)
+    if bad.any():
+        expr = np.array(expr, dtype=np.float32)
+        expr[bad] = np.nan
+        unc = np.array(unc, dtype=np.float32)
+        unc[bad] = np.nan
+    return expr, code, unc
+
+
+def build_model(tensors: dict, card: dict, path: Path) -> GenST:
     """A GenST module from checkpoint tensors + card; CheckpointError on any mismatch."""
-    from ..models.genst import GenST, GenSTConfig
+    from napari_stgen.models.genst import GenST, GenSTConfig  # torch at import
 
     try:
         cfg = GenSTConfig.from_dict(card["architecture"])
@@ -275,17 +358,19 @@ def load_genst(
     name_or_path: str | Path = "default", device: str = "auto", tta: int | None = None
 ) -> GenSTPredictor:
     """Load a GenST checkpoint by name (``"default"``) or path → ``GenSTPredictor``."""
-    import torch
-
-    from ..models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
-
     path = resolve_checkpoint(name_or_path, KIND)
     tensors, card = load_checkpoint(path, KIND)
     conf = Confidence.from_tensors(dict(tensors))
     model = build_model(tensors, card, path)
     dev = pick_device(device)
     model.to(dev)
-    if dev == "cpu" and torch.get_num_threads() > 4:
-        pass  # leave the caller's thread setting alone
     t = int(card.get("tta", 1) if tta is None else tta)
     return GenSTPredictor(model, card, path, sha256_file(path), dev, t, confidence=conf)
+
+
+def load_genst_module(name_or_path: str | Path = "default") -> tuple[GenST, dict, Path, str]:
+    """(GenST torch module on the CPU, card, path, sha256) of a GenST checkpoint: the one
+    strict loader (``build_model``), for code that drives the module itself (STMDiT)."""
+    path = resolve_checkpoint(name_or_path, KIND)
+    tensors, card = load_checkpoint(path, KIND)
+    return build_model(tensors, card, path), card, Path(path), sha256_file(path)

@@ -13,9 +13,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from napari_stgen.coords import Grid
-from napari_stgen.errors import StgenError
+from napari_stgen.errors import SlideReadError, StgenError
+from napari_stgen.inference.cache import slide_key
+from napari_stgen.inference.contract import Predictor
+from napari_stgen.inference.patches import _resize
+from napari_stgen.inference.patches import tissue_mask as stained
+from napari_stgen.io.slide import Slide
 
 __all__ = [
     "tile_um_of",
@@ -35,7 +41,7 @@ __all__ = [
 ]
 
 
-def _mpp(slide: Any) -> float:
+def _mpp(slide: Slide) -> float:
     if slide.mpp is None:
         raise StgenError(
             f"{slide.path}: slide has no µm/px resolution; reopen it with an explicit mpp"
@@ -43,7 +49,7 @@ def _mpp(slide: Any) -> float:
     return float(slide.mpp)
 
 
-def tile_um_of(predictor: Any) -> float:
+def tile_um_of(predictor: Predictor) -> float:
     """Edge (µm) of the grid cell a model predicts for: its spot, not its context window.
 
     A card's ``tile_um`` wins; a multiscale GenST (centre crop + whole-patch context) predicts
@@ -59,7 +65,7 @@ def tile_um_of(predictor: Any) -> float:
     return float(predictor.patch_um)
 
 
-def slide_grid(slide: Any, tile_um: float) -> Grid:
+def slide_grid(slide: Slide, tile_um: float) -> Grid:
     """The slide-wide grid of ``tile_um`` cells anchored at world (0, 0) µm."""
     mpp = _mpp(slide)
     rows = max(1, math.ceil(slide.height * mpp / tile_um))
@@ -174,10 +180,6 @@ def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
     (mean |Laplacian| < ``SMUDGE_DETAIL``: no nuclei, out of focus) are dropped: a smudge or
     dust on the glass. Stained tissue, however small, is coloured and textured.
     """
-    from scipy import ndimage as ndi
-
-    from napari_stgen.inference.patches import tissue_mask as stained
-
     p = np.asarray(rgb)[..., :3]
     gray = p.astype(np.float32).mean(-1)
     t = otsu_threshold(gray)
@@ -217,15 +219,13 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def tissue_mask(
-    slide: Any, grid: Grid, min_fraction: float = 0.1, max_px: int = 2048
+    slide: Slide, grid: Grid, min_fraction: float = 0.1, max_px: int = 2048
 ) -> np.ndarray:
     """Per-cell tissue flag (rows, cols) from a coarse thumbnail, computed once per slide.
 
     A cell is tissue when at least ``min_fraction`` of its thumbnail pixels are tissue by
     :func:`tissue_pixels`.
     """
-    from napari_stgen.inference.cache import slide_key
-
     key = (slide_key(slide), grid, float(min_fraction), int(max_px))
     with _mask_lock:
         hit = _mask_cache.get(key)
@@ -254,7 +254,7 @@ def tissue_mask(
 
 
 def filter_tissue(
-    slide: Any, grid: Grid, tiles: np.ndarray, min_fraction: float = 0.1
+    slide: Slide, grid: Grid, tiles: np.ndarray, min_fraction: float = 0.1
 ) -> np.ndarray:
     """Keep only the cells of ``tiles`` flagged as tissue by :func:`tissue_mask`."""
     tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
@@ -282,7 +282,7 @@ def split_blocks(tiles: np.ndarray, block: int = 24) -> list[np.ndarray]:
     return np.split(tiles, cuts)
 
 
-def _level_for(slide: Any, target_mpp: float) -> int:
+def _level_for(slide: Slide, target_mpp: float) -> int:
     # same rule as read_patches: coarsest level with mpp*ds <= target (5 % tolerance)
     level = 0
     for k, d in enumerate(slide.downsamples):
@@ -292,7 +292,7 @@ def _level_for(slide: Any, target_mpp: float) -> int:
 
 
 def read_tiles(
-    slide: Any, grid: Grid, tiles: np.ndarray, out_px: int, patch_um: float | None = None
+    slide: Slide, grid: Grid, tiles: np.ndarray, out_px: int, patch_um: float | None = None
 ) -> np.ndarray:
     """Patches of ``patch_um`` (default: the cell size) centred on cells, one read in all.
 
@@ -301,8 +301,6 @@ def read_tiles(
     resampling), but the level is read once for the bounding box of all windows instead of
     once per tile. A patch larger than the cell carries context around it.
     """
-    from napari_stgen.inference.patches import _resize
-
     tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
     out = np.empty((len(tiles), out_px, out_px, 3), dtype=np.uint8)
     if len(tiles) == 0:
@@ -359,8 +357,6 @@ def read_or_skip(
     """``read(index)`` (patches for rows ``index``); with ``skip``, a SlideReadError makes
     each row be read alone, and rows that still fail become white patches flagged in
     ``unreadable`` (a bool array over all rows), instead of stopping the prediction."""
-    from napari_stgen.errors import SlideReadError
-
     try:
         return read(index)
     except SlideReadError:

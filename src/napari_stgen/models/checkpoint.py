@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from napari_stgen.errors import CheckpointError
 
 CARD_KEY = "stgen_card"
 #: Required card keys per model kind (others: ``kind`` only).
@@ -127,30 +127,35 @@ def validate_card(path: str | Path, card: dict) -> None:
     for key in REQUIRED.get(kind, ()):
         if key not in card:
             raise bad(key, f"is missing (required for a {kind} model)")
-    genes = card.get("genes")
-    if genes is not None:
-        if not isinstance(genes, list) or not genes or len(genes) > 100_000:
-            raise bad("genes", "must be a non-empty list of gene names")
-        if not all(isinstance(g, str) and g for g in genes):
-            raise bad("genes", "must hold non-empty strings")
-        if len(set(genes)) != len(genes):
-            raise bad("genes", "has duplicate names")
+    if card.get("genes") is not None:
+        _check_genes(card["genes"], bad)
     for key, (lo, hi, integer) in RANGES.items():
-        if key not in card:
-            continue
-        v = card[key]
-        ok = isinstance(v, int | float) and not isinstance(v, bool)
-        if ok and integer:
-            ok = float(v).is_integer()
-        if not ok:
-            raise bad(key, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
-        if not (math.isfinite(v) and lo <= v <= hi):
-            raise bad(key, f"is {v}, outside [{lo:g}, {hi:g}]")
+        if key in card:
+            _check_scalar(key, card[key], lo, hi, integer, bad)
     for block in CONFIG_BLOCKS:
         if block in card:
             if not isinstance(card[block], dict):
                 raise bad(block, "must be an object")
             _check_config(card[block], block, bad)
+
+
+def _check_genes(genes: Any, bad: Any) -> None:
+    if not isinstance(genes, list) or not genes or len(genes) > 100_000:
+        raise bad("genes", "must be a non-empty list of gene names")
+    if not all(isinstance(g, str) and g for g in genes):
+        raise bad("genes", "must hold non-empty strings")
+    if len(set(genes)) != len(genes):
+        raise bad("genes", "has duplicate names")
+
+
+def _check_scalar(key: str, v: Any, lo: float, hi: float, integer: bool, bad: Any) -> None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool)
+    if ok and integer:
+        ok = float(v).is_integer()
+    if not ok:
+        raise bad(key, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise bad(key, f"is {v}, outside [{lo:g}, {hi:g}]")
 
 
 def _check_config(v: Any, where: str, bad: Any) -> None:

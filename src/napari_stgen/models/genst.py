@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBlock, FourierPos, UpBlock, VectorQuantizerEMA, norm
+from napari_stgen.models.layers import ConvBlock, FourierPos, UpBlock, VectorQuantizerEMA, norm
 
 # ImageNet-like RGB statistics are irrelevant here: H&E patch statistics of HER2ST.
 RGB_MEAN = (0.66, 0.58, 0.72)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Block, FourierPos
+from napari_stgen.models.layers import Block, FourierPos
 
 
 @dataclass

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_stgen.models.genst import GeneVQVAE, GenSTConfig, HistologyEncoder, to_input
+
 # ----------------------------------------------------------------------------- autoencoder
 
 
@@ -405,7 +407,6 @@ class GenSTCondition(nn.Module):
 
     def __init__(self, genst_cfg: dict):
         super().__init__()
-        from .genst import GeneVQVAE, GenSTConfig, HistologyEncoder
 
         self.gcfg = GenSTConfig.from_dict(genst_cfg)
         self.histo_encoder = HistologyEncoder(self.gcfg.channels)
@@ -446,7 +447,6 @@ class GenSTCondition(nn.Module):
     @torch.inference_mode()
     def tile_features(self, tiles, batch: int = 256) -> np.ndarray:
         """uint8 (N, t, t, 3) 112 µm tiles → (N, morph_dim) pooled encoder features."""
-        from .genst import to_input
 
         out = []
         v = self.gcfg.view_px

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..inference.device import safe_cpu_training
-from ..inference.features import colour_texture_features
-from .data import SectionData
+from napari_stgen.inference.device import safe_cpu_training
+from napari_stgen.inference.features import he_patch_features
+from napari_stgen.inference.patches import _resize
+from napari_stgen.models.genst import HistologyEncoder, to_input
+from napari_stgen.training.data import SectionData
+from napari_stgen.training.genst import _cosine, augment
 
 
 def centre_view(patches: np.ndarray, frac: float = 0.5, out_px: int = 64) -> np.ndarray:
     """Centre crop of ``frac`` of the edge (224 µm → 112 µm), resized to ``out_px``."""
-    from ..inference.patches import _resize
 
     s = patches.shape[1]
     c = int(round(s * frac))
@@ -40,9 +42,9 @@ def ridge_baseline(train: list[SectionData], test_patches: np.ndarray) -> np.nda
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    Xtr = colour_texture_features(np.concatenate([centre_view(s.patches) for s in train], 0))
+    Xtr = he_patch_features(np.concatenate([centre_view(s.patches) for s in train], 0))
     ytr = np.concatenate([s.y for s in train], 0)
-    Xte = colour_texture_features(centre_view(test_patches))
+    Xte = he_patch_features(centre_view(test_patches))
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
     model.fit(Xtr, ytr)
     return model.predict(Xte).astype(np.float32)
@@ -57,8 +59,6 @@ class CNNRegressor:
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         import torch
-
-        from ..models.genst import to_input
 
         out = []
         self.model.eval()
@@ -86,8 +86,6 @@ class CNNRegressor:
 def _cnn(channels: tuple[int, ...], n_out: int):
     from torch import nn
 
-    from ..models.genst import HistologyEncoder
-
     enc = HistologyEncoder(channels)
     head = nn.Sequential(nn.Dropout(0.2), nn.Linear(enc.out_ch, n_out))
     return nn.Sequential(enc, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
@@ -106,8 +104,6 @@ def fit_cnn_regressor(
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
-
-    from .genst import _cosine, augment
 
     safe_cpu_training()
     torch.manual_seed(seed)

@@ -16,8 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inference.patches import patches_from_array, tissue_mask
-from ..io.her2st import Section, read_sections, spot_neighbours
+from napari_stgen.errors import StgenError
+from napari_stgen.inference.patches import patches_from_array, tissue_mask
+from napari_stgen.io.her2st import (
+    Section,
+    benchmark_genes,
+    gene_panel,
+    read_sections,
+    spot_neighbours,
+)
 
 
 def cache_dir(kind: str, env: str) -> Path:
@@ -32,6 +39,16 @@ def cache_dir(kind: str, env: str) -> Path:
 
 
 DEFAULT_CACHE = cache_dir("genst", "STGEN_CACHE")
+
+
+@dataclass
+class CardNotes:
+    """What a training run writes into its model card besides the model itself: its name
+    (default: the output's stem), the command that made it and held-out evaluation figures."""
+
+    name: str | None = None
+    command: str | None = None
+    evaluation: dict | None = None
 
 
 @dataclass
@@ -54,7 +71,6 @@ class SectionData:
 def split_holdout(sections: list, holdout: str | None, data_dir: str | Path) -> tuple:
     """(held-out section or None, the other sections); StgenError naming ``data_dir`` when
     ``holdout`` is not one of the sections (anything with a ``.name``)."""
-    from ..errors import StgenError
 
     names = [s.name for s in sections]
     if holdout is not None and holdout not in names:
@@ -149,7 +165,6 @@ def load_dataset(
     The panel defaults to ``gene_panel(all sections)`` and the benchmark genes are always
     computed over *all* sections of the directory (BENCHMARKS.md).
     """
-    from ..io.her2st import benchmark_genes, gene_panel
 
     secs = read_sections(data_dir)
     bench = benchmark_genes(secs, 50)

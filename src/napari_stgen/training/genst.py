@@ -19,10 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inference.confidence import K_NOVELTY, SHIPPED, fit_confidence
-from ..inference.device import safe_cpu_training
-from ..io.her2st import smooth_over_neighbours
-from .data import SectionData
+from napari_stgen.inference.confidence import K_NOVELTY, SHIPPED, fit_confidence
+from napari_stgen.inference.contract import BATCH_SIZE
+from napari_stgen.inference.device import safe_cpu_training
+from napari_stgen.inference.predictor import load_genst
+from napari_stgen.io.her2st import (
+    list_expression_sections,
+    read_expression_section,
+    smooth_over_neighbours,
+)
+from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
+from napari_stgen.models.genst import GenST, GenSTConfig, code_logits, to_input, views
+from napari_stgen.training.data import CardNotes, SectionData, load_dataset, split_holdout
+from napari_stgen.training.genst_context import ContextConfig, train_context
 
 
 @dataclass
@@ -85,8 +94,6 @@ def augment(
     (``stain="hed"``, then brightness only in RGB)."""
     import torch
 
-    from ..models.genst import to_input
-
     out = np.empty_like(batch)
     for i, p in enumerate(batch):
         q = np.rot90(p, int(rng.integers(4)))
@@ -131,7 +138,7 @@ def _cosine(step: int, total: int, warm: int = 50) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
-def train_gene_vqvae(model, y_std: np.ndarray, steps: int, rng, batch: int = 128, log=None):
+def train_gene_vqvae(model: GenST, y_std: np.ndarray, steps: int, rng, batch: int = 128, log=None):
     """Stage A on standardized profiles; returns the final losses."""
     import torch
 
@@ -165,7 +172,6 @@ def extra_gene_profiles(
 ) -> tuple[np.ndarray, list[str]]:
     """Label-denoised log1p CP10k profiles (panel order) of the expression-only sections of
     ``data_dir`` whose patient (first letter) is not in ``exclude_patients``, and their names."""
-    from ..io.her2st import list_expression_sections, read_expression_section
 
     ys, names = [], []
     for name in list_expression_sections(data_dir):
@@ -199,8 +205,6 @@ def train_genst(
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
-
-    from ..models.genst import GenST, GenSTConfig, code_logits, views
 
     tcfg = tcfg or TrainConfig()
     torch.set_num_threads(max(1, tcfg.threads))
@@ -312,8 +316,6 @@ def train_genst(
         if resume_path is not None:
             save_resume(resume_path, model, opt, epoch + 1, tcfg)
     if tcfg.context_steps > 0:
-        from .genst_context import ContextConfig, train_context
-
         targets = per_section(train, Ys)
         ccfg = ContextConfig(steps=tcfg.context_steps, seed=tcfg.seed)
         hist["context"] = train_context(model, train, targets, ccfg, progress=progress, log=log)
@@ -352,9 +354,8 @@ def _load_opt(opt, packed: tuple[dict, dict]) -> None:
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_resume(path: str | Path, model, opt, epoch: int, tcfg: TrainConfig) -> None:
+def save_resume(path: str | Path, model: GenST, opt, epoch: int, tcfg: TrainConfig) -> None:
     """Resumable training state (model + optimizer + epoch) as a safetensors checkpoint."""
-    from ..models.checkpoint import save_checkpoint
 
     t, meta = _opt_tensors(opt)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -369,10 +370,8 @@ def save_resume(path: str | Path, model, opt, epoch: int, tcfg: TrainConfig) -> 
     save_checkpoint(path, tensors, card)
 
 
-def load_resume(path: str | Path, model) -> dict:
+def load_resume(path: str | Path, model: GenST) -> dict:
     import torch
-
-    from ..models.checkpoint import load_checkpoint
 
     tensors, card = load_checkpoint(path, "genst_resume")
     msd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -383,11 +382,11 @@ def load_resume(path: str | Path, model) -> dict:
     return {"epoch": card["epoch"], "optimizer": (opt_t, card["optimizer"])}
 
 
-def predict_patches(model, patches: np.ndarray, tta: int = 4, batch: int = 64, mode=None):
+def predict_patches(
+    model: GenST, patches: np.ndarray, tta: int = 4, batch: int = BATCH_SIZE, mode=None
+):
     """(expr (N, G) log1p CP10k, gene codes (N,)) for uint8 patches, on CPU, no grad."""
     import torch
-
-    from ..models.genst import to_input
 
     model.eval()
     outs, codes = [], []
@@ -400,7 +399,9 @@ def predict_patches(model, patches: np.ndarray, tta: int = 4, batch: int = 64, m
     return np.concatenate(outs, 0), np.concatenate(codes, 0)
 
 
-def model_card(model, panel: list[str], bench: list[str], tcfg: TrainConfig, **extra) -> dict:
+def model_card(
+    model: GenST, panel: list[str], bench: list[str], tcfg: TrainConfig, **extra
+) -> dict:
     """The GenST model card (without sha256, which the sidecar adds)."""
     cfg = model.cfg
     card = {
@@ -422,7 +423,7 @@ def model_card(model, panel: list[str], bench: list[str], tcfg: TrainConfig, **e
     return json.loads(json.dumps(card, default=str))
 
 
-def codebook_health(model, sections: list[SectionData], tta: int = 1) -> dict:
+def codebook_health(model: GenST, sections: list[SectionData], tta: int = 1) -> dict:
     """Gene codebook usage by the training profiles and by the images (aligned), and the
     image codebook's running usage."""
     import torch
@@ -458,9 +459,6 @@ def confidence_card(conf, sections: list[str]) -> dict:
 def attach_confidence(path: str | Path, data_dir: str | Path, cache_dir=None) -> Path:
     """Re-save a GenST checkpoint (same model tensors) with the confidence bank of its
     training sections (those its card names) added."""
-    from ..inference.predictor import load_genst
-    from ..models.checkpoint import load_checkpoint, save_checkpoint
-    from .data import load_dataset
 
     tensors, card = load_checkpoint(path, "genst")
     for k in [k for k in tensors if k.startswith("confidence.")]:
@@ -484,20 +482,18 @@ def train_and_save(
     holdout: str | None = None,
     resume: bool = False,
     cache_dir=None,
-    name: str | None = None,
+    notes: CardNotes | None = None,
     folds_json=None,
     progress: bool = True,
-    command: str | None = None,
     cfg=None,
 ) -> Path:
-    """Train on the sections of ``data_dir`` (minus ``holdout``) and write checkpoint + card."""
+    """Train on the sections of ``data_dir`` (minus ``holdout``) and write checkpoint + card
+    (``notes``: name, command; the evaluation is read from ``folds_json`` when given)."""
     import datetime
     import platform
 
-    from ..models.checkpoint import save_checkpoint
-    from .data import load_dataset, split_holdout
-
     tcfg = tcfg or TrainConfig()
+    notes = notes or CardNotes()
     out = Path(out)
     sections, panel, bench = load_dataset(data_dir, cache_dir=cache_dir)
     _, train = split_holdout(sections, holdout, data_dir)
@@ -513,7 +509,7 @@ def train_and_save(
         progress=progress,
         exclude_patients={holdout[:1]} if holdout else None,
     )
-    folds = None
+    folds = notes.evaluation
     if folds_json is not None:
         folds = json.loads(Path(folds_json).read_text())
     card = model_card(
@@ -521,7 +517,7 @@ def train_and_save(
         panel,
         bench,
         tcfg,
-        name=name or out.stem,
+        name=notes.name or out.stem,
         tta=4,
         data={
             "dir": str(data_dir),
@@ -533,7 +529,7 @@ def train_and_save(
             "label_denoising": f"target = {tcfg.label_self_weight}*self + "
             f"{1 - tcfg.label_self_weight:.2f}*mean(array neighbours)",
         },
-        command=command
+        command=notes.command
         or f"stgen train genst --data {data_dir} --out {out} --epochs {tcfg.epochs} "
         f"--seed {tcfg.seed}"
         + (f" --holdout {holdout}" if holdout else ""),

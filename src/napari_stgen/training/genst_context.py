@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..inference.context import context_latent, transform_offsets, windows
-from .data import SectionData
+from napari_stgen.inference.context import context_latent, transform_offsets, windows
+from napari_stgen.models.genst import ContextAligner, GenST, code_logits, to_input
+from napari_stgen.training.data import SectionData
 
 __all__ = [
     "ContextConfig",
@@ -46,11 +47,9 @@ class ContextConfig:
     seed: int = 0
 
 
-def section_tokens(model, patches: np.ndarray, tta: int = 8, batch: int = 128):
+def section_tokens(model: GenST, patches: np.ndarray, tta: int = 8, batch: int = 128):
     """(feat (R, N, F), ẑ (R, N, D)) float32 of uint8 patches under ``tta`` transforms."""
     import torch
-
-    from ..models.genst import to_input
 
     model.eval()
     fs, zs = [], []
@@ -64,7 +63,7 @@ def section_tokens(model, patches: np.ndarray, tta: int = 8, batch: int = 128):
 
 
 def train_context(
-    model,
+    model: GenST,
     sections: list[SectionData],
     targets: list[np.ndarray],
     ccfg: ContextConfig | None = None,
@@ -80,8 +79,6 @@ def train_context(
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
-
-    from ..models.genst import ContextAligner, code_logits
 
     ccfg = ccfg or ContextConfig()
     cfg = model.cfg

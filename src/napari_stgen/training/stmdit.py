@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import StgenError
 from ..inference.device import safe_cpu_training
+from ..inference.predictor import load_genst_module
 from .data import cache_dir
 
 TILE_MPP = 1.75  # µm per pixel of generated tiles
@@ -211,16 +212,9 @@ def _save_state(path: Path, tensors: dict, meta: dict) -> None:
 
 
 def load_genst_model(name_or_path: str | Path = "default"):
-    """(GenST torch model, card, path, sha256) from a GenST checkpoint (no pickle)."""
-    from ..models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
-    from ..models.genst import GenST, GenSTConfig
-
-    path = resolve_checkpoint(name_or_path, "genst")
-    tensors, card = load_checkpoint(path, "genst")
-    model = GenST(GenSTConfig.from_dict(card["architecture"]))
-    model.load_state_dict(tensors, strict=False)
-    model.eval()
-    return model, card, Path(path), sha256_file(path)
+    """(GenST torch model, card, path, sha256) from a GenST checkpoint (no pickle; strict:
+    the predictor's loader, ``inference.predictor.load_genst_module``)."""
+    return load_genst_module(name_or_path)
 
 
 def genst_predict(model, patches: np.ndarray, tta: int = 4, batch: int = 128) -> np.ndarray:

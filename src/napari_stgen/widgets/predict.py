@@ -8,7 +8,6 @@ viewer's :class:`~napari_stgen.widgets.state.PredictionStore`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_stgen.inference.contract import BATCH_SIZE, TileRequest
+from napari_stgen.inference.registry import list_models, read_panel
 from napari_stgen.widgets.close_watcher import CloseWatcher
 from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, threads_spin
 from napari_stgen.widgets.gene_search import gene_search_edit
@@ -47,23 +48,6 @@ UNCERTAINTY_TIP = (
 )
 NO_UNCERTAINTY_TIP = "This model's predictions carry no uncertainty (HistoTx gives none)"
 REDRAW_MS = 200  # at most one heatmap redraw per this interval while batches stream in
-
-
-def list_models(kinds: tuple[str, ...] = ("genst", "histotx")) -> list[str]:
-    """Model names offered in the picker: 'default' then other checkpoints in weights/."""
-    wdir = Path(__file__).resolve().parents[1] / "weights"
-    names = ["default"]
-    for p in sorted(wdir.glob("*.safetensors")):
-        kind = p.stem.split("_")[0]
-        side = p.with_suffix(".json")
-        if side.exists():
-            try:
-                kind = str(json.loads(side.read_text()).get("kind", kind))
-            except (OSError, ValueError):
-                pass
-        if kind in kinds and p.stem != "genst_default":
-            names.append(str(p))
-    return names
 
 
 def camera_of(viewer: Any) -> Any:
@@ -109,41 +93,18 @@ def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_siz
             grid, tiles = engine.plan_whole_slide(slide, pred)
             centre = None
         yield ("plan", pred, grid, len(tiles))
-        if getattr(pred, "kind", "genst") == "histotx":
-            from napari_stgen.inference import histotx
-
-            ctx = None
-            if req.measured is not None and not req.image_only:
-                meas = histotx.measured_from_layer(req.measured, pred.genes, slide.mpp)
-                ctx = histotx.cached_context(slide, pred, meas, cancel=token)
-            yield from (
-                ("part", p)
-                for p in histotx.predict_tiles(
-                    slide,
-                    pred,
-                    tiles,
-                    grid=grid,
-                    context=ctx,
-                    image_only=req.image_only,
-                    cancel=token,
-                    batch_size=batch_size,
-                )
-            )
-            return
-        yield from (
-            ("part", p)
-            for p in engine.predict_tiles(
-                slide,
-                pred,
-                tiles,
-                grid=grid,
-                cancel=token,
-                batch_size=batch_size,
-                cache=default_cache(),
-                centre_um=centre,
-                progressive=req.progressive,
-            )
+        request = TileRequest(
+            tiles,
+            grid=grid,
+            batch_size=batch_size,
+            cancel=token,
+            cache=default_cache(),
+            centre_um=centre,
+            progressive=req.progressive,
+            measured=None if req.image_only else req.measured,
+            image_only=req.image_only,
         )
+        yield from (("part", p) for p in engine.predict_tiles(slide, pred, request))
     except Cancelled:
         return
 
@@ -153,22 +114,12 @@ def _panel_job(state: Any, model: str) -> Any:
     widget stays light); the loaded predictor when there is no sidecar or it is loaded."""
     from types import SimpleNamespace
 
-    from napari_stgen.models.checkpoint import resolve_checkpoint, sidecar_path
-
     loaded = state.cached_predictor(model)
     if loaded is not None:
         return loaded
-    for kind in ("genst", "histotx"):
-        try:
-            side = sidecar_path(resolve_checkpoint(model, kind))
-        except Exception:  # noqa: BLE001 - not this kind / not found: try the next
-            continue
-        if side.is_file():
-            card = json.loads(side.read_text())
-            if "genes" in card:
-                return SimpleNamespace(
-                    genes=list(card["genes"]), kind=str(card.get("kind", kind)), device=None
-                )
+    panel = read_panel(model)
+    if panel is not None:
+        return SimpleNamespace(**panel, device=None)
     return state.predictor(model)
 
 
@@ -198,7 +149,7 @@ class PredictWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.state = get_state(napari_viewer)
-        self.batch_size = 64
+        self.batch_size = BATCH_SIZE
         self.workers: list[Any] = []  # running workers (newest last)
         self._token: Any = None
         self._pending_estimate: Any = None

@@ -20,7 +20,7 @@ from psygnal import Signal
 
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.device import set_threads
-from napari_stgen.inference.histotx import load_model
+from napari_stgen.inference.registry import load_predictor
 from napari_stgen.inference.store import PredictionStore
 from napari_stgen.io.layer_meta import layer_info
 from napari_stgen.io.slide import Slide, open_slide
@@ -103,7 +103,7 @@ class StgenState:
             pred = self._predictors.get(name)
             if pred is None:
                 self.apply_threads()
-                pred = load_model(name)  # GenST or HistoTx by the checkpoint card's kind
+                pred = load_predictor(name)  # GenST or HistoTx by the checkpoint card's kind
                 self._predictors[name] = pred
                 self._predictors.setdefault(pred.name, pred)  # also by card name
             return pred
