@@ -61,10 +61,12 @@ class STMDiTModel:
 
     @property
     def default_steps(self) -> int:
+        """The card's sampler steps (``sampler.steps``)."""
         return self.sampler.steps
 
     @property
     def default_guidance(self) -> tuple[float, float]:
+        """The card's (gene, morphology) guidance scales."""
         return self.sampler.guidance
 
     @property

@@ -26,6 +26,7 @@ import numpy as np
 
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.device import safe_cpu_training
+from napari_stgen.inference.sampler_settings import SamplerSettings
 from napari_stgen.io.her2st import read_sections
 from napari_stgen.models.checkpoint import (
     load_checkpoint,
@@ -296,13 +297,7 @@ def train_dit(  # noqa: PLR0913 - the checkpoint's inputs plus run switches test
         "dit": cfg.to_dict(),
         "cond": enc.config(),
         "latent_scale": latent_scale,
-        "sampler": {
-            "kind": "rectified-flow Euler",
-            "steps": 16,
-            "shift": 1.0,
-            "guidance_genes": 2.0,
-            "guidance_morph": 1.0,
-        },
+        "sampler": SamplerSettings.card_block(),
         "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in tcfg.__dict__.items()},
         "train_rows": {
             "measured_spots": int(data["is_real"].sum()),
