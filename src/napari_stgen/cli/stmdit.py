@@ -345,7 +345,10 @@ def _synthesize(args) -> int:
     import torch
 
     torch.set_num_threads(1)
-    overrides = parse_gene_overrides(args.genes)
+    try:
+        overrides = parse_gene_overrides(args.genes)
+    except StgenError as e:
+        raise StgenError(f"--genes: {str(e).removeprefix('gene override: ')}") from e
     if (args.from_h5ad is None) != (args.obs is None):
         raise StgenError("--from-h5ad and --obs go together")
     if (args.context is None) != (args.at is None):

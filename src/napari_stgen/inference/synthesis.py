@@ -75,11 +75,13 @@ def parse_gene_overrides(items: list[str] | None) -> dict[str, float]:
     for it in items or []:
         name, sep, val = it.partition("=")
         if not sep or not name.strip():
-            raise StgenError(f"--genes: expected GENE=VALUE, got {it!r}")
+            raise StgenError(f"gene override: expected GENE=VALUE, got {it!r}")
         try:
             out[name.strip()] = float(val)
         except ValueError as e:
-            raise StgenError(f"--genes: value of {name.strip()} is not a number: {val!r}") from e
+            raise StgenError(
+                f"gene override: value of {name.strip()} is not a number: {val!r}"
+            ) from e
     return out
 
 

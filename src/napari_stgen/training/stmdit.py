@@ -110,7 +110,6 @@ def load_genst_model(name_or_path: str | Path = "default"):
 
 
 @dataclass
-@dataclass
 class STMDiTTrainConfig:
     """Training hyper-parameters (stored in the card)."""
 
@@ -444,7 +443,7 @@ def train_stmdit(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if labels not in ("real", "ptpl", "both"):
-        raise StgenError(f"--labels must be real, ptpl or both, got {labels!r}")
+        raise StgenError(f"labels must be real, ptpl or both, got {labels!r}")
     train_secs = _training_sections(data_dir, holdout)
     if ae_path is None:
         ae_path = out.with_name(out.stem + ".ae.safetensors")

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_stgen.inference.synthesis_grid import point_region
+from napari_stgen.inference.synthesis_plan import point_region
 
 __all__ = ["NO_REGION", "REGION_LAYER", "RegionLayerMixin"]
 
