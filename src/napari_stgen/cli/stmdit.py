@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
-from ..errors import StgenError
+import numpy as np
+
+from napari_stgen.errors import StgenError
+from napari_stgen.inference.patches import read_patches
+from napari_stgen.inference.predictor import load_genst
+from napari_stgen.inference.synthesis import (
+    gene_vector,
+    load_guide,
+    load_stmdit,
+    parse_gene_overrides,
+    predicted_profile,
+    save_tile_png,
+    synthesize,
+)
+from napari_stgen.io.slide import open_slide
+from napari_stgen.io.validate import check_tile_image, validate_h5ad
+from napari_stgen.training.evaluate_stmdit import evaluate_stmdit
+from napari_stgen.training.stmdit import RunInfo, train_fold, train_stmdit
+from napari_stgen.training.stmdit_ae import AE2TrainConfig, train_autoencoder_v2
 
 
 def register_train(sub) -> None:
@@ -81,8 +101,6 @@ def _register_train_ae(sub) -> None:
 
 
 def _train_ae(args) -> int:
-    from ..training.stmdit_ae import AE2TrainConfig, train_autoencoder_v2
-
     cfg = AE2TrainConfig(
         steps=args.steps,
         batch=args.batch,
@@ -108,24 +126,22 @@ def _train_ae(args) -> int:
 
 
 def _train(args) -> int:
-    from ..training.stmdit import train_stmdit
-
     path = train_stmdit(
         args.data,
         args.out,
-        steps=args.steps,
-        seed=args.seed,
-        resume=args.resume,
-        threads=args.threads,
-        holdout=args.holdout,
-        labels=args.labels,
         genst=args.genst,
         ae_path=args.ae,
         ae_steps=args.ae_steps,
+        resume=args.resume,
+        info=RunInfo(command="stgen " + " ".join(shlex.quote(a) for a in sys.argv[1:])),
+        steps=args.steps,
+        seed=args.seed,
+        threads=args.threads,
+        holdout=args.holdout,
+        labels=args.labels,
         batch=args.batch,
         p_gene_subset=args.gene_subset,
         p_gene_single=args.gene_single,
-        command="stgen " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     print(path)
     return 0
@@ -184,13 +200,9 @@ def register_evaluate(sub) -> None:
 def _evaluate(args) -> int:
     import torch
 
-    from ..training.evaluate_stmdit import evaluate_stmdit
-
     torch.set_num_threads(args.threads)
     model = args.model
     if args.train_fold is not None:
-        from ..training.stmdit import train_fold
-
         model = str(
             train_fold(
                 args.model,
@@ -203,17 +215,13 @@ def _evaluate(args) -> int:
     sampler = None
     if args.train_fold is not None:
         # the fold model is evaluated with the sampler settings of the model whose recipe it used
-        from ..inference.synthesis import load_stmdit
-
         sampler = load_stmdit(args.model).card.get("sampler")
     guidance = None
     if args.guidance_genes is not None or args.guidance_morph is not None:
-        from ..inference.synthesis import load_stmdit
-
-        dg, dm = load_stmdit(model).default_guidance
         guidance = (
-            dg if args.guidance_genes is None else args.guidance_genes,
-            dm if args.guidance_morph is None else args.guidance_morph,
+            load_stmdit(model)
+            .sampler.resolve(guidance_genes=args.guidance_genes, guidance_morph=args.guidance_morph)
+            .guidance
         )
     res = evaluate_stmdit(
         args.data,
@@ -231,8 +239,6 @@ def _evaluate(args) -> int:
     )
     text = json.dumps(res, indent=1)
     if args.out:
-        import os
-
         tmp = Path(args.out).with_name(Path(args.out).name + ".partial")
         try:
             tmp.write_text(text + "\n")
@@ -297,14 +303,11 @@ def register(sub) -> None:
 
 def _profile_from_h5ad(model, path: str, obs: str):
     import anndata
-    import numpy as np
     import scipy.sparse as sp
 
     p = Path(path)
     if not p.is_file():
         raise StgenError(f"{p}: file not found")
-    from ..io.validate import validate_h5ad
-
     validate_h5ad(p, need_x=True)
     try:
         a = anndata.read_h5ad(p)
@@ -339,24 +342,13 @@ def _save_leaving_nothing(save, out: str, *a) -> None:
 
 
 def _synthesize(args) -> int:
-    import functools
-
-    import numpy as np
     import torch
 
-    from ..inference.predictor import load_genst
-    from ..inference.synthesis import (
-        gene_vector,
-        load_stmdit,
-        parse_gene_overrides,
-        predicted_profile,
-        save_tile_png,
-        synthesize,
-    )
-    from ..io.validate import check_tile_image
-
     torch.set_num_threads(1)
-    overrides = parse_gene_overrides(args.genes)
+    try:
+        overrides = parse_gene_overrides(args.genes)
+    except StgenError as e:
+        raise StgenError(f"--genes: {str(e).removeprefix('gene override: ')}") from e
     if (args.from_h5ad is None) != (args.obs is None):
         raise StgenError("--from-h5ad and --obs go together")
     if (args.context is None) != (args.at is None):
@@ -370,9 +362,6 @@ def _synthesize(args) -> int:
 
     meta: dict = {"model": model.name, "model_sha256": model.checksum, "seed": args.seed}
     if args.context is not None:
-        from ..inference.patches import read_patches
-        from ..io.slide import open_slide
-
         with open_slide(args.context, mpp=args.mpp) as slide:
             mpp = args.mpp or slide.mpp
             if not mpp:
@@ -396,34 +385,22 @@ def _synthesize(args) -> int:
             f"conditioning value {gv[i]:g} for {model.genes[i]} is not a log1p CP10k level "
             "(expected 0..~15)"
         )
-    steps = args.steps if args.steps is not None else model.default_steps
-    sg, sm = model.default_guidance
-    sg = sg if args.guidance_genes is None else args.guidance_genes
-    sm = sm if args.guidance_morph is None else args.guidance_morph
-    se = model.default_guidance_expr if args.guidance_expr is None else args.guidance_expr
-    guide = None
-    if se > 0:
-        from ..inference.synthesis import load_guide
-
-        guide = load_guide(model, genst())
+    settings = model.sampler.resolve(
+        steps=args.steps,
+        guidance_genes=args.guidance_genes,
+        guidance_morph=args.guidance_morph,
+        guidance_expr=args.guidance_expr,
+    )
+    guide = load_guide(model, genst()) if settings.guidance_expr > 0 else None
     tile = synthesize(
-        model,
-        g,
-        ctx,
-        seed=args.seed,
-        steps=steps,
-        guidance_genes=sg,
-        guidance_morph=sm,
-        guidance_expr=se,
-        guide=guide,
-        focus=list(overrides),
+        model, g, ctx, seed=args.seed, guide=guide, focus=list(overrides), settings=settings
     )[0]
     meta.update(
         {
-            "steps": steps,
-            "guidance_genes": sg,
-            "guidance_morph": sm,
-            "guidance_expr": se,
+            "steps": settings.steps,
+            "guidance_genes": settings.guidance_genes,
+            "guidance_morph": settings.guidance_morph,
+            "guidance_expr": settings.guidance_expr,
             "guide": None if guide is None else {"name": guide.name, "sha256": guide.sha256},
             "overrides": overrides,
             "genes": model.genes,

@@ -7,7 +7,6 @@ cancellation token between batches, so a GUI can show results as they arrive.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from napari_stgen.coords import Grid
-from napari_stgen.errors import Cancelled
 from napari_stgen.inference.cache import TileCache, slide_key
+from napari_stgen.inference.cancel import CancelToken
 from napari_stgen.inference.contract import BATCH_SIZE, Predictor, TileRequest
 from napari_stgen.inference.tiles import (
     filter_tissue,
@@ -49,27 +48,6 @@ __all__ = [
     "measure_throughput",
     "collect",
 ]
-
-
-class CancelToken:
-    """A thread-safe flag; :meth:`check` raises :class:`Cancelled` once it is set."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        """Ask the work using this token to stop at its next check."""
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether :meth:`cancel` was called."""
-        return self._event.is_set()
-
-    def check(self) -> None:
-        """Raise :class:`Cancelled` if cancelled."""
-        if self._event.is_set():
-            raise Cancelled("prediction cancelled")
 
 
 @dataclass

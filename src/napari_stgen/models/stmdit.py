@@ -392,6 +392,14 @@ def count_params(m: nn.Module) -> int:
 # ----------------------------------------------------------------------------- conditions
 
 
+def ring_mean_features(tile_features, ring) -> np.ndarray:
+    """Mean of ``tile_features`` over each row's neighbour tiles: (N, K, t, t, 3) → (N, F)."""
+    ring = np.asarray(ring)
+    n, k = ring.shape[:2]
+    f = tile_features(ring.reshape(n * k, *ring.shape[2:]))
+    return f.reshape(n, k, -1).mean(1)
+
+
 class GenSTCondition(nn.Module):
     """Frozen condition encoders copied from a GenST model.
 
@@ -460,10 +468,7 @@ class GenSTCondition(nn.Module):
 
     def encode_context(self, ring) -> np.ndarray:
         """(N, 8, t, t, 3) neighbour tiles → (N, morph_dim): mean of their features."""
-        ring = np.asarray(ring)
-        n, k = ring.shape[:2]
-        f = self.tile_features(ring.reshape(n * k, *ring.shape[2:]))
-        return f.reshape(n, k, -1).mean(1)
+        return ring_mean_features(self.tile_features, ring)
 
 
 class OwnCondition(nn.Module):
@@ -529,10 +534,8 @@ class OwnCondition(nn.Module):
         return np.concatenate(out, 0).astype(np.float32) if out else np.zeros((0, self.morph_dim))
 
     def encode_context(self, ring) -> np.ndarray:
-        ring = np.asarray(ring)
-        n, k = ring.shape[:2]
-        f = self.tile_features(ring.reshape(n * k, *ring.shape[2:]))
-        return f.reshape(n, k, -1).mean(1)
+        """(N, 8, t, t, 3) neighbour tiles → (N, morph_dim): mean of their features."""
+        return ring_mean_features(self.tile_features, ring)
 
 
 def encoders_from_tensors(cfg: dict, tensors: dict) -> nn.Module:

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from napari_stgen.training.evaluate_stmdit import colour_texture_features
+from napari_stgen.training.stmdit_data import crop, section_image
+
 HF_CUTOFF = 0.25  # cycles per µm
 NUCLEUS_UM2 = (10.0, 150.0)
 
@@ -89,8 +92,6 @@ def nuclei(tiles: np.ndarray, mpp: float, threshold: float) -> tuple[np.ndarray,
 
 def tile_features(tiles: np.ndarray, mpp: float, threshold: float) -> np.ndarray:
     """Hand-crafted colour/texture/nuclei features (N, F) for the two-sample test."""
-    from .evaluate_stmdit import colour_texture_features
-
     dens, med = nuclei(tiles, mpp, threshold)
     extra = np.stack(
         [
@@ -182,8 +183,6 @@ REFERENCE_MPP = 0.875  # µm/px at which generated and real tiles are compared (
 
 def spot_tiles_at(sec, mpp: float, cache_dir, tile_um: float = 112.0) -> np.ndarray:
     """Real tiles of ``tile_um`` centred on a section's spots, at ``mpp`` µm/px."""
-    from .stmdit import crop, section_image
-
     img = section_image(sec, mpp, cache_dir)
     px = int(round(tile_um / mpp))
     xy = np.asarray(sec.xy_px) * sec.mpp / mpp

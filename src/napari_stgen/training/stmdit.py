@@ -1,6 +1,7 @@
-"""Training STMDiT: tile autoencoder, condition features (GenST), DiT with EMA.
+"""Training STMDiT: condition features (GenST), the DiT with EMA, fold models.
 
-Data (all cached under ``cache_dir`` so folds and the default model reuse it):
+The data (``napari_stgen.training.stmdit_data``, cached so folds and the default model
+reuse it):
 
 - every HER2ST section image resampled once to the model's µm/px (``TILE_MPP``);
 - *spot tiles*: tiles centred on measured spots, with their measured log1p CP10k profile;
@@ -16,197 +17,79 @@ with independent dropout of the gene and morphology conditions and EMA weights.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import StgenError
-from ..inference.device import safe_cpu_training
-from ..inference.predictor import load_genst_module
-from .data import cache_dir
+from napari_stgen.errors import StgenError
+from napari_stgen.inference.device import safe_cpu_training
+from napari_stgen.inference.predictor import load_genst_module
+from napari_stgen.inference.sampler_settings import SamplerSettings
+from napari_stgen.io.her2st import read_sections
+from napari_stgen.models.checkpoint import (
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from napari_stgen.training.stmdit_ae import (
+    ae_geometry,
+    load_ae,
+    resolve_ae,
+    train_autoencoder,
+)
+from napari_stgen.training.stmdit_data import (
+    DEFAULT_CACHE,
+    TILE_MPP,
+    ae_tensor_sha,
+    assemble,
+    crop,
+    dihedral,
+    encode_latents,
+    genst_label_key,
+    genst_patches_for_tiles,
+    genst_predict,
+    lattice_centres,
+    lr_factor,
+    random_tissue_crops,
+    save_state,
+    section_features,
+    section_image,
+    tensors_sha,
+    tissue_mask,
+)
 
-TILE_MPP = 1.75  # µm per pixel of generated tiles
-DEFAULT_CACHE = cache_dir("stmdit", "STGEN_CACHE_STMDIT")
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def section_image(sec, mpp: float, cache_dir: Path) -> np.ndarray:
-    """The section image resampled to ``mpp`` µm/px (cached .npy, memory-mapped)."""
-    from PIL import Image
-
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{sec.name}_img_{mpp:.4f}.npy"
-    if not path.exists():
-        Image.MAX_IMAGE_PIXELS = None
-        with Image.open(sec.image_path) as im:
-            im = im.convert("RGB")
-            f = sec.mpp / mpp
-            size = (max(int(round(im.width * f)), 1), max(int(round(im.height * f)), 1))
-            arr = np.asarray(im.resize(size, Image.Resampling.BOX, reducing_gap=None))
-        tmp = path.with_name(path.name + ".partial.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)
-    return np.load(path, mmap_mode="r")
-
-
-def tissue_mask(img: np.ndarray) -> np.ndarray:
-    """Boolean (H, W) tissue mask: saturated or dark pixels (as ``tissue_fraction``)."""
-    p = np.asarray(img).astype(np.int16)
-    return ((p.max(-1) - p.min(-1)) > 20) | (p.mean(-1) < 200)
-
-
-def crop(img: np.ndarray, cx: float, cy: float, px: int) -> np.ndarray:
-    """``px``×``px`` crop centred on (cx, cy) (pixels of ``img``), white outside."""
-    from ..inference.patches import crop_padded
-
-    x0, y0 = int(round(cx - px / 2)), int(round(cy - px / 2))
-    return crop_padded(img, x0, y0, x0 + px, y0 + px)
-
-
-def lattice_centres(img: np.ndarray, tile_px: int, min_frac: float = 0.5) -> np.ndarray:
-    """(N, 2) (x, y) centres of the tissue tiles of a lattice of pitch ``tile_px`` covering
-    ``img``, plus (rows, cols) grid indices (N, 2)."""
-    m = tissue_mask(img)
-    h, w = m.shape
-    rows, cols = h // tile_px, w // tile_px
-    mm = m[: rows * tile_px, : cols * tile_px].reshape(rows, tile_px, cols, tile_px).mean((1, 3))
-    r, c = np.nonzero(mm >= min_frac)
-    xy = np.stack([(c + 0.5) * tile_px, (r + 0.5) * tile_px], 1).astype(np.float64)
-    return xy, np.stack([r, c], 1)
-
-
-def random_tissue_crops(
-    imgs: list[np.ndarray], n: int, px: int, rng: np.random.Generator
-) -> np.ndarray:
-    """``n`` random crops (uint8 (n, px, px, 3)) centred on tissue, from the given images."""
-    out = np.empty((n, px, px, 3), np.uint8)
-    i = 0
-    while i < n:
-        img = imgs[rng.integers(len(imgs))]
-        h, w = img.shape[:2]
-        x, y = rng.integers(px // 2, w - px // 2), rng.integers(px // 2, h - px // 2)
-        t = np.asarray(img[y - px // 2 : y - px // 2 + px, x - px // 2 : x - px // 2 + px])
-        if tissue_mask(t).mean() >= 0.5:
-            out[i] = t
-            i += 1
-    return out
-
-
-def dihedral(x, k: int):
-    """One of the 8 dihedral transforms of the last two axes (torch or numpy)."""
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        y = torch.rot90(x, k % 4, dims=(-2, -1))
-        return torch.flip(y, dims=(-1,)) if k >= 4 else y
-    y = np.rot90(x, k % 4, axes=(-2, -1))
-    return np.flip(y, axis=-1) if k >= 4 else y
-
-
-# ----------------------------------------------------------------------------- autoencoder
-
-
-def train_autoencoder(
-    data_dir: str | Path,
-    out: str | Path,
-    steps: int = 1500,
-    batch: int = 16,
-    tile_px: int = 64,
-    seed: int = 0,
-    lr: float = 1e-3,
-    kl_weight: float = 1e-6,
-    cache_dir: str | Path | None = None,
-    threads: int = 1,
-    log_every: int = 50,
-    sections: list[str] | None = None,
-    progress: bool = True,
-) -> Path:
-    """Train the tile autoencoder on random tissue crops of every section (no labels).
-
-    Saves ``out`` (safetensors: ``ae.*`` tensors; metadata: config and losses). Resumes from
-    ``out + '.state'`` when present.
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
-
-    from ..io.her2st import read_sections
-    from ..models.stmdit import AEConfig, TileAutoencoder, images_to_tensor
-
-    torch.set_num_threads(threads)
-
-    safe_cpu_training()
-    cache_dir = Path(cache_dir or DEFAULT_CACHE)
-    secs = read_sections(data_dir, sections)
-    imgs = [section_image(s, TILE_MPP, cache_dir) for s in secs]
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    ae = TileAutoencoder(AEConfig())
-    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
-    out = Path(out)
-    state_path = Path(str(out) + ".state")
-    start, hist = 0, []
-    if state_path.exists():
-        st = load_file(state_path)
-        ae.load_state_dict({k[3:]: v for k, v in st.items() if k.startswith("ae.")})
-        meta = json.loads(state_path.with_suffix(".json").read_text())
-        start, hist = meta["step"], meta["hist"]
-        rng = np.random.default_rng(seed + start)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s + start, steps))
-    bar = tqdm(
-        range(start, steps), desc="autoencoder", initial=start, total=steps, disable=not progress
-    )
-    run = 0.0
-    for step in bar:
-        x = images_to_tensor(random_tissue_crops(imgs, batch, tile_px, rng))
-        x = dihedral(x, int(rng.integers(8)))
-        rec, m, lv = ae(x)
-        l1 = (rec - x).abs().mean()
-        grad = (
-            (rec[..., 1:, :] - rec[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])
-        ).abs().mean() + ((rec[..., 1:] - rec[..., :-1]) - (x[..., 1:] - x[..., :-1])).abs().mean()
-        kl = 0.5 * (m.pow(2) + lv.exp() - 1 - lv).sum((1, 2, 3)).mean()
-        loss = l1 + 0.5 * grad + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        run = 0.98 * run + 0.02 * l1.item() if step > start else l1.item()
-        bar.set_postfix(l1=f"{run:.4f}")
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            hist.append([step + 1, round(run, 5)])
-            st = {f"ae.{k}": v.detach().clone() for k, v in ae.state_dict().items()}
-            _save_state(state_path, st, {"step": step + 1, "hist": hist})
-    tensors = {f"ae.{k}": v.detach().contiguous() for k, v in ae.state_dict().items()}
-    meta = {"ae_config": json.dumps(AEConfig().to_dict()), "hist": json.dumps(hist)}
-    tmp = out.with_name(out.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
-    return out
-
-
-def _lr_factor(step: int, total: int, warm: int = 100) -> float:
-    warm = max(1, min(warm, total // 10))
-    return min(1.0, (step + 1) / warm) * 0.5 * (1 + float(np.cos(np.pi * min(step / total, 1.0))))
-
-
-def _save_state(path: Path, tensors: dict, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-    jp = path.with_suffix(".json")
-    tmpj = jp.with_name(jp.name + ".partial")
-    tmpj.write_text(json.dumps(meta))
-    os.replace(tmpj, jp)
-
+__all__ = [  # the data and autoencoder helpers are re-exported for existing callers
+    "DEFAULT_CACHE",
+    "TILE_MPP",
+    "STMDiTTrainConfig",
+    "ae_geometry",
+    "ae_tensor_sha",
+    "assemble",
+    "crop",
+    "dihedral",
+    "encode_latents",
+    "fold_command",
+    "fold_recipe",
+    "genst_label_key",
+    "genst_patches_for_tiles",
+    "genst_predict",
+    "lattice_centres",
+    "load_ae",
+    "load_genst_model",
+    "random_tissue_crops",
+    "resolve_ae",
+    "section_features",
+    "section_image",
+    "tensors_sha",
+    "tissue_mask",
+    "train_autoencoder",
+    "train_dit",
+    "train_fold",
+    "train_stmdit",
+]
 
 # ----------------------------------------------------------------------------- GenST access
 
@@ -215,143 +98,6 @@ def load_genst_model(name_or_path: str | Path = "default"):
     """(GenST torch model, card, path, sha256) from a GenST checkpoint (no pickle; strict:
     the predictor's loader, ``inference.predictor.load_genst_module``)."""
     return load_genst_module(name_or_path)
-
-
-def genst_predict(model, patches: np.ndarray, tta: int = 4, batch: int = 128) -> np.ndarray:
-    """GenST expression (N, G) log1p CP10k on uint8 224 µm patches (resampled to GenST's
-    patch size when they are at another µm/px)."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..models.genst import to_input
-
-    out = []
-    px = int(model.cfg.patch_px)
-    with torch.inference_mode():
-        for i in range(0, len(patches), batch):
-            x = to_input(torch.from_numpy(np.ascontiguousarray(patches[i : i + batch])))
-            if x.shape[-1] != px:  # patches at another µm/px than GenST's (same 224 µm)
-                x = F.interpolate(x, size=(px, px), mode="area")
-            out.append(model.predict(x, tta=tta)[0].numpy())
-    return np.concatenate(out, 0).astype(np.float32) if out else np.zeros((0, model.cfg.n_genes))
-
-
-def genst_patches_for_tiles(tiles: np.ndarray, genst_px: int, context: np.ndarray | None = None):
-    """GenST input patches (224 µm) for 112 µm tiles at the same µm/px: the tile in the centre
-    of its real ``context`` (N, 2t, 2t, 3) when given, else reflect-padded (tile content only).
-    """
-    tiles = np.asarray(tiles)
-    t = tiles.shape[1]
-    pad = (genst_px - t) // 2
-    if context is not None:
-        out = np.array(context, copy=True)
-        out[:, pad : pad + t, pad : pad + t] = tiles
-        return out
-    return np.pad(
-        tiles,
-        ((0, 0), (pad, genst_px - t - pad), (pad, genst_px - t - pad), (0, 0)),
-        mode="reflect",
-    )
-
-
-# ----------------------------------------------------------------------------- features
-
-
-def _enc_key(enc) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    for k, v in sorted(enc.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:10]
-
-
-def genst_label_key(genst) -> str:
-    """Cache key of a GenST model's per-tile predictions: its per-tile tensors (the spatial
-    ``context.*`` head, which per-tile prediction does not use, is left out) and decode mode."""
-    import hashlib
-
-    h = hashlib.sha1(str(genst.cfg.decode).encode())
-    for k, v in sorted(genst.state_dict().items()):
-        if k.startswith("context."):
-            continue
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:8]
-
-
-def section_features(
-    sec,
-    panel: list[str],
-    enc,
-    genst=None,
-    tile_px: int = 64,
-    cache_dir: Path | None = None,
-    mpp: float = TILE_MPP,
-) -> dict:
-    """Tiles + conditions of one section (cached): measured spots and PTPL lattice tiles,
-    at ``mpp`` µm/px (GenST reads its 224 µm patches resampled to its own size).
-
-    Keys: ``spot_tiles`` (N, t, t, 3), ``spot_expr`` measured (N, G), ``spot_pool``, ``spot_morph``,
-    ``spot_ctx`` (N, 2t, 2t, 3) real 224 µm surroundings, ``spot_genst`` GenST on the real spot
-    patch (N, G) (if GenST is given); ``lat_tiles``, ``lat_expr`` (GenST pseudo-labels),
-    ``lat_pool``, ``lat_morph`` (only with GenST).
-    """
-    cache_dir = Path(cache_dir or DEFAULT_CACHE)
-    key = _enc_key(enc) + (f"_g{genst_label_key(genst)}" if genst is not None else "")
-    key += "" if abs(mpp - TILE_MPP) < 1e-9 else f"_m{mpp:g}"
-    path = cache_dir / f"{sec.name}_feat_{tile_px}_{key}.npz"
-    if path.exists():
-        z = np.load(path)
-        return {k: z[k] for k in z.files}
-    img = section_image(sec, mpp, cache_dir)
-    t = tile_px
-    xy = np.asarray(sec.xy_px) * sec.mpp / mpp
-    spot_ctx3 = np.stack([crop(img, x, y, 3 * t) for x, y in xy])
-    spot_tiles = spot_ctx3[:, t : 2 * t, t : 2 * t].copy()
-    spot_ctx2 = np.stack([crop(img, x, y, 2 * t) for x, y in xy])
-    from ..inference.synthesis import ring_tiles
-
-    out = {
-        "spot_tiles": spot_tiles,
-        "spot_ctx": spot_ctx2,
-        "spot_expr": sec.target(panel).astype(np.float32),
-        "spot_morph": enc.encode_context(ring_tiles(spot_ctx3, t)),
-        "spot_xy": xy.astype(np.float32),
-    }
-    out["spot_pool"] = enc.encode_genes(out["spot_expr"])
-    if genst is not None:
-        out["spot_genst"] = genst_predict(genst, spot_ctx2)
-        cxy, rc = lattice_centres(img, t)
-        rows, cols = img.shape[0] // t, img.shape[1] // t
-        # features of every lattice cell that neighbours a tissue cell
-        need = np.zeros((rows + 2, cols + 2), bool)
-        for dr in (-1, 0, 1):
-            for dc in (-1, 0, 1):
-                need[rc[:, 0] + 1 + dr, rc[:, 1] + 1 + dc] = True
-        nr, nc = np.nonzero(need)
-        cells = np.stack(
-            [crop(img, (c - 0.5) * t, (r - 0.5) * t, t) for r, c in zip(nr, nc, strict=True)]
-        )
-        feat = np.zeros((rows + 2, cols + 2, enc.morph_dim), np.float32)
-        feat[nr, nc] = enc.tile_features(cells)
-        ring = np.zeros((len(rc), enc.morph_dim), np.float32)
-        for dr in (-1, 0, 1):
-            for dc in (-1, 0, 1):
-                if dr or dc:
-                    ring += feat[rc[:, 0] + 1 + dr, rc[:, 1] + 1 + dc]
-        lat_tiles = np.stack([crop(img, x, y, t) for x, y in cxy])
-        lat_ctx2 = np.stack([crop(img, x, y, 2 * t) for x, y in cxy])
-        out["lat_tiles"] = lat_tiles
-        out["lat_expr"] = genst_predict(genst, lat_ctx2)
-        out["lat_pool"] = enc.encode_genes(out["lat_expr"])
-        out["lat_morph"] = ring / 8.0
-        out["lat_xy"] = cxy.astype(np.float32)
-    tmp = path.with_name(path.name + ".partial.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
-    return out
 
 
 # ----------------------------------------------------------------------------- DiT training
@@ -388,96 +134,6 @@ class STMDiTTrainConfig:
     n_gene_tokens: int = 16
 
 
-def assemble(feats: list[dict], labels: str) -> dict:
-    """Concatenate sections' rows: tiles, expr, pool, morph, is_real."""
-    keys = ("tiles", "expr", "pool", "morph")
-    parts: dict[str, list] = {k: [] for k in keys}
-    real = []
-    for f in feats:
-        if labels in ("real", "both"):
-            for k in keys:
-                parts[k].append(f[f"spot_{k}"])
-            real.append(np.ones(len(f["spot_expr"]), bool))
-        if labels in ("ptpl", "both"):
-            if "lat_expr" not in f:
-                raise StgenError("pseudo-labels need a GenST model (labels='ptpl'/'both')")
-            for k in keys:
-                parts[k].append(f[f"lat_{k}"])
-            real.append(np.zeros(len(f["lat_expr"]), bool))
-    out = {k: np.concatenate(v, 0) for k, v in parts.items()}
-    out["is_real"] = np.concatenate(real)
-    return out
-
-
-def encode_latents(ae, tiles: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Posterior means of the tile autoencoder, (N, C, S, S) float32."""
-    import torch
-
-    from ..models.stmdit import images_to_tensor
-
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(tiles), batch):
-            out.append(ae.encode(images_to_tensor(tiles[i : i + batch]))[0].numpy())
-    return np.concatenate(out, 0).astype(np.float32)
-
-
-def tensors_sha(tensors: dict) -> str:
-    """sha256 over named tensors (sorted names and values): identifies weights independently
-    of a checkpoint file's metadata (whose card records wall-clock times)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(tensors.items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def ae_tensor_sha(ae) -> str:
-    """``tensors_sha`` of an autoencoder's state."""
-    return tensors_sha(ae.state_dict())
-
-
-def load_ae(path: str | Path):
-    """The tile autoencoder saved by ``train_autoencoder`` (or inside an STMDiT checkpoint)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from ..models.stmdit import autoencoder_from_config
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "ae_config" in meta:
-        cfg = json.loads(meta["ae_config"])
-    else:
-        cfg = json.loads(meta["stgen_card"])["ae"]
-    ae = autoencoder_from_config(cfg)
-    t = load_file(str(path))
-    ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
-    return ae.eval()
-
-
-def ae_geometry(ae) -> tuple[float, int]:
-    """(µm/px, px per 112 µm tile) of a tile autoencoder: 0.875 / 128 for v2, else 1.75 / 64."""
-    if getattr(ae.cfg, "kind", "") == "v2":
-        from .stmdit_ae import AE2_MPP
-
-        return AE2_MPP, int(round(112.0 / AE2_MPP))
-    return TILE_MPP, int(round(112.0 / TILE_MPP))
-
-
-def resolve_ae(name_or_path: str | Path) -> Path:
-    """A tile-autoencoder file: a path (``train_autoencoder`` output or any STMDiT checkpoint),
-    or an STMDiT checkpoint name such as ``default`` (its ``ae.*`` tensors)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    from ..models.checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(str(name_or_path), "stmdit")
-
-
 def _stats(data: dict) -> dict:
     real = data["expr"][data["is_real"]] if data["is_real"].any() else data["expr"]
     return {
@@ -492,7 +148,7 @@ def _stats(data: dict) -> dict:
     }
 
 
-def train_dit(
+def train_dit(  # noqa: PLR0913 - the checkpoint's inputs plus run switches tests pass by name
     data: dict,
     ae,
     enc,
@@ -518,8 +174,7 @@ def train_dit(
     import torch
     from tqdm import tqdm
 
-    from ..models.checkpoint import save_checkpoint
-    from ..models.stmdit import DiTConfig, STMDiT
+    from napari_stgen.models.stmdit import DiTConfig, STMDiT
 
     torch.set_num_threads(tcfg.threads)
 
@@ -557,7 +212,7 @@ def train_dit(
     start, hist = 0, []
     if resume and state_path.exists():
         start, hist = _load_dit_state(state_path, dit, ema, opt)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s + start, tcfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s + start, tcfg.steps))
     bar = tqdm(
         range(start, tcfg.steps),
         desc="stmdit",
@@ -635,13 +290,7 @@ def train_dit(
         "dit": cfg.to_dict(),
         "cond": enc.config(),
         "latent_scale": latent_scale,
-        "sampler": {
-            "kind": "rectified-flow Euler",
-            "steps": 16,
-            "shift": 1.0,
-            "guidance_genes": 2.0,
-            "guidance_morph": 1.0,
-        },
+        "sampler": SamplerSettings.card_block(),
         "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in tcfg.__dict__.items()},
         "train_rows": {
             "measured_spots": int(data["is_real"].sum()),
@@ -700,7 +349,7 @@ def _save_dit_state(path: Path, dit, ema, opt, step: int, hist: list) -> None:
             t[f"opt.{i}.exp_avg"] = s["exp_avg"]
             t[f"opt.{i}.exp_avg_sq"] = s["exp_avg_sq"]
             t[f"opt.{i}.step"] = torch_tensor(float(s["step"]))
-    _save_state(path, t, {"step": step, "hist": hist})
+    save_state(path, t, {"step": step, "hist": hist})
 
 
 def torch_tensor(x: float):
@@ -730,26 +379,43 @@ def _load_dit_state(path: Path, dit, ema, opt) -> tuple[int, list]:
 # ----------------------------------------------------------------------------- entry point
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """Provenance a training run records in its card."""
+
+    command: str = ""  # the command line that ran it
+    note: str = ""  # recorded as ``training_note``
+    name: str | None = None  # the model's name (default: the output's stem)
+
+
+def _training_sections(data_dir: str | Path, holdout: tuple[str, ...]) -> list:
+    secs = read_sections(data_dir)
+    names = [s.name for s in secs]
+    bad = [h for h in holdout if h not in names]
+    if bad:
+        raise StgenError(f"{data_dir}: hold-out section(s) {bad} not found; available: {names}")
+    train_secs = [s for s in secs if s.name not in holdout]
+    if not train_secs:
+        raise StgenError("no training section left after the hold-out")
+    return train_secs
+
+
 def train_stmdit(
     data_dir: str | Path,
     out: str | Path,
-    steps: int = 3000,
-    seed: int = 0,
-    resume: bool = False,
-    threads: int = 1,
-    holdout: list[str] | tuple[str, ...] = (),
-    labels: str = "both",
     genst: str | Path | None = "default",
     ae_path: str | Path | None = None,
     ae_steps: int = 1500,
     cache_dir: str | Path | None = None,
-    command: str = "",
+    resume: bool = False,
     progress: bool = True,
-    note: str = "",
-    name: str | None = None,
-    **overrides,
+    info: RunInfo | None = None,
+    **overrides: Any,
 ) -> Path:
     """Train STMDiT end to end on a HER2ST directory and write the checkpoint ``out``.
+
+    ``overrides``: :class:`STMDiTTrainConfig` fields (steps, seed, threads, holdout, labels,
+    batch, ...; ``tile_px`` defaults to the autoencoder's).
 
     1. tile autoencoder (``ae_path`` reused when given, else trained: ``<out>.ae.safetensors``);
     2. frozen condition encoders copied from the GenST checkpoint ``genst``;
@@ -759,24 +425,20 @@ def train_stmdit(
     """
     import torch
 
-    from ..io.her2st import read_sections
-    from ..models.stmdit import GenSTCondition
+    from napari_stgen.models.stmdit import GenSTCondition
 
+    info = info or RunInfo()
+    holdout = tuple(overrides.pop("holdout", ()))
+    labels = overrides.get("labels", "both")
+    seed, threads = overrides.get("seed", 0), overrides.get("threads", 1)
     torch.set_num_threads(threads)
 
     safe_cpu_training()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if labels not in ("real", "ptpl", "both"):
-        raise StgenError(f"--labels must be real, ptpl or both, got {labels!r}")
-    secs = read_sections(data_dir)
-    names = [s.name for s in secs]
-    bad = [h for h in holdout if h not in names]
-    if bad:
-        raise StgenError(f"{data_dir}: hold-out section(s) {bad} not found; available: {names}")
-    train_secs = [s for s in secs if s.name not in holdout]
-    if not train_secs:
-        raise StgenError("no training section left after the hold-out")
+        raise StgenError(f"labels must be real, ptpl or both, got {labels!r}")
+    train_secs = _training_sections(data_dir, holdout)
     if ae_path is None:
         ae_path = out.with_name(out.stem + ".ae.safetensors")
         if not ae_path.exists():
@@ -803,15 +465,7 @@ def train_stmdit(
         for s in train_secs
     ]
     data = assemble(feats, labels)
-    tcfg = STMDiTTrainConfig(
-        steps=steps,
-        seed=seed,
-        threads=threads,
-        labels=labels,
-        holdout=tuple(holdout),
-        tile_px=tile_px,
-        **overrides,
-    )
+    tcfg = STMDiTTrainConfig(**{**overrides, "holdout": holdout, "tile_px": tile_px})
     extra = {
         "data": {
             "dir": str(data_dir),
@@ -819,7 +473,7 @@ def train_stmdit(
             "held_out": list(holdout),
             "note": "tile autoencoder trained on image tiles of all sections (no expression)",
         },
-        "command": command,
+        "command": info.command,
         "genst": {
             "path": gpath.name,
             "sha256": gsha,
@@ -829,10 +483,10 @@ def train_stmdit(
         },
         "autoencoder": {"path": Path(ae_path).name, "ae_sha256": ae_tensor_sha(ae)},
     }
-    if note:
-        extra["training_note"] = note
-    if name:
-        extra["name"] = name
+    if info.note:
+        extra["training_note"] = info.note
+    if info.name:
+        extra["name"] = info.name
     return train_dit(
         data, ae, enc, panel, out, tcfg, card_extra=extra, resume=resume, progress=progress, mpp=mpp
     )
@@ -883,8 +537,6 @@ def train_fold(
     An existing ``out`` trained with the same recipe and hold-out is reused; ``<out>.state``
     is resumed.
     """
-    from ..models.checkpoint import load_checkpoint, resolve_checkpoint
-
     path = resolve_checkpoint(model, "stmdit")
     _, card = load_checkpoint(path, "stmdit")
     recipe = fold_recipe(card)
@@ -903,22 +555,15 @@ def train_fold(
         gm, *_ = load_genst_model(genst)
         if genst_label_key(gm) != gsha:
             log(f"warning: GenST per-tile outputs differ from the ones {path.name} was trained on")
-    steps, seed, labels = recipe.pop("steps"), recipe.pop("seed"), recipe.pop("labels")
-    threads = recipe.pop("threads", 1)
+    command = fold_command(card, data_dir, holdout, out).replace("MODEL", str(path))
     res = train_stmdit(
         data_dir,
         out,
-        steps=steps,
-        seed=seed,
-        resume=True,
-        threads=threads,
-        holdout=[holdout],
-        labels=labels,
         genst=genst,
         ae_path=path,
-        command=fold_command(card, data_dir, holdout, out).replace("MODEL", str(path)),
+        resume=True,
         progress=progress,
-        name=f"stmdit_fold_{holdout}",
-        **recipe,
+        info=RunInfo(command=command, name=f"stmdit_fold_{holdout}"),
+        **{**recipe, "holdout": [holdout]},
     )
     return Path(res)

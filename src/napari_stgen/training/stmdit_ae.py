@@ -16,11 +16,22 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..inference.device import safe_cpu_training
-from .stmdit import DEFAULT_CACHE, _save_state, dihedral, random_tissue_crops, section_image
+from napari_stgen.inference.device import safe_cpu_training
+from napari_stgen.io.her2st import read_sections
+from napari_stgen.models.checkpoint import resolve_checkpoint
+from napari_stgen.training.stmdit_data import (
+    DEFAULT_CACHE,
+    TILE_MPP,
+    dihedral,
+    lr_factor,
+    random_tissue_crops,
+    save_state,
+    section_image,
+)
 
 AE2_MPP = 0.875  # µm per pixel of the v2 autoencoder (128 px per 112 µm)
 
@@ -165,8 +176,12 @@ def train_autoencoder_v2(
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..io.her2st import read_sections
-    from ..models.stmdit import AE2Config, PatchDiscriminator, TileAutoencoderV2, images_to_tensor
+    from napari_stgen.models.stmdit import (
+        AE2Config,
+        PatchDiscriminator,
+        TileAutoencoderV2,
+        images_to_tensor,
+    )
 
     cfg = cfg or AE2TrainConfig()
     torch.set_num_threads(cfg.threads)
@@ -213,7 +228,7 @@ def train_autoencoder_v2(
         t.update(_opt_tensors(opt, list(ae.parameters()), "opt"))
         t.update(_opt_tensors(dopt, list(disc.parameters()), "dopt"))
         meta = {"step": step, "hist": hist, "wall_s": round(wall, 1)}
-        _save_state(state_path, t, meta)
+        save_state(state_path, t, meta)
         rec = {
             **meta,
             "steps": cfg.steps,
@@ -315,7 +330,7 @@ def reconstruct(ae, tiles: np.ndarray, batch: int = 32) -> np.ndarray:
     """Autoencoder reconstructions (posterior mean) of uint8 tiles."""
     import torch
 
-    from ..models.stmdit import images_to_tensor, tensor_to_images
+    from napari_stgen.models.stmdit import images_to_tensor, tensor_to_images
 
     out = []
     with torch.inference_mode():
@@ -323,3 +338,130 @@ def reconstruct(ae, tiles: np.ndarray, batch: int = 32) -> np.ndarray:
             x = images_to_tensor(np.ascontiguousarray(tiles[i : i + batch]))
             out.append(tensor_to_images(ae.decode(ae.encode(x)[0])))
     return np.concatenate(out, 0)
+
+
+# ----------------------------------------------------------------------------- v1 autoencoder
+
+
+@dataclass(frozen=True)
+class AETrainConfig:
+    """Hyper-parameters of the v1 tile autoencoder (``train_autoencoder``)."""
+
+    steps: int = 1500
+    batch: int = 16
+    tile_px: int = 64  # crop edge (px at TILE_MPP)
+    seed: int = 0
+    lr: float = 1e-3
+    kl_weight: float = 1e-6  # weight of the KL term next to L1 + gradient
+    threads: int = 1  # torch CPU threads
+    log_every: int = 50  # steps between loss records and saved states
+
+
+def train_autoencoder(
+    data_dir: str | Path,
+    out: str | Path,
+    cache_dir: str | Path | None = None,
+    sections: list[str] | None = None,
+    progress: bool = True,
+    **hparams: Any,
+) -> Path:
+    """Train the tile autoencoder on random tissue crops of every section (no labels).
+
+    ``hparams``: fields of :class:`AETrainConfig` (steps, batch, tile_px, seed, lr, ...).
+    Saves ``out`` (safetensors: ``ae.*`` tensors; metadata: config and losses). Resumes from
+    ``out + '.state'`` when present.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    from napari_stgen.models.stmdit import AEConfig, TileAutoencoder, images_to_tensor
+
+    cfg = AETrainConfig(**hparams)
+    steps, batch, tile_px, seed, threads = cfg.steps, cfg.batch, cfg.tile_px, cfg.seed, cfg.threads
+    lr, kl_weight, log_every = cfg.lr, cfg.kl_weight, cfg.log_every
+    torch.set_num_threads(threads)
+
+    safe_cpu_training()
+    cache_dir = Path(cache_dir or DEFAULT_CACHE)
+    secs = read_sections(data_dir, sections)
+    imgs = [section_image(s, TILE_MPP, cache_dir) for s in secs]
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ae = TileAutoencoder(AEConfig())
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    out = Path(out)
+    state_path = Path(str(out) + ".state")
+    start, hist = 0, []
+    if state_path.exists():
+        st = load_file(state_path)
+        ae.load_state_dict({k[3:]: v for k, v in st.items() if k.startswith("ae.")})
+        meta = json.loads(state_path.with_suffix(".json").read_text())
+        start, hist = meta["step"], meta["hist"]
+        rng = np.random.default_rng(seed + start)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s + start, steps))
+    bar = tqdm(
+        range(start, steps), desc="autoencoder", initial=start, total=steps, disable=not progress
+    )
+    run = 0.0
+    for step in bar:
+        x = images_to_tensor(random_tissue_crops(imgs, batch, tile_px, rng))
+        x = dihedral(x, int(rng.integers(8)))
+        rec, m, lv = ae(x)
+        l1 = (rec - x).abs().mean()
+        grad = (
+            (rec[..., 1:, :] - rec[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])
+        ).abs().mean() + ((rec[..., 1:] - rec[..., :-1]) - (x[..., 1:] - x[..., :-1])).abs().mean()
+        kl = 0.5 * (m.pow(2) + lv.exp() - 1 - lv).sum((1, 2, 3)).mean()
+        loss = l1 + 0.5 * grad + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        run = 0.98 * run + 0.02 * l1.item() if step > start else l1.item()
+        bar.set_postfix(l1=f"{run:.4f}")
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            hist.append([step + 1, round(run, 5)])
+            st = {f"ae.{k}": v.detach().clone() for k, v in ae.state_dict().items()}
+            save_state(state_path, st, {"step": step + 1, "hist": hist})
+    tensors = {f"ae.{k}": v.detach().contiguous() for k, v in ae.state_dict().items()}
+    meta = {"ae_config": json.dumps(AEConfig().to_dict()), "hist": json.dumps(hist)}
+    tmp = out.with_name(out.name + ".partial")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    return out
+
+
+def load_ae(path: str | Path):
+    """The tile autoencoder saved by ``train_autoencoder`` (or inside an STMDiT checkpoint)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from napari_stgen.models.stmdit import autoencoder_from_config
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "ae_config" in meta:
+        cfg = json.loads(meta["ae_config"])
+    else:
+        cfg = json.loads(meta["stgen_card"])["ae"]
+    ae = autoencoder_from_config(cfg)
+    t = load_file(str(path))
+    ae.load_state_dict({k[3:]: v for k, v in t.items() if k.startswith("ae.")})
+    return ae.eval()
+
+
+def ae_geometry(ae) -> tuple[float, int]:
+    """(µm/px, px per 112 µm tile) of a tile autoencoder: 0.875 / 128 for v2, else 1.75 / 64."""
+    if getattr(ae.cfg, "kind", "") == "v2":
+        return AE2_MPP, int(round(112.0 / AE2_MPP))
+    return TILE_MPP, int(round(112.0 / TILE_MPP))
+
+
+def resolve_ae(name_or_path: str | Path) -> Path:
+    """A tile-autoencoder file: a path (``train_autoencoder`` output or any STMDiT checkpoint),
+    or an STMDiT checkpoint name such as ``default`` (its ``ae.*`` tensors)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    return resolve_checkpoint(str(name_or_path), "stmdit")

@@ -34,8 +34,10 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stgen.inference import codebook as cb
+from napari_stgen.inference.tiles import read_tiles, visible_region_um
 from napari_stgen.widgets.close_watcher import disconnect_on_destroyed
 from napari_stgen.widgets.dock import scrolling_dock
+from napari_stgen.widgets.predict import camera_of
 from napari_stgen.widgets.slide_picker import SlidePicker
 from napari_stgen.widgets.state import get_state
 
@@ -71,8 +73,6 @@ def _profiles_job(state: Any) -> Any:
 
 
 def _thumbs_job(slide: Any, grid: Any, tiles: np.ndarray, code: int) -> tuple[int, np.ndarray]:
-    from napari_stgen.inference.tiles import read_tiles
-
     return code, read_tiles(slide, grid, tiles, THUMB_PX)
 
 
@@ -352,9 +352,6 @@ class CodebookWidget(QWidget):
     def _scope_rows(self) -> np.ndarray:
         store = self.state.store
         if self.scope_combo.currentText() == "visible region":
-            from napari_stgen.inference.tiles import visible_region_um
-            from napari_stgen.widgets.predict import camera_of
-
             cam = camera_of(self.viewer)
             return store.rows_in_region(
                 visible_region_um(cam.center, cam.zoom, self.viewer.canvas.size)

@@ -9,7 +9,9 @@ past the screen.
 from __future__ import annotations
 
 from qtpy.QtCore import QSize, Qt
-from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QSpinBox, QVBoxLayout, QWidget
+
+from napari_stgen.inference.device import default_threads, usable_cores
 
 __all__ = ["scrolling_dock", "collapsible", "shrinkable", "threads_spin"]
 
@@ -80,10 +82,6 @@ def collapsible(title: str, layout_items: QWidget | None = None, expanded: bool 
 
 def threads_spin(state: object) -> QWidget:
     """A spin box of the viewer's torch CPU threads (shared by the widgets via the state)."""
-    from qtpy.QtWidgets import QSpinBox
-
-    from napari_stgen.inference.device import default_threads, usable_cores
-
     spin = QSpinBox()
     spin.setRange(1, usable_cores())
     spin.setValue(state.threads or default_threads())

@@ -1,4 +1,4 @@
-"""Progress bars of worker jobs, closed exactly once per job (shared by the widgets).
+"""Worker jobs of the widgets: their lifecycle (:class:`WidgetJobs`) and progress bars.
 
 A napari ``progress`` bar is created on the first progress message of a job and closed when
 the job finishes. Creating a bar can process Qt events, so a job's *finished* signal may be
@@ -10,9 +10,25 @@ reported while a bar is being created is applied once it exists (no nested creat
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["JobProgress"]
+from napari_stgen.errors import Cancelled, StgenError
+from napari_stgen.inference.cancel import CancelToken
+from napari_stgen.widgets.close_watcher import CloseWatcher
+
+__all__ = ["DockProgress", "Failed", "JobProgress", "JobSpec", "WidgetJobs", "guarded"]
+
+
+@dataclass
+class JobSpec:
+    """How a job reports back: progress label, result and end callbacks, failure prefix."""
+
+    desc: str | None = None  # progress-bar label; the worker yields (done, total)
+    on_return: Callable[[Any], None] | None = None
+    on_finished: Callable[[Any, bool], None] | None = None  # (token, was it the newest)
+    failed: str = ""  # "<failed>: <error>" is notified when the worker raises
 
 
 class JobProgress:
@@ -36,7 +52,7 @@ class JobProgress:
             return
         entry = self._bars.get(id(token))
         if entry is None:
-            from napari.utils import progress
+            from napari.utils import progress  # napari: loaded on the first bar
 
             self._creating.add(id(token))
             try:
@@ -125,3 +141,119 @@ class DockProgress:
             self._finished.add(token)
         self._active.clear()
         self._hide()
+
+
+# ----------------------------------------------------------------------------- worker lifecycle
+class Failed:
+    """A worker's clear, expected failure (StgenError): returned and shown, not raised in Qt."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def guarded(what: str, gen: Generator[Any, None, Any]) -> Generator[Any, None, Any]:
+    """Run a job generator: cancelled → None, a ``StgenError`` → :class:`Failed` ("what failed")."""
+    try:
+        return (yield from gen)
+    except Cancelled:
+        return None
+    except StgenError as e:
+        return Failed(f"{what} failed: {e}")
+
+
+class WidgetJobs:
+    """The worker lifecycle of a dock widget, shared by Predict and Synthesize.
+
+    Each job has a *kind* ('predict', 'profile', 'generate', 'load', ...). :meth:`new_token`
+    cancels the running job of that kind (a newer request cancels the older one) and issues
+    a fresh :class:`CancelToken`; :meth:`start` runs a napari ``thread_worker`` with progress
+    (``(done, total)`` yields when ``desc`` is given), its result, and an error notification;
+    when a job ends its progress bar closes and its token is retired. The widget's window
+    closing calls ``on_close``; the widget's destruction cancels every token still live.
+    """
+
+    def __init__(
+        self,
+        widget: Any,
+        progress: Any,
+        notify: Callable[[str, bool], None],
+        on_close: Callable[[], object],
+    ) -> None:
+        self.widget = widget
+        self.progress = progress
+        self.notify = notify
+        self.workers: list[Any] = []  # running workers (newest last)
+        self.tokens: dict[str, CancelToken] = {}  # the newest token of each kind
+        live = self._live = []  # every unfinished token; the destroyed hook holds only this
+        self._closer = CloseWatcher(on_close)
+        self._watched: int | None = None
+        widget.destroyed.connect(lambda *_: [t.cancel() for t in list(live)])
+
+    @property
+    def busy(self) -> bool:
+        """Whether any worker is running."""
+        return bool(self.workers)
+
+    def new_token(self, kind: str) -> CancelToken:
+        """Cancel the running job of ``kind`` and return the token of its successor."""
+        self.cancel(kind)
+        tok = self.tokens[kind] = CancelToken()
+        self._live.append(tok)
+        return tok
+
+    def is_current(self, kind: str, token: Any) -> bool:
+        """Whether ``token`` is the newest of ``kind`` and not cancelled."""
+        return token is self.tokens.get(kind) and not token.cancelled
+
+    def start(self, kind: str, worker: Any, token: Any = None, spec: JobSpec | None = None) -> Any:
+        """Start ``worker`` (a napari worker, not started) as a job of ``kind``."""
+        spec = spec or JobSpec()
+        worker._stgen_kind = kind
+        if spec.desc is not None and token is not None:
+            worker.yielded.connect(lambda p, t=token: self.progress.update(t, *p, spec.desc))
+        if spec.on_return is not None:
+            worker.returned.connect(spec.on_return)
+        if spec.failed:
+            worker.errored.connect(lambda e: self.notify(f"{spec.failed}: {e}", True))
+        worker.finished.connect(lambda w=worker, t=token: self._finished(w, kind, t, spec))
+        self.workers.append(worker)
+        self._watch_window()
+        worker.start()
+        return worker
+
+    def _finished(self, worker: Any, kind: str, token: Any, spec: JobSpec) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+        current = token is not None and self.tokens.get(kind) is token
+        if token is not None:
+            if token in self._live:
+                self._live.remove(token)
+            self.progress.finish(token)
+        if current:
+            self.tokens.pop(kind, None)
+        if spec.on_finished is not None:
+            spec.on_finished(token, current)
+
+    def cancel(self, *kinds: str) -> None:
+        """Cancel the jobs of ``kinds`` (all tokens and workers when none is given): their
+        tokens stop them at the next check, their workers quit, their bars close."""
+        for kind, tok in list(self.tokens.items()):
+            if not kinds or kind in kinds:
+                tok.cancel()
+                self.progress.finish(tok)
+        for w in list(self.workers):
+            if not kinds or getattr(w, "_stgen_kind", None) in kinds:
+                w.quit()
+
+    def shutdown(self) -> None:
+        """Cancel every job (the viewer is closing) and close every bar."""
+        for tok in list(self._live):
+            tok.cancel()
+        self.cancel()
+        self.progress.close_all()
+
+    def _watch_window(self) -> None:
+        win = self.widget.window()
+        if win is not self.widget and id(win) != self._watched:
+            win.installEventFilter(self._closer)
+            self._watched = id(win)  # an id, not the window: no reference cycle to leak it
