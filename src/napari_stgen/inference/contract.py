@@ -22,8 +22,9 @@ from napari_stgen.coords import Grid
 
 if TYPE_CHECKING:  # type names only: these modules need the contract themselves
     from napari_stgen.inference.cache import TileCache
+    from napari_stgen.inference.cancel import CancelToken
     from napari_stgen.inference.confidence import Confidence
-    from napari_stgen.inference.engine import CancelToken, PartialResult
+    from napari_stgen.inference.engine import PartialResult
     from napari_stgen.io.slide import Slide
 
 #: Patches (or sites) per model call, everywhere a batch size defaults.
