@@ -210,7 +210,7 @@ def lopo(a) -> int:
     tcfg = TrainConfig(seed=a.seed, knn_k=a.knn_k, dim=a.dim, depth=a.depth)
     if a.steps:
         tcfg.steps = a.steps
-    sets, panel, bench = load_lopo_data(a.data, a.expression_data)
+    data = load_lopo_data(a.data, a.expression_data)
     out = Path(a.out)
     res = {
         "protocol": "leave-one-patient-out over patients A-F; train on every section "
@@ -231,9 +231,7 @@ def lopo(a) -> int:
         if save:
             save.parent.mkdir(parents=True, exist_ok=True)
         r = lopo_fold(
-            sets,
-            panel,
-            bench,
+            data,
             p,
             tcfg,
             model=model,
@@ -294,7 +292,7 @@ def main(argv=None) -> int:
     import torch
 
     from napari_stgen.io.her2st import list_sections
-    from napari_stgen.training.evaluate_histotx import run_fold
+    from napari_stgen.training.evaluate_histotx import Comparators, HiddenSplit, run_fold
     from napari_stgen.training.histotx import TrainConfig
 
     torch.set_num_threads(1)
@@ -319,8 +317,8 @@ def main(argv=None) -> int:
             a.data,
             h,
             tcfg,
-            genst_model=a.genst,
-            hide_frac=a.hide,
+            split=HiddenSplit(a.hide),
+            compare=Comparators(genst_model=a.genst),
             save_model=save,
             adapt_steps=a.adapt_steps,
             log=lambda s, h=h: print(f"[{h}] {s}", file=sys.stderr, flush=True),

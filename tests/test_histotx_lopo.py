@@ -108,8 +108,9 @@ def test_lopo_fold_holds_the_patient_out_and_reports_knn(lopo_data):
     from napari_stgen.training.evaluate_histotx import knn_interpolate, lopo_fold, split_hidden
     from napari_stgen.training.histotx import TrainConfig
 
-    (sets, panel, bench), _ = lopo_data
-    res = lopo_fold(sets, panel, bench, "A", TrainConfig(**TINY), log=lambda s: None)
+    data, _ = lopo_data
+    sets, panel, bench = data
+    res = lopo_fold(data, "A", TrainConfig(**TINY), log=lambda s: None)
     assert res["split"] == "leave-one-patient-out" and res["test_patient"] == "A"
     assert res["test_sections"] == ["A1"]
     assert "A" not in res["train_patients"] and not any(

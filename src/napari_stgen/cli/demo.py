@@ -18,6 +18,18 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from napari_stgen.errors import StgenError
+from napari_stgen.inference.batch import predict_slide
+from napari_stgen.inference.patches import read_patches
+from napari_stgen.inference.predictor import load_genst
+from napari_stgen.inference.synthesis import gene_vector, load_stmdit, save_tile_png, synthesize
+from napari_stgen.io.anndata import h5ad_mpp
+from napari_stgen.io.sample import read_spots, sample_slide_path, sample_spots_path
+from napari_stgen.io.slide import open_slide
+from napari_stgen.models.checkpoint import resolve_checkpoint
+
 SAMPLE_SECTION = "C3"  # the bundled sample is HER2ST section C3
 
 
@@ -35,8 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _pearson(a, b) -> float:
-    import numpy as np
-
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.std() == 0 or b.std() == 0:
         return float("nan")
@@ -44,13 +54,7 @@ def _pearson(a, b) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     from anndata import read_h5ad
-
-    from ..errors import StgenError
-    from ..inference.batch import predict_slide
-    from ..inference.predictor import load_genst
-    from ..io.sample import read_spots, sample_slide_path, sample_spots_path
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,10 +119,6 @@ def run(args: argparse.Namespace) -> int:
 def _tissue_box_um(ad) -> list[float]:
     """World (x0, y0, x1, y1) µm around the measured spots (the tissue section), one spot
     pitch of margin: the grid is predicted on the tissue, not on background smudges."""
-    import numpy as np
-
-    from ..io.anndata import h5ad_mpp
-
     mpp = h5ad_mpp(ad)[0]
     xy = np.asarray(ad.obsm["spatial"], dtype=np.float64)[:, :2] * mpp
     d = np.sort(np.linalg.norm(xy[:, None] - xy[None, :50], axis=-1), axis=0)[1]
@@ -168,7 +168,6 @@ def _figure(ad, measured, total, gene: str, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     lib = next(iter(ad.uns["spatial"]))
     img = ad.uns["spatial"][lib]["images"]["lowres"]
@@ -203,17 +202,10 @@ def _figure(ad, measured, total, gene: str, path: Path) -> Path:
 
 
 def _synthesize(ad, slide_path: Path, gene: str, out: Path) -> dict | str:
-    import numpy as np
-
-    from ..models.checkpoint import resolve_checkpoint
-
     try:
         resolve_checkpoint("default", "stmdit")
     except Exception as e:  # noqa: BLE001 - generation is optional in the demo
         return f"skipped: {e}"
-    from ..inference.patches import read_patches
-    from ..inference.synthesis import gene_vector, load_stmdit, save_tile_png, synthesize
-    from ..io.slide import open_slide
 
     model = load_stmdit("default")
     i = int(np.argmax(ad[:, gene].X.ravel()))

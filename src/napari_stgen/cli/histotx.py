@@ -198,8 +198,8 @@ def _run_lopo(args: argparse.Namespace) -> dict:
             raise StgenError(f"--sections: no section {unknown} in {args.data} or {edir}")
         imaged = [n for n in args.sections if n in have_img]
         expression = [n for n in args.sections if n in have_expr and n not in have_img]
-    sets, panel, bench = load_lopo_data(args.data, edir, imaged, expression, args.cache)
-    have = sorted({s.patient for s in sets})
+    data = load_lopo_data(args.data, edir, imaged, expression, args.cache)
+    have = sorted({s.patient for s in data.sets})
     pts = args.holdout_patient or [p for p in PATIENTS if p in have]
     bad = [p for p in pts if p not in have]
     if bad:
@@ -211,9 +211,7 @@ def _run_lopo(args: argparse.Namespace) -> dict:
         model = load_histotx(args.model, device="cpu")
     folds = [
         lopo_fold(
-            sets,
-            panel,
-            bench,
+            data,
             p,
             _tcfg(args),
             model=model,
@@ -230,18 +228,16 @@ def _run_lopo(args: argparse.Namespace) -> dict:
 
 
 def _run_section(args: argparse.Namespace) -> dict:
-    from napari_stgen.training.evaluate_histotx import run_fold
+    from napari_stgen.training.evaluate_histotx import Comparators, HiddenSplit, run_fold
 
     return run_fold(
         args.data,
         args.holdout,
         _tcfg(args),
         model=args.model,
-        genst_model=args.genst,
-        hide_frac=args.hide,
-        split_seed=args.split_seed,
+        split=HiddenSplit(args.hide, args.split_seed),
+        compare=Comparators(gp=not args.no_gp, genst_model=args.genst),
         adapt_steps=max(0, args.adapt_steps),
-        gp=not args.no_gp,
         cache_dir=args.cache,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from napari_stgen.inference.synthesis import (
     save_tile_png,
     synthesize,
 )
+from napari_stgen.io.atomic import write_text_atomic
 from napari_stgen.io.slide import open_slide
 from napari_stgen.io.validate import check_tile_image, validate_h5ad
 from napari_stgen.training.evaluate_stmdit import evaluate_stmdit
@@ -212,40 +212,28 @@ def _evaluate(args) -> int:
                 log=lambda s: print(s, file=sys.stderr, flush=True),
             )
         )
-    sampler = None
-    if args.train_fold is not None:
-        # the fold model is evaluated with the sampler settings of the model whose recipe it used
-        sampler = load_stmdit(args.model).card.get("sampler")
-    guidance = None
-    if args.guidance_genes is not None or args.guidance_morph is not None:
-        guidance = (
-            load_stmdit(model)
-            .sampler.resolve(guidance_genes=args.guidance_genes, guidance_morph=args.guidance_morph)
-            .guidance
-        )
+    # a fold model is evaluated with the sampler settings of the model whose recipe it used
+    base = load_stmdit(args.model if args.train_fold is not None else model).sampler
+    settings = base.resolve(
+        steps=args.steps,
+        guidance_genes=args.guidance_genes,
+        guidance_morph=args.guidance_morph,
+        guidance_expr=args.guidance_expr,
+        guide=args.guide,
+    )
     res = evaluate_stmdit(
         args.data,
         args.holdout,
         model=model,
         genst=args.genst,
         seeds=args.seeds,
-        steps=args.steps,
-        guidance=guidance,
+        settings=settings,
         parts=tuple(args.parts),
         log=lambda s: print(s, file=sys.stderr, flush=True),
-        guidance_expr=args.guidance_expr,
-        guide=args.guide,
-        sampler=sampler,
     )
     text = json.dumps(res, indent=1)
     if args.out:
-        tmp = Path(args.out).with_name(Path(args.out).name + ".partial")
-        try:
-            tmp.write_text(text + "\n")
-            os.replace(tmp, args.out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_text_atomic(args.out, text + "\n")
     print(text)
     return 0
 

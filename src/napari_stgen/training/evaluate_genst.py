@@ -18,6 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_stgen.errors import StgenError
+from napari_stgen.inference.predictor import load_genst
+from napari_stgen.training.baselines import cnn_baseline, mean_baseline, ridge_baseline
+from napari_stgen.training.genst import TrainConfig, train_genst
+from napari_stgen.training.genst_context import context_latent, section_tokens
+
 from ..inference.stain import normalise, stain_stats
 from ..io.her2st import smooth_over_neighbours
 from .data import SectionData, load_dataset, split_holdout
@@ -71,10 +77,6 @@ def run_fold(
     """
     import torch
 
-    from ..errors import StgenError
-    from .baselines import cnn_baseline, mean_baseline, ridge_baseline
-    from .genst import TrainConfig, train_genst
-
     sections, panel, bench = load_dataset(data_dir, cache_dir=cache_dir)
     te, tr = split_holdout(sections, holdout, data_dir)
     if stain_norm:
@@ -102,8 +104,6 @@ def run_fold(
         mpanel = panel
         res["image_codes"] = hist["image_codes"]
     else:
-        from ..inference.predictor import load_genst
-
         pred = load_genst(model, device="cpu")
         net, mpanel = pred.model, pred.genes
         res["model"] = {"name": pred.name, "path": str(pred.path), "sha256": pred.checksum}
@@ -119,7 +119,6 @@ def run_fold(
     # te.y is in `panel` order; bring model predictions into panel order for the 50 genes.
     # One encoder pass: the tokens of the 4 rotations give TTA 1 (rotation 0), TTA 4 (mean)
     # and, with a context head, the windows.
-    from .genst_context import context_latent, section_tokens
 
     t0 = time.time()
     feat, zhat = section_tokens(net, te.patches, 4)

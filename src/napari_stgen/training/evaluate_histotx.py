@@ -21,11 +21,35 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
+from scipy.spatial import cKDTree
+from scipy.stats import spearmanr
 
-from .metrics import pearson_per_gene
+from napari_stgen.errors import StgenError
+from napari_stgen.inference.adapt import adapt_to_measured
+from napari_stgen.inference.histotx import HistoTxPredictor, load_histotx
+from napari_stgen.inference.histotx_sites import predict_sites
+from napari_stgen.inference.measured import denoise_measured, measured_spread
+from napari_stgen.inference.patches import patches_from_array
+from napari_stgen.inference.predictor import load_genst
+from napari_stgen.io.her2st import read_her2st_section
+from napari_stgen.training.data import split_holdout
+from napari_stgen.training.histotx import (
+    TrainConfig,
+    load_expression_spotsets,
+    load_spotsets,
+    model_card,
+    train_histotx,
+)
+from napari_stgen.training.histotx import save_model as _save
+from napari_stgen.training.metrics import pearson_per_gene
 
 
 def split_hidden(n: int, frac: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +61,6 @@ def split_hidden(n: int, frac: float = 0.5, seed: int = 0) -> tuple[np.ndarray, 
 
 def nearest_neighbour(xy_vis: np.ndarray, y_vis: np.ndarray, xy_q: np.ndarray) -> np.ndarray:
     """Profile of the nearest visible spot for each query."""
-    from scipy.spatial import cKDTree
-
     _, i = cKDTree(xy_vis).query(xy_q, k=1)
     return y_vis[i]
 
@@ -47,8 +69,6 @@ def gaussian_process(
     xy_vis: np.ndarray, y_vis: np.ndarray, xy_q: np.ndarray, seed: int = 0
 ) -> np.ndarray:
     """Per-column GP regression (kriging) of ``y_vis`` at the queries; positions in µm."""
-    import warnings
-
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
@@ -73,12 +93,6 @@ def _score(pred: np.ndarray, true: np.ndarray) -> dict:
 
 def genst_predict(genst_model: str | Path, data_dir: str | Path, holdout: str, xy_px, mpp):
     """GenST predictions (panel = its genes) at the held-out section's spots, and its card."""
-    from PIL import Image
-
-    from ..inference.patches import patches_from_array
-    from ..inference.predictor import load_genst
-    from ..io.her2st import read_her2st_section
-
     pred = load_genst(genst_model, device="cpu")
     sec = read_her2st_section(data_dir, holdout)
     Image.MAX_IMAGE_PIXELS = None
@@ -88,30 +102,41 @@ def genst_predict(genst_model: str | Path, data_dir: str | Path, holdout: str, x
     return pred.predict(patches).expr, pred
 
 
+@dataclass(frozen=True)
+class HiddenSplit:
+    """Which spots of a held-out section are hidden: a ``frac`` of them, drawn with ``seed``."""
+
+    frac: float = 0.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Comparators:
+    """Methods scored beside HistoTx and kNN: a Gaussian process (``gp``) and, when
+    ``genst_model`` is given, that GenST checkpoint's image-only prediction."""
+
+    gp: bool = True
+    genst_model: str | Path | None = None
+
+
 def run_fold(
     data_dir: str | Path,
     holdout: str,
-    tcfg=None,
+    tcfg: TrainConfig | None = None,
     model: str | Path | None = None,
-    genst_model: str | Path | None = None,
-    hide_frac: float = 0.5,
-    split_seed: int = 0,
-    gp: bool = True,
+    split: HiddenSplit = HiddenSplit(),
+    compare: Comparators = Comparators(),
     cache_dir: str | Path | None = None,
     save_model: str | Path | None = None,
     adapt_steps: int = 0,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Train HistoTx without ``holdout`` (or load ``model``) and score all methods on it."""
     import torch
 
-    from ..errors import StgenError
-    from ..inference.histotx import load_histotx, predict_sites
-    from .histotx import TrainConfig, load_spotsets, model_card, train_histotx
-    from .histotx import save_model as _save
-
     sets, panel, bench = load_spotsets(data_dir, cache_dir=cache_dir)
-    from .data import split_holdout
+    hide_frac, split_seed = split.frac, split.seed
+    gp, genst_model = compare.gp, compare.genst_model
 
     te, tr = split_holdout(sets, holdout, data_dir)
     hid, vis = split_hidden(len(te.xy_um), hide_frac, split_seed)
@@ -159,7 +184,6 @@ def run_fold(
     t1 = time.time()
     # every mode predicts the hidden spots from all image tokens of the section
     window = dict(max_img=max_img, max_tx=max_tx, radius_um=radius, exclude_self=True)
-    from ..inference.histotx import denoise_measured
 
     y_tok = denoise_measured(te.y[vis])  # transcript tokens as the library makes them
     measured = (y_tok, None, te.xy_um[vis])
@@ -171,8 +195,6 @@ def run_fold(
     res["predict_seconds"] = round(time.time() - t1, 2)
     adapted = None
     if adapt_steps > 0:
-        from .histotx import adapt_to_measured
-
         t2 = time.time()
         net_a = adapt_to_measured(
             net, te.feats[vis], te.xy_um[vis], te.y[vis], steps=adapt_steps, tcfg=tcfg
@@ -241,8 +263,6 @@ def knn_interpolate(
 ) -> np.ndarray:
     """k-nearest-visible-spot interpolation: plain mean of the k nearest rows of ``y_vis``
     (``idw``: weights 1 / distance) at each query; positions in µm."""
-    from scipy.spatial import cKDTree
-
     k = max(1, min(k, len(xy_vis)))
     d, i = cKDTree(xy_vis).query(xy_q, k=k)
     d, i = d.reshape(len(xy_q), k), i.reshape(len(xy_q), k)
@@ -257,24 +277,19 @@ def load_lopo_data(
     imaged: list[str] | None = None,
     expression: list[str] | None = None,
     cache_dir: str | Path | None = None,
-) -> tuple[list, list[str], list[str]]:
+) -> LopoData:
     """Imaged (``her2st_dir``) + expression-only (``expression_dir``) SpotSets, the panel and
     the 50 benchmark genes, both from the imaged sections read (all five: BENCHMARKS.md's).
     ``imaged`` / ``expression`` restrict the sections (None: all)."""
-    from ..errors import StgenError
-    from .histotx import load_expression_spotsets, load_spotsets
-
     if imaged is not None and not imaged:
         raise StgenError("need at least one imaged section (the gene panel is chosen on them)")
     sets, panel, bench = load_spotsets(her2st_dir, imaged, cache_dir=cache_dir)
     if expression_dir is not None and expression != []:
         sets = sets + load_expression_spotsets(expression_dir, panel, expression)
-    return sets, panel, bench
+    return LopoData(sets, panel, bench)
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
     r = spearmanr(a, b).statistic
     return float(r) if np.isfinite(r) else 0.0
 
@@ -301,9 +316,6 @@ def score_section(
     fused after each of ``adapt_steps``. HistoTx's transcript tokens are the visible profiles
     after ``denoise_measured`` (as the library does); ``*_raw``: the raw profiles. Also the
     Spearman of candidate uncertainties with each spot's absolute error."""
-    from ..inference.histotx import denoise_measured, predict_sites
-    from .histotx import adapt_to_measured
-
     window = window or {}
     pres = s.gene_present()
     genes = [g for g in bench if pres[panel.index(g)]]
@@ -354,9 +366,6 @@ def score_section(
         },
     }
     # uncertainty candidates vs. per-spot absolute error (gene-SD units)
-    from scipy.spatial import cKDTree
-
-    from ..inference.histotx import measured_spread
 
     sd = net.y_std.numpy()
     dist = cKDTree(v_xy).query(q_xy, k=1)[0]
@@ -384,27 +393,31 @@ def _mean_summary(rows: list[dict]) -> dict:
     }
 
 
+class LopoData(NamedTuple):
+    """SpotSets of every section, the gene panel and the 50 benchmark genes."""
+
+    sets: list
+    panel: list[str]
+    bench: list[str]
+
+
 def lopo_fold(
-    sets: list,
-    panel: list[str],
-    bench: list[str],
+    data: LopoData,
     patient: str,
-    tcfg=None,
-    model=None,
+    tcfg: TrainConfig | None = None,
+    model: HistoTxPredictor | None = None,
     split_seeds: tuple[int, ...] = (0,),
     hide_frac: float = 0.5,
     adapt_steps: tuple[int, ...] = (),
     save_model: str | Path | None = None,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> dict:
-    """Leave-one-patient-out fold: train HistoTx on every section of the other patients
-    (imaged + expression-only; or use ``model``, a HistoTxPredictor), then ``score_section``
-    every section of ``patient`` for each split seed. Returns the fold JSON."""
+    """Leave-one-patient-out fold: train HistoTx on every section of the other patients of
+    ``data`` (imaged + expression-only; or use ``model``), then ``score_section`` every
+    section of ``patient`` for each split seed. Returns the fold JSON."""
     import torch
 
-    from ..errors import StgenError
-    from .histotx import TrainConfig, model_card, train_histotx
-    from .histotx import save_model as _save
+    sets, panel, bench = data
 
     test = [s for s in sets if s.patient == patient]
     train = [s for s in sets if s.patient != patient]

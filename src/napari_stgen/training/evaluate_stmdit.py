@@ -23,11 +23,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from scipy import linalg
+from scipy.stats import spearmanr
+
+from napari_stgen.inference.sampler_settings import SamplerSettings
+from napari_stgen.inference.synthesis import load_guide, load_stmdit, synthesize
+from napari_stgen.io.her2st import benchmark_genes, read_sections
+from napari_stgen.models.checkpoint import resolve_checkpoint
+from napari_stgen.models.stmdit import GenSTCondition, images_to_tensor, tensor_to_images
+from napari_stgen.training.baselines import CNNRegressor, fit_cnn_regressor
+from napari_stgen.training.data import split_holdout
+from napari_stgen.training.realism import REFERENCE_MPP, compare_at_scales, spot_tiles_at
+from napari_stgen.training.stmdit import (
+    DEFAULT_CACHE,
+    crop,
+    genst_label_key,
+    genst_patches_for_tiles,
+    genst_predict,
+    load_genst_model,
+    section_features,
+    section_image,
+    tensors_sha,
+)
+from napari_stgen.training.tile_features import colour_texture_features
 
 SLIDER_VALUES = 7
 
@@ -46,32 +75,6 @@ def mean_r(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- oracle
-
-
-def colour_texture_features(tiles: np.ndarray) -> np.ndarray:
-    """Hand-made colour/texture features per tile (RGB + HED statistics, gradients)."""
-    from skimage.color import rgb2hed
-
-    t = np.asarray(tiles, np.float32) / 255.0
-    feats = []
-    for x in t:
-        hed = rgb2hed(x)
-        f = []
-        for img in (x, hed):
-            flat = img.reshape(-1, 3)
-            f += list(flat.mean(0)) + list(flat.std(0))
-            f += list(np.percentile(flat, [10, 50, 90], axis=0).ravel())
-        g = x.mean(-1)
-        for s in (1, 2):
-            gs = g[::s, ::s]
-            gy, gx = np.gradient(gs)
-            mag = np.hypot(gx, gy)
-            f += [mag.mean(), mag.std()]
-        h = hed[..., 0]
-        f += list(np.histogram(h, bins=8, range=(-0.1, 0.3))[0] / h.size)
-        f += [float((g < 0.6).mean()), float((x.max(-1) - x.min(-1) > 0.08).mean())]
-        feats.append(f)
-    return np.asarray(feats, np.float32)
 
 
 class RidgeOracle:
@@ -114,8 +117,6 @@ def kid(fx: np.ndarray, fy: np.ndarray, n_sub: int = 50, sub: int = 100, seed: i
 
 def frechet(fx: np.ndarray, fy: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets."""
-    from scipy import linalg
-
     mx, my = fx.mean(0), fy.mean(0)
     cx, cy = np.cov(fx, rowvar=False), np.cov(fy, rowvar=False)
     s, _ = linalg.sqrtm(cx @ cy, disp=False)
@@ -150,8 +151,6 @@ class FeatureSpace:
 
 
 def _context3(img: np.ndarray, xy: np.ndarray, t: int) -> np.ndarray:
-    from .stmdit import crop
-
     return np.stack([crop(img, x, y, 3 * t) for x, y in xy])
 
 
@@ -161,54 +160,31 @@ def evaluate_stmdit(
     model: str | Path = "default",
     genst: str | Path = "default",
     seeds: int = 3,
-    steps: int | None = None,
-    guidance: tuple[float, float] | None = None,
+    settings: SamplerSettings | None = None,
     cache_dir: str | Path | None = None,
-    log=None,
+    log: Callable[[str], None] | None = None,
     parts: tuple[str, ...] = ("fidelity", "control", "realism", "speed"),
-    guidance_expr: float | None = None,
-    guide: str | Path | None = None,
-    sampler: dict | None = None,
 ) -> dict:
     """All figures of the protocol for one held-out section, as a JSON-able dict.
 
     ``parts`` selects among fidelity, control, realism and speed (realism needs fidelity's
-    tiles, so it runs fidelity too). ``sampler`` overrides the model card's sampler block
-    (steps, guidance scales, expression-guide settings); ``guide``: the GenST checkpoint of
-    the expression guidance (default: the card's ``sampler.guide``)."""
+    tiles, so it runs fidelity too). ``settings``: the sampler settings to evaluate with
+    (steps, guidance scales, the expression guide and its options; default: the model
+    card's), written into the loaded model's card so every sampler call uses them."""
     import torch
-    from scipy.stats import spearmanr
-
-    from ..inference.synthesis import load_stmdit, synthesize
-    from ..io.her2st import benchmark_genes, read_sections
-    from ..models.stmdit import GenSTCondition
-    from .stmdit import (
-        genst_label_key,
-        genst_patches_for_tiles,
-        genst_predict,
-        load_genst_model,
-        section_features,
-        section_image,
-    )
 
     def say(msg):
         if log is not None:
             log(msg)
 
     m = load_stmdit(model)
-    if sampler:  # e.g. the default's sampler settings for its fold model
-        m.card["sampler"] = {**m.card.get("sampler", {}), **sampler}
-    steps = m.default_steps if steps is None else int(steps)
-    sg, sm = m.default_guidance if guidance is None else guidance
-    se = m.default_guidance_expr if guidance_expr is None else float(guidance_expr)
-    gd = None
-    if se > 0:
-        from ..inference.synthesis import load_guide
-
-        gd = load_guide(m, guide or m.card.get("sampler", {}).get("guide", "default"))
+    if settings is not None:  # e.g. the default's sampler settings for its fold model
+        m.card["sampler"] = {**m.card.get("sampler", {}), **dataclasses.asdict(settings)}
+    s_all = m.sampler
+    steps, (sg, sm), se = s_all.steps, s_all.guidance, s_all.guidance_expr
+    gd = load_guide(m, s_all.guide) if se > 0 else None
     eg = {"guidance_expr": se, "guide": gd}
     secs = read_sections(data_dir)
-    from .data import split_holdout
 
     test, train = split_holdout(secs, holdout, data_dir)
     held = list(m.card.get("data", {}).get("held_out", []))
@@ -290,46 +266,11 @@ def evaluate_stmdit(
     # control: slider sweeps of the top-10 genes, others at the training median
     top10 = bench[:10]
     ctrl: dict = {}
-    for gname in top10 if "control" in parts else []:
-        j = m.genes.index(gname)
-        lo, hi = m.gene_range[j]
-        vals = np.linspace(lo, hi, SLIDER_VALUES)
-        prof = np.tile(m.gene_median, (SLIDER_VALUES, 1)).astype(np.float32)
-        prof[:, j] = vals
-        rep, per_seed, rep_ind, rep_cnn = [], [], [], []
+    if "control" in parts:
         gen = functools.partial(
-            synthesize, m, steps=steps, guidance_genes=sg, guidance_morph=sm, focus=[gname], **eg
+            synthesize, m, steps=steps, guidance_genes=sg, guidance_morph=sm, **eg
         )
-        for s in range(seeds):
-            # the slider as used: one seed (same starting noise) for every slider value
-            out = np.concatenate(
-                [gen(prof[i : i + 1], None, seed=2000 + s) for i in range(SLIDER_VALUES)]
-            )
-            r = genst_predict(gmodel, genst_patches_for_tiles(out, px))[:, gpos[gname]]
-            rep.append(r)
-            rep_cnn.append(cnn.predict(out)[:, bench.index(gname)])
-            per_seed.append(spearmanr(vals, r).statistic)
-            # earlier read-out: a different starting noise for every slider value
-            out = gen(prof, None, seed=2000 + s)
-            rep_ind.append(genst_predict(gmodel, genst_patches_for_tiles(out, px))[:, gpos[gname]])
-        rep, rep_ind = np.stack(rep), np.stack(rep_ind)  # (seeds, values)
-        rep_cnn = np.stack(rep_cnn)
-        ctrl[gname] = {
-            "spearman_pooled_cnn_oracle": round(
-                float(spearmanr(np.tile(vals, seeds), rep_cnn.ravel()).statistic), 3
-            ),
-            "cnn_oracle_mean": [round(float(v), 3) for v in rep_cnn.mean(0)],
-            "spearman_pooled_independent_noise": round(
-                float(spearmanr(np.tile(vals, seeds), rep_ind.ravel()).statistic), 3
-            ),
-            "values": [round(float(v), 3) for v in vals],
-            "repredicted_mean": [round(float(v), 3) for v in rep.mean(0)],
-            "spearman_pooled": round(
-                float(spearmanr(np.tile(vals, seeds), rep.ravel()).statistic), 3
-            ),
-            "spearman_per_seed_mean": round(float(np.nanmean(per_seed)), 3),
-            "spearman_seed_mean_curve": round(float(spearmanr(vals, rep.mean(0)).statistic), 3),
-        }
+        ctrl = _control_sweeps(m, gen, top10, seeds, Readout(gmodel, gpos, px, cnn, bench))
     say(f"control done {ctrl}")
 
     # realism in GenST histology-encoder space (the default GenST = the re-predictor)
@@ -338,8 +279,6 @@ def evaluate_stmdit(
         space = FeatureSpace(GenSTCondition.from_genst(gmodel), tiles)
         realism = {k: space.scores(v) for k, v in gen_tiles.items()}
         with torch.inference_mode():
-            from ..models.stmdit import images_to_tensor, tensor_to_images
-
             rec = tensor_to_images(m.ae.decode(m.ae.encode(images_to_tensor(tiles))[0]))
         realism["autoencoder_reconstruction"] = space.scores(rec)
         other = np.concatenate(tr_tiles)
@@ -349,20 +288,7 @@ def evaluate_stmdit(
         realism["pixel_statistics"] = pixel_realism(test, gen_tiles, rec, m.mpp, cache_dir)
 
     # speed
-    g1 = m.gene_median[None]
-    speed: dict = {}
-    for label, c in (("genes", None), ("genes+morph", ctx3[:1])) if "speed" in parts else ():
-        ts = []
-        for r in range(3):
-            t0 = time.perf_counter()
-            synthesize(m, g1, c, seed=r, steps=steps, guidance_genes=sg, guidance_morph=sm, **eg)
-            ts.append(time.perf_counter() - t0)
-        speed[f"s_per_tile_{label}_batch1"] = round(float(np.median(ts)), 3)
-    if "speed" in parts:
-        t0 = time.perf_counter()
-        synthesize(m, np.repeat(g1, 16, 0), ctx3[:16], seed=0, steps=steps, **eg)
-        speed["s_per_tile_genes+morph_batch16"] = round((time.perf_counter() - t0) / 16, 3)
-        speed["torch_threads"] = torch.get_num_threads()
+    speed = _speed(m, ctx3, steps, (sg, sm), eg) if "speed" in parts else {}
 
     ctrl_vals = [v["spearman_pooled"] for v in ctrl.values()]
     return {
@@ -425,12 +351,100 @@ def evaluate_stmdit(
     }
 
 
+
+@dataclass
+class Readout:
+    """How generated tiles are read back: the GenST re-predictor and the CNN oracle."""
+
+    gmodel: Any
+    gpos: dict[str, int]
+    px: int
+    cnn: Any
+    bench: list[str]
+
+    def genst(self, tiles: np.ndarray, gene: str) -> np.ndarray:
+        patches = genst_patches_for_tiles(tiles, self.px)
+        return genst_predict(self.gmodel, patches)[:, self.gpos[gene]]
+
+    def cnn_gene(self, tiles: np.ndarray, gene: str) -> np.ndarray:
+        return self.cnn.predict(tiles)[:, self.bench.index(gene)]
+
+
+def _control_sweeps(
+    m: Any, synth: Callable[..., np.ndarray], genes: list[str], seeds: int, ro: Readout
+) -> dict:
+    """Slider sweeps of ``genes`` (others at the training median), read back by ``ro``."""
+    ctrl: dict = {}
+    for gname in genes:
+        j = m.genes.index(gname)
+        lo, hi = m.gene_range[j]
+        vals = np.linspace(lo, hi, SLIDER_VALUES)
+        prof = np.tile(m.gene_median, (SLIDER_VALUES, 1)).astype(np.float32)
+        prof[:, j] = vals
+        rep, per_seed, rep_ind, rep_cnn = [], [], [], []
+        gen = functools.partial(synth, focus=[gname])
+        for s in range(seeds):
+            # the slider as used: one seed (same starting noise) for every slider value
+            out = np.concatenate(
+                [gen(prof[i : i + 1], None, seed=2000 + s) for i in range(SLIDER_VALUES)]
+            )
+            r = ro.genst(out, gname)
+            rep.append(r)
+            rep_cnn.append(ro.cnn_gene(out, gname))
+            per_seed.append(spearmanr(vals, r).statistic)
+            # earlier read-out: a different starting noise for every slider value
+            out = gen(prof, None, seed=2000 + s)
+            rep_ind.append(ro.genst(out, gname))
+        rep, rep_ind = np.stack(rep), np.stack(rep_ind)  # (seeds, values)
+        rep_cnn = np.stack(rep_cnn)
+        ctrl[gname] = {
+            "spearman_pooled_cnn_oracle": round(
+                float(spearmanr(np.tile(vals, seeds), rep_cnn.ravel()).statistic), 3
+            ),
+            "cnn_oracle_mean": [round(float(v), 3) for v in rep_cnn.mean(0)],
+            "spearman_pooled_independent_noise": round(
+                float(spearmanr(np.tile(vals, seeds), rep_ind.ravel()).statistic), 3
+            ),
+            "values": [round(float(v), 3) for v in vals],
+            "repredicted_mean": [round(float(v), 3) for v in rep.mean(0)],
+            "spearman_pooled": round(
+                float(spearmanr(np.tile(vals, seeds), rep.ravel()).statistic), 3
+            ),
+            "spearman_per_seed_mean": round(float(np.nanmean(per_seed)), 3),
+            "spearman_seed_mean_curve": round(float(spearmanr(vals, rep.mean(0)).statistic), 3),
+        }
+    return ctrl
+
+
+def _speed(
+    m: Any, ctx3: np.ndarray, steps: int, guidance: tuple[float, float], eg: dict
+) -> dict:
+    """Seconds per tile at batch 1 (genes, genes+morph; median of 3) and batch 16."""
+    import torch
+
+    g1 = m.gene_median[None]
+    speed: dict = {}
+    for label, c in (("genes", None), ("genes+morph", ctx3[:1])):
+        ts = []
+        for r in range(3):
+            t0 = time.perf_counter()
+            synthesize(
+                m, g1, c, seed=r, steps=steps, guidance_genes=guidance[0],
+                guidance_morph=guidance[1], **eg,
+            )  # fmt: skip
+            ts.append(time.perf_counter() - t0)
+        speed[f"s_per_tile_{label}_batch1"] = round(float(np.median(ts)), 3)
+    t0 = time.perf_counter()
+    synthesize(m, np.repeat(g1, 16, 0), ctx3[:16], seed=0, steps=steps, **eg)
+    speed["s_per_tile_genes+morph_batch16"] = round((time.perf_counter() - t0) / 16, 3)
+    speed["torch_threads"] = torch.get_num_threads()
+    return speed
+
+
 def pixel_realism(sec, gen_tiles: dict, rec: np.ndarray, mpp: float, cache_dir=None) -> dict:
     """Encoder-independent realism figures (``training.realism``) of every generated set and
     of the autoencoder's reconstructions, against the real tiles of the same spots of ``sec``
     at ``realism.REFERENCE_MPP`` (and at the model's µm/px when it is coarser)."""
-    from .realism import REFERENCE_MPP, compare_at_scales, spot_tiles_at
-
     real = spot_tiles_at(sec, REFERENCE_MPP, cache_dir or _default_cache())
     out: dict = {
         "reference": f"real tiles of the same spots at {REFERENCE_MPP} µm/px; generated tiles "
@@ -445,12 +459,7 @@ def pixel_realism(sec, gen_tiles: dict, rec: np.ndarray, mpp: float, cache_dir=N
 def cnn_oracle(tiles: np.ndarray, expr: np.ndarray, cache_dir=None, epochs: int = 30):
     """The CNN baseline regressor (``training.baselines``) fitted on real 112 µm tiles and
     their measured expression, cached in ``cache_dir`` by the data's checksum."""
-    import hashlib
-    import os
-
     from safetensors.torch import load_file, save_file
-
-    from .baselines import CNNRegressor, fit_cnn_regressor
 
     h = hashlib.sha1(np.ascontiguousarray(tiles).tobytes())
     h.update(np.ascontiguousarray(expr, np.float32).tobytes())
@@ -472,9 +481,6 @@ def _weights_sha(model: str | Path) -> str:
     """``tensors_sha`` of a checkpoint's tensors (the file's sha256 also covers its card)."""
     from safetensors.torch import load_file
 
-    from ..models.checkpoint import resolve_checkpoint
-    from .stmdit import tensors_sha
-
     return tensors_sha(load_file(str(resolve_checkpoint(model, "stmdit"))))
 
 
@@ -483,14 +489,10 @@ def _mean(v: list) -> float | None:
 
 
 def _spot_tiles(sec, t: int, cache_dir, mpp: float) -> np.ndarray:
-    from .stmdit import crop, section_image
-
     img = section_image(sec, mpp, cache_dir or _default_cache())
     xy = np.asarray(sec.xy_px) * sec.mpp / mpp
     return np.stack([crop(img, x, y, t) for x, y in xy])
 
 
 def _default_cache() -> Path:
-    from .stmdit import DEFAULT_CACHE
-
     return DEFAULT_CACHE

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_stgen.training.evaluate_stmdit import colour_texture_features
 from napari_stgen.training.stmdit_data import crop, section_image
+from napari_stgen.training.tile_features import colour_texture_features
 
 HF_CUTOFF = 0.25  # cycles per µm
 NUCLEUS_UM2 = (10.0, 150.0)
