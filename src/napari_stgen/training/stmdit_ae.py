@@ -38,7 +38,7 @@ AE2_MPP = 0.875  # µm per pixel of the v2 autoencoder (128 px per 112 µm)
 _LOG_EPS = np.log(1e-6)
 
 
-def hed_jitter(
+def hed_jitter_uint8(
     tiles: np.ndarray, rng: np.random.Generator, sigma: float = 0.05, bias: float = 0.01
 ) -> np.ndarray:
     """Stain augmentation (Tellez et al.): per tile and stain, HED → α·HED + β → RGB.
@@ -246,7 +246,7 @@ def train_autoencoder_v2(
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, step])
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        crops = hed_jitter(random_tissue_crops(imgs, cfg.batch, cfg.crop_px, rng), rng)
+        crops = hed_jitter_uint8(random_tissue_crops(imgs, cfg.batch, cfg.crop_px, rng), rng)
         x = dihedral(images_to_tensor(crops), int(rng.integers(8))).contiguous().to(dev)
         f = _lr(step, cfg.steps)
         for g in opt.param_groups:
