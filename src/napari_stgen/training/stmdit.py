@@ -96,7 +96,7 @@ __all__ = [  # the data and autoencoder helpers are re-exported for existing cal
 
 def load_genst_model(name_or_path: str | Path = "default"):
     """(GenST torch model, card, path, sha256) from a GenST checkpoint (no pickle)."""
-    from napari_stgen.models.genst import GenST, GenSTConfig
+    from napari_stgen.models.genst import GenST, GenSTConfig  # torch
 
     path = resolve_checkpoint(name_or_path, "genst")
     tensors, card = load_checkpoint(path, "genst")
@@ -180,7 +180,7 @@ def train_dit(  # noqa: PLR0913 - the checkpoint's inputs plus run switches test
     import torch
     from tqdm import tqdm
 
-    from napari_stgen.models.stmdit import DiTConfig, STMDiT
+    from napari_stgen.models.stmdit import DiTConfig, STMDiT  # torch
 
     torch.set_num_threads(tcfg.threads)
 
@@ -431,7 +431,7 @@ def train_stmdit(
     """
     import torch
 
-    from napari_stgen.models.stmdit import GenSTCondition
+    from napari_stgen.models.stmdit import GenSTCondition  # torch
 
     info = info or RunInfo()
     holdout = tuple(overrides.pop("holdout", ()))

@@ -176,7 +176,7 @@ def train_autoencoder_v2(
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from napari_stgen.models.stmdit import (
+    from napari_stgen.models.stmdit import (  # torch
         AE2Config,
         PatchDiscriminator,
         TileAutoencoderV2,
@@ -330,7 +330,7 @@ def reconstruct(ae, tiles: np.ndarray, batch: int = 32) -> np.ndarray:
     """Autoencoder reconstructions (posterior mean) of uint8 tiles."""
     import torch
 
-    from napari_stgen.models.stmdit import images_to_tensor, tensor_to_images
+    from napari_stgen.models.stmdit import images_to_tensor, tensor_to_images  # torch
 
     out = []
     with torch.inference_mode():
@@ -375,7 +375,7 @@ def train_autoencoder(
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
-    from napari_stgen.models.stmdit import AEConfig, TileAutoencoder, images_to_tensor
+    from napari_stgen.models.stmdit import AEConfig, TileAutoencoder, images_to_tensor  # torch
 
     cfg = AETrainConfig(**hparams)
     steps, batch, tile_px, seed, threads = cfg.steps, cfg.batch, cfg.tile_px, cfg.seed, cfg.threads
@@ -437,7 +437,7 @@ def load_ae(path: str | Path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from napari_stgen.models.stmdit import autoencoder_from_config
+    from napari_stgen.models.stmdit import autoencoder_from_config  # torch
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
