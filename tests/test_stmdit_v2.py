@@ -71,7 +71,7 @@ def test_high_frequency_share_follows_the_physical_scale(real_tiles):
 
 
 def test_hed_jitter_identity_reproduces_the_tile_and_jitter_changes_stain(real_tiles):
-    from napari_stgen.training.stmdit_ae import hed_jitter
+    from napari_stgen.training.stmdit_ae import hed_jitter_uint8 as hed_jitter
 
     a = real_tiles[:4]
     rng = np.random.default_rng(0)

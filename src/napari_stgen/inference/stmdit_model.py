@@ -107,7 +107,7 @@ def ring_tiles(context_patches: np.ndarray, tile_px: int) -> np.ndarray:
 
 def load_stmdit(name_or_path: str | Path = "default", device: str = "cpu") -> STMDiTModel:
     """Load an STMDiT checkpoint ("default" or a path); CheckpointError on a bad file."""
-    from napari_stgen.models.stmdit import (
+    from napari_stgen.models.stmdit import (  # torch
         DiTConfig,
         STMDiT,
         autoencoder_from_config,

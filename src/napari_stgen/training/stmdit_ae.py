@@ -38,7 +38,7 @@ AE2_MPP = 0.875  # µm per pixel of the v2 autoencoder (128 px per 112 µm)
 _LOG_EPS = np.log(1e-6)
 
 
-def hed_jitter(
+def hed_jitter_uint8(
     tiles: np.ndarray, rng: np.random.Generator, sigma: float = 0.05, bias: float = 0.01
 ) -> np.ndarray:
     """Stain augmentation (Tellez et al.): per tile and stain, HED → α·HED + β → RGB.
@@ -176,7 +176,7 @@ def train_autoencoder_v2(
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from napari_stgen.models.stmdit import (
+    from napari_stgen.models.stmdit import (  # torch
         AE2Config,
         PatchDiscriminator,
         TileAutoencoderV2,
@@ -246,7 +246,7 @@ def train_autoencoder_v2(
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, step])
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        crops = hed_jitter(random_tissue_crops(imgs, cfg.batch, cfg.crop_px, rng), rng)
+        crops = hed_jitter_uint8(random_tissue_crops(imgs, cfg.batch, cfg.crop_px, rng), rng)
         x = dihedral(images_to_tensor(crops), int(rng.integers(8))).contiguous().to(dev)
         f = _lr(step, cfg.steps)
         for g in opt.param_groups:
@@ -330,7 +330,7 @@ def reconstruct(ae, tiles: np.ndarray, batch: int = 32) -> np.ndarray:
     """Autoencoder reconstructions (posterior mean) of uint8 tiles."""
     import torch
 
-    from napari_stgen.models.stmdit import images_to_tensor, tensor_to_images
+    from napari_stgen.models.stmdit import images_to_tensor, tensor_to_images  # torch
 
     out = []
     with torch.inference_mode():
@@ -375,7 +375,7 @@ def train_autoencoder(
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
-    from napari_stgen.models.stmdit import AEConfig, TileAutoencoder, images_to_tensor
+    from napari_stgen.models.stmdit import AEConfig, TileAutoencoder, images_to_tensor  # torch
 
     cfg = AETrainConfig(**hparams)
     steps, batch, tile_px, seed, threads = cfg.steps, cfg.batch, cfg.tile_px, cfg.seed, cfg.threads
@@ -437,7 +437,7 @@ def load_ae(path: str | Path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from napari_stgen.models.stmdit import autoencoder_from_config
+    from napari_stgen.models.stmdit import autoencoder_from_config  # torch
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
