@@ -2,8 +2,9 @@
 
 Each area owns a module here with ``register(subparsers)`` (top-level commands) and/or
 ``register_train(sub)`` / ``register_evaluate(sub)`` (``stgen train X`` / ``stgen evaluate X``).
-A command sets ``func`` (called with the parsed args, returns an exit code or None). Heavy
-imports happen inside ``func``. Errors with a user-facing reason (``StgenError``, missing or
+A command sets ``func`` (called with the parsed args, returns an exit code or None), named
+with ``cli.lazy.command("<area>_commands:<function>")`` so its module (and torch) loads only
+when the command runs. Errors with a user-facing reason (``StgenError``, missing or
 unreadable files, out of memory) print one line and exit 2, no traceback; anything else is a
 bug, printed as one ``internal error`` line with exit 1 (``STGEN_DEBUG=1``: the traceback).
 """
@@ -11,27 +12,16 @@ bug, printed as one ``internal error`` line with exit 1 (``STGEN_DEBUG=1``: the 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
-from ..errors import StgenError
+from napari_stgen import __version__
+from napari_stgen.cli import batch, demo, genst, histotx, predict, slide, stmdit
+from napari_stgen.errors import StgenError
 
-# Modules that contribute commands; missing ones are skipped so areas can land independently.
-_AREAS = ("slide", "genst", "predict", "batch", "stmdit", "histotx", "demo")
-
-
-def _area_modules() -> list:
-    mods = []
-    for name in _AREAS:
-        try:
-            mods.append(importlib.import_module(f"{__package__}.{name}"))
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{name}":
-                raise
-    return mods
+# Modules that contribute commands (argument registration only: handlers load on use).
+_AREAS = (slide, genst, predict, batch, stmdit, histotx, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_sub = train.add_subparsers(dest="model", metavar="MODEL")
     evaluate = sub.add_parser("evaluate", help="evaluate a model (prints JSON figures)")
     eval_sub = evaluate.add_subparsers(dest="model", metavar="MODEL")
-    for mod in _area_modules():
+    for mod in _AREAS:
         if hasattr(mod, "register"):
             mod.register(sub)
         if hasattr(mod, "register_train"):

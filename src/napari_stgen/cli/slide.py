@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from napari_stgen.cli.lazy import command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,13 +18,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mpp", type=float, default=None, help="µm per pixel of level 0 (overrides the file)"
     )
-    p.set_defaults(func=_info)
-
-
-def _info(args: argparse.Namespace) -> int:
-    from ..io.slide import open_slide
-
-    with open_slide(args.slide, mpp=args.mpp) as slide:
-        info = slide.info()
-    print(json.dumps(info, indent=2))
-    return 0
+    p.set_defaults(func=command("slide_commands:info"))
