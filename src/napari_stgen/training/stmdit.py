@@ -16,6 +16,7 @@ with independent dropout of the gene and morphology conditions and EMA weights.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.device import safe_cpu_training
@@ -34,6 +36,7 @@ from napari_stgen.models.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from napari_stgen.models.stmdit import DiTConfig, GenSTCondition, STMDiT
 from napari_stgen.training.stmdit_ae import (
     ae_geometry,
     load_ae,
@@ -169,12 +172,7 @@ def train_dit(  # noqa: PLR0913 - the checkpoint's inputs plus run switches test
     ``rng(seed, step)`` so a resumed run sees the same batches as an uninterrupted one.
     ``stop_after``: stop (state saved, no checkpoint written, returns None) after that step.
     """
-    import copy
-
     import torch
-    from tqdm import tqdm
-
-    from napari_stgen.models.stmdit import DiTConfig, STMDiT
 
     torch.set_num_threads(tcfg.threads)
 
@@ -424,8 +422,6 @@ def train_stmdit(
     4. the DiT with independent condition dropout and EMA weights.
     """
     import torch
-
-    from napari_stgen.models.stmdit import GenSTCondition
 
     info = info or RunInfo()
     holdout = tuple(overrides.pop("holdout", ()))

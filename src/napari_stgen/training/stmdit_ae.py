@@ -19,10 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from napari_stgen.inference.device import safe_cpu_training
 from napari_stgen.io.her2st import read_sections
 from napari_stgen.models.checkpoint import resolve_checkpoint
+from napari_stgen.models.stmdit import (
+    AE2Config,
+    AEConfig,
+    PatchDiscriminator,
+    TileAutoencoder,
+    TileAutoencoderV2,
+    autoencoder_from_config,
+    images_to_tensor,
+    tensor_to_images,
+)
 from napari_stgen.training.stmdit_data import (
     DEFAULT_CACHE,
     TILE_MPP,
@@ -176,13 +187,6 @@ def train_autoencoder_v2(
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from napari_stgen.models.stmdit import (  # torch
-        AE2Config,
-        PatchDiscriminator,
-        TileAutoencoderV2,
-        images_to_tensor,
-    )
-
     cfg = cfg or AE2TrainConfig()
     torch.set_num_threads(cfg.threads)
     safe_cpu_training()
@@ -330,8 +334,6 @@ def reconstruct(ae, tiles: np.ndarray, batch: int = 32) -> np.ndarray:
     """Autoencoder reconstructions (posterior mean) of uint8 tiles."""
     import torch
 
-    from napari_stgen.models.stmdit import images_to_tensor, tensor_to_images  # torch
-
     out = []
     with torch.inference_mode():
         for i in range(0, len(tiles), batch):
@@ -373,9 +375,6 @@ def train_autoencoder(
     """
     import torch
     from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
-
-    from napari_stgen.models.stmdit import AEConfig, TileAutoencoder, images_to_tensor  # torch
 
     cfg = AETrainConfig(**hparams)
     steps, batch, tile_px, seed, threads = cfg.steps, cfg.batch, cfg.tile_px, cfg.seed, cfg.threads
@@ -436,8 +435,6 @@ def load_ae(path: str | Path):
     """The tile autoencoder saved by ``train_autoencoder`` (or inside an STMDiT checkpoint)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from napari_stgen.models.stmdit import autoencoder_from_config  # torch
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

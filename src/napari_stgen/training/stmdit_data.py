@@ -12,10 +12,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.patches import crop_padded
 from napari_stgen.inference.synthesis import ring_tiles
+from napari_stgen.models.genst import to_input
+from napari_stgen.models.stmdit import images_to_tensor
 from napari_stgen.training.data import cache_dir as _cache_dir
 
 TILE_MPP = 1.75  # µm per pixel of generated tiles
@@ -27,8 +30,6 @@ DEFAULT_CACHE = _cache_dir("stmdit", "STGEN_CACHE_STMDIT")
 
 def section_image(sec, mpp: float, cache_dir: Path) -> np.ndarray:
     """The section image resampled to ``mpp`` µm/px (cached .npy, memory-mapped)."""
-    from PIL import Image
-
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{sec.name}_img_{mpp:.4f}.npy"
@@ -127,8 +128,6 @@ def genst_predict(model, patches: np.ndarray, tta: int = 4, batch: int = 128) ->
     patch size when they are at another µm/px)."""
     import torch
     import torch.nn.functional as F
-
-    from napari_stgen.models.genst import to_input  # torch
 
     out = []
     px = int(model.cfg.patch_px)
@@ -280,8 +279,6 @@ def assemble(feats: list[dict], labels: str) -> dict:
 def encode_latents(ae, tiles: np.ndarray, batch: int = 256) -> np.ndarray:
     """Posterior means of the tile autoencoder, (N, C, S, S) float32."""
     import torch
-
-    from napari_stgen.models.stmdit import images_to_tensor  # torch
 
     out = []
     with torch.inference_mode():
