@@ -144,21 +144,12 @@ def _profile_from_h5ad(model, path: str, obs: str):
     return {g: float(row[pos[g]]) for g in shared}
 
 
-def _save_leaving_nothing(save, out: str, *a) -> None:
-    """``save(out, *a)`` (temp files then rename); on failure no ``.partial`` stays behind."""
-    out_p = Path(out)
-    temps = [
-        out_p.with_name(out_p.name + ".partial"),
-        out_p.with_name(out_p.name + ".json.partial"),
-    ]
+def _save_tile(out: str, tile: np.ndarray, mpp: float, meta: dict) -> None:
+    """``save_tile_png`` (atomic: no partial file stays behind), OSError as a one-line reason."""
     try:
-        save(out, *a)
-    except BaseException as e:
-        for t in temps:
-            t.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise StgenError(f"{out}: cannot write the tile ({e.strerror or e})") from e
-        raise
+        save_tile_png(out, tile, mpp, meta)
+    except OSError as e:
+        raise StgenError(f"{out}: cannot write the tile ({e.strerror or e})") from e
 
 
 def synthesize_tile(args: argparse.Namespace) -> int:
@@ -227,6 +218,6 @@ def synthesize_tile(args: argparse.Namespace) -> int:
         }
     )
     check_tile_image(tile, args.out)
-    _save_leaving_nothing(save_tile_png, args.out, tile, model.mpp, meta)
+    _save_tile(args.out, tile, model.mpp, meta)
     print(f"{args.out}: {tile.shape[1]}x{tile.shape[0]} px at {model.mpp} µm/px")
     return 0

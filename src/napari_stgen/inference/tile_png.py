@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from napari_stgen.errors import StgenError
+from napari_stgen.io.atomic import atomic_path, write_text_atomic
 
 
 def save_tile_png(path: str | Path, tile: np.ndarray, mpp: float, meta: dict | None = None) -> Path:
@@ -26,13 +26,9 @@ def save_tile_png(path: str | Path, tile: np.ndarray, mpp: float, meta: dict | N
     pi.add_text("stgen:mpp", f"{float(mpp):.6g}")
     pi.add_text("stgen", json.dumps(info))
     ppm = 1e6 / float(mpp)  # pixels per metre
-    tmp = path.with_name(path.name + ".partial")
-    Image.fromarray(tile).save(tmp, format="PNG", pnginfo=pi, dpi=(ppm * 0.0254, ppm * 0.0254))
-    os.replace(tmp, path)
-    side = path.with_name(path.name + ".json")
-    tmpj = side.with_name(side.name + ".partial")
-    tmpj.write_text(json.dumps(info, indent=1))
-    os.replace(tmpj, side)
+    with atomic_path(path) as tmp:
+        Image.fromarray(tile).save(tmp, format="PNG", pnginfo=pi, dpi=(ppm * 0.0254, ppm * 0.0254))
+    write_text_atomic(path.with_name(path.name + ".json"), json.dumps(info, indent=1))
     return path
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from scipy.stats import spearmanr
 
 from napari_stgen.inference.sampler_settings import SamplerSettings
 from napari_stgen.inference.synthesis import load_guide, load_stmdit, synthesize
+from napari_stgen.io.atomic import atomic_path
 from napari_stgen.io.her2st import benchmark_genes, read_sections
 from napari_stgen.models.checkpoint import resolve_checkpoint
 from napari_stgen.models.stmdit import GenSTCondition, images_to_tensor, tensor_to_images
@@ -470,10 +470,8 @@ def cnn_oracle(tiles: np.ndarray, expr: np.ndarray, cache_dir=None, epochs: int 
     if path.exists():
         return CNNRegressor.from_state(load_file(str(path)))
     reg = fit_cnn_regressor(tiles, np.asarray(expr, np.float32), epochs=epochs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(reg.state(), str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(reg.state(), str(tmp))
     return reg
 
 

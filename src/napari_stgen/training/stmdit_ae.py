@@ -12,7 +12,6 @@ file (weights, discriminator, both Adam states, step) continues bit-identically.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from napari_stgen.inference.device import safe_cpu_training
+from napari_stgen.io.atomic import atomic_path
 from napari_stgen.io.her2st import read_sections
 from napari_stgen.models.checkpoint import resolve_checkpoint
 from napari_stgen.models.stmdit import (
@@ -159,9 +159,8 @@ def write_ae2(path: Path, ae, meta: dict) -> Path:
     tensors = {f"ae.{k}": v.detach().float().cpu().contiguous() for k, v in ae.state_dict().items()}
     md = {"ae_config": json.dumps(ae.cfg.to_dict())}
     md.update({k: json.dumps(v) for k, v in meta.items()})
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=md)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=md)
     return path
 
 
@@ -425,9 +424,8 @@ def train_autoencoder(
             save_state(state_path, st, {"step": step + 1, "hist": hist})
     tensors = {f"ae.{k}": v.detach().contiguous() for k, v in ae.state_dict().items()}
     meta = {"ae_config": json.dumps(AEConfig().to_dict()), "hist": json.dumps(hist)}
-    tmp = out.with_name(out.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return out
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.patches import crop_padded
 from napari_stgen.inference.synthesis import ring_tiles
+from napari_stgen.io.atomic import atomic_path, write_text_atomic
 from napari_stgen.models.genst import to_input
 from napari_stgen.models.stmdit import images_to_tensor
 from napari_stgen.training.data import cache_dir as _cache_dir
@@ -40,9 +40,8 @@ def section_image(sec, mpp: float, cache_dir: Path) -> np.ndarray:
             f = sec.mpp / mpp
             size = (max(int(round(im.width * f)), 1), max(int(round(im.height * f)), 1))
             arr = np.asarray(im.resize(size, Image.Resampling.BOX, reducing_gap=None))
-        tmp = path.with_name(path.name + ".partial.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.save(tmp, arr)
     return np.load(path, mmap_mode="r")
 
 
@@ -111,13 +110,9 @@ def save_state(path: Path, tensors: dict, meta: dict) -> None:
     """Write a resumable state: tensors (safetensors) and its JSON metadata, atomically."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-    jp = path.with_suffix(".json")
-    tmpj = jp.with_name(jp.name + ".partial")
-    tmpj.write_text(json.dumps(meta))
-    os.replace(tmpj, jp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta))
 
 
 # ----------------------------------------------------------------------------- GenST labels
@@ -246,9 +241,8 @@ def section_features(
         out["lat_pool"] = enc.encode_genes(out["lat_expr"])
         out["lat_morph"] = ring / 8.0
         out["lat_xy"] = cxy.astype(np.float32)
-    tmp = path.with_name(path.name + ".partial.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **out)
     return out
 
 
