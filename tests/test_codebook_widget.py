@@ -79,3 +79,20 @@ def test_codebook_after_prediction_and_names_in_export(
         k: "tumour epithelium"
     }
     assert "tumour epithelium" in set(a.obs["genst_code_name"].astype(str))
+
+    # a code's suggested region name, from the card's pathology table, labelled as a suggestion
+    from qtpy.QtCore import Qt
+
+    assert w.suggestion_source == "pathologist regions of HER2ST A1, B1, C1, D1, E1, F1"
+    shown = [int(c) for c in np.unique(direct.code)]
+    with_sug = [c for c in shown if c in w.suggestions]
+    assert with_sug, "no code on the view has a suggested name"
+    j = with_sug[0]
+    w.select_code(j)
+    assert w.suggest_label.text().startswith("Suggested name: " + w.suggestions[j].label)
+    assert "base rate" in w.suggest_label.text() and w.suggest_btn.isEnabled()
+    qtbot.mouseClick(w.suggest_btn, Qt.MouseButton.LeftButton)
+    assert st.code_names[j] == w.suggestions[j].label == w.name_edit.text()
+    without = [c for c in range(pred.n_codes) if c not in w.suggestions]
+    w.select_code(without[0])
+    assert w.suggest_label.text().startswith("No suggested name") and not w.suggest_btn.isEnabled()

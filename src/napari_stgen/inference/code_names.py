@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from typing import NamedTuple
 
 #: A suggestion needs this share of the code's spots, this many spots and this enrichment.
 MIN_SHARE = 0.5
@@ -18,15 +19,29 @@ MIN_SPOTS = 5
 MIN_LIFT = 1.25
 
 
-def suggest_names(
+class Suggestion(NamedTuple):
+    """A suggested region name for a code, with its evidence."""
+
+    label: str  # the pathologist's region label
+    share: float  # of the code's labelled spots that carry it
+    spots: int  # labelled spots of the code
+    lift: float  # share over the label's share of all labelled spots
+
+    def __str__(self) -> str:
+        return (
+            f"{self.label} ({self.share:.0%} of {self.spots} spots, {self.lift:.1f}× base rate)"
+        )
+
+
+def suggestions(
     code_labels: Mapping[str | int, Mapping[str, int]],
     min_share: float = MIN_SHARE,
     min_spots: int = MIN_SPOTS,
     min_lift: float = MIN_LIFT,
-) -> dict[int, str]:
-    """A suggested region name per code: its most frequent pathologist label when that label
-    holds ≥ ``min_share`` of the code's ≥ ``min_spots`` labelled spots and is ≥ ``min_lift``
-    times its share of all labelled spots, with share, support and lift (else no entry)."""
+) -> dict[int, Suggestion]:
+    """A suggestion per code: its most frequent pathologist label when that label holds
+    ≥ ``min_share`` of the code's ≥ ``min_spots`` labelled spots and is ≥ ``min_lift`` times
+    its share of all labelled spots (codes without one are left out)."""
     base: Counter = Counter()
     for counts in code_labels.values():
         base.update(counts)
@@ -40,15 +55,21 @@ def suggest_names(
         share = n / total
         lift = share / (base[label] / n_all)
         if share >= min_share and lift >= min_lift:
-            out[int(c)] = f"{label} ({share:.0%} of {total} spots, {lift:.1f}× base rate)"
+            out[int(c)] = Suggestion(label, share, total, lift)
     return out
 
 
-def card_code_names(card: Mapping) -> tuple[dict[int, str], str]:
-    """(suggested names per code, where they come from) from a GenST card; empty when the card
-    carries no pathology table."""
-    path = card.get("codebook", {}).get("pathology")
+def suggest_names(code_labels: Mapping[str | int, Mapping[str, int]]) -> dict[int, str]:
+    """:func:`suggestions` as text, e.g. ``'immune infiltrate (72% of 113 spots, 7.5× base
+    rate)'``."""
+    return {c: str(s) for c, s in suggestions(code_labels).items()}
+
+
+def card_suggestions(card: Mapping) -> tuple[dict[int, Suggestion], str]:
+    """(suggestion per code, where they come from) from a GenST card; empty when the card
+    carries no pathology table (``stgen evaluate codes --update-card`` writes it)."""
+    path = (card.get("codebook") or {}).get("pathology")
     if not isinstance(path, Mapping) or not path.get("code_labels"):
         return {}, ""
     sections = ", ".join(path.get("sections", []))
-    return suggest_names(path["code_labels"]), f"pathologist regions of HER2ST {sections}"
+    return suggestions(path["code_labels"]), f"pathologist regions of HER2ST {sections}"

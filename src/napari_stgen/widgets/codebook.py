@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stgen.inference import codebook as cb
+from napari_stgen.inference.code_names import Suggestion, card_suggestions
 from napari_stgen.inference.tiles import read_tiles, visible_region_um
 from napari_stgen.widgets.close_watcher import disconnect_on_destroyed
 from napari_stgen.widgets.dock import scrolling_dock
@@ -43,6 +44,11 @@ from napari_stgen.widgets.state import get_state
 
 CODES_LAYER = "GenST codes"
 N_EXEMPLARS = 8
+SUGGEST_TIP = (
+    "A suggestion, not a diagnosis: the pathologist's region that most of this code's spots fall "
+    "in when codes are assigned from measured expression on the labelled HER2ST sections, with "
+    "its share of the code's spots and its enrichment over that region's base rate"
+)
 THUMB_PX = 96  # read at this size
 SHOWN_THUMB_PX = 64  # drawn at this size: four fit a narrow dock
 N_PROFILE_GENES = 6  # up and down each in the profile chart: 12 readable labels
@@ -149,6 +155,8 @@ class CodebookWidget(QWidget):
         self.predictor: Any = None
         self.profiles: np.ndarray | None = None
         self.selected: int | None = None
+        self.suggestions: dict[int, Suggestion] = {}  # from the card's pathology table
+        self.suggestion_source = ""
         self.workers: list[Any] = []
         self.thumbnails: np.ndarray | None = None
         self._closed = False
@@ -223,6 +231,17 @@ class CodebookWidget(QWidget):
         self.code_label = QLabel("")
         self.code_label.setWordWrap(True)
         body.addWidget(self.code_label)
+        row = QHBoxLayout()
+        self.suggest_label = QLabel("")
+        self.suggest_label.setWordWrap(True)
+        self.suggest_label.setToolTip(SUGGEST_TIP)
+        row.addWidget(self.suggest_label, 1)
+        self.suggest_btn = QPushButton("Use")
+        self.suggest_btn.setToolTip("Name the code with the suggested region")
+        self.suggest_btn.clicked.connect(self._use_suggestion)
+        self.suggest_btn.setEnabled(False)
+        row.addWidget(self.suggest_btn)
+        body.addLayout(row)
         self._gene_slot = QVBoxLayout()
         body.addLayout(self._gene_slot)
 
@@ -282,6 +301,7 @@ class CodebookWidget(QWidget):
         if self._closed:
             return
         self.predictor, self.profiles = res
+        self.suggestions, self.suggestion_source = card_suggestions(self.predictor.card)
         self._make_figures()
         if not self.predictor.n_codes:
             self.profiles = None
@@ -448,6 +468,7 @@ class CodebookWidget(QWidget):
             f"code {k}: {s.count:,} tiles ({100 * s.fraction:.1f} %) · top up: "
             + ", ".join(g for g, _ in s.up[:5])
         )
+        self._show_suggestion(k)
         self._draw_genes(s)
         if CODES_LAYER in self.viewer.layers:
             layer = self.viewer.layers[CODES_LAYER]
@@ -512,6 +533,22 @@ class CodebookWidget(QWidget):
                     Qt.TransformationMode.SmoothTransformation,
                 )
             )
+
+    def _show_suggestion(self, k: int) -> None:
+        sug = self.suggestions.get(k)
+        if sug is not None:
+            text = f"Suggested name: {sug} — from {self.suggestion_source} (measured expression)"
+        elif self.suggestions:
+            text = f"No suggested name: on {self.suggestion_source} this code is no one region"
+        else:
+            text = ""  # the model's card has no pathology table
+        self.suggest_label.setText(text)
+        self.suggest_btn.setEnabled(sug is not None)
+
+    def _use_suggestion(self) -> None:
+        sug = self.suggestions.get(self.selected)
+        if sug is not None:
+            self.name_code(self.selected, sug.label)
 
     def _on_name_edited(self) -> None:
         if self.selected is not None:
