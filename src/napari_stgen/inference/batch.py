@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import StgenError
 from .confidence import uncertainty_record
+from .export import StoreExtras, store_to_anndata, tile_store
 from .histotx import DEFAULT_ADAPT_STEPS
 
 SPOT_COLUMNS = ("barcode", "x", "y")
@@ -314,24 +315,30 @@ def predict_slide(
             extra["n_unreadable"] = int(skipped.sum())
         if code_names is None:
             code_names = {}
-        adata = predictions_to_anndata(
-            expr,
-            predictor.genes,
-            xy,
-            slide=slide,
-            codes=code,
-            code_names=code_names or None,
-            obs_names=obs_names,
-            model=predictor,
-            region_um=r,
-            obs=obs if len(obs.columns) else None,
-            spot_diameter_um=diam,
-            obs_kind=kind,
-            grid=grid_rec,
-            extra_uns=extra or None,
-            uncertainty=unc,
-            uncertainty_info=uncertainty_record(predictor) if unc is not None else None,
-        )
+        if grid and code is not None:  # GenST tiles: written from a store, as the widgets do
+            store = tile_store(g, predictor, slide, tiles, expr, code, unc)
+            cols = {c: obs[c].to_numpy() for c in obs.columns if c not in ("grid_row", "grid_col")}
+            extras = StoreExtras(uns=extra, obs=cols, region_um=r)
+            adata = store_to_anndata(store, slide, predictor, code_names, None, extras)
+        else:
+            adata = predictions_to_anndata(
+                expr,
+                predictor.genes,
+                xy,
+                slide=slide,
+                codes=code,
+                code_names=code_names or None,
+                obs_names=obs_names,
+                model=predictor,
+                region_um=r,
+                obs=obs if len(obs.columns) else None,
+                spot_diameter_um=diam,
+                obs_kind=kind,
+                grid=grid_rec,
+                extra_uns=extra or None,
+                uncertainty=unc,
+                uncertainty_info=uncertainty_record(predictor) if unc is not None else None,
+            )
         adata.uns["stgen"]["device"] = str(getattr(predictor, "device", device))
         if fmt == "spatialdata":
             from ..io.spatialdata import export_spatialdata
