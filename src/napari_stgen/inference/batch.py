@@ -21,6 +21,7 @@ from napari_stgen.coords import Grid
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.confidence import uncertainty_record
 from napari_stgen.inference.contract import BATCH_SIZE, DEFAULT_ADAPT_STEPS, Predictor, SpotRequest
+from napari_stgen.inference.export import StoreExtras, store_to_anndata, tile_store
 from napari_stgen.inference.registry import load_predictor
 from napari_stgen.inference.tiles import filter_tissue, slide_grid, tile_um_of, tiles_in_region
 from napari_stgen.io.anndata import predictions_to_anndata, write_h5ad
@@ -228,24 +229,34 @@ def predict_slide(  # noqa: PLR0913
             obs["unreadable"] = skipped
             extra["n_unreadable"] = int(skipped.sum())
         unc = res.uncertainty
-        adata = predictions_to_anndata(
-            res.expr,
-            predictor.genes,
-            rows["xy"],
-            slide=slide,
-            codes=res.code,
-            code_names=code_names or None,
-            obs_names=rows["obs_names"],
-            model=predictor,
-            region_um=r,
-            obs=obs if len(obs.columns) else None,
-            spot_diameter_um=rows["diam"],
-            obs_kind=rows["kind"],
-            grid=rows["grid_rec"],
-            extra_uns=extra or None,
-            uncertainty=unc,
-            uncertainty_info=uncertainty_record(predictor) if unc is not None else None,
-        )
+        if code_names is None:
+            code_names = {}
+        if grid and res.code is not None:  # GenST tiles: written from a store, as the widgets do
+            store = tile_store(
+                rows["grid"], predictor, slide, rows["tiles"], res.expr, res.code, unc
+            )
+            cols = {c: obs[c].to_numpy() for c in obs.columns if c not in ("grid_row", "grid_col")}
+            extras = StoreExtras(uns=extra, obs=cols, region_um=r)
+            adata = store_to_anndata(store, slide, predictor, code_names, None, extras)
+        else:
+            adata = predictions_to_anndata(
+                res.expr,
+                predictor.genes,
+                rows["xy"],
+                slide=slide,
+                codes=res.code,
+                code_names=code_names or None,
+                obs_names=rows["obs_names"],
+                model=predictor,
+                region_um=r,
+                obs=obs if len(obs.columns) else None,
+                spot_diameter_um=rows["diam"],
+                obs_kind=rows["kind"],
+                grid=rows["grid_rec"],
+                extra_uns=extra or None,
+                uncertainty=unc,
+                uncertainty_info=uncertainty_record(predictor) if unc is not None else None,
+            )
         adata.uns["stgen"]["device"] = str(getattr(predictor, "device", device))
         if fmt == "spatialdata":
             return export_spatialdata(adata, out, list(slide.levels), overwrite=overwrite)

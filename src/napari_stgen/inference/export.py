@@ -16,13 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from napari_stgen.coords import Grid
 from napari_stgen.errors import StgenError
+from napari_stgen.inference.cache import slide_key
 from napari_stgen.inference.confidence import uncertainty_record
 from napari_stgen.inference.store import PredictionStore
 from napari_stgen.io.anndata_export import ExportRecord, model_record, record_to_anndata
 from napari_stgen.io.records import GeneratedTile, LayerData, Roi
 
-__all__ = ["StoreExtras", "store_to_anndata", "store_layer_data"]
+__all__ = ["StoreExtras", "store_to_anndata", "store_layer_data", "tile_store"]
 
 
 @dataclass
@@ -93,6 +95,24 @@ def store_to_anndata(
         uncertainty_info=uncertainty_record(model) if unc is not None and model else None,
     )
     return record_to_anndata(rec)
+
+
+def tile_store(
+    grid: Grid,
+    predictor: Any,
+    slide: Any,
+    tiles: np.ndarray,
+    expr: np.ndarray,
+    code: np.ndarray,
+    uncertainty: np.ndarray | None = None,
+) -> PredictionStore:
+    """A store of these predicted grid cells (``stgen predict --grid``), so the CLI writes
+    its tiles with :func:`store_to_anndata` like the widgets."""
+    store = PredictionStore()
+    genes = list(predictor.genes)
+    store.reset(grid, genes, slide_key(slide), predictor.checksum, predictor.name, slide.mpp)
+    store.add(tiles, expr, code, uncertainty)
+    return store
 
 
 def store_layer_data(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from napari_stgen.coords import Grid
 from napari_stgen.errors import StgenError
 from napari_stgen.io.anndata_export import (
     NORMALIZATION,
@@ -270,12 +271,11 @@ def _codebook_layers(
     c = adata.obs["grid_col"].to_numpy(np.int64)
     ok = (r >= 0) & (r < shape[0]) & (c >= 0) & (c < shape[1])
     lab[r[ok], c[ok]] = adata.obs["genst_code"].to_numpy(np.int64)[ok] + 1
-    t = float(grid["tile_um"])
-    o = np.asarray(grid["origin_yx_um"], dtype=np.float64).ravel()
+    g = Grid.from_record(grid)
     meta = {
         "name": f"{prefix}codebook",
-        "scale": (t, t),
-        "translate": (o[0] + t / 2, o[1] + t / 2),
+        "scale": g.scale,
+        "translate": g.translate,
         "units": "um",
         "opacity": 0.5,
         "visible": False,

@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 
 from napari_stgen.inference.export import StoreExtras, store_layer_data, store_to_anndata
 from napari_stgen.io.anndata import write_h5ad
+from napari_stgen.io.layer_meta import layer_info
 from napari_stgen.io.napari_writer import generated_tiles, layer_images, shape_rois, write_layers
 from napari_stgen.io.spatialdata import export_spatialdata, write_layers_spatialdata
 from napari_stgen.widgets.state import get_state, is_slide_layer, slide_from_layer
@@ -67,8 +68,7 @@ def _is_spots(layer: Any) -> bool:
     """A spots layer napari-stgen made or read (measured spots, a reopened export's spots,
     the Predict widget's spot circles) rather than the user's own points."""
     md = layer.metadata or {}
-    st = md.get("stgen") or {}
-    return st.get("kind") in ("tiles", "spots") or md.get("stgen_kind") == "spots"
+    return layer_info(md).get("kind") in ("tiles", "spots") or md.get("stgen_kind") == "spots"
 
 
 def _default_checked(layer: Any) -> bool:

@@ -22,7 +22,7 @@ from napari_stgen.errors import StgenError
 from napari_stgen.inference.device import set_threads
 from napari_stgen.inference.registry import load_predictor
 from napari_stgen.inference.store import PredictionStore
-from napari_stgen.io.layer_meta import layer_info
+from napari_stgen.io.layer_meta import layer_info, made_by_stgen
 from napari_stgen.io.slide import Slide, open_slide
 
 __all__ = [
@@ -192,15 +192,15 @@ def is_slide_layer(layer: Any) -> bool:
     """Whether ``layer`` is a slide: an RGB image layer backed by a slide file.
 
     Layers napari-stgen makes are never slides: heatmaps and code maps (not RGB), generated
-    or kept tiles and the thumbnail of a reopened export (their ``metadata['stgen']['kind']``).
+    or kept tiles and the thumbnail of a reopened export (see ``io.layer_meta.made_by_stgen``).
     """
     from napari.layers import Image
 
     if not isinstance(layer, Image) or not layer.rgb:
         return False
-    info = layer_info(layer.metadata)
-    if info.get("kind") or "stgen_generated" in (layer.metadata or {}):
+    if made_by_stgen(layer.metadata):
         return False
+    info = layer_info(layer.metadata)
     return bool(
         id(_unwrap(layer)) in _slides or info.get("path") or getattr(layer.source, "path", None)
     )
