@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_stgen.errors import Cancelled
+from napari_stgen.inference import engine
+from napari_stgen.inference.cache import default_cache
 from napari_stgen.inference.contract import BATCH_SIZE, TileRequest
-from napari_stgen.inference.registry import list_models, read_panel
+from napari_stgen.inference.engine import CancelToken, Estimate
+from napari_stgen.inference.registry import list_models, read_panel, takes_measured
+from napari_stgen.io.slide import Slide
 from napari_stgen.widgets.close_watcher import CloseWatcher
 from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, threads_spin
 from napari_stgen.widgets.gene_search import gene_search_edit
@@ -70,12 +76,8 @@ class Request:
     image_only: bool = False  # HistoTx: ignore the measured spots
 
 
-def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_size: int):
+def _job(state: Any, slide: Slide, model: str, req: Request, token: CancelToken, batch_size: int):
     """Worker generator: load model, plan tiles, then predict batch by batch."""
-    from napari_stgen.errors import Cancelled
-    from napari_stgen.inference import engine
-    from napari_stgen.inference.cache import default_cache
-
     try:
         pred = state.predictor(model)
         state.apply_threads()
@@ -112,8 +114,6 @@ def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_siz
 def _panel_job(state: Any, model: str) -> Any:
     """The model's gene panel and kind from its card's JSON sidecar (no torch: opening the
     widget stays light); the loaded predictor when there is no sidecar or it is loaded."""
-    from types import SimpleNamespace
-
     loaded = state.cached_predictor(model)
     if loaded is not None:
         return loaded
@@ -123,10 +123,7 @@ def _panel_job(state: Any, model: str) -> Any:
     return state.predictor(model)
 
 
-def _estimate_job(state: Any, slide: Any, model: str):
-    from napari_stgen.inference import engine
-    from napari_stgen.inference.cache import default_cache
-
+def _estimate_job(state: Any, slide: Slide, model: str) -> Estimate:
     pred = state.predictor(model)
     state.apply_threads()
     grid, tiles = engine.plan_whole_slide(slide, pred)
@@ -365,7 +362,7 @@ class PredictWidget(QWidget):
             return
         self._panel = list(pred.genes)
         self._gene_model.setStringList(self._panel)
-        is_histotx = getattr(pred, "kind", "genst") == "histotx"
+        is_histotx = takes_measured(pred)
         self.measured_combo.setEnabled(is_histotx)
         self.image_only_check.setEnabled(is_histotx)
         self.uncertainty_check.setEnabled(not is_histotx)  # no uncertainty: say so, not fake
