@@ -8,6 +8,7 @@ import sys
 
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.contract import BATCH_SIZE, DEFAULT_ADAPT_STEPS
+from napari_stgen.inference.device import set_threads
 
 #: how the library's error messages name parameters → this CLI's flags
 FLAGS = (
@@ -107,8 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_stgen.inference.batch import predict_slide
-    from napari_stgen.inference.device import set_threads
+    from napari_stgen.inference.batch import predict_slide  # dask, pandas, scipy: seconds
 
     if args.batch_size < 1:
         print("stgen: error: --batch-size must be >= 1", file=sys.stderr)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from napari_stgen.inference.contract import Kind
+
 K_NOVELTY = 8
 
 
@@ -182,7 +184,7 @@ def uncertainty_record(predictor: object) -> dict | None:
     its definition, that larger means less sure, and the card's held-out calibration (the
     fold and the Spearman of uncertainty vs absolute error). None for a model that gives no
     uncertainty (HistoTx)."""
-    if getattr(predictor, "kind", "genst") != "genst" or not hasattr(predictor, "confidence"):
+    if getattr(predictor, "kind", Kind.GENST) != Kind.GENST or not hasattr(predictor, "confidence"):
         return None
     card = getattr(predictor, "card", None) or {}
     conf = card.get("confidence") or {}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_stgen.inference.engine import CancelToken
 from napari_stgen.inference.neighbours import neighbour_order
 
 if TYPE_CHECKING:  # torch at import: type names only
@@ -69,7 +70,7 @@ def context_latent(
     query: np.ndarray | None = None,
     batch: int = 256,
     device: str = "cpu",
-    cancel: Any = None,
+    cancel: CancelToken | None = None,
     cells: np.ndarray | None = None,
     step: int = 1,
 ) -> np.ndarray:

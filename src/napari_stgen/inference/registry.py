@@ -28,7 +28,15 @@ from napari_stgen.models.checkpoint import (
     sidecar_path,
 )
 
-__all__ = ["Kind", "PREDICTOR_KINDS", "list_models", "load_predictor", "read_panel", "kind_of"]
+__all__ = [
+    "Kind",
+    "PREDICTOR_KINDS",
+    "kind_of",
+    "list_models",
+    "load_predictor",
+    "read_panel",
+    "takes_measured",
+]
 
 _ALIASES = {
     "default": (Kind.GENST, "default"),
@@ -84,6 +92,12 @@ def load_predictor(name_or_path: str | Path = "default", device: str = "auto") -
     if kind is None:
         kind = kind_of(name_or_path)
     return _LOADERS[kind](name, device=device)
+
+
+def takes_measured(predictor: Predictor | object) -> bool:
+    """Whether a predictor (or a ``read_panel`` stand-in with a ``kind``) conditions on
+    measured spots (HistoTx) rather than giving its own uncertainty (GenST)."""
+    return getattr(predictor, "kind", Kind.GENST) == Kind.HISTOTX
 
 
 def read_panel(name_or_path: str | Path) -> dict | None:

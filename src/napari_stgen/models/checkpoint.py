@@ -202,7 +202,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict, di
     validate_card(path, card)
     try:
         tensors = load_file(str(path), device="cpu")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt data
         raise CheckpointError(f"{path}: corrupt tensors ({e})") from e
     expect = card.get("tensor_shapes")
     if isinstance(expect, dict):

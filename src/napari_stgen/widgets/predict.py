@@ -22,8 +22,10 @@ from napari_stgen.inference import engine
 from napari_stgen.inference.cache import default_cache
 from napari_stgen.inference.contract import BATCH_SIZE, TileRequest
 from napari_stgen.inference.device import describe_device
-from napari_stgen.inference.registry import list_models, read_panel
+from napari_stgen.inference.engine import CancelToken, Estimate
+from napari_stgen.inference.registry import list_models, read_panel, takes_measured
 from napari_stgen.inference.tiles import visible_region_um
+from napari_stgen.io.slide import Slide
 from napari_stgen.widgets import layers as L
 from napari_stgen.widgets.jobs import DockProgress, JobSpec, WidgetJobs
 from napari_stgen.widgets.predict_display import REDRAW_MS, HeatmapDisplayMixin
@@ -65,7 +67,7 @@ class Request:
     image_only: bool = False  # HistoTx: ignore the measured spots
 
 
-def _job(state: Any, slide: Any, model: str, req: Request, token: Any, batch_size: int):
+def _job(state: Any, slide: Slide, model: str, req: Request, token: CancelToken, batch_size: int):
     """Worker generator: load model, plan tiles, then predict batch by batch."""
     try:
         pred = state.predictor(model)
@@ -112,7 +114,7 @@ def _panel_job(state: Any, model: str) -> Any:
     return state.predictor(model)
 
 
-def _estimate_job(state: Any, slide: Any, model: str):
+def _estimate_job(state: Any, slide: Slide, model: str) -> Estimate:
     pred = state.predictor(model)
     state.apply_threads()
     grid, tiles = engine.plan_whole_slide(slide, pred)
@@ -226,7 +228,7 @@ class PredictWidget(HeatmapDisplayMixin, QWidget):
             return
         self._panel = list(pred.genes)
         self._gene_model.setStringList(self._panel)
-        is_histotx = getattr(pred, "kind", "genst") == "histotx"
+        is_histotx = takes_measured(pred)
         self.measured_combo.setEnabled(is_histotx)
         self.image_only_check.setEnabled(is_histotx)
         self.uncertainty_check.setEnabled(not is_histotx)  # no uncertainty: say so, not fake
