@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from napari_stgen.cli.predict import add_common, cli_error, cli_message
-from napari_stgen.errors import StgenError
+from napari_stgen.cli.lazy import command
+from napari_stgen.cli.predict import add_common
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,33 +46,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_common(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command("batch_commands:run"))
 
-
-def run(args: argparse.Namespace) -> int:
-    from napari_stgen.inference.cohort import format_summary, run_batch
-
-    try:
-        rows = run_batch(
-            args.slides,
-            args.out_dir,
-            grid=args.grid,
-            spots_dir=args.spots_dir,
-            scheduler=args.scheduler,
-            workers=args.workers,
-            processes=not args.no_processes,
-            overwrite=args.overwrite,
-            mpp=args.mpp,
-            model=args.model,
-            device=args.device,
-            region_um=args.region,
-            batch_size=args.batch_size,
-            progress=not args.quiet,
-            fmt=args.format,
-        )
-    except StgenError as e:
-        raise cli_error(e) from e
-    shown = [{**r, "error": cli_message(str(r.get("error") or ""))} for r in rows]
-    print(format_summary(shown))
-    print(f"summary: {args.out_dir.rstrip('/')}/summary.csv", file=sys.stderr)
-    return 1 if any(r["status"] == "failed" for r in rows) else 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
+
+from napari_stgen.cli.lazy import command
 
 
 def register_train(sub) -> None:
@@ -26,7 +26,7 @@ def register_train(sub) -> None:
     p.add_argument("--name", default=None, help="model name in the card")
     p.add_argument("--folds-json", type=Path, default=None, help="fold figures for the card")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=command("genst_commands:train"))
 
 
 def register_evaluate(sub) -> None:
@@ -49,7 +49,7 @@ def register_evaluate(sub) -> None:
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--per-gene", action="store_true", help="include per-gene figures")
-    p.set_defaults(func=_evaluate)
+    p.set_defaults(func=command("genst_commands:evaluate"))
     c = sub.add_parser(
         "codes",
         help="GenST gene codes vs pathologist regions (NMI/ARI beside k-means; prints JSON)",
@@ -60,7 +60,15 @@ def register_evaluate(sub) -> None:
     c.add_argument("--model", default="default", help="GenST checkpoint (name or path)")
     c.add_argument("--seeds", type=int, default=10, help="k-means seeds")
     c.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    c.set_defaults(func=_evaluate_codes)
+    c.add_argument(
+        "--update-card",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="also store the per-code region counts in this GenST checkpoint's card (the "
+        "Codebook widget suggests code names from them); must be the --model checkpoint",
+    )
+    c.set_defaults(func=command("genst_commands:evaluate_codes"))
 
 
 def _recipe_args(p) -> None:
@@ -78,92 +86,3 @@ def _recipe_args(p) -> None:
         "(sections of the held-out section's patient are left out)",
     )
 
-
-def _tcfg(args):
-    from napari_stgen.training.genst import TrainConfig
-
-    t = TrainConfig(
-        seed=args.seed,
-        threads=args.threads,
-        stain_aug=args.stain_aug,
-        hed_sigma=args.hed_sigma,
-        gene_data=args.gene_data,
-    )
-    if args.epochs is not None:
-        t.epochs = args.epochs
-    return t
-
-
-def _train(args: argparse.Namespace) -> int:
-    from napari_stgen.training.data import CardNotes
-    from napari_stgen.training.genst import train_and_save
-
-    tcfg = _tcfg(args)
-    cmd = "stgen " + " ".join(sys.argv[1:]) if sys.argv and "stgen" in sys.argv[0] else None
-    path = train_and_save(
-        args.data,
-        args.out,
-        tcfg,
-        holdout=args.holdout,
-        resume=args.resume,
-        cache_dir=args.cache,
-        notes=CardNotes(name=args.name, command=cmd),
-        folds_json=args.folds_json,
-        progress=not args.no_progress,
-    )
-    print(path)
-    return 0
-
-
-def _strip(res: dict) -> dict:
-    def walk(d):
-        if isinstance(d, dict):
-            drop = ("per_gene", "spot_predictions")
-            return {k: walk(v) for k, v in d.items() if k not in drop}
-        return d
-
-    return walk(res)
-
-
-def _write_json(text: str, out: Path | None) -> None:
-    import os
-
-    print(text)
-    if out:
-        tmp = out.with_name(out.name + ".partial")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out)
-
-
-def _evaluate_codes(args: argparse.Namespace) -> int:
-    import json
-
-    from napari_stgen.inference.predictor import load_genst
-    from napari_stgen.training.evaluate_codes import codes_vs_pathology
-
-    res = codes_vs_pathology(load_genst(args.model, device="cpu"), args.data, seeds=args.seeds)
-    _write_json(json.dumps(res, indent=2), args.out)
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-
-    import torch
-
-    from napari_stgen.training.evaluate_genst import dumps, run_fold
-
-    torch.set_num_threads(max(1, args.threads))
-    res = run_fold(
-        args.data,
-        args.holdout,
-        model=args.model,
-        tcfg=_tcfg(args),
-        baselines=not args.no_baselines,
-        cnn_epochs=args.cnn_epochs,
-        cache_dir=args.cache,
-        log=lambda s: print(s, file=sys.stderr),
-    )
-    if not args.per_gene:
-        res = _strip(res)
-    _write_json(dumps(res), args.out)
-    return 0

@@ -4,11 +4,10 @@ SpatialData .zarr."""
 from __future__ import annotations
 
 import argparse
-import sys
 
+from napari_stgen.cli.lazy import command
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.contract import BATCH_SIZE, DEFAULT_ADAPT_STEPS
-from napari_stgen.inference.device import set_threads
 
 #: how the library's error messages name parameters → this CLI's flags
 FLAGS = (
@@ -104,49 +103,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores-1)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command("predict_commands:run"))
 
-
-def run(args: argparse.Namespace) -> int:
-    from napari_stgen.inference.batch import predict_slide  # dask, pandas, scipy: seconds
-
-    if args.batch_size < 1:
-        print("stgen: error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    set_threads(args.threads)
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:  # created on the first batch: bad input errors stay one line
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="patch", desc="predict", file=sys.stderr, leave=False)
-        bar.n = done
-        bar.refresh()
-
-    try:
-        path = predict_slide(
-            args.slide,
-            args.out,
-            spots=args.spots,
-            grid=args.grid,
-            mpp=args.mpp,
-            model=args.model,
-            region_um=args.region,
-            device=args.device,
-            overwrite=args.overwrite,
-            batch_size=args.batch_size,
-            progress=None if args.quiet else progress,
-            measured=args.measured,
-            image_only=args.image_only,
-            adapt_steps=max(0, args.adapt_steps),
-            skip_unreadable=args.skip_unreadable,
-        )
-    except StgenError as e:
-        raise cli_error(e) from e
-    finally:
-        if bar is not None:
-            bar.close()
-    print(path)
-    return 0

@@ -14,13 +14,16 @@ section and cached under ``cache_dir`` (default: ``training.data.cache_dir``).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
+import platform
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 from napari_stgen.inference.adapt import (
     SpotSet,
@@ -41,6 +44,7 @@ from napari_stgen.io.her2st import (
     read_sections,
 )
 from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
+from napari_stgen.models.histotx import HistoTx, HistoTxConfig
 from napari_stgen.training.data import CardNotes, cache_dir, split_holdout
 
 if TYPE_CHECKING:  # torch at import: type names only
@@ -61,8 +65,6 @@ def _feature_cache(sec, cache_dir: Path) -> Path:
 
 def section_features(sec, cache_dir: str | Path | None = None) -> np.ndarray:
     """Image features of every spot of a ``io.her2st.Section`` (cached .npy)."""
-    from PIL import Image
-
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     path = _feature_cache(sec, cache_dir)
     if path.exists():
@@ -148,8 +150,6 @@ def train_histotx(
     """Train a HistoTx model on ``sets``; returns (model in eval mode, history)."""
     import torch
 
-    from napari_stgen.models.histotx import HistoTx, HistoTxConfig
-
     tcfg = tcfg or TrainConfig()
     torch.manual_seed(tcfg.seed)
     imaged = [s.feats for s in sets if s.has_image]
@@ -224,9 +224,6 @@ def train_and_save(
     """Train on the sections of ``data_dir`` (+ the expression-only sections of
     ``expression_dir``), minus ``holdout`` / every section of ``holdout_patient``, and write
     checkpoint + card (``notes``: name, command, evaluation)."""
-    import datetime
-    import platform
-
     tcfg = tcfg or TrainConfig()
     notes = notes or CardNotes()
     out = Path(out)
