@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_stgen.errors import CheckpointError
+from napari_stgen.io.atomic import atomic_path, write_text_atomic
 
 CARD_KEY = "stgen_card"
 #: Required card keys per model kind (others: ``kind`` only).
@@ -76,19 +77,15 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Any], card: dict) -> Pa
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{path}: tensor {k!r} is not a torch.Tensor")
     meta = {CARD_KEY: json.dumps(card, sort_keys=True)}
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file(clean, str(tmp), metadata=meta)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     side = dict(card)
     side["sha256"] = sha256_file(path)
     side["size_bytes"] = path.stat().st_size
-    sp = sidecar_path(path)
-    tmp_side = sp.with_name(f".{sp.name}.partial")
-    tmp_side.write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_side, sp)
+    write_text_atomic(sidecar_path(path), json.dumps(side, indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.patches import patches_from_array, tissue_mask
+from napari_stgen.io.atomic import atomic_path
 from napari_stgen.io.her2st import (
     Section,
     benchmark_genes,
@@ -138,17 +139,16 @@ def build_section_cache(
     if len(centres) > max_tiles:
         centres = centres[np.sort(rng.choice(len(centres), max_tiles, replace=False))]
     tiles = patches_from_array(img, centres, size_px, out_px)
-    tmp = path.with_name(path.name + ".partial.npz")
-    np.savez(
-        tmp,
-        patches=spots,
-        tiles=tiles,
-        tile_xy_px=centres,
-        xy_px=sec.xy_px,
-        array_xy=sec.array_xy,
-        mpp=np.float64(sec.mpp),
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(
+            tmp,
+            patches=spots,
+            tiles=tiles,
+            tile_xy_px=centres,
+            xy_px=sec.xy_px,
+            array_xy=sec.array_xy,
+            mpp=np.float64(sec.mpp),
+        )
     return path
 
 

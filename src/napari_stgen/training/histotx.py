@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +34,7 @@ from napari_stgen.inference.adapt import (
 from napari_stgen.inference.contract import Kind
 from napari_stgen.inference.features import FEATURES, PATCH_PX, PATCH_UM, image_features
 from napari_stgen.inference.patches import patches_from_array
+from napari_stgen.io.atomic import atomic_path
 from napari_stgen.io.her2st import (
     ST_PITCH_UM,
     benchmark_genes,
@@ -75,9 +75,8 @@ def section_features(sec, cache_dir: str | Path | None = None) -> np.ndarray:
     patches = patches_from_array(img, sec.xy_px, PATCH_UM / sec.mpp, PATCH_PX)
     f = image_features(patches)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.npy")
-    np.save(tmp, f)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, f)
     return f
 
 
