@@ -89,9 +89,29 @@ def test_widget_uses_measured_spots_layer(
     want = lib.expr[[order[tuple(t)] for t in tiles], gi]
     np.testing.assert_allclose(fused, want, rtol=1e-4, atol=1e-4)
 
-    # "image only" gives the image-only prediction, which differs
+    # with measured spots HistoTx says how sure it is: their spread around each tile
+    from napari_stgen.inference.measured import measured_spread
+    from napari_stgen.widgets import layers as L
+
+    assert w.uncertainty_check.isEnabled()
+    w.uncertainty_check.setChecked(True)
+    ulayer = viewer.layers[L.UNCERTAINTY_LAYER]
+    shown = ulayer.data[tiles[:, 0], tiles[:, 1]]
+    y_std = pred.model.y_std.detach().cpu().numpy()
+    from napari_stgen.inference.tiles import tile_centres_um
+
+    yx = tile_centres_um(grid, tiles)
+    spread = measured_spread(ctx.xy_um, meas.expr, yx[:, ::-1], y_std, meas.present)
+    np.testing.assert_allclose(shown, spread, rtol=1e-4, atol=1e-5)
+    assert np.ptp(spread) > 0 and ulayer.visible
+    want_u = lib.uncertainty[[order[tuple(t)] for t in tiles]]
+    np.testing.assert_allclose(shown, want_u, rtol=1e-4, atol=1e-5)
+
+    # "image only" gives the image-only prediction, which differs, and no uncertainty
     w.image_only_check.setChecked(True)
     w.predict()
     qtbot.waitUntil(lambda: not w.workers, timeout=TIMEOUT)
     alone = layer.data[tiles[:, 0], tiles[:, 1]]
     assert np.isfinite(alone).all() and not np.allclose(alone, fused)
+    assert not w.state.store.has_uncertainty and not ulayer.visible
+    assert "only with measured spots" in w.uncertainty_check.toolTip()

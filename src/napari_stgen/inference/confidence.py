@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_stgen.inference.contract import Kind
+from napari_stgen.inference.measured import UNCERTAINTY_K
 
 K_NOVELTY = 8
 
@@ -183,7 +184,9 @@ def uncertainty_record(predictor: object) -> dict | None:
     """What a prediction's ``uncertainty`` is, for exports (``uns['stgen']['uncertainty']``):
     its definition, that larger means less sure, and the card's held-out calibration (the
     fold and the Spearman of uncertainty vs absolute error). None for a model that gives no
-    uncertainty (HistoTx)."""
+    uncertainty."""
+    if getattr(predictor, "kind", Kind.GENST) == Kind.HISTOTX:
+        return histotx_uncertainty_record(predictor)
     if getattr(predictor, "kind", Kind.GENST) != Kind.GENST or not hasattr(predictor, "confidence"):
         return None
     card = getattr(predictor, "card", None) or {}
@@ -201,4 +204,25 @@ def uncertainty_record(predictor: object) -> dict | None:
     if sp is not None:
         rec["calibration_fold"] = str(cal.get("fold", ""))
         rec["spearman_vs_abs_error"] = float(sp)
+    return rec
+
+
+def histotx_uncertainty_record(predictor: object) -> dict:
+    """The export record of HistoTx's uncertainty (with measured spots): the spread of the
+    nearest measured profiles, and the card's leave-one-patient-out Spearman with the error."""
+    rec: dict = {
+        "larger_means": "less sure",
+        "source": "napari_stgen/inference/measured.py (measured_spread)",
+        "definition": f"SD of the {UNCERTAINTY_K} nearest measured profiles around the tile, in "
+        "units of each gene's SD, mean over the measured genes (needs measured spots)",
+    }
+    card = getattr(predictor, "card", None) or {}
+    sp = (card.get("evaluation") or {}).get("uncertainty_spearman") or {}
+    fused = {p: v["histotx:knn8_spread"] for p, v in sp.items() if "histotx:knn8_spread" in v}
+    if fused:  # image + measured spots, as the widget and `stgen predict --measured` run it
+        rec["calibration_fold"] = (
+            "leave-one-patient-out, image + measured spots, mean over held-out patients "
+            + ", ".join(sorted(fused))
+        )
+        rec["spearman_vs_abs_error"] = round(float(np.mean(list(fused.values()))), 4)
     return rec

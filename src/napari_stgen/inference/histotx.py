@@ -517,12 +517,19 @@ def predict_tiles(
 ) -> Iterator[Any]:
     """``engine.predict_tiles`` for HistoTx: yields ``engine.PartialResult`` per batch of the
     grid cells ``tiles`` (row, col), conditioned on ``context`` (``prepare_measured``) unless
-    ``image_only``. ``code`` is −1 (HistoTx has no codebook). Not cached (results depend on the
-    measured spots)."""
+    ``image_only``. ``code`` is −1 (HistoTx has no codebook). ``uncertainty``: with measured
+    spots, their spread around each tile (``measured_spread``, as ``stgen predict``), else
+    None. Not cached (results depend on the measured spots)."""
     t = np.asarray(tiles, np.int64).reshape(-1, 2)
     m = slide_mpp(slide)
     yx = tile_centres_um(grid, t)
     xy_px = yx[:, ::-1] / m
+    unc = None
+    if context is not None and not image_only and len(context.xy_um) > 0:
+        pred = _as_predictor(model)
+        y_std = pred.model.y_std.detach().cpu().numpy()
+        meas = context.measured
+        unc = measured_spread(context.xy_um, meas.expr, yx[:, ::-1], y_std, meas.present)
     done = 0
     for sl, e, _ in iter_predict(
         slide,
@@ -536,4 +543,7 @@ def predict_tiles(
     ):
         bt = t[sl]
         done += len(bt)
-        yield PartialResult(grid, bt, yx[sl], e, np.full(len(bt), -1, np.int64), done, len(t))
+        yield PartialResult(
+            grid, bt, yx[sl], e, np.full(len(bt), -1, np.int64), done, len(t),
+            uncertainty=None if unc is None else unc[sl],
+        )  # fmt: skip

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 TILES_LAYER = "stgen tiles"
-UNCERTAINTY_LAYER = "uncertainty (GenST)"
+UNCERTAINTY_LAYER = "uncertainty"
 UNCERTAINTY_CMAP = "cividis"  # none of the gene heatmaps' colormaps
 UNITS = ("um", "um")
 

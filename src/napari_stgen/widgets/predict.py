@@ -29,7 +29,13 @@ from napari_stgen.io.slide import Slide
 from napari_stgen.widgets import layers as L
 from napari_stgen.widgets.jobs import DockProgress, JobSpec, WidgetJobs
 from napari_stgen.widgets.predict_display import REDRAW_MS, HeatmapDisplayMixin
-from napari_stgen.widgets.predict_ui import COLORMAPS, DISPLAYS, MODES, UNCERTAINTY_TIP, build_ui
+from napari_stgen.widgets.predict_ui import (
+    COLORMAPS,
+    DISPLAYS,
+    MODES,
+    UNCERTAINTY_TIP,
+    build_ui,
+)
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
 __all__ = [
@@ -44,7 +50,6 @@ __all__ = [
 ]
 
 DEBOUNCE_MS = 300
-NO_UNCERTAINTY_TIP = "This model's predictions carry no uncertainty (HistoTx gives none)"
 
 
 def camera_of(viewer: Any) -> Any:
@@ -231,10 +236,7 @@ class PredictWidget(HeatmapDisplayMixin, QWidget):
         is_histotx = takes_measured(pred)
         self.measured_combo.setEnabled(is_histotx)
         self.image_only_check.setEnabled(is_histotx)
-        self.uncertainty_check.setEnabled(not is_histotx)  # no uncertainty: say so, not fake
-        self.uncertainty_check.setToolTip(NO_UNCERTAINTY_TIP if is_histotx else UNCERTAINTY_TIP)
-        if is_histotx:
-            self.uncertainty_check.setChecked(False)
+        self.uncertainty_check.setToolTip(UNCERTAINTY_TIP)
         self._show_device(pred)
         if not self.genes and self._panel:
             self.add_gene("ERBB2" if "ERBB2" in self._panel else self._panel[0])

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from napari_stgen.widgets import layers as L
+from napari_stgen.widgets.predict_ui import NO_UNCERTAINTY_TIP, UNCERTAINTY_TIP
 
 __all__ = ["REDRAW_MS", "HeatmapDisplayMixin"]
 
@@ -94,8 +95,13 @@ class HeatmapDisplayMixin:
         store = self.state.store
         if not self.uncertainty_check.isChecked() or store.grid is None or not len(store):
             return
-        if not store.has_uncertainty:
+        if not store.has_uncertainty:  # e.g. HistoTx image only: say why, show nothing stale
+            self.uncertainty_check.setToolTip(NO_UNCERTAINTY_TIP)
+            layer = L.find_layer(self.viewer, L.UNCERTAINTY_LAYER)
+            if layer is not None:
+                layer.visible = False
             return
+        self.uncertainty_check.setToolTip(UNCERTAINTY_TIP)
         L.update_uncertainty(
             self.viewer, store, new_tiles, opacity=self._style()["opacity"], exact=exact
         )

@@ -30,9 +30,14 @@ MODES = ("Visible region", "ROI layer", "Whole slide")
 DISPLAYS = ("Heatmap", "Spot circles")
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "red", "green", "blue")
 UNCERTAINTY_TIP = (
-    "A separate layer, 'uncertainty (GenST)', with its own colour bar: per tile the larger of "
-    "the standardized gene-code entropy and the image's novelty against the training spots "
-    "(larger = less sure; held-out Spearman with the absolute error in the model card)"
+    "A separate layer, 'uncertainty', with its own colour bar (larger = less sure). GenST: the "
+    "image's novelty against the training spots plus the gene-code entropy above its average. "
+    "HistoTx with measured spots: the spread of the nearest measured profiles. Held-out "
+    "Spearman with the absolute error: in the model card and the export"
+)
+NO_UNCERTAINTY_TIP = (
+    "HistoTx gives an uncertainty only with measured spots (their spread around each tile): "
+    "pick a measured-spots layer and untick 'image only'"
 )
 
 
