@@ -56,7 +56,7 @@ class GapMonitor:
         return float(np.max(np.diff(self.ticks)) * 1000.0) if len(self.ticks) > 1 else 0.0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - the journey, step by step
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--view-tiles", type=int, default=180, help="tissue tiles in the view")

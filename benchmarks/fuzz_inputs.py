@@ -326,7 +326,7 @@ def _big_png(d: Path) -> Path:
     return p
 
 
-def zarr_mutations(rgb) -> list[Mutation]:
+def zarr_mutations(rgb) -> list[Mutation]:  # noqa: C901 - a table; its builders nest
     """A two-level OME-Zarr (v2) of a real crop, with broken metadata and chunks."""
     import numpy as np
 
@@ -425,7 +425,7 @@ def zarr_mutations(rgb) -> list[Mutation]:
     return muts
 
 
-def h5ad_mutations(base: Path) -> list[Mutation]:
+def h5ad_mutations(base: Path) -> list[Mutation]:  # noqa: C901 - a table; its builders nest
     """Edits of a ``stgen predict`` output (dense X, and a sparse-X copy) with h5py."""
     import h5py
     import numpy as np
@@ -795,7 +795,7 @@ ENTRIES = {"info": entry_info, "predict": entry_predict, "napari": entry_napari}
 
 
 # ------------------------------------------------------------------------------- runner
-def run_forked(fn: Callable, arg, timeout: float, mem_bytes: int, log: Path) -> dict:
+def run_forked(fn: Callable, arg, timeout: float, mem_bytes: int, log: Path) -> dict:  # noqa: C901 - fork, watchdog, result pipe: one place
     """``fn(arg)`` in a forked child under a wall-clock and an RSS limit; its dict result
     plus 'killed' ('time' | 'memory'), 'signal', 'seconds' and 'peak_rss_mb'."""
     import time

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inference.code_names import suggest_names
-from ..io.her2st import read_expression_section, read_labelled_regions
-from ..models.checkpoint import load_checkpoint, save_checkpoint
+from napari_stgen.inference.code_names import suggest_names
+from napari_stgen.io.her2st import read_expression_section, read_labelled_regions
+from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["codes_vs_pathology", "profile_codes", "suggest_names", "update_card"]
 

@@ -20,14 +20,13 @@ import numpy as np
 
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.predictor import load_genst
+from napari_stgen.inference.stain import normalise, stain_stats
+from napari_stgen.io.her2st import smooth_over_neighbours
 from napari_stgen.training.baselines import cnn_baseline, mean_baseline, ridge_baseline
+from napari_stgen.training.data import SectionData, load_dataset, split_holdout
 from napari_stgen.training.genst import TrainConfig, train_genst
 from napari_stgen.training.genst_context import context_latent, section_tokens
-
-from ..inference.stain import normalise, stain_stats
-from ..io.her2st import smooth_over_neighbours
-from .data import SectionData, load_dataset, split_holdout
-from .metrics import pearson_per_gene
+from napari_stgen.training.metrics import pearson_per_gene
 
 
 def _score(pred: np.ndarray, te: SectionData, idx: list[int]) -> dict:
