@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from napari_stgen.cli.lazy import command
 
 
@@ -108,14 +110,7 @@ def register_evaluate(sub) -> None:
         default=["fidelity", "control", "realism", "speed"],
         choices=["fidelity", "control", "realism", "speed"],
     )
-    p.add_argument("--guidance-genes", type=float, default=None)
-    p.add_argument("--guidance-morph", type=float, default=None)
-    p.add_argument(
-        "--guidance-expr",
-        type=float,
-        default=None,
-        help="GenST expression guidance scale (default: the model card's; 0: off)",
-    )
+    _sampler_args(p)
     p.add_argument(
         "--guide",
         default=None,
@@ -162,16 +157,21 @@ def register(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
+    _sampler_args(p)
+    p.add_argument("--model", default="default", help="STMDiT checkpoint name or path")
+    p.add_argument(
+        "--genst", default="default", help="GenST model for context genes and expression guidance"
+    )
+    p.set_defaults(func=command("stmdit_commands:synthesize_tile"))
+
+
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    """Overrides of the model card's sampler guidance (None: the card's)."""
     p.add_argument("--guidance-genes", type=float, default=None)
     p.add_argument("--guidance-morph", type=float, default=None)
     p.add_argument(
         "--guidance-expr",
         type=float,
         default=None,
-        help="GenST expression guidance (0: off; default: the model card's)",
+        help="GenST expression guidance scale (default: the model card's; 0: off)",
     )
-    p.add_argument("--model", default="default", help="STMDiT checkpoint name or path")
-    p.add_argument(
-        "--genst", default="default", help="GenST model for context genes and expression guidance"
-    )
-    p.set_defaults(func=command("stmdit_commands:synthesize_tile"))

@@ -17,6 +17,12 @@ FEATURES = "colour-texture v1: centre 112 µm + whole 224 µm views at 64 px, 60
 N_FEATURES = 120
 
 
+def channel_stats(img: np.ndarray) -> list[float]:
+    """Per channel of an (H, W, 3) image: mean, SD, then the 10th/50th/90th percentiles."""
+    flat = img.reshape(-1, 3)
+    return [*flat.mean(0), *flat.std(0), *np.percentile(flat, [10, 50, 90], axis=0).ravel()]
+
+
 def he_patch_features(patches: np.ndarray) -> np.ndarray:
     """Per patch: RGB/HSV/HED means, stds and percentiles, gradient energy at two scales,
     grey-level histogram and tissue fraction. (N, F) float32."""
@@ -27,9 +33,7 @@ def he_patch_features(patches: np.ndarray) -> np.ndarray:
         f = []
         x = p.astype(np.float32) / 255.0
         for img in (x, rgb2hsv(x), rgb2hed(x)):
-            flat = img.reshape(-1, 3)
-            f += list(flat.mean(0)) + list(flat.std(0))
-            f += list(np.percentile(flat, [10, 50, 90], axis=0).ravel())
+            f += channel_stats(img)
         g = x.mean(-1)
         for s in (1, 2):
             gs = g[::s, ::s]

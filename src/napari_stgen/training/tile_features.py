@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from napari_stgen.inference.features import channel_stats
+
 __all__ = ["colour_texture_features"]
 
 
@@ -18,9 +20,7 @@ def colour_texture_features(tiles: np.ndarray) -> np.ndarray:
         hed = rgb2hed(x)
         f = []
         for img in (x, hed):
-            flat = img.reshape(-1, 3)
-            f += list(flat.mean(0)) + list(flat.std(0))
-            f += list(np.percentile(flat, [10, 50, 90], axis=0).ravel())
+            f += channel_stats(img)
         g = x.mean(-1)
         for s in (1, 2):
             gs = g[::s, ::s]
