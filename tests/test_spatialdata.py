@@ -280,3 +280,18 @@ def test_bad_zarr_is_one_clear_error(tmp_path):
     (bad / "zarr.json").write_text("{not json")
     with pytest.raises(StgenError, match="bad.zarr"):
         read_spatialdata(bad)
+
+
+def test_cli_zarr_carries_the_uncertainty(c3_exports):
+    """The SpatialData table has the h5ad's per-spot uncertainty and its description."""
+    import anndata as ad
+
+    zarr, h5ad = c3_exports
+    table = sd.read_zarr(zarr).tables["table"]
+    a = ad.read_h5ad(h5ad)
+    u = table.obs["uncertainty"].to_numpy()
+    assert np.isfinite(u).all() and u.std() > 0
+    np.testing.assert_allclose(u, a[table.obs_names].obs["uncertainty"].to_numpy(), atol=1e-5)
+    info = table.uns["stgen"]["uncertainty"]
+    assert info["larger_means"] == "less sure"
+    assert info["definition"] == a.uns["stgen"]["uncertainty"]["definition"]
