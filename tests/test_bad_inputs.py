@@ -180,6 +180,28 @@ def test_f2_predict_stops_or_skips_unreadable_tiles(zlib_tiff: Path, tmp_path: P
     assert a.uns["stgen"]["n_unreadable"] == 1
     assert np.isnan(a["bad"].X).all() and np.isfinite(a[["a", "c"]].X).all()
 
+    # grid cells (the engine's path, as `stgen predict --grid`): cells over the corrupt tile
+    # are NaN, the others predicted; without the option the read error names the tile
+    from napari_stgen.inference.contract import SpotRequest
+    from napari_stgen.inference.registry import load_predictor
+    from napari_stgen.inference.tiles import slide_grid, tile_centres_um, tile_um_of
+
+    pred = load_predictor("default", device="cpu")
+    with open_slide(zlib_tiff) as sl:
+        grid = slide_grid(sl, tile_um_of(pred))
+        cells = np.argwhere(np.ones(grid.shape, dtype=bool))
+        xy_px = tile_centres_um(grid, cells)[:, ::-1] / sl.mpp
+        with pytest.raises(SlideReadError, match="row 1, col 2"):
+            pred.predict_spots(sl, xy_px, SpotRequest(grid=grid, tiles=cells))
+        res = pred.predict_spots(
+            sl, xy_px, SpotRequest(grid=grid, tiles=cells, skip_unreadable=True)
+        )
+    bad = np.isnan(res.expr).all(1)
+    assert 0 < bad.sum() < len(bad) and np.isfinite(res.expr[~bad]).all()
+    assert np.isnan(res.uncertainty[bad]).all()
+    y0, x0 = tile_centres_um(grid, cells[bad]).min(0) / MPP1  # within reach of the bad tile
+    assert 256 - grid.tile_um / MPP1 <= y0 < 512 and 512 - grid.tile_um / MPP1 <= x0 < 768
+
 
 @pytest.mark.parametrize("delta", [-256, -16384])
 def test_f2_jpeg_tile_with_wrong_byte_count_is_an_error(

@@ -68,6 +68,7 @@ class TileRequest:
     progressive: bool = False
     measured: Any = None
     image_only: bool = False
+    skip_unreadable: bool = False  # GenST: NaN rows where pixels cannot be read, no error
 
 
 @dataclass

@@ -8,7 +8,7 @@ cancellation token between batches, so a GUI can show results as they arrive.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from napari_stgen.inference.cancel import CancelToken
 from napari_stgen.inference.contract import BATCH_SIZE, Predictor, TileRequest
 from napari_stgen.inference.tiles import (
     filter_tissue,
+    read_or_skip,
     read_tiles,
     slide_grid,
     split_blocks,
@@ -155,6 +156,72 @@ def predict_tiles(
     yield from predictor.predict_tiles(slide, req)
 
 
+def _read_block(
+    slide: Slide,
+    grid: Grid,
+    predictor: Predictor,
+    cells: np.ndarray,
+    bad: set[tuple[int, int]] | None,
+) -> np.ndarray:
+    """The block's patches (one read); with ``bad`` (skip_unreadable), cells that cannot be
+    read become white patches and are added to ``bad`` instead of stopping the request."""
+    flags = np.zeros(len(cells), dtype=bool)
+    px = read_or_skip(
+        lambda idx: read_tiles(slide, grid, cells[idx], predictor.patch_px, predictor.patch_um),
+        np.arange(len(cells)),
+        bad is not None,
+        flags,
+        predictor.patch_px,
+    )
+    if bad is not None:
+        bad.update((int(r), int(c)) for r, c in cells[flags])
+    return px
+
+
+def _blank_unreadable(part: PartialResult, bad: set[tuple[int, int]] | None) -> PartialResult:
+    """NaN expression and uncertainty on the result's unreadable cells (``bad``)."""
+    if not bad:
+        return part
+    rows = np.array([(int(r), int(c)) in bad for r, c in part.tiles], dtype=bool)
+    if rows.any():
+        part.expr = np.array(part.expr, dtype=np.float32)
+        part.expr[rows] = np.nan
+        if part.uncertainty is not None:
+            part.uncertainty = np.array(part.uncertainty, dtype=np.float32)
+            part.uncertainty[rows] = np.nan
+    return part
+
+
+def predict_cells(
+    slide: Slide,
+    predictor: Predictor,
+    request: TileRequest,
+    progress: Callable[[int, int], None] | None = None,
+) -> PartialResult:
+    """Every cell of ``request`` at once, in the request's order (``stgen predict --grid``):
+    :func:`predict_tiles` run to the end; ``progress(done, total)`` per batch."""
+    def stream() -> Iterator[PartialResult]:
+        for part in predict_tiles(slide, predictor, request):
+            if progress is not None and not part.draft and not part.final:
+                progress(part.done, part.total)
+            yield part
+
+    cells = np.asarray(request.tiles, dtype=np.int64).reshape(-1, 2)
+    res = collect(stream())
+    if res is None:  # no cells asked for
+        g = len(predictor.genes)
+        empty = np.zeros((0, g), np.float32)
+        return PartialResult(request.grid, cells, np.zeros((0, 2)), empty, np.zeros(0, np.int64),
+                             0, 0, uncertainty=np.zeros(0, np.float32))  # fmt: skip
+    at = {(int(r), int(c)): i for i, (r, c) in enumerate(res.tiles)}
+    order = np.array([at[(int(r), int(c))] for r, c in cells], dtype=np.int64)
+    unc = None if res.uncertainty is None else res.uncertainty[order]
+    return PartialResult(
+        res.grid, cells, res.centres_um[order], res.expr[order], res.code[order], res.done,
+        res.total, res.cached, uncertainty=unc,
+    )  # fmt: skip
+
+
 def predict_genst_tiles(
     slide: Slide, predictor: Predictor, request: TileRequest
 ) -> Iterator[PartialResult]:
@@ -176,6 +243,8 @@ def predict_genst_tiles(
     grid = request.grid or slide_grid(slide, tile_um_of(predictor))
     tiles = np.asarray(request.tiles, dtype=np.int64).reshape(-1, 2)
     batch_size, cache, centre_um = request.batch_size, request.cache, request.centre_um
+    if request.skip_unreadable:
+        cache = None  # an unreadable cell's white patch must not be cached as its value
     total = len(tiles)
     cancel = request.cancel or CancelToken()
     cancel.check()
@@ -219,6 +288,8 @@ def predict_genst_tiles(
         dist = [((tile_centres_um(grid, b).mean(0) - c) ** 2).sum() for b in blocks]
         blocks = [blocks[i] for i in np.argsort(dist, kind="stable")]
     ordered = [_centre_out(grid, b, centre_um) for b in blocks]
+    # skip_unreadable: cells whose pixels cannot be read (None: reading errors stop the request)
+    bad: set[tuple[int, int]] | None = set() if request.skip_unreadable else None
     read = {}  # block index -> patches, kept between the passes of a progressive request
     quick: dict[int, tuple[list, list]] = {}  # block index -> the quick pass's tokens
     two_pass = request.progressive and int(getattr(predictor, "tta", 1)) > 1
@@ -227,14 +298,14 @@ def predict_genst_tiles(
         n_draft = done
         for i, btiles in enumerate(ordered):
             cancel.check()
-            read[i] = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
+            read[i] = _read_block(slide, grid, predictor, btiles, bad)
             quick[i] = ([], [])
             for bt, out in _batches(predictor, btiles, read[i], batch_size, n_draft, cancel,
                                     tta=1, tokens=True):  # fmt: skip
                 quick[i][0].append(out.feat)
                 quick[i][1].append(out.zhat)
                 n_draft += len(bt)
-                yield PartialResult(
+                yield _blank_unreadable(PartialResult(
                     grid,
                     bt,
                     tile_centres_um(grid, bt),
@@ -244,12 +315,12 @@ def predict_genst_tiles(
                     total,
                     draft=True,
                     uncertainty=_unc(out, len(bt)),
-                )
+                ), bad)
     for i, btiles in enumerate(ordered):
         cancel.check()
         patches = read.pop(i, None)
         if patches is None:
-            patches = read_tiles(slide, grid, btiles, predictor.patch_px, predictor.patch_um)
+            patches = _read_block(slide, grid, predictor, btiles, bad)
         q = quick.pop(i, None)  # the quick pass's untransformed tokens: not computed again
         given = (np.concatenate(q[0], 1), np.concatenate(q[1], 1)) if q else None
         for bt, out in _batches(predictor, btiles, patches, batch_size, done, cancel,
@@ -267,9 +338,9 @@ def predict_genst_tiles(
                 rows = np.concatenate([rows, unc[:, None]], 1)
                 cache.put_many(_keys(slide_key(slide), predictor, grid, bt), rows, code)
             done += len(bt)
-            yield PartialResult(
+            yield _blank_unreadable(PartialResult(
                 grid, bt, tile_centres_um(grid, bt), expr, code, done, total, uncertainty=unc
-            )
+            ), bad)
     if ctx and tok["tiles"]:
         cancel.check()
         at = np.concatenate(tok["tiles"])
@@ -279,10 +350,10 @@ def predict_genst_tiles(
         out = predictor.predict_in_context(
             feat, zhat, yx[:, ::-1], cells=at, tile_um=grid.tile_um, cancel=cancel
         )
-        yield PartialResult(
+        yield _blank_unreadable(PartialResult(
             grid, at, yx, out.expr, out.code, total, total, cached=n_cached, final=True,
             uncertainty=_unc(out, len(at)),
-        )  # fmt: skip
+        ), bad)  # fmt: skip
 
 
 def _unc(out: Any, n: int) -> np.ndarray:

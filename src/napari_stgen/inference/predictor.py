@@ -28,9 +28,14 @@ from napari_stgen.inference.confidence import Confidence, code_entropy, combinat
 from napari_stgen.inference.context import context_latent, lattice_step
 from napari_stgen.inference.contract import BATCH_SIZE, Kind, SpotRequest, SpotResult, TileRequest
 from napari_stgen.inference.device import pick_device
-from napari_stgen.inference.engine import CancelToken, PartialResult, predict_genst_tiles
+from napari_stgen.inference.engine import (
+    CancelToken,
+    PartialResult,
+    predict_cells,
+    predict_genst_tiles,
+)
 from napari_stgen.inference.patches import read_patches
-from napari_stgen.inference.tiles import read_or_skip, read_tiles, split_blocks
+from napari_stgen.inference.tiles import read_or_skip
 from napari_stgen.io.slide import Slide
 from napari_stgen.models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
 
@@ -244,6 +249,15 @@ class GenSTPredictor:
         """Expression, gene code and uncertainty at level-0 ``xy_px`` (``predict_centres``)."""
         if request.measured is not None:
             raise StgenError("measured spots need a HistoTx model (model='histotx')")
+        if request.grid is not None and request.tiles is not None:  # grid cells: the engine
+            cells = TileRequest(
+                request.tiles,
+                grid=request.grid,
+                batch_size=request.batch_size,
+                skip_unreadable=request.skip_unreadable,
+            )
+            res = predict_cells(slide, self, cells, progress=request.progress)
+            return SpotResult(res.expr, res.code, res.uncertainty)
         expr, code, unc = predict_centres(slide, self, xy_px, request)
         return SpotResult(expr, code, unc)
 
@@ -254,41 +268,27 @@ def predict_centres(
     """(expr (N, G) float32, code (N,) int64, uncertainty (N,) float32) for patches centred
     on level-0 ``xy_px`` (uncertainty: ``inference/confidence.py``, NaN where none).
 
-    Reads and predicts about ``batch_size`` patches at a time so memory stays bounded. With
-    ``grid`` and its cells ``tiles`` (matching ``xy_px``), patches are read block-wise
-    (``inference.tiles.read_tiles``: pixel-identical to ``read_patches``, one read a block).
-    A model with a spatial context head then predicts each centre from its window of the
-    other centres' tokens (``inference.context``). ``skip_unreadable``: rows whose pixels
-    cannot be read get NaN expression (``inference.tiles.read_or_skip``) instead of an error.
+    Reads and predicts about ``batch_size`` patches at a time so memory stays bounded. A
+    model with a spatial context head then predicts each centre from its window of the other
+    centres' tokens (``inference.context``). ``skip_unreadable``: rows whose pixels cannot be
+    read get NaN expression (``inference.tiles.read_or_skip``) instead of an error. Grid
+    cells go through the engine instead (``GenSTPredictor.predict_spots``).
     """
     batch_size, progress, skip_unreadable = (
         request.batch_size,
         request.progress,
         request.skip_unreadable,
     )
-    grid, tiles = request.grid, request.tiles
     xy = np.asarray(xy_px, dtype=np.float64).reshape(-1, 2)
     n, g = len(xy), len(predictor.genes)
     expr = np.empty((n, g), dtype=np.float32)
     code = np.empty(n, dtype=np.int64)
     unc = np.full(n, np.nan, dtype=np.float32)
     bs = max(1, int(batch_size))
-    if grid is not None and tiles is not None:
-        t = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
-        row_of = {(int(r), int(c)): i for i, (r, c) in enumerate(t)}
-        side = max(1, int(np.sqrt(bs)))
-        jobs = [
-            (np.array([row_of[(int(r), int(c))] for r, c in b]), b)
-            for b in split_blocks(t, block=side)
-        ]
-        read = lambda idx: read_tiles(  # noqa: E731
-            slide, grid, t[idx], predictor.patch_px, predictor.patch_um
-        )
-    else:
-        jobs = [(np.arange(i, min(i + bs, n)), None) for i in range(0, n, bs)]
-        read = lambda idx: read_patches(  # noqa: E731
-            slide, xy[idx], predictor.patch_um, predictor.patch_px
-        )
+    jobs = [(np.arange(i, min(i + bs, n)), None) for i in range(0, n, bs)]
+    read = lambda idx: read_patches(  # noqa: E731
+        slide, xy[idx], predictor.patch_um, predictor.patch_px
+    )
     done = 0
     ctx = predictor.has_context
     feat = zhat = None
@@ -310,9 +310,7 @@ def predict_centres(
             progress(done, n)
     if ctx and n:
         # every site's window of neighbouring sites (spatial context head)
-        cells = tiles if grid is not None else None
-        tile_um = grid.tile_um if grid is not None else None
-        out = predictor.predict_in_context(feat, zhat, xy * slide.mpp, cells=cells, tile_um=tile_um)
+        out = predictor.predict_in_context(feat, zhat, xy * slide.mpp)
         expr, code = out.expr, out.code
         if out.uncertainty is not None:
             unc = np.asarray(out.uncertainty, dtype=np.float32)
