@@ -38,6 +38,7 @@ from napari_stgen.inference.code_names import Suggestion, card_suggestions
 from napari_stgen.inference.tiles import read_tiles, visible_region_um
 from napari_stgen.widgets.close_watcher import disconnect_on_destroyed
 from napari_stgen.widgets.dock import scrolling_dock
+from napari_stgen.widgets.jobs import JobProgress, JobSpec, WidgetJobs
 from napari_stgen.widgets.predict import camera_of
 from napari_stgen.widgets.slide_picker import SlidePicker
 from napari_stgen.widgets.state import get_state
@@ -157,7 +158,8 @@ class CodebookWidget(QWidget):
         self.selected: int | None = None
         self.suggestions: dict[int, Suggestion] = {}  # from the card's pathology table
         self.suggestion_source = ""
-        self.workers: list[Any] = []
+        # profiles and exemplars: short jobs without a bar; a newer exemplar request wins
+        self.jobs = WidgetJobs(self, JobProgress(), lambda m, _e: self._notify(m), self.shutdown)
         self.thumbnails: np.ndarray | None = None
         self._closed = False
         self._build_ui()
@@ -280,22 +282,28 @@ class CodebookWidget(QWidget):
         self._gene_slot.addWidget(self.gene_canvas)
 
     # ------------------------------------------------------------------ data
-    def _start(self, worker: Any) -> None:
-        self.workers.append(worker)
-        worker.finished.connect(
-            lambda w=worker: self.workers.remove(w) if w in self.workers else None
-        )
-        worker.start()
+    @property
+    def workers(self) -> list[Any]:
+        """The running workers (newest last)."""
+        return self.jobs.workers
+
+    def shutdown(self) -> None:
+        """The window is closing: stop every job."""
+        self._closed = True
+        self.jobs.shutdown()
 
     def _load_profiles(self) -> None:
         from napari.qt.threading import thread_worker
 
         self._loading = True
+        token = self.jobs.new_token("profiles")
         worker = thread_worker(_profiles_job, start_thread=False)(self.state)
-        worker.finished.connect(lambda: setattr(self, "_loading", False))
-        worker.returned.connect(self._on_profiles)
-        worker.errored.connect(lambda e: self._notify(f"cannot load the model: {e}"))
-        self._start(worker)
+        spec = JobSpec(
+            on_return=self._on_profiles,
+            on_finished=lambda *_: setattr(self, "_loading", False),
+            failed="cannot load the model",
+        )
+        self.jobs.start("profiles", worker, token, spec)
 
     def _on_profiles(self, res: tuple[Any, np.ndarray]) -> None:
         if self._closed:
@@ -509,11 +517,12 @@ class CodebookWidget(QWidget):
         if not len(s.exemplars) or self.state.slide is None:
             return
         tiles = self.state.store.tiles[s.exemplars]
+        token = self.jobs.new_token("thumbs")  # a newer code's exemplars replace older ones
         worker = thread_worker(_thumbs_job, start_thread=False)(
             self.state.slide, self.state.store.grid, tiles, s.code
         )
-        worker.returned.connect(self._on_thumbs)
-        self._start(worker)
+        spec = JobSpec(on_return=self._on_thumbs, failed="cannot read the exemplar tiles")
+        self.jobs.start("thumbs", worker, token, spec)
 
     def _on_thumbs(self, res: tuple[int, np.ndarray]) -> None:
         code, imgs = res
@@ -573,5 +582,5 @@ class CodebookWidget(QWidget):
             self._timer.start()
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
-        self._closed = True
+        self.shutdown()
         super().closeEvent(event)
