@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from napari_stgen.errors import StgenError
-from napari_stgen.inference.predictor import load_genst
+from napari_stgen.inference.predictor import GenSTPredictor, load_genst
 from napari_stgen.inference.stmdit_model import STMDiTModel, _check_context
 
 
@@ -41,7 +41,7 @@ class ExpressionGuide:
 
 def load_guide(
     model: STMDiTModel,
-    genst: Any = "default",
+    genst: str | Path | GenSTPredictor = "default",
     tta: int | None = None,
     t_min: float | None = None,
 ) -> ExpressionGuide:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from napari_stgen.errors import StgenError
+
+if TYPE_CHECKING:  # type names only
+    from napari_stgen.inference.stmdit_model import STMDiTModel
 
 __all__ = ["SamplerSettings", "SAMPLER_KIND", "resolve_sampler"]
 
@@ -83,7 +86,7 @@ class SamplerSettings:
 
 
 def resolve_sampler(
-    model: Any, settings: SamplerSettings | None = None, **overrides: Any
+    model: STMDiTModel, settings: SamplerSettings | None = None, **overrides: Any
 ) -> SamplerSettings:
     """``settings`` (default: ``model.sampler``, the card's) with the non-None ``overrides``."""
     base = model.sampler if settings is None else settings

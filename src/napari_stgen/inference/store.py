@@ -8,13 +8,17 @@ the model again; :func:`napari_stgen.inference.export.store_to_anndata` writes i
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from psygnal import Signal
 
 from napari_stgen.coords import Grid
 from napari_stgen.inference.cache import slide_key
+
+if TYPE_CHECKING:  # type names only
+    from napari_stgen.inference.contract import Predictor
+    from napari_stgen.io.slide_handle import Slide
 
 __all__ = ["PredictionStore"]
 
@@ -88,7 +92,7 @@ class PredictionStore:
             self._alloc(n_cells, len(self.genes))
         self.changed.emit(np.zeros((0, 2), dtype=np.int64))
 
-    def ensure(self, slide: Any, predictor: Any, grid: Grid) -> None:
+    def ensure(self, slide: Slide, predictor: Predictor, grid: Grid) -> None:
         """Reset unless the store already holds this slide, model and grid."""
         key = slide_key(slide)
         if not self.matches(key, predictor.checksum, grid):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,12 @@ from napari_stgen.inference.stmdit_model import (
     ring_tiles,
 )
 from napari_stgen.inference.tile_png import read_tile_mpp, save_tile_png
+
+if TYPE_CHECKING:  # type names only
+    import torch
+
+    from napari_stgen.inference.contract import Predictor
+    from napari_stgen.models.stmdit import STMDiT
 
 __all__ = [
     "KIND",
@@ -110,7 +116,7 @@ def gene_vector(
 
 
 def predicted_profile(
-    model: STMDiTModel, context_patches: np.ndarray, predictor: Any
+    model: STMDiTModel, context_patches: np.ndarray, predictor: Predictor
 ) -> np.ndarray:
     """GenST's prediction (N, G) at the centre of each context patch, in the STMDiT panel
     (genes GenST does not predict keep the training median). The predictor's patch
@@ -184,16 +190,16 @@ def condition_features(
 
 
 def guided_velocity(
-    dit: Any,
-    x: Any,
-    t: Any,
-    pool: Any,
-    gz: Any,
-    morph: Any,
+    dit: STMDiT,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    pool: torch.Tensor,
+    gz: torch.Tensor,
+    morph: torch.Tensor,
     has_morph: bool,
     guidance_genes: float,
     guidance_morph: float,
-) -> Any:
+) -> torch.Tensor:
     """Dual classifier-free guidance, the branches batched into one forward."""
     import torch
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,12 @@ from napari_stgen.inference.engine import predict_tiles
 from napari_stgen.inference.stmdit_model import median_profile
 from napari_stgen.inference.synthesis_plan import SynthesisPlan, overlap_weights
 from napari_stgen.inference.tiles import read_tiles, slide_grid, tile_um_of
+
+if TYPE_CHECKING:  # type names only
+    from napari_stgen.inference.contract import Predictor
+    from napari_stgen.inference.stmdit_model import STMDiTModel
+    from napari_stgen.inference.store import PredictionStore
+    from napari_stgen.io.slide_handle import Slide
 
 __all__ = [
     "RegionProfile",
@@ -63,7 +69,10 @@ class RegionProfile:
 
 
 def known_from_store(
-    store: Any, slide: Any, predictor: Any, cells: np.ndarray | SynthesisPlan | None = None
+    store: PredictionStore | None,
+    slide: Slide,
+    predictor: Predictor,
+    cells: np.ndarray | SynthesisPlan | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(cells, expr) a PredictionStore already holds for this slide and model (or None).
 
@@ -100,9 +109,9 @@ def _to_panel(expr: np.ndarray, src: Sequence[str], dst: Sequence[str], fill: np
 
 
 def iter_region_profile(
-    slide: Any,
-    model: Any,
-    predictor: Any,
+    slide: Slide,
+    model: STMDiTModel,
+    predictor: Predictor,
     plan: SynthesisPlan,
     known: tuple[np.ndarray, np.ndarray] | None = None,
     cancel: Any = None,
@@ -202,7 +211,7 @@ def conditioning(profile: RegionProfile, values: Mapping[str, float] | None = No
     return Conditioning(list(profile.genes), region, tiles, offsets)
 
 
-def read_contexts(slide: Any, model: Any, plan: SynthesisPlan) -> np.ndarray:
+def read_contexts(slide: Slide, model: STMDiTModel, plan: SynthesisPlan) -> np.ndarray:
     """Each tile's 3×3-tile neighbourhood on the slide at ``model.mpp``: uint8 (N, 3t, 3t, 3).
 
     One block read for all tiles (``napari_stgen.inference.tiles.read_tiles`` on the grid of
@@ -220,7 +229,9 @@ def read_contexts(slide: Any, model: Any, plan: SynthesisPlan) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- sliders
-def informative_genes(model: Any, n: int = 8, first: Sequence[str] = ("ERBB2",)) -> list[str]:
+def informative_genes(
+    model: STMDiTModel, n: int = 8, first: Sequence[str] = ("ERBB2",)
+) -> list[str]:
     """Genes for the default sliders: ``first`` (if in the panel) then the highest-variance
     genes of the model's training profiles (``gene_std``)."""
     genes = list(model.genes)
@@ -233,7 +244,9 @@ def informative_genes(model: Any, n: int = 8, first: Sequence[str] = ("ERBB2",))
     return out
 
 
-def slider_range(model: Any, gene: str, predicted: float | None = None) -> tuple[float, float]:
+def slider_range(
+    model: STMDiTModel, gene: str, predicted: float | None = None
+) -> tuple[float, float]:
     """Slider range of a gene: the observed training range (1st–99th percentile of measured
     spots, from the checkpoint) widened to include the predicted value."""
     if gene not in model.genes:

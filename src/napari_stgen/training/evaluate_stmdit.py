@@ -37,6 +37,7 @@ from scipy import linalg
 from scipy.stats import spearmanr
 
 from napari_stgen.inference.sampler_settings import SamplerSettings
+from napari_stgen.inference.stmdit_model import STMDiTModel
 from napari_stgen.inference.synthesis import load_guide, load_stmdit, synthesize
 from napari_stgen.io.atomic import atomic_path
 from napari_stgen.io.her2st import benchmark_genes, read_sections
@@ -351,7 +352,6 @@ def evaluate_stmdit(
     }
 
 
-
 @dataclass
 class Readout:
     """How generated tiles are read back: the GenST re-predictor and the CNN oracle."""
@@ -371,7 +371,7 @@ class Readout:
 
 
 def _control_sweeps(
-    m: Any, synth: Callable[..., np.ndarray], genes: list[str], seeds: int, ro: Readout
+    m: STMDiTModel, synth: Callable[..., np.ndarray], genes: list[str], seeds: int, ro: Readout
 ) -> dict:
     """Slider sweeps of ``genes`` (others at the training median), read back by ``ro``."""
     ctrl: dict = {}
@@ -417,7 +417,7 @@ def _control_sweeps(
 
 
 def _speed(
-    m: Any, ctx3: np.ndarray, steps: int, guidance: tuple[float, float], eg: dict
+    m: STMDiTModel, ctx3: np.ndarray, steps: int, guidance: tuple[float, float], eg: dict
 ) -> dict:
     """Seconds per tile at batch 1 (genes, genes+morph; median of 3) and batch 16."""
     import torch

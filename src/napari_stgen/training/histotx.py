@@ -19,7 +19,6 @@ import hashlib
 import platform
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -46,9 +45,6 @@ from napari_stgen.io.her2st import (
 from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
 from napari_stgen.models.histotx import HistoTx, HistoTxConfig
 from napari_stgen.training.data import CardNotes, cache_dir, split_holdout
-
-if TYPE_CHECKING:  # torch at import: type names only
-    from napari_stgen.models.histotx import HistoTx
 
 KIND = Kind.HISTOTX.value
 __all__ = ["SpotSet", "TrainConfig", "WindowSampler", "adapt_to_measured", "train_histotx"]

@@ -13,7 +13,7 @@ UI thread: matplotlib and the model's code profiles load in a worker.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
@@ -42,6 +42,10 @@ from napari_stgen.widgets.jobs import JobProgress, JobSpec, WidgetJobs
 from napari_stgen.widgets.predict import camera_of
 from napari_stgen.widgets.slide_picker import SlidePicker
 from napari_stgen.widgets.state import get_state
+
+if TYPE_CHECKING:  # type names only
+    from napari_stgen.coords import Grid
+    from napari_stgen.io.slide_handle import Slide
 
 CODES_LAYER = "GenST codes"
 N_EXEMPLARS = 8
@@ -79,11 +83,11 @@ def _profiles_job(state: Any) -> Any:
     return pred, pred.code_profiles()
 
 
-def _thumbs_job(slide: Any, grid: Any, tiles: np.ndarray, code: int) -> tuple[int, np.ndarray]:
+def _thumbs_job(slide: Slide, grid: Grid, tiles: np.ndarray, code: int) -> tuple[int, np.ndarray]:
     return code, read_tiles(slide, grid, tiles, THUMB_PX)
 
 
-def code_labels(grid: Any, tiles: np.ndarray, code: np.ndarray) -> np.ndarray:
+def code_labels(grid: Grid, tiles: np.ndarray, code: np.ndarray) -> np.ndarray:
     """Code map whose label *is* the code: :func:`~napari_stgen.inference.codebook.code_map`
     shifted by one, ``NO_CODE`` (-1) where nothing was predicted."""
     return cb.code_map(grid, tiles, code) - 1

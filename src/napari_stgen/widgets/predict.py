@@ -20,7 +20,7 @@ from qtpy.QtWidgets import QWidget
 from napari_stgen.errors import Cancelled, StgenError
 from napari_stgen.inference import engine
 from napari_stgen.inference.cache import default_cache
-from napari_stgen.inference.contract import BATCH_SIZE, TileRequest
+from napari_stgen.inference.contract import BATCH_SIZE, Predictor, TileRequest
 from napari_stgen.inference.device import describe_device
 from napari_stgen.inference.engine import CancelToken, Estimate
 from napari_stgen.inference.registry import list_models, read_panel, takes_measured
@@ -228,7 +228,7 @@ class PredictWidget(HeatmapDisplayMixin, QWidget):
         worker.errored.connect(self._on_model_error)
         self.jobs.start("panel", worker, spec=JobSpec(on_return=self._on_model_loaded))
 
-    def _on_model_loaded(self, pred: Any) -> None:
+    def _on_model_loaded(self, pred: Predictor | SimpleNamespace) -> None:
         if self._closed:
             return
         self._panel = list(pred.genes)
@@ -241,7 +241,7 @@ class PredictWidget(HeatmapDisplayMixin, QWidget):
         if not self.genes and self._panel:
             self.add_gene("ERBB2" if "ERBB2" in self._panel else self._panel[0])
 
-    def _show_device(self, pred: Any) -> None:
+    def _show_device(self, pred: Predictor | SimpleNamespace) -> None:
         n = len(pred.genes)
         if getattr(pred, "device", None) is None:  # only the card read: loads on first use
             self.device_label.setText(f"loads on first Predict · {n} genes")
@@ -372,7 +372,7 @@ class PredictWidget(HeatmapDisplayMixin, QWidget):
         self.state.set_busy(token, True)
         return self.jobs.start("predict", worker, token, spec)
 
-    def _estimate_whole_slide(self, slide: Any) -> Any:
+    def _estimate_whole_slide(self, slide: Slide) -> Any:
         self.status_label.setText("estimating whole-slide work…")
         worker = self._worker(_estimate_job, self.state, slide, self.state.model_name)
 

@@ -17,7 +17,7 @@ sequencing (``synthesis_flow``) and the worker lifecycle (``jobs``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
@@ -36,6 +36,13 @@ from napari_stgen.widgets.synthesis_flow import Next, SynthesisFlow
 from napari_stgen.widgets.synthesis_region import NO_REGION, REGION_LAYER, RegionLayerMixin
 from napari_stgen.widgets.synthesis_results import OVERLAY_KINDS, ResultsMixin, offset_text
 from napari_stgen.widgets.synthesize_ui import LIVE_DEBOUNCE_MS, build_ui
+
+if TYPE_CHECKING:  # type names only
+    from napari_stgen.inference.cancel import CancelToken
+    from napari_stgen.inference.contract import Predictor
+    from napari_stgen.inference.stmdit_model import STMDiTModel
+    from napari_stgen.inference.synthesis_plan import SynthesisPlan
+    from napari_stgen.io.slide_handle import Slide
 
 __all__ = [
     "LIVE_DEBOUNCE_MS",
@@ -60,7 +67,13 @@ def _load_job(state: Any, stmdit_name: str) -> Any:
 
 
 def _profile_job(
-    slide: Any, model: Any, predictor: Any, plan: Any, known: Any, token: Any, threads: Any
+    slide: Slide,
+    model: STMDiTModel,
+    predictor: Predictor,
+    plan: SynthesisPlan,
+    known: tuple[np.ndarray, np.ndarray] | None,
+    token: CancelToken,
+    threads: int | None,
 ):
     set_threads(threads)
     gen = sg.iter_region_profile(slide, model, predictor, plan, known, token)
@@ -68,7 +81,13 @@ def _profile_job(
 
 
 def _generate_job(
-    slide: Any, model: Any, profile: Any, cond: Any, params: dict, token: Any, threads: Any
+    slide: Slide,
+    model: STMDiTModel,
+    profile: Any,
+    cond: Any,
+    params: dict,
+    token: CancelToken,
+    threads: int | None,
 ):
     set_threads(threads)
     gen = sg.iter_synthesize(slide, model, profile, cond, cancel=token, **params)
@@ -313,7 +332,7 @@ class SynthesizeWidget(RegionLayerMixin, ResultsMixin, QWidget):
         self.cancel_btn.setEnabled(True)
         return self.jobs.start("profile", worker, token, spec)
 
-    def _on_profile(self, prof: Any, token: Any, slide: Any) -> None:
+    def _on_profile(self, prof: Any, token: CancelToken, slide: Slide) -> None:
         if not self.jobs.is_current("profile", token) or prof is None:
             return
         if isinstance(prof, Failed):
