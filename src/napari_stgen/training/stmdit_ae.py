@@ -84,9 +84,10 @@ class AE2TrainConfig:
     disc_weight: float = 0.5
     disc_norm: str = "group"  # PatchDiscriminator norm: "spectral" or "group" (the first)
     disc_schedule: bool = False  # apply the generator's lr schedule to D too (the first runs)
-    adaptive_max: float = 1e4  # clamp of the adaptive adversarial weight
+    adaptive_max: float = 1.0  # clamp of the adaptive adversarial weight (1e4 in LDM)
     lecam_weight: float = 0.0  # LeCam regulariser of D (Tseng et al. 2021), EMA decay 0.99
     disc_warmup: int = 100  # steps a new D trains alone, then as many of ramping its G weight
+    disc_gate: float = 0.2  # G's adversarial weight × clamp(D's EMA logit gap / this, 0, 1)
     seed: int = 0
     threads: int = 1
     save_every_s: float = 240.0
@@ -155,8 +156,9 @@ def discriminator_step(disc, dopt, real, fake, amp: bool = False, lecam=None) ->
     """One hinge-loss update of the PatchGAN ``disc`` on ``real`` vs ``fake`` (detached) crops.
 
     ``lecam``: None, or a dict ``{"weight": w, "ema_real": tensor, "ema_fake": tensor}`` (EMAs
-    of the mean logits, decay 0.99, updated in place): adds ``w·(‖D(real) − ema_fake‖² +
-    ‖D(fake) − ema_real‖²)``, which keeps the logits from drifting apart or collapsing.
+    of the mean logits, decay 0.99, updated in place; the trainer gates G's adversarial term
+    on their gap): with ``w > 0`` adds ``w·(‖D(real) − ema_fake‖² + ‖D(fake) − ema_real‖²)``
+    (LeCam), which keeps the logits from drifting apart or collapsing.
     Returns the hinge loss and the mean real and fake logits (floats)."""
     import torch
     import torch.nn.functional as F
@@ -166,10 +168,11 @@ def discriminator_step(disc, dopt, real, fake, amp: bool = False, lecam=None) ->
         lf_ = disc(fake.detach()).float()
     hinge = 0.5 * (F.relu(1 - lr_).mean() + F.relu(1 + lf_).mean())
     loss = hinge
-    if lecam is not None and lecam["weight"] > 0:
+    if lecam is not None:
         er, ef = lecam["ema_real"], lecam["ema_fake"]
         er.mul_(0.99).add_(0.01 * lr_.mean().detach())
         ef.mul_(0.99).add_(0.01 * lf_.mean().detach())
+    if lecam is not None and lecam["weight"] > 0:
         reg = F.relu(lr_ - ef).pow(2).mean() + F.relu(er - lf_).pow(2).mean()
         loss = loss + lecam["weight"] * reg
     dopt.zero_grad(set_to_none=True)
@@ -322,14 +325,15 @@ def train_autoencoder_v2(
         loss = nll + cfg.kl_weight * kl
         g_adv, ramp = torch.zeros(()), adversarial_ramp(step, disc_born, cfg.disc_warmup)
         w = torch.zeros(())
+        gap = float(lecam["ema_real"] - lecam["ema_fake"])  # D's health: push G only if it sees
+        ramp *= min(1.0, max(0.0, gap / cfg.disc_gate)) if cfg.disc_gate > 0 else 1.0
         if gan and ramp > 0:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 g_adv = -disc(rec).float().mean()
             last = ae.last_layer
             gn = torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
             ga = torch.autograd.grad(g_adv, last, retain_graph=True)[0].norm()
-            w = (gn / (ga + 1e-4)).clamp(0.0, cfg.adaptive_max).detach()
-            w = w * ramp
+            w = (gn / (ga + 1e-4)).clamp(0.0, cfg.adaptive_max).detach() * ramp
             loss = loss + cfg.disc_weight * w * g_adv
         opt.zero_grad(set_to_none=True)
         loss.backward()
