@@ -170,19 +170,32 @@ class TileAutoencoderV2(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN discriminator (pix2pix / latent-diffusion autoencoders): one logit per patch."""
+    """PatchGAN discriminator (pix2pix / latent-diffusion autoencoders): one logit per patch.
 
-    def __init__(self, ch: int = 32, layers: int = 3):
+    ``norm="spectral"`` (default): spectrally normalised convolutions, no feature
+    normalisation, so the logits keep the scale of the input differences (Miyato et al.).
+    ``norm="group"``: GroupNorm after every inner convolution (the first version; its logits
+    collapsed to a constant in long runs, see training_state/README.md)."""
+
+    def __init__(self, ch: int = 32, layers: int = 3, norm: str = "spectral"):
         super().__init__()
-        mods: list[nn.Module] = [nn.Conv2d(3, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        if norm not in ("spectral", "group"):
+            raise ValueError(f"PatchDiscriminator: norm is 'spectral' or 'group', not {norm!r}")
+        self.norm = norm
+        sn = nn.utils.parametrizations.spectral_norm if norm == "spectral" else (lambda m: m)
+
+        def block(a: int, b: int, stride: int) -> list[nn.Module]:
+            conv = sn(nn.Conv2d(a, b, 4, stride=stride, padding=1))
+            return [conv, nn.GroupNorm(8, b)] if norm == "group" else [conv]
+
+        mods: list[nn.Module] = [sn(nn.Conv2d(3, ch, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
         c = ch
         for i in range(1, layers):
             n = ch * min(2**i, 8)
-            mods += [nn.Conv2d(c, n, 4, stride=2, padding=1), nn.GroupNorm(8, n)]
-            mods += [nn.LeakyReLU(0.2)]
+            mods += [*block(c, n, 2), nn.LeakyReLU(0.2)]
             c = n
-        mods += [nn.Conv2d(c, c, 4, padding=1), nn.GroupNorm(8, c), nn.LeakyReLU(0.2)]
-        mods += [nn.Conv2d(c, 1, 4, padding=1)]
+        mods += [*block(c, c, 1), nn.LeakyReLU(0.2)]
+        mods += [sn(nn.Conv2d(c, 1, 4, padding=1))]
         self.net = nn.Sequential(*mods)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ from napari_stgen.training.stmdit_data import (
 AE2_MPP = 0.875  # µm per pixel of the v2 autoencoder (128 px per 112 µm)
 
 _LOG_EPS = np.log(1e-6)
+_EMAS = ("ema_real", "ema_fake")  # LeCam EMAs of D's mean logits
 
 
 def hed_jitter_uint8(
@@ -81,6 +82,12 @@ class AE2TrainConfig:
     freq_weight: float = 0.1
     disc_start: int = 2000
     disc_weight: float = 0.5
+    disc_norm: str = "group"  # PatchDiscriminator norm: "spectral" or "group" (the first)
+    disc_schedule: bool = False  # apply the generator's lr schedule to D too (the first runs)
+    adaptive_max: float = 1.0  # clamp of the adaptive adversarial weight (1e4 in LDM)
+    lecam_weight: float = 0.0  # LeCam regulariser of D (Tseng et al. 2021), EMA decay 0.99
+    disc_warmup: int = 100  # steps a new D trains alone, then as many of ramping its G weight
+    disc_gate: float = 0.2  # G's adversarial weight × clamp(D's EMA logit gap / this, 0, 1)
     seed: int = 0
     threads: int = 1
     save_every_s: float = 240.0
@@ -145,6 +152,47 @@ def _load_opt(opt, params, t: dict, prefix: str, device) -> None:
             }
 
 
+def discriminator_step(disc, dopt, real, fake, amp: bool = False, lecam=None) -> dict:
+    """One hinge-loss update of the PatchGAN ``disc`` on ``real`` vs ``fake`` (detached) crops.
+
+    ``lecam``: None, or a dict ``{"weight": w, "ema_real": tensor, "ema_fake": tensor}`` (EMAs
+    of the mean logits, decay 0.99, updated in place; the trainer gates G's adversarial term
+    on their gap): with ``w > 0`` adds ``w·(‖D(real) − ema_fake‖² + ‖D(fake) − ema_real‖²)``
+    (LeCam), which keeps the logits from drifting apart or collapsing.
+    Returns the hinge loss and the mean real and fake logits (floats)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
+        lr_ = disc(real).float()
+        lf_ = disc(fake.detach()).float()
+    hinge = 0.5 * (F.relu(1 - lr_).mean() + F.relu(1 + lf_).mean())
+    loss = hinge
+    if lecam is not None:
+        er, ef = lecam["ema_real"], lecam["ema_fake"]
+        er.mul_(0.99).add_(0.01 * lr_.mean().detach())
+        ef.mul_(0.99).add_(0.01 * lf_.mean().detach())
+    if lecam is not None and lecam["weight"] > 0:
+        reg = F.relu(lr_ - ef).pow(2).mean() + F.relu(er - lf_).pow(2).mean()
+        loss = loss + lecam["weight"] * reg
+    dopt.zero_grad(set_to_none=True)
+    loss.backward()
+    dopt.step()
+    return {"d": hinge.item(), "d_real": lr_.mean().item(), "d_fake": lf_.mean().item()}
+
+
+def adversarial_ramp(step: int, disc_born: int, warmup: int) -> float:
+    """Factor of the generator's adversarial term: 0 before D has trained ``warmup`` steps
+    since it was created at ``disc_born``, then a linear ramp to 1 over ``warmup`` steps.
+
+    A new D needs that head start: a frozen step-5176 autoencoder's reconstructions are told
+    from real crops within ~100 D steps, but when the generator chases it from the first step
+    the two logits never part (training_state/README.md)."""
+    if step < disc_born + warmup:
+        return 0.0
+    return min(1.0, (step - disc_born - warmup + 1) / max(1, warmup))
+
+
 def _lr(step: int, total: int, warm: int = 200) -> float:
     """Linear warm-up then cosine to 10 %."""
     w = min(1.0, (step + 1) / max(1, min(warm, total // 10)))
@@ -182,7 +230,6 @@ def train_autoencoder_v2(
     step (state saved). Runs on CUDA with bf16 autocast when available, else CPU float32.
     """
     import torch
-    import torch.nn.functional as F
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -200,20 +247,26 @@ def train_autoencoder_v2(
     imgs = [section_image(s, cfg.mpp, Path(cache_dir or DEFAULT_CACHE)) for s in secs]
     torch.manual_seed(cfg.seed)
     ae = TileAutoencoderV2(AE2Config(ch=tuple(cfg.ch), z_ch=cfg.z_ch)).to(dev)
-    disc = PatchDiscriminator(cfg.disc_ch).to(dev)
+    disc = PatchDiscriminator(cfg.disc_ch, norm=cfg.disc_norm).to(dev)
+    lecam = {"weight": cfg.lecam_weight, **{k: torch.zeros((), device=dev) for k in _EMAS}}
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     dopt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
     state_path = Path(str(out) + ".state")
     start, hist, wall = 0, [], 0.0
+    disc_born = cfg.disc_start  # the step the current discriminator started training
     if resume:
         t = load_file(str(resume))
         ae.load_state_dict({k[3:]: v.float() for k, v in t.items() if k.startswith("ae.")})
         if any(k.startswith("disc.") for k in t):  # a state file: bit-identical resume
             disc.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("disc.")})
+            for k in _EMAS:
+                if f"lecam.{k}" in t:
+                    lecam[k] = t[f"lecam.{k}"].reshape(()).to(dev)
             _load_opt(opt, list(ae.parameters()), t, "opt", dev)
             _load_opt(dopt, list(disc.parameters()), t, "dopt", dev)
             meta = json.loads(Path(resume).with_suffix(".json").read_text())
             log(f"resumed from {resume} at step {int(meta['step'])}")
+            disc_born = int(meta.get("disc_born", cfg.disc_start))
         else:  # an intermediate weights file (the committed one): warm start
             with safe_open(str(resume), "pt") as f:
                 meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
@@ -221,6 +274,7 @@ def train_autoencoder_v2(
                 f"warm start from the weights {resume} at step {int(meta['step'])}: Adam moments "
                 "and the discriminator restart (not bit-identical to an unbroken run)"
             )
+            disc_born = max(int(meta["step"]), cfg.disc_start)  # a fresh D from here
         start, hist, wall = int(meta["step"]), meta["hist"], float(meta.get("wall_s", 0.0))
     amp = dev.type == "cuda"
     names = [s.name for s in secs]
@@ -230,7 +284,8 @@ def train_autoencoder_v2(
         t.update({f"disc.{k}": v.detach().cpu() for k, v in disc.state_dict().items()})
         t.update(_opt_tensors(opt, list(ae.parameters()), "opt"))
         t.update(_opt_tensors(dopt, list(disc.parameters()), "dopt"))
-        meta = {"step": step, "hist": hist, "wall_s": round(wall, 1)}
+        t.update({f"lecam.{k}": lecam[k].detach().cpu().reshape(1) for k in _EMAS})
+        meta = {"step": step, "hist": hist, "wall_s": round(wall, 1), "disc_born": disc_born}
         save_state(state_path, t, meta)
         rec = {
             **meta,
@@ -255,7 +310,7 @@ def train_autoencoder_v2(
         for g in opt.param_groups:
             g["lr"] = cfg.lr * f
         for g in dopt.param_groups:
-            g["lr"] = cfg.disc_lr * f
+            g["lr"] = cfg.disc_lr * (f if cfg.disc_schedule else 1.0)
         gan = step >= cfg.disc_start
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             m, lv = ae.encode(x)
@@ -268,35 +323,27 @@ def train_autoencoder_v2(
         kl = 0.5 * (m.float().pow(2) + lv.float().exp() - 1 - lv.float()).sum((1, 2, 3)).mean()
         nll = l1 + cfg.grad_weight * gl + cfg.freq_weight * fl
         loss = nll + cfg.kl_weight * kl
-        g_adv = torch.zeros(())
-        if gan:
+        g_adv, ramp = torch.zeros(()), adversarial_ramp(step, disc_born, cfg.disc_warmup)
+        w = torch.zeros(())
+        gap = float(lecam["ema_real"] - lecam["ema_fake"])  # D's health: push G only if it sees
+        ramp *= min(1.0, max(0.0, gap / cfg.disc_gate)) if cfg.disc_gate > 0 else 1.0
+        if gan and ramp > 0:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 g_adv = -disc(rec).float().mean()
             last = ae.last_layer
             gn = torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
             ga = torch.autograd.grad(g_adv, last, retain_graph=True)[0].norm()
-            w = (gn / (ga + 1e-4)).clamp(0.0, 1e4).detach()
+            w = (gn / (ga + 1e-4)).clamp(0.0, cfg.adaptive_max).detach() * ramp
             loss = loss + cfg.disc_weight * w * g_adv
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        d_loss = torch.zeros(())
+        dv = {"d": 0.0, "d_real": 0.0, "d_fake": 0.0, "adv_w": 0.0}
         if gan:
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                lr_ = disc(x).float()
-                lf_ = disc(rec.detach()).float()
-            d_loss = 0.5 * (F.relu(1 - lr_).mean() + F.relu(1 + lf_).mean())
-            dopt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            dopt.step()
+            dv.update(discriminator_step(disc, dopt, x, rec, amp, lecam), adv_w=w.item())
         wall += time.time() - t0
-        vals = {
-            "l1": l1.item(),
-            "grad": gl.item(),
-            "freq": fl.item(),
-            "g_adv": g_adv.item(),
-            "d": d_loss.item(),
-        }
+        vals = {"l1": l1.item(), "grad": gl.item(), "freq": fl.item(), "g_adv": g_adv.item()}
+        vals.update(dv)
         run = vals if not run else {k: 0.98 * run[k] + 0.02 * v for k, v in vals.items()}
         done = step + 1
         if done % 50 == 0 or done == cfg.steps:
