@@ -199,3 +199,28 @@ def test_impute_measured_without_image(lopo_data, tiny, expr_dir, tmp_path):
     err = np.abs(res.expr[:, ib] - y[:, ib]).mean(1)
     assert res.uncertainty.shape == (len(y),) and np.isfinite(res.uncertainty).all()
     assert spearmanr(res.uncertainty, err).statistic > 0.3  # larger = less sure, on real data
+
+
+@pytest.mark.parametrize("bw", [0.0, 300.0])
+def test_model_knn_residual_is_the_gaussian_knn_of_the_evaluation(lopo_data, bw):
+    """The model's kNN residual (HistoTxConfig.knn_k / knn_bw_um) is the same interpolation
+    the evaluation scores as HistoTx's base (``knn_interpolate(..., bw_um=)``), on A1's spots."""
+    from napari_stgen.models.histotx import HistoTx, HistoTxConfig
+    from napari_stgen.training.evaluate_histotx import knn_interpolate, split_hidden
+
+    (sets, panel, _), _ = lopo_data
+    a1 = next(s for s in sets if s.name == "A1")
+    hid, vis = split_hidden(len(a1.xy_um), 0.5, 0)
+    hid, vis = hid[:40], vis[:64]
+    xy = a1.xy_um + np.random.default_rng(0).normal(0, 5, a1.xy_um.shape)  # no tied distances
+    z = ((a1.y - a1.y.mean(0)) / (a1.y.std(0) + 1e-3)).astype(np.float32)
+    net = HistoTx(HistoTxConfig(n_genes=len(panel), img_dim=8, dim=16, depth=1, knn_k=8,
+                                knn_bw_um=bw))  # fmt: skip
+    f = lambda a: torch.from_numpy(np.asarray(a, np.float32))[None]  # noqa: E731
+    tx = f(z[vis])
+    knn, extra = net.knn(f(xy[hid]), tx, torch.ones_like(tx), f(xy[vis]),
+                         torch.ones(1, len(vis), dtype=torch.bool), True)  # fmt: skip
+    want = knn_interpolate(xy[vis], z[vis], xy[hid], 8, bw_um=bw)
+    np.testing.assert_allclose(knn[0].numpy(), want, atol=1e-4)
+    plain = knn_interpolate(xy[vis], z[vis], xy[hid], 8)
+    assert (np.abs(want - plain).max() > 1e-3) == (bw > 0)  # the weights change the estimate

@@ -27,6 +27,10 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         "--holdout-patient", default=None, help="leave every section of this patient out"
     )
     p.add_argument("--knn-k", type=int, default=None, help="kNN residual of the model (0: off)")
+    p.add_argument(
+        "--knn-bw-um", type=float, default=None,
+        help="Gaussian bandwidth (µm) weighting the kNN residual's neighbours (0: plain mean)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -91,8 +95,11 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
         f"{DEFAULT_ADAPT_STEPS}, chosen leave-one-patient-out: docs/histotx.md)",
     )
     p.add_argument("--knn-k", type=int, default=None, help="kNN residual of the model (0: off)")
+    p.add_argument(
+        "--knn-bw-um", type=float, default=None,
+        help="Gaussian bandwidth (µm) weighting the kNN residual's neighbours (0: plain mean)",
+    )  # fmt: skip
     p.add_argument("--no-gp", action="store_true", help="skip the Gaussian-process baseline")
     p.add_argument("--cache", default=None, help="image-feature cache directory")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.set_defaults(func=command("histotx_commands:run_evaluate"))
-

@@ -29,6 +29,8 @@ def _tcfg(args: argparse.Namespace):
     t = TrainConfig(seed=args.seed, threads=getattr(args, "threads", 1))
     if getattr(args, "knn_k", None) is not None:
         t.knn_k = max(0, args.knn_k)
+    if getattr(args, "knn_bw_um", None) is not None:
+        t.knn_bw_um = max(0.0, args.knn_bw_um)
     if args.steps is not None:
         if args.steps < 1:
             raise StgenError("--steps must be >= 1")

@@ -70,7 +70,8 @@ class TrainConfig:
     depth: int = 3
     seed: int = 0
     threads: int = 1
-    knn_k: int = 8  # > 0: the model is a residual on kNN interpolation (HistoTxConfig.knn_k)
+    knn_k: int = 16  # > 0: the model is a residual on kNN interpolation (HistoTxConfig.knn_k)
+    knn_bw_um: float = 300.0  # Gaussian weights of those k (HistoTxConfig.knn_bw_um; 0: plain)
     extra: dict = field(default_factory=dict)
 
 

@@ -49,6 +49,9 @@ class HistoTxConfig:
     # input, and the output is ``knn_gate · kNN + head`` (per-gene gate, starts at 1), so the
     # transformer predicts the correction to kNN. 0 (older checkpoints): off.
     knn_k: int = 0
+    # > 0: the k nearest are weighted exp(-d² / 2 bw²) (d, bw in µm) instead of equally; 0
+    # (older checkpoints): plain mean.
+    knn_bw_um: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -163,9 +166,10 @@ class HistoTx(nn.Module):
         return out if skip is None else out + skip
 
     def knn(self, img_pos, tx, tx_mask, tx_pos, tx_valid, has_tx: bool):
-        """Plain mean of the ``knn_k`` nearest transcript tokens at every image token:
-        (B, N, G) standardized profiles (0 = mean where nothing is measured) and (B, N, 2)
-        [log1p #neighbours used, mean neighbour distance / 1 mm]."""
+        """Mean of the ``knn_k`` nearest transcript tokens at every image token (plain, or
+        Gaussian-weighted when ``knn_bw_um`` > 0): (B, N, G) standardized profiles (0 = mean
+        where nothing is measured) and (B, N, 2) [log1p #neighbours used, mean neighbour
+        distance / 1 mm]."""
         b, n = img_pos.shape[:2]
         g = self.cfg.n_genes
         if not has_tx:
@@ -175,10 +179,14 @@ class HistoTx(nn.Module):
         k = min(self.cfg.knn_k, d.shape[-1])
         dk, ik = d.topk(k, dim=-1, largest=False)
         ok = torch.isfinite(dk)
-        w = torch.zeros_like(d).scatter(-1, ik, ok.to(d.dtype))  # (B, N, M) 1 on the k nearest
+        wk = ok.to(d.dtype)
+        bw = float(self.cfg.knn_bw_um)
+        if bw > 0:
+            wk = wk * torch.exp(-0.5 * (torch.where(ok, dk, torch.zeros_like(dk)) / bw) ** 2)
+        w = torch.zeros_like(d).scatter(-1, ik, wk)  # (B, N, M) weights on the k nearest
         num = torch.bmm(w, tx * tx_mask)
         den = torch.bmm(w, tx_mask)
-        knn = num / den.clamp_min(1.0)
+        knn = num / (den + 1e-6) if bw > 0 else num / den.clamp_min(1.0)
         cnt = ok.sum(-1, keepdim=True).to(d.dtype)
         md = torch.where(ok, dk, torch.zeros_like(dk)).sum(-1, keepdim=True) / cnt.clamp_min(1)
         return knn, torch.cat([torch.log1p(cnt), md / 1000.0], -1)

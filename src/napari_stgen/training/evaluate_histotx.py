@@ -259,14 +259,23 @@ KNN_K = (4, 8)
 
 
 def knn_interpolate(
-    xy_vis: np.ndarray, y_vis: np.ndarray, xy_q: np.ndarray, k: int = 8, idw: bool = False
+    xy_vis: np.ndarray,
+    y_vis: np.ndarray,
+    xy_q: np.ndarray,
+    k: int = 8,
+    idw: bool = False,
+    bw_um: float = 0.0,
 ) -> np.ndarray:
     """k-nearest-visible-spot interpolation: plain mean of the k nearest rows of ``y_vis``
-    (``idw``: weights 1 / distance) at each query; positions in µm."""
+    (``idw``: weights 1 / distance; ``bw_um`` > 0: weights exp(-d² / 2 bw²)) at each query;
+    positions in µm."""
     k = max(1, min(k, len(xy_vis)))
     d, i = cKDTree(xy_vis).query(xy_q, k=k)
     d, i = d.reshape(len(xy_q), k), i.reshape(len(xy_q), k)
-    w = 1.0 / np.maximum(d, 1.0) if idw else np.ones_like(d)
+    if bw_um > 0:
+        w = np.exp(-0.5 * (d / bw_um) ** 2) + 1e-12
+    else:
+        w = 1.0 / np.maximum(d, 1.0) if idw else np.ones_like(d)
     w = w / w.sum(1, keepdims=True)
     return np.einsum("qk,qkg->qg", w, y_vis[i]).astype(np.float32)
 
@@ -333,6 +342,10 @@ def score_section(
     preds["knn8_idw"] = knn_interpolate(v_xy, yv, q_xy, 8, idw=True)
     yd = denoise_measured(yv, pres)  # within-section low-rank denoising of the visible half
     preds["knn8_denoised"] = knn_interpolate(v_xy, yd, q_xy, 8)
+    # the model's own base without the transformer: its kNN residual on the denoised tokens
+    kc = net.cfg
+    if kc.knn_k > 0:
+        preds["kernel_denoised"] = knn_interpolate(v_xy, yd, q_xy, kc.knn_k, bw_um=kc.knn_bw_um)
     dmeas = (yd, pres, v_xy)
     preds["histotx_transcripts_only_raw"] = predict_sites(
         net, feats[hid], q_xy, feats, s.xy_um, *meas, **w, use_image=False

@@ -157,6 +157,7 @@ def train_histotx(
         dim=tcfg.dim,
         depth=tcfg.depth,
         knn_k=tcfg.knn_k,
+        knn_bw_um=tcfg.knn_bw_um,
     )
     model = HistoTx(cfg)
     with torch.no_grad():
@@ -249,7 +250,7 @@ def train_and_save(
         },
         command=notes.command
         or f"stgen train histotx --data {data_dir} --out {out} --steps {tcfg.steps} "
-        f"--seed {tcfg.seed} --knn-k {tcfg.knn_k}"
+        f"--seed {tcfg.seed} --knn-k {tcfg.knn_k} --knn-bw-um {tcfg.knn_bw_um:g}"
         + (f" --expression-data {expression_dir}" if expression_dir else "")
         + (f" --holdout {holdout}" if holdout else "")
         + (f" --holdout-patient {holdout_patient}" if holdout_patient else ""),
