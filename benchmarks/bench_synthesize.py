@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         cx, cy = w * slide.mpp / 2, h * slide.mpp / 2
         for label, size in (("one_tile", model.tile_um), ("region", args.size_um)):
             box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
-            plan = sg.plan_region(box, model.mpp, model.tile_px)
+            plan = sg.plan_region(box, model.mpp, model.tile_px, latent_factor=model.latent_factor)
             t0 = time.perf_counter()
             prof = sg.collect(sg.iter_region_profile(slide, model, genst, plan))
             ctx = sg.read_contexts(slide, model, plan)

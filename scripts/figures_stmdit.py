@@ -73,11 +73,10 @@ def real_vs_generated(
     rows["unconditional"] = synthesize(
         m, g, None, seed=0, guidance_genes=0.0, guidance_morph=0.0, guidance_expr=0.0
     )
-    px = int(gcard["patch_px"])
     gi = gcard["genes"].index("ERBB2")
     fig, ax = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.45 * len(rows)))
     for r, (name, tiles) in enumerate(rows.items()):
-        pred = genst_predict(gmodel, genst_patches_for_tiles(tiles, px))[:, gi]
+        pred = genst_predict(gmodel, genst_patches_for_tiles(tiles))[:, gi]
         for c in range(n):
             a = ax[r, c]
             a.imshow(tiles[c])
@@ -113,7 +112,6 @@ def slider(
     vals = np.linspace(lo, hi, values)
     prof = np.tile(m.gene_median, (values, 1)).astype(np.float32)
     prof[:, j] = vals
-    px = int(gcard["patch_px"])
     gi = gcard["genes"].index(gene)
     fig, ax = plt.subplots(seeds, values, figsize=(1.3 * values, 1.45 * seeds))
     for s in range(seeds):
@@ -124,7 +122,7 @@ def slider(
                 for i in range(values)
             ]
         )
-        pred = genst_predict(gmodel, genst_patches_for_tiles(tiles, px))[:, gi]
+        pred = genst_predict(gmodel, genst_patches_for_tiles(tiles))[:, gi]
         for c in range(values):
             a = ax[s, c]
             a.imshow(tiles[c])

@@ -172,6 +172,7 @@ def test_tiny_dit_trains_in_the_v2_latent_space_and_samples_at_0875(her2st_c3_di
         assemble,
         load_ae,
         section_features,
+        section_image,
         train_dit,
     )
     from napari_stgen.training.stmdit_ae import train_autoencoder_v2
@@ -201,6 +202,27 @@ def test_tiny_dit_trains_in_the_v2_latent_space_and_samples_at_0875(her2st_c3_di
     out = synthesize(m, sec.target(panel)[:1], None, seed=0, steps=2, guidance_expr=0.0)
     assert out.shape == (1, 128, 128, 3) and out.dtype == np.uint8
 
+    # GenST (1.75 µm/px) guides the 0.875 µm/px tiles: decoded tiles are area-averaged ×2, the
+    # real 224 µm surroundings are cut from the 336 µm context at 0.875 and averaged the same way
+    from napari_stgen.inference.synthesis import load_guide
+    from napari_stgen.training.evaluate_stmdit import _context3
+
+    guide = load_guide(m, "default")
+    assert guide.zoom == 2 and guide.patch_px == 128
+    img = section_image(sec, mpp, cache)
+    ctx = _context3(img, feats["spot_xy"][:1], px)
+    assert ctx.shape == (1, 384, 384, 3)
+    kw = dict(seed=0, steps=2)
+    plain = synthesize(m, sec.target(panel)[:1], ctx, guidance_expr=0.0, **kw)
+    guided = synthesize(m, sec.target(panel)[:1], ctx, guidance_expr=2.0, guide=guide, **kw)
+    assert np.abs(guided.astype(int) - plain.astype(int)).mean() > 0.5
+
+    # a region plan for this model overlaps by whole latent pixels (×8)
+    from napari_stgen.inference.synthesis_plan import plan_region
+
+    plan = plan_region((0.0, 0.0, 300.0, 150.0), m.mpp, m.tile_px, latent_factor=m.latent_factor)
+    assert m.latent_factor == 8 and plan.overlap_px == 32 and plan.n_tiles >= 3
+
 
 def test_discriminator_step_learns_real_from_blurred_crops(tissue_rgb):
     """The trainer's own D update, at the trainer's default D (norm, lr), tells real tissue
@@ -224,3 +246,28 @@ def test_discriminator_step_learns_real_from_blurred_crops(tissue_rgb):
         r = discriminator_step(disc, dopt, images_to_tensor(real), fake, lecam=lecam)
     assert r["d"] < 0.7, r
     assert r["d_real"] - r["d_fake"] > 0.8, r
+
+
+def test_train_stmdit_ae_cli_records_the_discriminator_settings(her2st_c3_dir, cache, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    out = tmp_path / "ae.safetensors"
+    args = ["--data", str(her2st_c3_dir), "--out", str(out), "--holdout", "--steps", "3",
+            "--batch", "1", "--crop-px", "32", "--disc-start", "0", "--disc-warmup", "1",
+            "--disc-gate", "0", "--adaptive-max", "0.5", "--disc-norm", "spectral",
+            "--lecam-weight", "0.1", "--cache", str(cache)]  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "napari_stgen.cli.main", "train", "stmdit-ae", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    with safe_open(str(out), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    tr = meta["train"]
+    assert (tr["disc_warmup"], tr["disc_gate"], tr["adaptive_max"]) == (1, 0.0, 0.5)
+    assert (tr["disc_norm"], tr["lecam_weight"]) == ("spectral", 0.1)
+    assert meta["step"] == 3 and "--disc-gate 0" in meta["command"]

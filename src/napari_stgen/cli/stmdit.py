@@ -70,6 +70,23 @@ def _register_train_ae(sub) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop-px", type=int, default=64, help="training crop size")
     p.add_argument("--disc-start", type=int, default=2500, help="step the PatchGAN term starts")
+    p.add_argument(
+        "--disc-warmup", type=int, default=100, help="steps a new discriminator trains alone"
+    )
+    p.add_argument(
+        "--disc-gate",
+        type=float,
+        default=0.2,
+        help="the generator's adversarial weight × clamp(D's moving real−fake logit gap / this, "
+        "0, 1); 0 turns the gate off",
+    )
+    p.add_argument(
+        "--adaptive-max", type=float, default=1.0, help="clamp of the adaptive adversarial weight"
+    )
+    p.add_argument(
+        "--disc-norm", choices=["group", "spectral"], default="group", help="PatchGAN norm"
+    )
+    p.add_argument("--lecam-weight", type=float, default=0.0, help="LeCam regulariser of D")
     p.add_argument("--holdout", nargs="*", default=["C3"], help="sections not trained on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

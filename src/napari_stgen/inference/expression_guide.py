@@ -37,6 +37,7 @@ class ExpressionGuide:
     sections: tuple[str, ...] = ()  # sections GenST was trained on
     tta: int = 1  # rotations averaged by the guide (1, 2 or 4)
     t_min: float = 0.0  # no guidance at flow times t < t_min (the last, fine-detail steps)
+    zoom: int = 1  # STMDiT pixels per GenST pixel (tiles are area-averaged down to GenST's µm/px)
 
 
 def load_guide(
@@ -58,9 +59,11 @@ def load_guide(
         raise StgenError(f"{pred.path}: GenST panel shares no gene with the STMDiT panel")
     gi = np.array([pos[model.genes[i]] for i in mi], dtype=np.int64)
     mpp = pred.patch_um / pred.patch_px
-    if abs(mpp - model.mpp) > 1e-3:
+    zoom = int(round(mpp / model.mpp))
+    if zoom < 1 or abs(zoom * model.mpp - mpp) > 1e-3 or model.tile_px % zoom:
         raise StgenError(
-            f"{pred.path}: GenST patch is {mpp:.3f} µm/px, the STMDiT tiles {model.mpp} µm/px"
+            f"{pred.path}: GenST patch is {mpp:.3f} µm/px, the STMDiT tiles {model.mpp} µm/px "
+            "(the guide needs an integer multiple of the tiles' µm/px)"
         )
     sampler = model.sampler
     return ExpressionGuide(
@@ -73,6 +76,7 @@ def load_guide(
         sections=tuple(pred.card.get("data", {}).get("sections", [])),
         tta=int(sampler.guide_tta if tta is None else tta),
         t_min=float(sampler.guide_t_min if t_min is None else t_min),
+        zoom=zoom,
     )
 
 
@@ -92,15 +96,19 @@ def guide_weights(model: STMDiTModel, focus: list[str] | None = None, share: flo
 
 
 def _guide_context(model: STMDiTModel, guide: ExpressionGuide, context_patches) -> Any:
-    """Real surroundings (N, 3, P, P) in [0, 1] for the guide's patch, or None."""
+    """Real surroundings (N, 3, P, P) in [0, 1] at GenST's µm/px for the guide's patch, or
+    None."""
     import torch
+    import torch.nn.functional as F
 
     if context_patches is None:
         return None
     ctx = _check_context(model, context_patches)
-    o = (ctx.shape[1] - guide.patch_px) // 2
-    c = ctx[:, o : o + guide.patch_px, o : o + guide.patch_px]
-    return torch.as_tensor(np.ascontiguousarray(c), device=model.device).permute(0, 3, 1, 2) / 255.0
+    size = guide.patch_px * guide.zoom
+    o = (ctx.shape[1] - size) // 2
+    c = ctx[:, o : o + size, o : o + size]
+    c = torch.as_tensor(np.ascontiguousarray(c), device=model.device).permute(0, 3, 1, 2) / 255.0
+    return F.avg_pool2d(c, guide.zoom) if guide.zoom > 1 else c
 
 
 def expression_gradient(
@@ -112,10 +120,12 @@ def expression_gradient(
 
     from napari_stgen.models.genst import to_input  # torch
 
-    t = model.tile_px
+    t = model.tile_px // guide.zoom
     with torch.enable_grad():
         z = x0.detach().requires_grad_(True)
         img = (model.ae.decode(z / model.latent_scale).clamp(-1, 1) + 1.0) / 2.0
+        if guide.zoom > 1:
+            img = F.avg_pool2d(img, guide.zoom)
         o = (guide.patch_px - t) // 2
         if ctx is None:
             patch = F.pad(img, (o, guide.patch_px - t - o) * 2, mode="reflect")

@@ -50,6 +50,11 @@ class STMDiTModel:
         return self.tile_px * self.mpp
 
     @property
+    def latent_factor(self) -> int:
+        """Tile pixels per latent pixel of the autoencoder (4 for v1, 8 for v2)."""
+        return self.tile_px // int(self.dit.cfg.latent_px)
+
+    @property
     def context_px(self) -> int:
         """Edge of the context patch (3 × 3 tiles) at ``mpp`` that ``synthesize`` accepts."""
         return 3 * self.tile_px

@@ -271,6 +271,11 @@ def iter_generate(
     s = resolve_sampler(model, **sampler)
     if int(model.tile_px) != plan.tile_px:
         raise StgenError(f"plan tiles are {plan.tile_px} px, the model makes {model.tile_px} px")
+    if plan.overlap_px % model.latent_factor:
+        raise StgenError(
+            f"plan overlap {plan.overlap_px} px is not a multiple of the model's latent factor "
+            f"{model.latent_factor} (plan_region(..., latent_factor=model.latent_factor))"
+        )
     g = np.asarray(genes, np.float32).reshape(plan.n_tiles, -1)
     cond = condition_features(model, g, contexts)
     eg = prepare_guidance(model, g, contexts, s.guidance_expr, None, list(focus or []))

@@ -25,7 +25,7 @@ __all__ = [
     "overlap_weights",
 ]
 
-LATENT_FACTOR = 4  # the tile autoencoder downsamples ×4
+LATENT_FACTOR = 4  # the v1 tile autoencoder downsamples ×4 (v2: ×8; pass ``latent_factor``)
 
 
 def snap_region(region_um: Sequence[float], px_um: float) -> tuple[float, float, float, float]:
@@ -126,16 +126,20 @@ def plan_region(
     region_um: Sequence[float],
     px_um: float,
     tile_px: int,
-    overlap_px: int = 16,
+    overlap_px: int | None = None,
     max_tiles: int = 400,
+    latent_factor: int = LATENT_FACTOR,
 ) -> SynthesisPlan:
     """Tiles of ``tile_px`` at ``px_um`` µm/px covering ``region_um`` (x0, y0, x1, y1) µm.
 
-    The region is snapped to whole pixels (:func:`snap_region`). ``overlap_px`` is rounded to
-    the latent factor and must leave a positive stride. StgenError above ``max_tiles`` tiles.
+    The region is snapped to whole pixels (:func:`snap_region`). ``overlap_px`` (default a
+    quarter tile) is rounded to ``latent_factor`` (the autoencoder's down-sampling) and must
+    leave a positive stride. StgenError above ``max_tiles`` tiles.
     """
     tile_px = int(tile_px)
-    f = LATENT_FACTOR
+    f = int(latent_factor)
+    if overlap_px is None:
+        overlap_px = tile_px // 4
     ov = int(round(overlap_px / f)) * f
     if tile_px % f or not 0 <= ov < tile_px:
         raise StgenError(f"overlap {overlap_px} px must be in [0, {tile_px}) (tile {tile_px} px)")

@@ -195,7 +195,6 @@ def evaluate_stmdit(
     gpos = {g: i for i, g in enumerate(gcard["genes"])}
     gb = np.array([gpos[g] for g in bench])
     t = m.tile_px
-    px = int(gcard["patch_px"])
 
     feat = section_features(test, m.genes, m.enc, None, tile_px=t, cache_dir=cache_dir, mpp=m.mpp)
     tiles, ctx2, expr = feat["spot_tiles"], feat["spot_ctx"], feat["spot_expr"]
@@ -206,8 +205,8 @@ def evaluate_stmdit(
 
     def repredict(gen_tiles: np.ndarray) -> dict:
         return {
-            "tile": genst_predict(gmodel, genst_patches_for_tiles(gen_tiles, px))[:, gb],
-            "context": genst_predict(gmodel, genst_patches_for_tiles(gen_tiles, px, ctx2))[:, gb],
+            "tile": genst_predict(gmodel, genst_patches_for_tiles(gen_tiles))[:, gb],
+            "context": genst_predict(gmodel, genst_patches_for_tiles(gen_tiles, ctx2))[:, gb],
         }
 
     y = expr[:, bi]
@@ -271,7 +270,7 @@ def evaluate_stmdit(
         gen = functools.partial(
             synthesize, m, steps=steps, guidance_genes=sg, guidance_morph=sm, **eg
         )
-        ctrl = _control_sweeps(m, gen, top10, seeds, Readout(gmodel, gpos, px, cnn, bench))
+        ctrl = _control_sweeps(m, gen, top10, seeds, Readout(gmodel, gpos, cnn, bench))
     say(f"control done {ctrl}")
 
     # realism in GenST histology-encoder space (the default GenST = the re-predictor)
@@ -358,12 +357,11 @@ class Readout:
 
     gmodel: Any
     gpos: dict[str, int]
-    px: int
     cnn: Any
     bench: list[str]
 
     def genst(self, tiles: np.ndarray, gene: str) -> np.ndarray:
-        patches = genst_patches_for_tiles(tiles, self.px)
+        patches = genst_patches_for_tiles(tiles)
         return genst_predict(self.gmodel, patches)[:, self.gpos[gene]]
 
     def cnn_gene(self, tiles: np.ndarray, gene: str) -> np.ndarray:

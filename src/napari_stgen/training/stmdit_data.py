@@ -135,22 +135,19 @@ def genst_predict(model, patches: np.ndarray, tta: int = 4, batch: int = 128) ->
     return np.concatenate(out, 0).astype(np.float32) if out else np.zeros((0, model.cfg.n_genes))
 
 
-def genst_patches_for_tiles(tiles: np.ndarray, genst_px: int, context: np.ndarray | None = None):
-    """GenST input patches (224 µm) for 112 µm tiles at the same µm/px: the tile in the centre
-    of its real ``context`` (N, 2t, 2t, 3) when given, else reflect-padded (tile content only).
+def genst_patches_for_tiles(tiles: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+    """GenST input patches (224 µm = 2 tiles) for 112 µm tiles, at the tiles' µm/px: the tile in
+    the centre of its real ``context`` (N, 2t, 2t, 3) when given, else reflect-padded (tile
+    content only). ``genst_predict`` resamples them to GenST's patch size when they differ.
     """
     tiles = np.asarray(tiles)
     t = tiles.shape[1]
-    pad = (genst_px - t) // 2
+    pad = t // 2
     if context is not None:
         out = np.array(context, copy=True)
         out[:, pad : pad + t, pad : pad + t] = tiles
         return out
-    return np.pad(
-        tiles,
-        ((0, 0), (pad, genst_px - t - pad), (pad, genst_px - t - pad), (0, 0)),
-        mode="reflect",
-    )
+    return np.pad(tiles, ((0, 0), (pad, t - pad), (pad, t - pad), (0, 0)), mode="reflect")
 
 
 # ----------------------------------------------------------------------------- features

@@ -299,7 +299,9 @@ class SynthesizeWidget(RegionLayerMixin, ResultsMixin, QWidget):
     def _plan(self, region: Any) -> tuple[Any, Any]:
         """(slide, plan) of a region (StgenError when there is no slide or a bad region)."""
         slide = self._slide()
-        return slide, sg.plan_region(region, self.model.mpp, self.model.tile_px)
+        return slide, sg.plan_region(
+            region, self.model.mpp, self.model.tile_px, latent_factor=self.model.latent_factor
+        )
 
     def update_region(self) -> Any:
         """Plan the current region and predict its profile (worker); sliders follow."""
@@ -373,7 +375,9 @@ class SynthesizeWidget(RegionLayerMixin, ResultsMixin, QWidget):
         if not self._ensure_models(self.generate):
             return None
         try:
-            plan = sg.plan_region(region, self.model.mpp, self.model.tile_px)
+            plan = sg.plan_region(
+            region, self.model.mpp, self.model.tile_px, latent_factor=self.model.latent_factor
+        )
         except StgenError as e:
             self._notify(str(e), error=True)
             return None
