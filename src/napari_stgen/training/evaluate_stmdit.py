@@ -351,6 +351,43 @@ def evaluate_stmdit(
     }
 
 
+RATIO_KEYS = ("laplacian_variance", "hf_power_share", "nuclei_per_mm2", "nuclei_median_area_um2")
+
+
+def card_figures(result: dict) -> dict:
+    """The headline figures of an ``evaluate_stmdit`` result, flat, for a model card's
+    ``figures`` block (the card keeps the full result next to it, so the two can be compared).
+
+    Fidelity as % of the real tiles' ceiling per reader (GenST tile / context, ridge and CNN
+    oracles) and condition set; slider control (pooled Spearman, GenST and CNN read-outs);
+    the encoder-free realism ratios generated/real of genes+morph tiles and of the
+    autoencoder's reconstructions at the reference µm/px; KID; seconds per tile."""
+    fig: dict = {"holdout": result["holdout"], "n_spots": result["n_spots"]}
+    fig["train_sections"] = result["model"].get("train_sections")
+    for name, row in result.get("fidelity", {}).items():
+        for reader in ("tile", "context", "oracle", "cnn_oracle"):
+            fig[f"fidelity_pct_of_ceiling_{name}_{reader}"] = row[f"{reader}_pct_of_ceiling"]
+    ctrl = result.get("control", {})
+    for k in ("mean_spearman_pooled", "mean_spearman_pooled_cnn_oracle"):
+        if ctrl.get(k) is not None:
+            fig[f"control_{k}"] = ctrl[k]
+    real = result.get("realism", {})
+    for name in ("genes", "genes+morph", "morph", "uncond"):
+        if name in real:
+            fig[f"kid_{name}"] = real[name]["kid"]
+    pix = real.get("pixel_statistics", {})
+    ref = f"at_{REFERENCE_MPP:g}_um_px"
+    for name in ("genes+morph", "autoencoder_reconstruction"):
+        rep = pix.get(name, {}).get(ref)
+        if rep is None:
+            continue
+        for k in RATIO_KEYS:
+            fig[f"realism_{name}_{k}_ratio"] = rep[k]["ratio"]
+        fig[f"realism_{name}_two_sample_accuracy"] = rep["two_sample_accuracy"]
+    fig.update({f"speed_{k}": v for k, v in result.get("speed", {}).items()})
+    return fig
+
+
 @dataclass
 class Readout:
     """How generated tiles are read back: the GenST re-predictor and the CNN oracle."""
