@@ -20,6 +20,7 @@ from napari_stgen.io.anndata import (
     read_h5ad_layers,
     write_h5ad,
 )
+from napari_stgen.io.layer_meta import generated_record, layer_kind
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +113,7 @@ def test_roundtrip_export_import(case):
     if code_names:
         want = [code_names.get(int(c), f"code {int(c)}") for c in codes]
         assert [str(v) for v in feats["genst_code_name"]] == want
-    assert meta["metadata"]["mpp"] == pytest.approx(mpp)
+    assert meta["metadata"]["stgen"]["mpp"] == pytest.approx(mpp)
 
     shapes = _layers_by_type(layers, "shapes")
     if rois:
@@ -126,7 +127,7 @@ def test_roundtrip_export_import(case):
         assert not shapes
 
     assert len(tiles) == len(gen)
-    imgs = [ly for ly in layers if ly[2] == "image" and "stgen_generated" in ly[1]["metadata"]]
+    imgs = [ly for ly in layers if ly[2] == "image" and generated_record(ly[1]["metadata"])]
     for t, want, img in zip(tiles, gen, imgs, strict=True):
         np.testing.assert_array_equal(t.image, want.image)
         np.testing.assert_array_equal(t.condition, want.condition.astype(np.float32))
@@ -326,7 +327,7 @@ def test_visium_mouse_crop_roundtrip(tmp_path, visium_crop_dir):
     layers = read_h5ad_layers(out)
     (pts,) = _layers_by_type(layers, "points")
     np.testing.assert_allclose(pts[0], xy[:, ::-1] * mpp)
-    (thumb,) = [ly for ly in layers if ly[1]["metadata"].get("stgen_kind") == "thumbnail"]
+    (thumb,) = [ly for ly in layers if layer_kind(ly[1]["metadata"]) == "thumbnail"]
     assert thumb[1]["scale"] == pytest.approx((mpp / s, mpp / s))
 
 
@@ -415,7 +416,7 @@ def test_roundtrip_through_napari_writer(case, mpp, origin):
     slide = (np.zeros((64, 48, 3), np.uint8), {"name": "slide", "rgb": True, "scale": (mpp, mpp),
              "translate": origin, "metadata": {}}, "image")  # fmt: skip
     pts = (yx_um, {"name": "spots", "features": feats, "size": 30.0,
-                   "metadata": {"stgen_genes": genes}}, "points")  # fmt: skip
+                   "metadata": {"stgen": {"genes": genes}}}, "points")  # fmt: skip
     layers = [slide, pts]
     if rois:
         kw = {"name": "ROIs", "shape_type": [r.shape_type for r in rois]}
@@ -432,13 +433,13 @@ def test_roundtrip_through_napari_writer(case, mpp, origin):
         (sh,) = _layers_by_type(back, "shapes")
         for v, r in zip(sh[0], rois, strict=True):
             np.testing.assert_allclose(v, r.vertices_yx_um)
-    imgs = [ly for ly in back if "stgen_generated" in ly[1]["metadata"]]
+    imgs = [ly for ly in back if generated_record(ly[1]["metadata"])]
     assert len(imgs) == len(gen)
     for ly, t in zip(imgs, gen, strict=True):
         np.testing.assert_array_equal(ly[0], t.image)
         assert ly[1]["translate"] == pytest.approx(t.layer_data()[1]["translate"])
-        assert ly[1]["metadata"]["stgen_generated"]["seed"] == t.seed
-    (thumb,) = [ly for ly in back if ly[1]["metadata"].get("stgen_kind") == "thumbnail"]
+        assert generated_record(ly[1]["metadata"])["seed"] == t.seed
+    (thumb,) = [ly for ly in back if layer_kind(ly[1]["metadata"]) == "thumbnail"]
     assert thumb[1]["translate"] == pytest.approx(origin)
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from napari_stgen.io.anndata import GeneratedTile
+from napari_stgen.io.layer_meta import generated_record, layer_kind
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def viewer_with_layers(make_napari_viewer, sample_slide_path, sample_spots_path)
         features=feats,
         size=100.0,
         name="measured spots",
-        metadata={"stgen_genes": genes},
+        metadata={"stgen": {"genes": genes}},
     )
     rois = [
         np.array([[1000.0, 2000.0], [1000.0, 3000.0], [2500.0, 3000.0], [2500.0, 2000.0]]),
@@ -99,8 +100,8 @@ def test_writer_and_reader_roundtrip(viewer_with_layers, make_napari_viewer, tmp
     gen = v2.layers[f"generated {tile.id}"]
     np.testing.assert_allclose(gen.scale, viewer.layers[f"generated {tile.id}"].scale)
     np.testing.assert_allclose(gen.translate, viewer.layers[f"generated {tile.id}"].translate)
-    assert gen.metadata["stgen_generated"]["seed"] == 7
-    thumb = next(ly for ly in layers if ly.metadata.get("stgen_kind") == "thumbnail")
+    assert generated_record(gen.metadata)["seed"] == 7
+    thumb = next(ly for ly in layers if layer_kind(ly.metadata) == "thumbnail")
     # the thumbnail covers the slide's extent in µm
     ext = np.asarray(thumb.data.shape[:2]) * np.asarray(thumb.scale)
     np.testing.assert_allclose(ext, np.array([9936, 9270]) * mpp, rtol=2e-3)
@@ -269,8 +270,8 @@ def test_export_widget_spatialdata(viewer_with_layers, qtbot, tmp_path):
     v2_layers = viewer.open(str(out), plugin="napari-stgen")
     pts = next(ly for ly in v2_layers if type(ly).__name__ == "Points")
     np.testing.assert_allclose(pts.data, viewer.layers["measured spots"].data, atol=1e-6)
-    gen = next(ly for ly in v2_layers if "stgen_generated" in ly.metadata)
-    assert gen.metadata["stgen_generated"]["seed"] == 7
+    gen = next(ly for ly in v2_layers if generated_record(ly.metadata))
+    assert generated_record(gen.metadata)["seed"] == 7
     np.testing.assert_allclose(gen.translate, viewer.layers[f"generated {tile.id}"].translate)
     np.testing.assert_array_equal(gen.data, tile.image)
     shapes = next(ly for ly in v2_layers if type(ly).__name__ == "Shapes")

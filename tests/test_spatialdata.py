@@ -268,7 +268,7 @@ def test_reads_visium_spatialdata_from_spatialdata_io(
     np.testing.assert_allclose(ij, want - 0.5, atol=1e-6)
     if source == "sample":  # (the crop's hires image is a 100 px stand-in, not the tissue)
         assert (ij >= -0.5).all() and (ij < np.asarray(im.shape[:2]) - 0.5).all()
-    genes = list(pkw["metadata"]["stgen_genes"])[:5]
+    genes = list(pkw["metadata"]["stgen"]["genes"])[:5]
     x = a[:, genes].X
     x = x.toarray() if hasattr(x, "toarray") else x
     np.testing.assert_allclose(pkw["features"][genes].to_numpy(), x)

@@ -22,6 +22,7 @@ from napari_stgen.inference.cache import slide_key
 from napari_stgen.inference.confidence import uncertainty_record
 from napari_stgen.inference.store import PredictionStore
 from napari_stgen.io.anndata_export import ExportRecord, model_record, record_to_anndata
+from napari_stgen.io.layer_meta import stgen_metadata
 from napari_stgen.io.records import GeneratedTile, LayerData, Roi
 
 __all__ = ["StoreExtras", "store_to_anndata", "store_layer_data", "tile_store"]
@@ -149,6 +150,6 @@ def store_layer_data(
         "name": "predicted tiles",
         "features": feats,
         "size": float(store.grid.tile_um),
-        "metadata": {"stgen_genes": list(store.genes), "stgen": st},
+        "metadata": stgen_metadata(**st, genes=list(store.genes)),
     }
     return (store.centres_um, meta, "points")

@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
 
 from napari_stgen.inference.export import StoreExtras, store_layer_data, store_to_anndata
 from napari_stgen.io.anndata import write_h5ad
-from napari_stgen.io.layer_meta import layer_info
+from napari_stgen.io.layer_meta import generated_record, layer_kind
 from napari_stgen.io.napari_writer import generated_tiles, layer_images, shape_rois, write_layers
 from napari_stgen.io.spatialdata import export_spatialdata, write_layers_spatialdata
 from napari_stgen.widgets.state import get_state, is_slide_layer, slide_from_layer
@@ -56,19 +56,18 @@ def is_exportable(layer: Any) -> bool:
     kind = type(layer).__name__
     if kind in ("Points", "Shapes", "Labels"):
         return True
-    return kind == "Image" and "stgen_generated" in (layer.metadata or {})
+    return kind == "Image" and generated_record(layer.metadata) is not None
 
 
 def is_slide_like(layer: Any) -> bool:
     """Not a generated tile (a slide, or the thumbnail of an imported h5ad, stands in)."""
-    return "stgen_generated" not in (layer.metadata or {})
+    return generated_record(layer.metadata) is None
 
 
 def _is_spots(layer: Any) -> bool:
     """A spots layer napari-stgen made or read (measured spots, a reopened export's spots,
     the Predict widget's spot circles) rather than the user's own points."""
-    md = layer.metadata or {}
-    return layer_info(md).get("kind") in ("tiles", "spots") or md.get("stgen_kind") == "spots"
+    return layer_kind(layer.metadata) in ("tiles", "spots")
 
 
 def _default_checked(layer: Any) -> bool:

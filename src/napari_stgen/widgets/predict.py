@@ -25,6 +25,7 @@ from napari_stgen.inference.device import describe_device
 from napari_stgen.inference.engine import CancelToken, Estimate
 from napari_stgen.inference.registry import list_models, read_panel, takes_measured
 from napari_stgen.inference.tiles import visible_region_um
+from napari_stgen.io.layer_meta import layer_info
 from napari_stgen.io.slide import Slide
 from napari_stgen.widgets import layers as L
 from napari_stgen.widgets.jobs import DockProgress, JobSpec, WidgetJobs
@@ -284,8 +285,8 @@ class PredictWidget(HeatmapDisplayMixin, QWidget):
     def _on_layer_inserted(self, event: Any) -> None:
         """A reopened napari-stgen export: show its gene and colour scale on the canvas."""
         layer = getattr(event, "value", None)
-        md = getattr(layer, "metadata", None) or {}
-        if md.get("stgen_kind") == "spots" and md.get("stgen_genes"):
+        info = layer_info(getattr(layer, "metadata", None))
+        if info.get("kind") == "spots" and info.get("genes"):
             L.show_scale(layer)
 
     def _on_mode_changed(self, *_: Any) -> None:
