@@ -156,6 +156,51 @@ def test_export_widget(viewer_with_layers, qtbot, tmp_path):
     ] == pytest.approx(112.0 / mpp)
 
 
+def test_export_widget_store_with_other_points(viewer_with_layers, qtbot, tmp_path):
+    """The store and the user's points ticked together: the store's rows as
+    ``store_to_anndata`` writes them, then the points' rows in the same level-0 px; the
+    Predict widget's own views of the store are not written twice."""
+    import anndata as ad
+
+    from napari_stgen.coords import Grid
+    from napari_stgen.inference.export import store_to_anndata
+    from napari_stgen.widgets.export import ExportWidget
+    from napari_stgen.widgets.state import get_state
+
+    viewer, df, genes, mpp, rois, tile = viewer_with_layers
+    store = get_state(viewer).store
+    store.reset(Grid((0.0, 0.0), 112.0, (60, 56)), genes[:4], "k", "cafe", "default", mpp)
+    tiles = np.array([[10, 20], [10, 21], [30, 5]])
+    store.add(tiles, np.arange(12, dtype=np.float32).reshape(3, 4), np.array([4, 4, 9]))
+    view = viewer.add_points(
+        store.centres_um, name="tiles view", metadata={"stgen": {"kind": "tiles"}}
+    )
+    w = ExportWidget(viewer)
+    qtbot.addWidget(w)
+    for i in range(w.layer_list.count()):
+        w.layer_list.item(i).setCheckState(w.layer_list.item(i).checkState().Checked)
+    out = tmp_path / "mixed.h5ad"
+    w.path_edit.setText(str(out))
+    with qtbot.waitSignal(w.export().finished, timeout=30000):
+        pass
+    a = ad.read_h5ad(out)
+    n = len(tiles)
+    assert a.n_obs == n + len(df)  # the tiles view adds no rows
+    assert list(a.var_names) == genes  # the store's panel first, then the points' genes
+    only = store_to_anndata(store)
+    assert list(a.obs_names[:n]) == list(only.obs_names)
+    np.testing.assert_allclose(a.obsm["spatial"][:n], only.obsm["spatial"])
+    np.testing.assert_allclose(a.obsm["spatial"][n:], df[["x", "y"]].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(a[n:, genes].X, np.log1p(df[genes].to_numpy(np.float32)))
+    np.testing.assert_allclose(a[:n, genes[:4]].X, store.expr)
+    assert np.isnan(a[:n, genes[4:]].X).all()
+    assert list(a.obs["genst_code"][:n]) == [4, 4, 9] and (a.obs["genst_code"][n:] == -1).all()
+    assert set(a.obs["layer"]) == {"predicted tiles", "measured spots"}
+    assert view.name not in set(a.obs["layer"])
+    assert a.uns["stgen"]["grid"]["tile_um"] == 112.0
+    assert list(a.uns["stgen"]["rois"]["n_vertices"]) == [4, 3]
+
+
 def test_closed_export_widget_does_not_break_predictions(make_napari_viewer, qtbot):
     """A closed (deleted) Export widget stops listening to the prediction store."""
     from qtpy.QtCore import QCoreApplication, QEvent

@@ -56,6 +56,7 @@ __all__ = [
     "ExportRecord",
     "record_to_anndata",
     "predictions_to_anndata",
+    "append_rows",
     "model_record",
     "write_h5ad",
 ]
@@ -349,6 +350,43 @@ _ORDER = ("schema", "software_version", "created_utc", "normalization", "obs_kin
 def _ordered(stgen: dict) -> dict:
     """``uns['stgen']`` keys in the order of the schema (as files always had them)."""
     return {k: stgen[k] for k in _ORDER if k in stgen}
+
+
+def _world_xy(adata: Any) -> np.ndarray:
+    """World (x, y) µm of the rows: ``obsm['spatial']`` × µm/px + the recorded origin."""
+    st = adata.uns.get("stgen", {}) or {}
+    mpp = float(st.get("mpp") or 1.0)
+    origin = np.asarray(st.get("origin_yx_um", (0.0, 0.0)), dtype=np.float64).ravel()[:2]
+    return np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] * mpp + origin[::-1]
+
+
+def append_rows(adata: Any, other: Any, names: tuple[str, str]) -> Any:
+    """``adata`` with the rows of ``other`` after its own (one export of two parts).
+
+    ``other``'s positions move into ``adata``'s level-0 px (each side's ``uns['stgen']`` µm/px
+    and origin); genes (``adata``'s order first) and obs columns are joined, NaN where a part
+    lacks one (gene code -1); ``obs['layer']`` names each row's part (``names``, unless
+    ``other`` records its own); ``adata``'s ``uns`` is kept.
+    """
+    import anndata as ad
+
+    a, b = adata.copy(), other.copy()
+    a.obs["layer"] = names[0]
+    if "layer" not in b.obs:
+        b.obs["layer"] = names[1]
+    st = a.uns.get("stgen", {}) or {}
+    origin = np.asarray(st.get("origin_yx_um", (0.0, 0.0)), dtype=np.float64).ravel()[:2]
+    b.obsm["spatial"] = (_world_xy(b) - origin[::-1]) / float(st.get("mpp") or 1.0)
+    out = ad.concat([a, b], join="outer", merge=None, uns_merge=None)
+    genes = list(a.var_names) + [g for g in b.var_names if g not in set(a.var_names)]
+    out = out[:, genes].copy()
+    if "genst_code" in out.obs:
+        out.obs["genst_code"] = out.obs["genst_code"].fillna(-1).astype(np.int64)
+    if not out.obs_names.is_unique:  # e.g. two parts with the same barcodes: prefix by part
+        out.obs_names = [f"{p}:{i}" for p, i in zip(out.obs["layer"], out.obs_names, strict=True)]
+        out.obs_names_make_unique()
+    out.uns = dict(adata.uns)
+    return out
 
 
 # ----------------------------------------------------------------------------- write
