@@ -402,7 +402,7 @@ def write_h5ad(adata: Any, path: str | os.PathLike, overwrite: bool = False) -> 
     if path.is_dir():
         raise StgenError(f"{path}: is a directory")
     if path.exists() and not overwrite:
-        raise StgenError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise StgenError(f"{path} already exists; pass overwrite=True to replace it")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ def read_slide_layers(path: str | list[str]) -> list[LayerData]:
     if slide.mpp is None:
         _notify(
             f"{slide.path.name}: no resolution in the file; the layer is in pixels, not µm. "
-            "Give µm/px with napari_stgen.open_slide(path, mpp=...) or `stgen ... --mpp`."
+            "Give µm/px with napari_stgen.open_slide(path, mpp=...)."
         )
     else:
         _show_scale_bar()

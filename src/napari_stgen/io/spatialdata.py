@@ -287,7 +287,7 @@ def write_spatialdata(sdata: Any, path: str | os.PathLike, overwrite: bool = Fal
     if path.suffix.lower() != ".zarr":
         raise StgenError(f"{path}: SpatialData output must end in .zarr")
     if path.exists() and not overwrite:
-        raise StgenError(f"{path} already exists; pass --overwrite to replace it")
+        raise StgenError(f"{path} already exists; pass overwrite=True to replace it")
     if path.exists() and not path.is_dir():
         raise StgenError(f"{path}: exists and is not a folder")
     parent = path.parent if str(path.parent) else Path(".")
@@ -325,7 +325,7 @@ def export_spatialdata(
     """:func:`anndata_to_spatialdata` + :func:`write_spatialdata`; returns the path."""
     path = Path(path)
     if path.exists() and not overwrite:  # before the work
-        raise StgenError(f"{path} already exists; pass --overwrite to replace it")
+        raise StgenError(f"{path} already exists; pass overwrite=True to replace it")
     sdata = anndata_to_spatialdata(adata, levels, image_max_px=image_max_px)
     return write_spatialdata(sdata, path, overwrite=overwrite)
 
