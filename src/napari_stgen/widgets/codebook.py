@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_stgen.inference import codebook as cb
@@ -38,11 +37,10 @@ from napari_stgen.inference.code_names import Suggestion, card_suggestions
 from napari_stgen.inference.tiles import read_tiles, visible_region_um
 from napari_stgen.io.layer_meta import layer_kind, stgen_metadata
 from napari_stgen.widgets.close_watcher import disconnect_on_destroyed
-from napari_stgen.widgets.dock import scrolling_dock
+from napari_stgen.widgets.dock import ViewerDock, scrolling_dock
 from napari_stgen.widgets.jobs import JobProgress, JobSpec, WidgetJobs
 from napari_stgen.widgets.predict import camera_of
 from napari_stgen.widgets.slide_picker import SlidePicker
-from napari_stgen.widgets.state import get_state
 
 if TYPE_CHECKING:  # type names only
     from napari_stgen.coords import Grid
@@ -151,13 +149,11 @@ def raise_above_overlays(viewer: Any, layer: Any) -> None:
         layers.move(i, max(idx) + 1)
 
 
-class CodebookWidget(QWidget):
+class CodebookWidget(ViewerDock):
     """Plugins ▸ napari-stgen ▸ Codebook."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = get_state(napari_viewer)
+        super().__init__(napari_viewer)
         self.predictor: Any = None
         self.profiles: np.ndarray | None = None
         self.selected: int | None = None

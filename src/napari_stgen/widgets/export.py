@@ -35,7 +35,6 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_stgen.inference.export import StoreExtras, store_to_anndata
@@ -50,7 +49,8 @@ from napari_stgen.io.napari_writer import (
     write_layers,
 )
 from napari_stgen.io.spatialdata import export_spatialdata, write_layers_spatialdata
-from napari_stgen.widgets.state import get_state, is_slide_layer, slide_from_layer
+from napari_stgen.widgets.dock import ViewerDock
+from napari_stgen.widgets.state import is_slide_layer, slide_from_layer
 
 STORE_ITEM = "\u2731 predicted tiles (all predictions of this session)"
 STORE_LAYER = "predicted tiles"  # obs['layer'] of the store's rows in a mixed export
@@ -94,13 +94,11 @@ SPOTS_TIP = (
 )
 
 
-class ExportWidget(QWidget):
+class ExportWidget(ViewerDock):
     """Export: layer checklist, format (h5ad / SpatialData), output path, overwrite, Export."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = get_state(napari_viewer)
+        super().__init__(napari_viewer)
         self.worker: Any = None
 
         self.layer_list = QListWidget()

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QWidget
 
 from napari_stgen.errors import Cancelled, StgenError
 from napari_stgen.inference import engine
@@ -28,6 +27,7 @@ from napari_stgen.inference.tiles import visible_region_um
 from napari_stgen.io.layer_meta import layer_info
 from napari_stgen.io.slide import Slide
 from napari_stgen.widgets import layers as L
+from napari_stgen.widgets.dock import ViewerDock
 from napari_stgen.widgets.jobs import DockProgress, JobSpec, WidgetJobs
 from napari_stgen.widgets.predict_display import REDRAW_MS, HeatmapDisplayMixin
 from napari_stgen.widgets.predict_ui import (
@@ -37,7 +37,7 @@ from napari_stgen.widgets.predict_ui import (
     UNCERTAINTY_TIP,
     build_ui,
 )
-from napari_stgen.widgets.state import find_slide_layer, get_state
+from napari_stgen.widgets.state import find_slide_layer
 
 __all__ = [
     "COLORMAPS",
@@ -134,13 +134,11 @@ def _shown_display(viewer: Any) -> dict | None:
         return None
 
 
-class PredictWidget(HeatmapDisplayMixin, QWidget):
+class PredictWidget(HeatmapDisplayMixin, ViewerDock):
     """Plugins ▸ napari-stgen ▸ Predict expression."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = get_state(napari_viewer)
+        super().__init__(napari_viewer)
         self.batch_size = BATCH_SIZE
         self._token: Any = None  # the newest prediction's token
         self._pending_estimate: Any = None
