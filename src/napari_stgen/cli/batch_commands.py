@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from napari_stgen.cli.flags import cli_error, cli_message
-from napari_stgen.cli.predict import FLAGS
+from napari_stgen.cli.predict import cli_error, cli_message
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.cohort import format_summary, run_batch
 
@@ -31,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
             fmt=args.format,
         )
     except StgenError as e:
-        raise cli_error(e, FLAGS) from e
-    shown = [{**r, "error": cli_message(str(r.get("error") or ""), FLAGS)} for r in rows]
+        raise cli_error(e) from e
+    shown = [{**r, "error": cli_message(str(r.get("error") or ""))} for r in rows]
     print(format_summary(shown))
     print(f"summary: {args.out_dir.rstrip('/')}/summary.csv", file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in rows) else 0

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from napari_stgen.cli import flags
 from napari_stgen.cli.flags import COMMON
 from napari_stgen.cli.lazy import command
+from napari_stgen.errors import StgenError
 from napari_stgen.inference.contract import BATCH_SIZE, DEFAULT_ADAPT_STEPS
 
 #: how the library's error messages name ``predict_slide`` / ``run_batch`` parameters → flags
@@ -21,6 +23,16 @@ FLAGS = (
     ("measured spots need", "--measured needs"),
     *COMMON,
 )
+
+
+def cli_message(msg: str) -> str:
+    """``msg`` with ``predict`` / ``predict-batch``'s library parameter names as flags."""
+    return flags.cli_message(msg, FLAGS)
+
+
+def cli_error(e: StgenError) -> StgenError:
+    """``e`` with ``predict`` / ``predict-batch``'s library parameter names as flags."""
+    return flags.cli_error(e, FLAGS)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

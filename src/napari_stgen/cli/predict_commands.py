@@ -7,8 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-from napari_stgen.cli.flags import cli_error
-from napari_stgen.cli.predict import FLAGS
+from napari_stgen.cli.predict import cli_error
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.batch import predict_slide
 from napari_stgen.inference.device import set_threads
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             skip_unreadable=args.skip_unreadable,
         )
     except StgenError as e:
-        raise cli_error(e, FLAGS) from e
+        raise cli_error(e) from e
     finally:
         if bar is not None:
             bar.close()
