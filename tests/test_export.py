@@ -458,3 +458,32 @@ def test_import_shows_a_gene_subset_for_whole_transcriptome_files(visium_crop_di
     keep = _feature_genes(a, max_values=a.n_obs * 10)  # fewer than the HV genes: top variance
     x = a.X.toarray() if hasattr(a.X, "toarray") else a.X
     assert len(keep) == 10 and set(keep) == set(np.argsort(-x.var(0))[:10])
+
+
+def test_append_rows_joins_two_exports_in_one_frame(tmp_path):
+    """One export of two parts: genes joined in order (NaN where a part lacks one), the
+    second part's positions in the first part's level-0 px, each row's part named."""
+    import anndata as ad
+
+    from napari_stgen.io.anndata_export import append_rows
+
+    a = predictions_to_anndata(
+        np.ones((2, 2), np.float32), ["A", "B"], np.array([[10.0, 20.0], [30.0, 40.0]]),
+        mpp=0.5, codes=np.array([3, 4]), obs_names=["s0", "s1"],
+    )  # fmt: skip
+    b = predictions_to_anndata(
+        np.full((1, 2), 2.0, np.float32), ["C", "B"], np.array([[4.0, 6.0]]), mpp=2.0,
+        obs_names=["s0"], extra_uns={"origin_yx_um": np.array([100.0, 50.0])},
+    )  # fmt: skip
+    out = append_rows(a, b, ("tiles", "spots"))
+    assert list(out.var_names) == ["A", "B", "C"]
+    assert list(out.obs_names) == ["tiles:s0", "tiles:s1", "spots:s0"]
+    assert list(out.obs["layer"]) == ["tiles", "tiles", "spots"]
+    np.testing.assert_allclose(out.obsm["spatial"][2], (np.array([4.0, 6.0]) * 2 + [50, 100]) / 0.5)
+    np.testing.assert_allclose(out.obsm["spatial"][:2], a.obsm["spatial"])
+    np.testing.assert_allclose(out[2].X, [[np.nan, 2.0, 2.0]])
+    assert np.isnan(out[:2, "C"].X).all()
+    assert list(out.obs["genst_code"]) == [3, 4, -1]
+    assert out.uns["stgen"]["mpp"] == 0.5
+    back = ad.read_h5ad(write_h5ad(out, tmp_path / "two.h5ad"))
+    assert back.n_obs == 3 and list(back.obs["genst_code"]) == [3, 4, -1]

@@ -352,12 +352,11 @@ def _ordered(stgen: dict) -> dict:
     return {k: stgen[k] for k in _ORDER if k in stgen}
 
 
-def _world_xy(adata: Any) -> np.ndarray:
-    """World (x, y) µm of the rows: ``obsm['spatial']`` × µm/px + the recorded origin."""
+def _frame(adata: Any) -> tuple[float, np.ndarray]:
+    """µm/px and world (x, y) µm origin of ``obsm['spatial']`` (from ``uns['stgen']``)."""
     st = adata.uns.get("stgen", {}) or {}
-    mpp = float(st.get("mpp") or 1.0)
     origin = np.asarray(st.get("origin_yx_um", (0.0, 0.0)), dtype=np.float64).ravel()[:2]
-    return np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] * mpp + origin[::-1]
+    return float(st.get("mpp") or 1.0), origin[::-1]
 
 
 def append_rows(adata: Any, other: Any, names: tuple[str, str]) -> Any:
@@ -374,17 +373,20 @@ def append_rows(adata: Any, other: Any, names: tuple[str, str]) -> Any:
     a.obs["layer"] = names[0]
     if "layer" not in b.obs:
         b.obs["layer"] = names[1]
-    st = a.uns.get("stgen", {}) or {}
-    origin = np.asarray(st.get("origin_yx_um", (0.0, 0.0)), dtype=np.float64).ravel()[:2]
-    b.obsm["spatial"] = (_world_xy(b) - origin[::-1]) / float(st.get("mpp") or 1.0)
+    (mpp_a, origin_a), (mpp_b, origin_b) = _frame(a), _frame(b)
+    xy = np.asarray(b.obsm["spatial"], dtype=np.float64)[:, :2]
+    b.obsm["spatial"] = (xy * mpp_b + origin_b - origin_a) / mpp_a
+    if len({*a.obs_names, *b.obs_names}) < a.n_obs + b.n_obs:  # e.g. the same barcodes
+        for part in (a, b):
+            part.obs_names = part.obs["layer"].astype(str).to_numpy() + ":" + part.obs_names
     out = ad.concat([a, b], join="outer", merge=None, uns_merge=None)
-    genes = list(a.var_names) + [g for g in b.var_names if g not in set(a.var_names)]
+    if not out.obs_names.is_unique:
+        out.obs_names_make_unique()
+    have = set(a.var_names)
+    genes = list(a.var_names) + [g for g in b.var_names if g not in have]
     out = out[:, genes].copy()
     if "genst_code" in out.obs:
         out.obs["genst_code"] = out.obs["genst_code"].fillna(-1).astype(np.int64)
-    if not out.obs_names.is_unique:  # e.g. two parts with the same barcodes: prefix by part
-        out.obs_names = [f"{p}:{i}" for p, i in zip(out.obs["layer"], out.obs_names, strict=True)]
-        out.obs_names_make_unique()
     out.uns = dict(adata.uns)
     return out
 
