@@ -441,6 +441,8 @@ def test_roundtrip_through_napari_writer(case, mpp, origin):
         assert generated_record(ly[1]["metadata"])["seed"] == t.seed
     (thumb,) = [ly for ly in back if layer_kind(ly[1]["metadata"]) == "thumbnail"]
     assert thumb[1]["translate"] == pytest.approx(origin)
+    # one schema: everything the reader records sits under metadata['stgen'], with a kind
+    assert all(set(ly[1]["metadata"]) == {"stgen"} and layer_kind(ly[1]["metadata"]) for ly in back)
 
 
 def test_import_shows_a_gene_subset_for_whole_transcriptome_files(visium_crop_dir):

@@ -140,6 +140,9 @@ def test_reader_round_trip_is_identical(c3_exports, sample_slide_path, tmp_path)
     kinds = [k for _, _, k in layers]
     assert kinds == ["image", "points"]
     (img, ikw, _), (pts, pkw, _) = layers
+    assert set(ikw["metadata"]) == set(pkw["metadata"]) == {"stgen"}  # one schema, one key
+    assert ikw["metadata"]["stgen"]["kind"] == "spatialdata_image"
+    assert ikw["metadata"]["stgen"]["mpp"] == pytest.approx(pkw["metadata"]["stgen"]["mpp"])
     (hp, hkw, _) = next(ly for ly in read_h5ad_layers(h5ad) if ly[2] == "points")
     np.testing.assert_allclose(pts, hp, atol=1e-9)  # napari-stgen world µm, as the h5ad
     assert pkw["size"] == pytest.approx(hkw["size"])
