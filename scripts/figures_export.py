@@ -69,6 +69,7 @@ def scanpy_figure(h5ad: Path, gene: str, out: Path) -> float:
 def napari_figure(h5ad: Path, gene: str, out: Path) -> None:
     import napari
 
+    from napari_stgen.io.layer_meta import layer_kind
     from napari_stgen.io.sample import sample_slide_path
 
     viewer = napari.Viewer(show=True, title="napari-stgen: exported prediction")
@@ -76,7 +77,7 @@ def napari_figure(h5ad: Path, gene: str, out: Path) -> None:
     viewer.open(str(sample_slide_path()), plugin="napari-stgen")
     layers = viewer.open(str(h5ad), plugin="napari-stgen")
     for ly in layers:
-        if ly.metadata.get("stgen_kind") == "thumbnail":
+        if layer_kind(ly.metadata) == "thumbnail":
             ly.visible = False  # the full-resolution slide is open underneath
         if type(ly).__name__ == "Points":
             pts = ly

@@ -315,7 +315,10 @@ def test_f4_implausible_resolution_refused_and_mpp_overrides(
     p.write_bytes(fz.png_bytes(w, h, (b"\x00" + r.tobytes() for r in small_rgb), dpi=1e8))
     with pytest.raises(SlideReadError) as ei:
         open_slide(p)
-    assert "outside the plausible 0.05–50 µm/px" in str(ei.value) and "--mpp" in str(ei.value)
+    msg = str(ei.value)  # the library names its parameter, the CLI its flag
+    assert "outside the plausible 0.05–50 µm/px" in msg and "mpp=" in msg and "--mpp" not in msg
+    r = stgen("info", str(p), timeout=60)
+    assert r.returncode == 2 and "pass --mpp MPP" in r.stderr and "mpp=" not in r.stderr
     assert main(["info", str(p)]) == 2
     assert main(["info", str(p), "--mpp", "2.75"]) == 0
     assert json.loads(capsys.readouterr().out)["mpp"] == 2.75

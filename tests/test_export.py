@@ -20,6 +20,7 @@ from napari_stgen.io.anndata import (
     read_h5ad_layers,
     write_h5ad,
 )
+from napari_stgen.io.layer_meta import generated_record, layer_kind
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +113,7 @@ def test_roundtrip_export_import(case):
     if code_names:
         want = [code_names.get(int(c), f"code {int(c)}") for c in codes]
         assert [str(v) for v in feats["genst_code_name"]] == want
-    assert meta["metadata"]["mpp"] == pytest.approx(mpp)
+    assert meta["metadata"]["stgen"]["mpp"] == pytest.approx(mpp)
 
     shapes = _layers_by_type(layers, "shapes")
     if rois:
@@ -126,7 +127,7 @@ def test_roundtrip_export_import(case):
         assert not shapes
 
     assert len(tiles) == len(gen)
-    imgs = [ly for ly in layers if ly[2] == "image" and "stgen_generated" in ly[1]["metadata"]]
+    imgs = [ly for ly in layers if ly[2] == "image" and generated_record(ly[1]["metadata"])]
     for t, want, img in zip(tiles, gen, imgs, strict=True):
         np.testing.assert_array_equal(t.image, want.image)
         np.testing.assert_array_equal(t.condition, want.condition.astype(np.float32))
@@ -326,7 +327,7 @@ def test_visium_mouse_crop_roundtrip(tmp_path, visium_crop_dir):
     layers = read_h5ad_layers(out)
     (pts,) = _layers_by_type(layers, "points")
     np.testing.assert_allclose(pts[0], xy[:, ::-1] * mpp)
-    (thumb,) = [ly for ly in layers if ly[1]["metadata"].get("stgen_kind") == "thumbnail"]
+    (thumb,) = [ly for ly in layers if layer_kind(ly[1]["metadata"]) == "thumbnail"]
     assert thumb[1]["scale"] == pytest.approx((mpp / s, mpp / s))
 
 
@@ -415,7 +416,7 @@ def test_roundtrip_through_napari_writer(case, mpp, origin):
     slide = (np.zeros((64, 48, 3), np.uint8), {"name": "slide", "rgb": True, "scale": (mpp, mpp),
              "translate": origin, "metadata": {}}, "image")  # fmt: skip
     pts = (yx_um, {"name": "spots", "features": feats, "size": 30.0,
-                   "metadata": {"stgen_genes": genes}}, "points")  # fmt: skip
+                   "metadata": {"stgen": {"genes": genes}}}, "points")  # fmt: skip
     layers = [slide, pts]
     if rois:
         kw = {"name": "ROIs", "shape_type": [r.shape_type for r in rois]}
@@ -432,14 +433,16 @@ def test_roundtrip_through_napari_writer(case, mpp, origin):
         (sh,) = _layers_by_type(back, "shapes")
         for v, r in zip(sh[0], rois, strict=True):
             np.testing.assert_allclose(v, r.vertices_yx_um)
-    imgs = [ly for ly in back if "stgen_generated" in ly[1]["metadata"]]
+    imgs = [ly for ly in back if generated_record(ly[1]["metadata"])]
     assert len(imgs) == len(gen)
     for ly, t in zip(imgs, gen, strict=True):
         np.testing.assert_array_equal(ly[0], t.image)
         assert ly[1]["translate"] == pytest.approx(t.layer_data()[1]["translate"])
-        assert ly[1]["metadata"]["stgen_generated"]["seed"] == t.seed
-    (thumb,) = [ly for ly in back if ly[1]["metadata"].get("stgen_kind") == "thumbnail"]
+        assert generated_record(ly[1]["metadata"])["seed"] == t.seed
+    (thumb,) = [ly for ly in back if layer_kind(ly[1]["metadata"]) == "thumbnail"]
     assert thumb[1]["translate"] == pytest.approx(origin)
+    # one schema: everything the reader records sits under metadata['stgen'], with a kind
+    assert all(set(ly[1]["metadata"]) == {"stgen"} and layer_kind(ly[1]["metadata"]) for ly in back)
 
 
 def test_import_shows_a_gene_subset_for_whole_transcriptome_files(visium_crop_dir):
@@ -457,3 +460,32 @@ def test_import_shows_a_gene_subset_for_whole_transcriptome_files(visium_crop_di
     keep = _feature_genes(a, max_values=a.n_obs * 10)  # fewer than the HV genes: top variance
     x = a.X.toarray() if hasattr(a.X, "toarray") else a.X
     assert len(keep) == 10 and set(keep) == set(np.argsort(-x.var(0))[:10])
+
+
+def test_append_rows_joins_two_exports_in_one_frame(tmp_path):
+    """One export of two parts: genes joined in order (NaN where a part lacks one), the
+    second part's positions in the first part's level-0 px, each row's part named."""
+    import anndata as ad
+
+    from napari_stgen.io.anndata_export import append_rows
+
+    a = predictions_to_anndata(
+        np.ones((2, 2), np.float32), ["A", "B"], np.array([[10.0, 20.0], [30.0, 40.0]]),
+        mpp=0.5, codes=np.array([3, 4]), obs_names=["s0", "s1"],
+    )  # fmt: skip
+    b = predictions_to_anndata(
+        np.full((1, 2), 2.0, np.float32), ["C", "B"], np.array([[4.0, 6.0]]), mpp=2.0,
+        obs_names=["s0"], extra_uns={"origin_yx_um": np.array([100.0, 50.0])},
+    )  # fmt: skip
+    out = append_rows(a, b, ("tiles", "spots"))
+    assert list(out.var_names) == ["A", "B", "C"]
+    assert list(out.obs_names) == ["tiles:s0", "tiles:s1", "spots:s0"]
+    assert list(out.obs["layer"]) == ["tiles", "tiles", "spots"]
+    np.testing.assert_allclose(out.obsm["spatial"][2], (np.array([4.0, 6.0]) * 2 + [50, 100]) / 0.5)
+    np.testing.assert_allclose(out.obsm["spatial"][:2], a.obsm["spatial"])
+    np.testing.assert_allclose(out[2].X, [[np.nan, 2.0, 2.0]])
+    assert np.isnan(out[:2, "C"].X).all()
+    assert list(out.obs["genst_code"]) == [3, 4, -1]
+    assert out.uns["stgen"]["mpp"] == 0.5
+    back = ad.read_h5ad(write_h5ad(out, tmp_path / "two.h5ad"))
+    assert back.n_obs == 3 and list(back.obs["genst_code"]) == [3, 4, -1]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from napari_stgen.io.anndata import GeneratedTile
+from napari_stgen.io.layer_meta import generated_record, layer_kind
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def viewer_with_layers(make_napari_viewer, sample_slide_path, sample_spots_path)
         features=feats,
         size=100.0,
         name="measured spots",
-        metadata={"stgen_genes": genes},
+        metadata={"stgen": {"genes": genes}},
     )
     rois = [
         np.array([[1000.0, 2000.0], [1000.0, 3000.0], [2500.0, 3000.0], [2500.0, 2000.0]]),
@@ -99,8 +100,8 @@ def test_writer_and_reader_roundtrip(viewer_with_layers, make_napari_viewer, tmp
     gen = v2.layers[f"generated {tile.id}"]
     np.testing.assert_allclose(gen.scale, viewer.layers[f"generated {tile.id}"].scale)
     np.testing.assert_allclose(gen.translate, viewer.layers[f"generated {tile.id}"].translate)
-    assert gen.metadata["stgen_generated"]["seed"] == 7
-    thumb = next(ly for ly in layers if ly.metadata.get("stgen_kind") == "thumbnail")
+    assert generated_record(gen.metadata)["seed"] == 7
+    thumb = next(ly for ly in layers if layer_kind(ly.metadata) == "thumbnail")
     # the thumbnail covers the slide's extent in µm
     ext = np.asarray(thumb.data.shape[:2]) * np.asarray(thumb.scale)
     np.testing.assert_allclose(ext, np.array([9936, 9270]) * mpp, rtol=2e-3)
@@ -153,6 +154,51 @@ def test_export_widget(viewer_with_layers, qtbot, tmp_path):
     assert a.uns["spatial"][next(iter(a.uns["spatial"]))]["scalefactors"][
         "spot_diameter_fullres"
     ] == pytest.approx(112.0 / mpp)
+
+
+def test_export_widget_store_with_other_points(viewer_with_layers, qtbot, tmp_path):
+    """The store and the user's points ticked together: the store's rows as
+    ``store_to_anndata`` writes them, then the points' rows in the same level-0 px; the
+    Predict widget's own views of the store are not written twice."""
+    import anndata as ad
+
+    from napari_stgen.coords import Grid
+    from napari_stgen.inference.export import store_to_anndata
+    from napari_stgen.widgets.export import ExportWidget
+    from napari_stgen.widgets.state import get_state
+
+    viewer, df, genes, mpp, rois, tile = viewer_with_layers
+    store = get_state(viewer).store
+    store.reset(Grid((0.0, 0.0), 112.0, (60, 56)), genes[:4], "k", "cafe", "default", mpp)
+    tiles = np.array([[10, 20], [10, 21], [30, 5]])
+    store.add(tiles, np.arange(12, dtype=np.float32).reshape(3, 4), np.array([4, 4, 9]))
+    view = viewer.add_points(
+        store.centres_um, name="tiles view", metadata={"stgen": {"kind": "tiles"}}
+    )
+    w = ExportWidget(viewer)
+    qtbot.addWidget(w)
+    for i in range(w.layer_list.count()):
+        w.layer_list.item(i).setCheckState(w.layer_list.item(i).checkState().Checked)
+    out = tmp_path / "mixed.h5ad"
+    w.path_edit.setText(str(out))
+    with qtbot.waitSignal(w.export().finished, timeout=30000):
+        pass
+    a = ad.read_h5ad(out)
+    n = len(tiles)
+    assert a.n_obs == n + len(df)  # the tiles view adds no rows
+    assert list(a.var_names) == genes  # the store's panel first, then the points' genes
+    only = store_to_anndata(store)
+    assert list(a.obs_names[:n]) == list(only.obs_names)
+    np.testing.assert_allclose(a.obsm["spatial"][:n], only.obsm["spatial"])
+    np.testing.assert_allclose(a.obsm["spatial"][n:], df[["x", "y"]].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(a[n:, genes].X, np.log1p(df[genes].to_numpy(np.float32)))
+    np.testing.assert_allclose(a[:n, genes[:4]].X, store.expr)
+    assert np.isnan(a[:n, genes[4:]].X).all()
+    assert list(a.obs["genst_code"][:n]) == [4, 4, 9] and (a.obs["genst_code"][n:] == -1).all()
+    assert set(a.obs["layer"]) == {"predicted tiles", "measured spots"}
+    assert view.name not in set(a.obs["layer"])
+    assert a.uns["stgen"]["grid"]["tile_um"] == 112.0
+    assert list(a.uns["stgen"]["rois"]["n_vertices"]) == [4, 3]
 
 
 def test_closed_export_widget_does_not_break_predictions(make_napari_viewer, qtbot):
@@ -269,8 +315,8 @@ def test_export_widget_spatialdata(viewer_with_layers, qtbot, tmp_path):
     v2_layers = viewer.open(str(out), plugin="napari-stgen")
     pts = next(ly for ly in v2_layers if type(ly).__name__ == "Points")
     np.testing.assert_allclose(pts.data, viewer.layers["measured spots"].data, atol=1e-6)
-    gen = next(ly for ly in v2_layers if "stgen_generated" in ly.metadata)
-    assert gen.metadata["stgen_generated"]["seed"] == 7
+    gen = next(ly for ly in v2_layers if generated_record(ly.metadata))
+    assert generated_record(gen.metadata)["seed"] == 7
     np.testing.assert_allclose(gen.translate, viewer.layers[f"generated {tile.id}"].translate)
     np.testing.assert_array_equal(gen.data, tile.image)
     shapes = next(ly for ly in v2_layers if type(ly).__name__ == "Shapes")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_stgen.io.layer_meta import layer_kind
+
 pytest.importorskip("napari")
 
 TIMEOUT = 120_000  # ms
@@ -51,7 +53,7 @@ def test_widget_uses_measured_spots_layer(
     n_before = len(viewer.layers)
     viewer.open(str(measured_h5ad), plugin="napari-stgen")
     spots = [
-        ly for ly in list(viewer.layers)[n_before:] if ly.metadata.get("stgen_kind") == "spots"
+        ly for ly in list(viewer.layers)[n_before:] if layer_kind(ly.metadata) == "spots"
     ]
     assert spots, "the .h5ad opens as a spots (Points) layer"
     _dock, w = viewer.window.add_plugin_dock_widget("napari-stgen", "Predict expression")

@@ -131,7 +131,7 @@ def test_copy_and_pickle(sample_slide_path: Path) -> None:
     import pickle
 
     with open_slide(sample_slide_path, mpp=0.7) as s:
-        assert copy.deepcopy(s) is s  # napari deep-copies layer metadata holding the slide
+        assert copy.deepcopy(s) is s  # a read-only handle: copies (of dask graphs) share it
         lv = copy.deepcopy(s.levels)  # napari's "duplicate layer" deep-copies the data
         np.testing.assert_array_equal(lv[4].compute(), s.levels[4].compute())
         s2 = pickle.loads(pickle.dumps(s))  # re-opens the file (dask workers)

@@ -140,6 +140,9 @@ def test_reader_round_trip_is_identical(c3_exports, sample_slide_path, tmp_path)
     kinds = [k for _, _, k in layers]
     assert kinds == ["image", "points"]
     (img, ikw, _), (pts, pkw, _) = layers
+    assert set(ikw["metadata"]) == set(pkw["metadata"]) == {"stgen"}  # one schema, one key
+    assert ikw["metadata"]["stgen"]["kind"] == "spatialdata_image"
+    assert ikw["metadata"]["stgen"]["mpp"] == pytest.approx(pkw["metadata"]["stgen"]["mpp"])
     (hp, hkw, _) = next(ly for ly in read_h5ad_layers(h5ad) if ly[2] == "points")
     np.testing.assert_allclose(pts, hp, atol=1e-9)  # napari-stgen world µm, as the h5ad
     assert pkw["size"] == pytest.approx(hkw["size"])
@@ -268,7 +271,7 @@ def test_reads_visium_spatialdata_from_spatialdata_io(
     np.testing.assert_allclose(ij, want - 0.5, atol=1e-6)
     if source == "sample":  # (the crop's hires image is a 100 px stand-in, not the tissue)
         assert (ij >= -0.5).all() and (ij < np.asarray(im.shape[:2]) - 0.5).all()
-    genes = list(pkw["metadata"]["stgen_genes"])[:5]
+    genes = list(pkw["metadata"]["stgen"]["genes"])[:5]
     x = a[:, genes].X
     x = x.toarray() if hasattr(x, "toarray") else x
     np.testing.assert_allclose(pkw["features"][genes].to_numpy(), x)

@@ -342,7 +342,7 @@ def test_widget_draw_generate_keep(ui, qtbot, models, tmp_path):
     (y0, x0), (y1, x1) = np.asarray(shapes.data[-1]).min(0), np.asarray(shapes.data[-1]).max(0)
     assert np.allclose(_edges(layer), (y0, x0, y1, x1))  # exactly over the drawn rectangle
     assert np.allclose((x0, y0, x1, y1), region, atol=model.mpp / 2)  # snapped < 1/2 pixel
-    rec = layer.metadata["stgen_generated"]
+    rec = layer.metadata["stgen"]["tile"]
     assert rec["seed"] == 0 and rec["steps"] == STEPS
     first = np.array(layer.data)
 
@@ -358,7 +358,7 @@ def test_widget_draw_generate_keep(ui, qtbot, models, tmp_path):
     _wait_idle(qtbot, widget)
     changed = np.asarray(widget.preview_layer.data)
     assert _changed(changed, first) > 0.1
-    rec = widget.preview_layer.metadata["stgen_generated"]
+    rec = widget.preview_layer.metadata["stgen"]["tile"]
     i = model.genes.index("ERBB2")
     assert rec["condition"][i] == pytest.approx(far, abs=0.01)
     assert rec["extra"]["guidance_expr"] == pytest.approx(widget.guid_expr.value())
@@ -367,7 +367,7 @@ def test_widget_draw_generate_keep(ui, qtbot, models, tmp_path):
     assert widget.params()["guidance_expr"] == pytest.approx(widget.guid_expr.value())
     widget.generate()
     _wait_idle(qtbot, widget)
-    guided = widget.preview_layer.metadata["stgen_generated"]
+    guided = widget.preview_layer.metadata["stgen"]["tile"]
     assert guided["extra"]["guidance_expr"] == pytest.approx(widget.guid_expr.value())
     assert len(guided["extra"]["guide_sha256"]) == 64
     assert _changed(np.asarray(widget.preview_layer.data), changed) > 0.1
@@ -419,7 +419,7 @@ def test_widget_variants_cancel_and_responsive(ui, qtbot, models):
     assert widget.result.seeds == [7, 8]
     a = np.array(widget.preview_layer.data)
     widget.variant_slider.setValue(1)
-    assert widget.preview_layer.metadata["stgen_generated"]["seed"] == 8
+    assert widget.preview_layer.metadata["stgen"]["tile"]["seed"] == 8
     assert not np.array_equal(a, widget.preview_layer.data)
     widget.discard()
     assert widget.preview_layer is None

@@ -5,8 +5,9 @@ Each area owns a module here with ``register(subparsers)`` (top-level commands) 
 A command sets ``func`` (called with the parsed args, returns an exit code or None), named
 with ``cli.lazy.command("<area>_commands:<function>")`` so its module (and torch) loads only
 when the command runs. Errors with a user-facing reason (``StgenError``, missing or
-unreadable files, out of memory) print one line and exit 2, no traceback; anything else is a
-bug, printed as one ``internal error`` line with exit 1 (``STGEN_DEBUG=1``: the traceback).
+unreadable files, out of memory) print one line (the library's parameter names as flags, see
+``cli.flags``) and exit 2, no traceback; anything else is a bug, printed as one ``internal
+error`` line with exit 1 (``STGEN_DEBUG=1``: the traceback).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 from napari_stgen import __version__
 from napari_stgen.cli import batch, demo, genst, histotx, predict, slide, stmdit
+from napari_stgen.cli.flags import cli_message
 from napari_stgen.errors import StgenError
 
 # Modules that contribute commands (argument registration only: handlers load on use).
@@ -57,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = func(args)
     except StgenError as e:
-        print(f"stgen: error: {e}", file=sys.stderr)
+        print(f"stgen: error: {cli_message(str(e))}", file=sys.stderr)
         return 2
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"stgen: error: {e.strerror or e}: {e.filename}", file=sys.stderr)

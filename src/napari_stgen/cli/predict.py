@@ -5,42 +5,34 @@ from __future__ import annotations
 
 import argparse
 
+from napari_stgen.cli import flags
+from napari_stgen.cli.flags import COMMON
 from napari_stgen.cli.lazy import command
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.contract import BATCH_SIZE, DEFAULT_ADAPT_STEPS
 
-#: how the library's error messages name parameters → this CLI's flags
+#: how the library's error messages name ``predict_slide`` / ``run_batch`` parameters → flags
 FLAGS = (
     ("region_um", "--region"),
-    ("overwrite=True", "--overwrite"),
     ("spots_dir=", "--spots-dir"),
     ("spots= (a CSV of barcode,x,y)", "--spots SPOTS.csv"),
     ("grid=True", "--grid"),
     ("workers=", "--workers"),
     ("fmt=", "--format"),
     ("model='histotx'", "--model histotx"),
-    ("pass mpp= (µm/px)", "pass --mpp MPP"),
-    ("mpp= must", "--mpp must"),
     ("measured spots need", "--measured needs"),
+    *COMMON,
 )
 
 
 def cli_message(msg: str) -> str:
-    """A library message with its parameter names replaced by the CLI flags."""
-    for name, flag in FLAGS:
-        msg = msg.replace(name, flag)
-    return msg
+    """``msg`` with ``predict`` / ``predict-batch``'s library parameter names as flags."""
+    return flags.cli_message(msg, FLAGS)
 
 
 def cli_error(e: StgenError) -> StgenError:
-    """``e`` with the library's parameter names replaced by the CLI flags (same type)."""
-    msg = cli_message(str(e))
-    if msg == str(e):
-        return e
-    try:
-        return type(e)(msg)
-    except TypeError:  # an error type with another constructor: keep the reason
-        return StgenError(msg)
+    """``e`` with ``predict`` / ``predict-batch``'s library parameter names as flags."""
+    return flags.cli_error(e, FLAGS)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -3,8 +3,7 @@
 :func:`store_to_anndata` is what the Export widget, the Synthesize widget and ``stgen predict
 --grid`` write (``.h5ad`` directly, SpatialData from the same AnnData): every stored tile as
 a row with its grid cell, gene code and uncertainty, the grid, the model and the slide's
-provenance. :func:`store_layer_data` is the store as a napari points-layer tuple, for an
-export that mixes the store with other points layers (``io.napari_writer``).
+provenance. Layers the plugin did not predict go through ``io.napari_writer`` instead.
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ from napari_stgen.errors import StgenError
 from napari_stgen.inference.cache import slide_key
 from napari_stgen.inference.confidence import uncertainty_record
 from napari_stgen.inference.store import PredictionStore
-from napari_stgen.io.anndata_export import ExportRecord, model_record, record_to_anndata
-from napari_stgen.io.records import GeneratedTile, LayerData, Roi
+from napari_stgen.io.anndata_export import ExportRecord, record_to_anndata
+from napari_stgen.io.records import GeneratedTile, Roi
 
-__all__ = ["StoreExtras", "store_to_anndata", "store_layer_data", "tile_store"]
+__all__ = ["StoreExtras", "store_to_anndata", "tile_store"]
 
 
 @dataclass
@@ -113,42 +112,3 @@ def tile_store(
     store.reset(grid, genes, slide_key(slide), predictor.checksum, predictor.name, slide.mpp)
     store.add(tiles, expr, code, uncertainty)
     return store
-
-
-def store_layer_data(
-    store: PredictionStore, code_names: Mapping | None = None, model: Any = None
-) -> LayerData:
-    """A points layer tuple for a ``PredictionStore`` (every predicted tile).
-
-    Carries the tile ids, grid cells, all genes, gene codes, code names, grid and model
-    provenance, so ``io.napari_writer`` records them as :func:`store_to_anndata` does.
-    """
-    if store.grid is None or len(store) == 0:
-        raise StgenError("no predictions to export yet")
-    feats = pd.DataFrame(store.expr, columns=list(store.genes), copy=False)
-    feats["genst_code"] = store.code
-    if store.has_uncertainty:
-        feats["uncertainty"] = store.uncertainty
-    feats["grid_row"] = store.tiles[:, 0]
-    feats["grid_col"] = store.tiles[:, 1]
-    feats["barcode"] = store.tile_ids
-    st: dict[str, Any] = {"obs_kind": "tiles", "grid": store.grid.to_record()}
-    if store.mpp:
-        st["mpp"] = float(store.mpp)
-    if model is not None:
-        st["model"] = {k: v for k, v in model_record(model).items() if v is not None}
-        info = uncertainty_record(model) if "uncertainty" in feats else None
-        if info:
-            st["uncertainty"] = info
-    if code_names:
-        ks = sorted(int(k) for k in code_names)
-        st["code_names"] = {"code": ks, "name": [str(code_names[k]) for k in ks]}
-    if store.display:
-        st["display"] = dict(store.display)
-    meta = {
-        "name": "predicted tiles",
-        "features": feats,
-        "size": float(store.grid.tile_um),
-        "metadata": {"stgen_genes": list(store.genes), "stgen": st},
-    }
-    return (store.centres_um, meta, "points")

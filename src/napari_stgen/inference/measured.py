@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from napari_stgen.errors import StgenError
+from napari_stgen.io.layer_meta import layer_info
 from napari_stgen.io.validate import validate_h5ad
 
 
@@ -99,14 +100,14 @@ def measured_from_anndata(adata: Any, genes: list[str], source: str | None = Non
 def measured_from_layer(layer: Any, genes: list[str], slide_mpp: float) -> Measured:
     """Measured spots from a napari Points layer (no napari import needed).
 
-    A layer read from an .h5ad (``metadata['h5ad_path']``, as ``io.anndata.read_h5ad_layers``
-    makes) is re-read from that file (raw counts, ``obsm['spatial']``). Otherwise positions
-    come from the layer's world (y, x) µm data (divided by ``slide_mpp`` into level-0 px) and
-    expression from its ``features`` columns named like panel genes.
+    A layer read from an .h5ad (``metadata['stgen']['h5ad_path']``, as
+    ``io.anndata.read_h5ad_layers`` makes) is re-read from that file (raw counts,
+    ``obsm['spatial']``). Otherwise positions come from the layer's world (y, x) µm data
+    (divided by ``slide_mpp`` into level-0 px) and expression from its ``features`` columns
+    named like panel genes.
     """
     name = str(getattr(layer, "name", "layer"))
-    meta = getattr(layer, "metadata", {}) or {}
-    path = meta.get("h5ad_path")
+    path = layer_info(getattr(layer, "metadata", None)).get("h5ad_path")
     if path and Path(path).is_file():
         return measured_from_anndata(path, genes)
     feats = getattr(layer, "features", None)

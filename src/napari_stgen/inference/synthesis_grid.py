@@ -414,7 +414,7 @@ def make_record(
     variant: int = 0,
     tile_id: str | None = None,
 ) -> dict:
-    """``layer.metadata['stgen_generated']`` for an image: a ``GeneratedTile`` record."""
+    """A generated image's ``GeneratedTile`` record (``layer.metadata['stgen']['tile']``)."""
     se = float(sampler.guidance_expr)
     gt = GeneratedTile(
         id=tile_id or f"syn-{uuid.uuid4().hex[:8]}",

@@ -25,7 +25,7 @@ from napari_stgen.io.anndata_export import (
     record_to_anndata,
     write_h5ad,
 )
-from napari_stgen.io.layer_meta import KEY
+from napari_stgen.io.layer_meta import stgen_metadata
 from napari_stgen.io.records import GeneratedTile, LayerData, Roi, plain, rois_from_record
 from napari_stgen.io.thumbnails import HIRES_PX, LOWRES_PX, thumbnails_from_levels
 from napari_stgen.io.validate import validate_h5ad
@@ -119,7 +119,7 @@ def read_h5ad_layers(path: str | os.PathLike, include_image: bool = True) -> lis
     Returns, in order: the hires thumbnail (image, if present and ``include_image``), the
     codebook grid (labels, for tile exports with a grid), the spots / tiles (points with one
     feature column per gene plus the obs columns), the ROIs (shapes) and each generated tile
-    (image with ``metadata['stgen_generated']``).
+    (image of kind ``'generated'``); layer metadata as :mod:`napari_stgen.io.layer_meta`.
     """
     path = Path(path)
     adata = _read(path)
@@ -154,7 +154,7 @@ def anndata_layers(
     adata: Any, base: str, source: str, include_image: bool = True
 ) -> list[LayerData]:
     """napari layers from an in-memory AnnData (as ``read_h5ad_layers``); ``base`` names the
-    layers, ``source`` (a path) goes into messages and ``metadata['h5ad_path']``."""
+    layers, ``source`` (a path) goes into messages and ``metadata['stgen']['h5ad_path']``."""
     return _layers(Path(source), adata, include_image, base)
 
 
@@ -180,8 +180,7 @@ def _layers(
     origin = _finite(path, "origin_yx_um", st.get("origin_yx_um", (0.0, 0.0))).ravel()[:2]
     if origin.shape != (2,):
         raise StgenError(f"{path}: origin_yx_um must hold two numbers")
-    common = {"h5ad_path": str(path), "mpp": mpp, "mpp_source": mpp_src, "library_id": lib_id,
-              KEY: {"mpp": mpp}}  # fmt: skip
+    common = {"h5ad_path": str(path), "mpp": mpp, "mpp_source": mpp_src, "library_id": lib_id}
     layers: list[LayerData] = []
 
     if include_image:
@@ -207,13 +206,10 @@ def _layers(
         "scale": (1.0, 1.0),
         "units": "um",
         "border_width": 0,
-        "metadata": {
-            "stgen_kind": "spots",
-            "stgen_genes": genes,
-            "stgen_genes_subset": len(genes) < adata.n_vars,
-            **common,
-            KEY: {**st, "mpp": mpp},
-        },
+        "metadata": stgen_metadata(
+            "spots", **{**common, **st, "mpp": mpp, "genes": genes,
+                        "genes_subset": len(genes) < adata.n_vars}
+        ),  # fmt: skip
     }
     if genes and len(adata):
         disp = st.get("display") if isinstance(st.get("display"), dict) else {}
@@ -245,7 +241,7 @@ def _layers(
                     "units": "um",
                     "face_color": "transparent",
                     "edge_color": "yellow",
-                    "metadata": {"stgen_kind": "rois", **common},
+                    "metadata": stgen_metadata("rois", **common),
                 },
                 "shapes",
             )
@@ -279,7 +275,7 @@ def _codebook_layers(
         "units": "um",
         "opacity": 0.5,
         "visible": False,
-        "metadata": {"stgen_kind": "codebook", "stgen_code_offset": 1, **common},
+        "metadata": stgen_metadata("codebook", code_offset=1, **common),
     }
     return [(lab, meta, "labels")]
 
@@ -304,7 +300,7 @@ def _thumbnail_layers(
         "scale": (s, s),
         "translate": tuple(origin),
         "units": "um",
-        "metadata": {"stgen_kind": "thumbnail", **common},
+        "metadata": stgen_metadata("thumbnail", **common),
     }
     return [(img, meta, "image")]
 

@@ -56,6 +56,7 @@ __all__ = [
     "ExportRecord",
     "record_to_anndata",
     "predictions_to_anndata",
+    "append_rows",
     "model_record",
     "write_h5ad",
 ]
@@ -351,6 +352,45 @@ def _ordered(stgen: dict) -> dict:
     return {k: stgen[k] for k in _ORDER if k in stgen}
 
 
+def _frame(adata: Any) -> tuple[float, np.ndarray]:
+    """µm/px and world (x, y) µm origin of ``obsm['spatial']`` (from ``uns['stgen']``)."""
+    st = adata.uns.get("stgen", {}) or {}
+    origin = np.asarray(st.get("origin_yx_um", (0.0, 0.0)), dtype=np.float64).ravel()[:2]
+    return float(st.get("mpp") or 1.0), origin[::-1]
+
+
+def append_rows(adata: Any, other: Any, names: tuple[str, str]) -> Any:
+    """``adata`` with the rows of ``other`` after its own (one export of two parts).
+
+    ``other``'s positions move into ``adata``'s level-0 px (each side's ``uns['stgen']`` µm/px
+    and origin); genes (``adata``'s order first) and obs columns are joined, NaN where a part
+    lacks one (gene code -1); ``obs['layer']`` names each row's part (``names``, unless
+    ``other`` records its own); ``adata``'s ``uns`` is kept.
+    """
+    import anndata as ad
+
+    a, b = adata.copy(), other.copy()
+    a.obs["layer"] = names[0]
+    if "layer" not in b.obs:
+        b.obs["layer"] = names[1]
+    (mpp_a, origin_a), (mpp_b, origin_b) = _frame(a), _frame(b)
+    xy = np.asarray(b.obsm["spatial"], dtype=np.float64)[:, :2]
+    b.obsm["spatial"] = (xy * mpp_b + origin_b - origin_a) / mpp_a
+    if len({*a.obs_names, *b.obs_names}) < a.n_obs + b.n_obs:  # e.g. the same barcodes
+        for part in (a, b):
+            part.obs_names = part.obs["layer"].astype(str).to_numpy() + ":" + part.obs_names
+    out = ad.concat([a, b], join="outer", merge=None, uns_merge=None)
+    if not out.obs_names.is_unique:
+        out.obs_names_make_unique()
+    have = set(a.var_names)
+    genes = list(a.var_names) + [g for g in b.var_names if g not in have]
+    out = out[:, genes].copy()
+    if "genst_code" in out.obs:
+        out.obs["genst_code"] = out.obs["genst_code"].fillna(-1).astype(np.int64)
+    out.uns = dict(adata.uns)
+    return out
+
+
 # ----------------------------------------------------------------------------- write
 def write_h5ad(adata: Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``adata`` to ``path`` atomically (temp file in the same directory + rename).
@@ -364,7 +404,7 @@ def write_h5ad(adata: Any, path: str | os.PathLike, overwrite: bool = False) -> 
     if path.is_dir():
         raise StgenError(f"{path}: is a directory")
     if path.exists() and not overwrite:
-        raise StgenError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise StgenError(f"{path} already exists; pass overwrite=True to replace it")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)

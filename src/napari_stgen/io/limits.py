@@ -141,6 +141,6 @@ def check_mpp(path: Path | str, mpp: float, source: str | None) -> float:
         src = f" ({source})" if source else ""
         raise SlideReadError(
             f"{path}: resolution {v:g} µm/px{src} is outside the plausible {lo:g}–{hi:g} µm/px; "
-            "pass the right value with --mpp (open_slide(path, mpp=...))"
+            "pass mpp= (µm/px) with the right value"
         )
     return v

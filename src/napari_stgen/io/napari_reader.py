@@ -18,6 +18,7 @@ from typing import Any
 from napari_stgen.coords import level_scale
 from napari_stgen.io.anndata import read_h5ad_layers
 from napari_stgen.io.backends_zarr import read_json_attrs
+from napari_stgen.io.layer_meta import stgen_metadata
 from napari_stgen.io.slide import open_slide
 from napari_stgen.io.spatialdata import is_spatialdata_path, read_spatialdata_layers
 
@@ -80,7 +81,7 @@ def read_slide_layers(path: str | list[str]) -> list[LayerData]:
     if slide.mpp is None:
         _notify(
             f"{slide.path.name}: no resolution in the file; the layer is in pixels, not µm. "
-            "Give µm/px with napari_stgen.open_slide(path, mpp=...) or `stgen ... --mpp`."
+            "Give µm/px with napari_stgen.open_slide(path, mpp=...)."
         )
     else:
         _show_scale_bar()
@@ -91,21 +92,19 @@ def slide_layer_data(slide: Any, name: str | None = None) -> LayerData:
     """(levels, kwargs, 'image') for a Slide: multiscale RGB, scale µm/px, units µm."""
     known = slide.mpp is not None
     info = slide.info()
-    meta = {
-        "stgen": {
-            "path": str(slide.path),
-            "mpp": slide.mpp,
-            "mpp_known": known,
-            "mpp_source": slide.mpp_source,
-            "format": slide.format,
-            "vendor": slide.vendor,
-            "width": slide.width,
-            "height": slide.height,
-            "downsamples": list(slide.downsamples),
-            "levels": info["levels"],
-            "units": "um" if known else "pixel",
-        },
-    }
+    meta = stgen_metadata(
+        path=str(slide.path),
+        mpp=slide.mpp,
+        mpp_known=known,
+        mpp_source=slide.mpp_source,
+        format=slide.format,
+        vendor=slide.vendor,
+        width=slide.width,
+        height=slide.height,
+        downsamples=list(slide.downsamples),
+        levels=info["levels"],
+        units="um" if known else "pixel",
+    )
     kwargs: dict[str, Any] = {
         "name": name or slide.path.stem,
         "rgb": True,

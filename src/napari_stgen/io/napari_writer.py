@@ -9,13 +9,13 @@ slide layer's ``metadata['stgen']['mpp']`` (:mod:`napari_stgen.io.layer_meta`).
 What goes where:
 
 - points layers → ``obs`` rows at their world positions (µm → level-0 px with the slide's
-  µm/px); their ``features`` → ``X`` (gene columns: ``metadata['stgen_genes']``, else the
-  float columns) and ``obs`` (everything else: barcode, genst_code, code names, ...);
+  µm/px); their ``features`` → ``X`` (gene columns: ``metadata['stgen']['genes']``, else
+  the float columns) and ``obs`` (everything else: barcode, genst_code, code names, ...);
 - labels layers (codebook maps) → ``obs['genst_code']`` sampled at each spot when the
-  points carry none (label value − ``metadata['stgen_code_offset']``, default 1; code names
-  from ``metadata['stgen_code_names']`` or the layer's features ``index``/``name``);
+  points carry none (label value − ``metadata['stgen']['code_offset']``, default 1; code
+  names from ``metadata['stgen']['code_names']`` or the layer's features ``index``/``name``);
 - shapes layers → ROIs in µm (every shape of every layer);
-- image layers with ``metadata['stgen_generated']`` → generated-tile records;
+- generated-tile image layers (kind ``'generated'``) → generated-tile records;
 - the largest other RGB image layer is the slide: its µm/px maps world µm to level-0 px and
   its pyramid gives the hires/lowres thumbnails.
 
@@ -37,7 +37,7 @@ from scipy.spatial import cKDTree
 from napari_stgen.coords import Grid
 from napari_stgen.errors import StgenError
 from napari_stgen.io.anndata_export import ExportRecord, record_to_anndata, write_h5ad
-from napari_stgen.io.layer_meta import layer_info, layer_mpp
+from napari_stgen.io.layer_meta import generated_record, is_prediction_view, layer_info, layer_mpp
 from napari_stgen.io.records import GeneratedTile, LayerData, Roi
 from napari_stgen.io.thumbnails import thumbnails_from_levels
 
@@ -83,7 +83,7 @@ def _is_rgb_slide(data: Any, meta: dict) -> bool:
 def _find_slide(layers: Sequence[LayerData]) -> LayerData | None:
     best, area = None, -1.0
     for data, meta, kind in layers:
-        if kind != "image" or "stgen_generated" in _meta(meta):
+        if kind != "image" or generated_record(_meta(meta)) is not None:
             continue
         if not _is_rgb_slide(data, meta):
             continue
@@ -132,8 +132,9 @@ def _world_yx(data: Any, meta: dict) -> np.ndarray:
 
 
 def _gene_columns(feats: Any, md: dict) -> list[str]:
-    if md.get("stgen_genes") is not None:
-        return [str(g) for g in md["stgen_genes"] if str(g) in feats.columns]
+    genes = layer_info(md).get("genes")
+    if genes is not None:
+        return [str(g) for g in genes if str(g) in feats.columns]
     return [
         str(c)
         for c in feats.columns
@@ -164,7 +165,7 @@ def _label_cells(layer: LayerData) -> dict:
     arr = np.asarray(_levels(data)[0])
     while arr.ndim > 2:
         arr = arr[0]
-    off = int(_meta(meta).get("stgen_code_offset", 1))
+    off = _code_offset(layer)
     s = _vec2(meta.get("scale"), 1.0)
     t = _vec2(meta.get("translate"), 0.0)
     rr, cc = np.nonzero(arr >= off)
@@ -178,9 +179,13 @@ def _label_cells(layer: LayerData) -> dict:
     }
 
 
+def _code_offset(layer: LayerData) -> int:
+    """Label value − gene code of a codebook map (``metadata['stgen']['code_offset']``)."""
+    return int(layer_info(_meta(layer[1])).get("code_offset", 1))
+
+
 def _code_names_from_labels(layer: LayerData, offset: int) -> dict[int, str]:
-    md = _meta(layer[1])
-    names = md.get("stgen_code_names")
+    names = layer_info(_meta(layer[1])).get("code_names")
     if isinstance(names, dict):
         return {int(k): str(v) for k, v in names.items()}
     if isinstance(names, (list, tuple)):
@@ -251,8 +256,7 @@ class _Rows:
 def _spot_diameter(yx: np.ndarray, meta: dict, st: dict, uns: dict) -> float:
     """Spot diameter µm of a points layer; the Predict widget's display layers are drawn
     smaller than the tiles they stand for, so theirs is the tile pitch."""
-    predict_layer = st.get("kind") == "tiles" or (st.get("kind") == "spots" and "gene" in st)
-    if predict_layer and "obs_kind" not in st and len(yx) > 1:
+    if is_prediction_view(_meta(meta)) and "obs_kind" not in st and len(yx) > 1:
         uns.setdefault("obs_kind", "tiles")
         uns.setdefault("normalization", "log1p_cp10k")
         return float(np.median(cKDTree(yx).query(yx, k=2)[0][:, 1]))
@@ -336,7 +340,7 @@ def _codes(
     codes = obs.pop("genst_code").to_numpy() if "genst_code" in obs.columns else None
     code_names: dict[int, str] = {}
     if labels and len(yx):
-        off = int(_meta(labels[0][1]).get("stgen_code_offset", 1))
+        off = _code_offset(labels[0])
         code_names = _code_names_from_labels(labels[0], off)
         if codes is None:
             v = _labels_lookup(labels[0], yx)
@@ -368,11 +372,11 @@ def _slide_extra(slide_layer: LayerData | None, mpp: float, uns: dict) -> dict:
 
 
 def generated_tiles(layers: Sequence[LayerData]) -> list[GeneratedTile]:
-    """The generated tiles among image layers (``metadata['stgen_generated']`` + pixels)."""
+    """The generated tiles among image layers (``metadata['stgen']['tile']`` + pixels)."""
     return [
-        GeneratedTile.from_record(_meta(m)["stgen_generated"], image=np.asarray(d))
+        GeneratedTile.from_record(rec, image=np.asarray(d))
         for d, m, k in layers
-        if k == "image" and "stgen_generated" in _meta(m)
+        if k == "image" and (rec := generated_record(_meta(m))) is not None
     ]
 
 
@@ -434,7 +438,8 @@ def layers_to_anndata(layers: Sequence[LayerData], library_id: str | None = None
 def exportable(layers: Sequence[LayerData]) -> bool:
     """True when the layers hold something the writer records (spots, ROIs, tiles)."""
     return any(
-        k in ("points", "shapes", "labels") or (k == "image" and "stgen_generated" in _meta(m))
+        k in ("points", "shapes", "labels")
+        or (k == "image" and generated_record(_meta(m)) is not None)
         for _, m, k in layers
     )
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from napari_stgen.errors import StgenError
+from napari_stgen.io.layer_meta import generated_metadata
 
 LayerData = tuple[Any, dict, str]
 
@@ -37,7 +38,8 @@ class GeneratedTile:
     """A generated H&E tile and what produced it (the Synthesize widget's record).
 
     In napari it is an RGB image layer with ``scale=(px_um, px_um)``, ``translate =
-    origin_yx_um + px_um / 2`` and ``metadata['stgen_generated'] = tile.to_metadata()``.
+    origin_yx_um + px_um / 2`` and ``metadata['stgen'] = {'kind': 'generated', 'tile':
+    tile.to_metadata()}`` (:func:`napari_stgen.io.layer_meta.generated_metadata`).
     """
 
     id: str
@@ -56,7 +58,7 @@ class GeneratedTile:
     extra: dict = field(default_factory=dict)  # anything else (scalars / arrays)
 
     def to_metadata(self) -> dict:
-        """The record without the pixels (for ``layer.metadata['stgen_generated']``)."""
+        """The record without the pixels (a layer's ``metadata['stgen']['tile']``)."""
         return {
             "id": str(self.id),
             "origin_yx_um": [float(v) for v in self.origin_yx_um],
@@ -87,7 +89,7 @@ class GeneratedTile:
 
     @classmethod
     def from_record(cls, rec: Mapping, image: np.ndarray | None = None) -> GeneratedTile:
-        """From an h5ad record or a layer's ``metadata['stgen_generated']`` (+ its pixels)."""
+        """From an h5ad record or a layer's ``metadata['stgen']['tile']`` (+ its pixels)."""
         rec = plain(dict(rec))
         img = image if image is not None else rec.get("image")
         if img is None:
@@ -124,7 +126,7 @@ class GeneratedTile:
                 "scale": (s, s),
                 "translate": (self.origin_yx_um[0] + s / 2, self.origin_yx_um[1] + s / 2),
                 "units": "um",
-                "metadata": {"stgen_generated": self.to_metadata()},
+                "metadata": generated_metadata(self.to_metadata()),
             },
             "image",
         )

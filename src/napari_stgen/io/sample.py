@@ -15,6 +15,7 @@ import pandas as pd
 
 from napari_stgen.coords import px_to_um, xy_to_rc
 from napari_stgen.errors import StgenError
+from napari_stgen.io.layer_meta import stgen_metadata
 from napari_stgen.io.napari_reader import _show_scale_bar, slide_layer_data
 from napari_stgen.io.slide import open_slide
 
@@ -78,7 +79,7 @@ def spots_layer_data(df: Any, mpp: float, name: str = "HER2ST C3 spots") -> tupl
         "border_width": 0.0,
         "opacity": 0.6,
         "units": ("um", "um"),
-        "metadata": {"stgen": {"kind": "spots", "mpp": mpp, "source": "measured counts"}},
+        "metadata": stgen_metadata("spots", mpp=mpp, source="measured counts"),
     }
     if "ERBB2" in features:
         kwargs["face_color"] = "ERBB2"

@@ -40,6 +40,7 @@ import numpy as np
 
 from napari_stgen.errors import StgenError
 from napari_stgen.io.anndata import VISIUM_SPOT_UM, anndata_layers
+from napari_stgen.io.layer_meta import layer_kind, stgen_metadata
 from napari_stgen.io.napari_writer import (
     _find_slide,
     _levels,
@@ -54,7 +55,7 @@ CS = "global"
 UNIT = "micrometer"
 IMAGE_MAX_PX = 4096  # long side of the finest image level written
 TABLE = "table"
-SD_IMAGE = "spatialdata_image"  # metadata['stgen_kind'] of image layers read from a SpatialData
+SD_IMAGE = "spatialdata_image"  # metadata['stgen']['kind'] of image layers read from a SpatialData
 
 
 def require_spatialdata() -> Any:
@@ -286,7 +287,7 @@ def write_spatialdata(sdata: Any, path: str | os.PathLike, overwrite: bool = Fal
     if path.suffix.lower() != ".zarr":
         raise StgenError(f"{path}: SpatialData output must end in .zarr")
     if path.exists() and not overwrite:
-        raise StgenError(f"{path} already exists; pass --overwrite to replace it")
+        raise StgenError(f"{path} already exists; pass overwrite=True to replace it")
     if path.exists() and not path.is_dir():
         raise StgenError(f"{path}: exists and is not a folder")
     parent = path.parent if str(path.parent) else Path(".")
@@ -324,7 +325,7 @@ def export_spatialdata(
     """:func:`anndata_to_spatialdata` + :func:`write_spatialdata`; returns the path."""
     path = Path(path)
     if path.exists() and not overwrite:  # before the work
-        raise StgenError(f"{path} already exists; pass --overwrite to replace it")
+        raise StgenError(f"{path} already exists; pass overwrite=True to replace it")
     sdata = anndata_to_spatialdata(adata, levels, image_max_px=image_max_px)
     return write_spatialdata(sdata, path, overwrite=overwrite)
 
@@ -345,7 +346,7 @@ def write_layers_spatialdata(
         )
     layers = list(layers)
     slide = _find_slide(layers)
-    if slide is not None and _meta(slide[1]).get("stgen_kind") == SD_IMAGE:
+    if slide is not None and layer_kind(_meta(slide[1])) == SD_IMAGE:
         # a slide image read back from a SpatialData: its translate is the half-pixel shift of
         # a downsampled level (level-0 pixel centres at 0), not an origin of the coordinates
         i = next(i for i, ly in enumerate(layers) if ly[1] is slide[1])
@@ -415,7 +416,7 @@ def _image_layer(name: str, el: Any, m: np.ndarray, um: float, off: float, meta:
         "scale": tuple(scale),
         "translate": tuple(translate),
         "units": "um",
-        "metadata": {"stgen_kind": SD_IMAGE, "spatialdata_element": name, **meta},
+        "metadata": stgen_metadata(SD_IMAGE, **meta, element=name),
     }
     if len(levels) > 1:
         kw["multiscale"] = True
@@ -469,8 +470,7 @@ def read_spatialdata(path: str | os.PathLike) -> list[LayerData]:
     for _, table, _, _ in tables[:1]:
         st = _plain(dict(table.uns.get("stgen", {}) or {}))
         if ours and st.get("mpp"):  # the writer's µm/px and slide record (level-0 px)
-            slide_meta = {"mpp": float(st["mpp"]), "stgen": {"mpp": float(st["mpp"]),
-                          **(st.get("slide") or {})}}  # fmt: skip
+            slide_meta = {**(st.get("slide") or {}), "mpp": float(st["mpp"])}
     for name, el in sdata.images.items():
         if name in in_cs and name not in gen_elements:
             layers.append(_image_layer(name, el, _affine_yx(el, cs), um, off, slide_meta))

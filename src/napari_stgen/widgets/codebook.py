@@ -30,18 +30,17 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_stgen.inference import codebook as cb
 from napari_stgen.inference.code_names import Suggestion, card_suggestions
 from napari_stgen.inference.tiles import read_tiles, visible_region_um
+from napari_stgen.io.layer_meta import layer_kind, stgen_metadata
 from napari_stgen.widgets.close_watcher import disconnect_on_destroyed
-from napari_stgen.widgets.dock import scrolling_dock
+from napari_stgen.widgets.dock import ViewerDock, scrolling_dock
 from napari_stgen.widgets.jobs import JobProgress, JobSpec, WidgetJobs
 from napari_stgen.widgets.predict import camera_of
 from napari_stgen.widgets.slide_picker import SlidePicker
-from napari_stgen.widgets.state import get_state
 
 if TYPE_CHECKING:  # type names only
     from napari_stgen.coords import Grid
@@ -121,7 +120,7 @@ def update_codes_layer(viewer: Any, state: Any, n_codes: int) -> Any:
             opacity=0.55,
             colormap=cmap,
             units=("um", "um"),
-            metadata={"stgen": {"kind": "codes"}, "stgen_code_offset": 0},
+            metadata=stgen_metadata("codes", code_offset=0),
         )
     layer.features = _code_features(state, n_codes)
     return layer
@@ -143,20 +142,18 @@ def raise_above_overlays(viewer: Any, layer: Any) -> None:
     idx = [
         i
         for i, ly in enumerate(layers)
-        if ((ly.metadata or {}).get("stgen") or {}).get("kind") in kinds
+        if layer_kind(ly.metadata) in kinds
     ]
     i = layers.index(layer)
     if idx and i < max(idx):
         layers.move(i, max(idx) + 1)
 
 
-class CodebookWidget(QWidget):
+class CodebookWidget(ViewerDock):
     """Plugins ▸ napari-stgen ▸ Codebook."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = get_state(napari_viewer)
+        super().__init__(napari_viewer)
         self.predictor: Any = None
         self.profiles: np.ndarray | None = None
         self.selected: int | None = None

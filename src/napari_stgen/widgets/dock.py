@@ -8,15 +8,27 @@ past the screen.
 
 from __future__ import annotations
 
+from typing import Any
+
 from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QSpinBox, QVBoxLayout, QWidget
 
 from napari_stgen.inference.device import default_threads, usable_cores
+from napari_stgen.widgets.state import get_state
 
-__all__ = ["scrolling_dock", "collapsible", "shrinkable", "threads_spin"]
+__all__ = ["ViewerDock", "scrolling_dock", "collapsible", "shrinkable", "threads_spin"]
 
 MIN_BODY_PX = 60
 PREFERRED_BODY_PX = 420  # asked for when there is room; the dock may get less (it scrolls)
+
+
+class ViewerDock(QWidget):
+    """A napari-stgen dock: its ``viewer`` and the viewer's shared ``state`` (``get_state``)."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
 
 
 class _VerticalScroll(QScrollArea):

@@ -1,9 +1,12 @@
 """Export dock widget: chosen layers (+ the session's predictions) → one .h5ad or SpatialData.
 
-Thin Qt layer over :func:`napari_stgen.inference.export.store_to_anndata` (the prediction
-store, with the ticked ROIs and generated tiles), or for layers the plugin did not predict
-:func:`napari_stgen.io.napari_writer.write_layers` (AnnData ``.h5ad``) and
-:func:`napari_stgen.io.spatialdata.write_layers_spatialdata` (SpatialData ``.zarr``): lists
+Thin Qt layer over the one export writer: the prediction store goes through
+:func:`napari_stgen.inference.export.store_to_anndata` (with the ticked ROIs and generated
+tiles; the rows of ticked points layers the plugin did not predict follow, from
+:func:`napari_stgen.io.napari_writer.layers_to_anndata`), then ``.h5ad`` or
+:func:`napari_stgen.io.spatialdata.export_spatialdata`; without the store the ticked layers go
+through :func:`~napari_stgen.io.napari_writer.write_layers` (AnnData ``.h5ad``) and
+:func:`napari_stgen.io.spatialdata.write_layers_spatialdata` (SpatialData ``.zarr``). It lists
 what can be exported (points with features, shapes as ROIs, codebook labels, generated tiles
 and the viewer's prediction store), takes a format, an output path and an overwrite flag, and
 writes in a ``thread_worker`` (atomic: temp file/folder + rename). The slide layer supplies
@@ -32,17 +35,25 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
-from napari_stgen.inference.export import StoreExtras, store_layer_data, store_to_anndata
+from napari_stgen.inference.export import StoreExtras, store_to_anndata
 from napari_stgen.io.anndata import write_h5ad
-from napari_stgen.io.layer_meta import layer_info
-from napari_stgen.io.napari_writer import generated_tiles, layer_images, shape_rois, write_layers
+from napari_stgen.io.anndata_export import append_rows
+from napari_stgen.io.layer_meta import generated_record, is_prediction_view, layer_kind
+from napari_stgen.io.napari_writer import (
+    generated_tiles,
+    layer_images,
+    layers_to_anndata,
+    shape_rois,
+    write_layers,
+)
 from napari_stgen.io.spatialdata import export_spatialdata, write_layers_spatialdata
-from napari_stgen.widgets.state import get_state, is_slide_layer, slide_from_layer
+from napari_stgen.widgets.dock import ViewerDock
+from napari_stgen.widgets.state import is_slide_layer, slide_from_layer
 
 STORE_ITEM = "\u2731 predicted tiles (all predictions of this session)"
+STORE_LAYER = "predicted tiles"  # obs['layer'] of the store's rows in a mixed export
 _ROLE = Qt.ItemDataRole.UserRole
 #: format name → (suffix, file-dialog filter)
 FORMATS = {
@@ -56,19 +67,18 @@ def is_exportable(layer: Any) -> bool:
     kind = type(layer).__name__
     if kind in ("Points", "Shapes", "Labels"):
         return True
-    return kind == "Image" and "stgen_generated" in (layer.metadata or {})
+    return kind == "Image" and generated_record(layer.metadata) is not None
 
 
 def is_slide_like(layer: Any) -> bool:
     """Not a generated tile (a slide, or the thumbnail of an imported h5ad, stands in)."""
-    return "stgen_generated" not in (layer.metadata or {})
+    return generated_record(layer.metadata) is None
 
 
 def _is_spots(layer: Any) -> bool:
     """A spots layer napari-stgen made or read (measured spots, a reopened export's spots,
     the Predict widget's spot circles) rather than the user's own points."""
-    md = layer.metadata or {}
-    return layer_info(md).get("kind") in ("tiles", "spots") or md.get("stgen_kind") == "spots"
+    return layer_kind(layer.metadata) in ("tiles", "spots")
 
 
 def _default_checked(layer: Any) -> bool:
@@ -84,13 +94,11 @@ SPOTS_TIP = (
 )
 
 
-class ExportWidget(QWidget):
+class ExportWidget(ViewerDock):
     """Export: layer checklist, format (h5ad / SpatialData), output path, overwrite, Export."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = get_state(napari_viewer)
+        super().__init__(napari_viewer)
         self.worker: Any = None
 
         self.layer_list = QListWidget()
@@ -243,24 +251,22 @@ class ExportWidget(QWidget):
 
     # ---------------------------------------------------------------- export
     def layer_data(self) -> list[Any]:
-        """Layer data tuples to write: ticked layers, the store, and the slide layer (the
-        export of layers only, or of the store mixed with other points layers)."""
-        layers, use_store = self.selected()
+        """Layer data tuples to write when the store is not ticked: the ticked layers and
+        the slide layer (:func:`~napari_stgen.io.napari_writer.layers_to_anndata`)."""
+        layers, _ = self.selected()
         data = [ly.as_layer_data_tuple() for ly in layers]
         slide = self.slide_layer()
         if slide is not None:
             data.insert(0, slide.as_layer_data_tuple())
-        if use_store:
-            model = self._model_record()
-            data.append(store_layer_data(self.state.store, self.state.code_names, model))
         return data
 
     def store_export(self) -> Any:
         """A no-argument function making the store's AnnData (:func:`store_to_anndata`, with
-        the ticked ROIs and generated tiles), or None when the export is not of the store
-        (or mixes in other points layers). Reads the widgets here, converts when called."""
+        the ticked ROIs and generated tiles), followed by the rows of the ticked points
+        layers the plugin did not predict (:func:`layers_to_anndata`); None when the store
+        is not ticked. Reads the widgets here, converts when called."""
         layers, use_store = self.selected()
-        if not use_store or any(type(ly).__name__ == "Points" for ly in layers):
+        if not use_store:
             return None
         st = self.state
         slide_layer = self.slide_layer()
@@ -269,12 +275,23 @@ class ExportWidget(QWidget):
         thumb = (
             None if slide is not None or slide_layer is None else slide_layer.as_layer_data_tuple()
         )
-        model, names, rows = self._model_record(), dict(st.code_names), np.arange(len(st.store))
+        others = [
+            ly for ly in layers
+            if type(ly).__name__ == "Points" and not is_prediction_view(ly.metadata)
+        ]  # fmt: skip
+        other_data = [ly.as_layer_data_tuple() for ly in others]
+        if other_data and slide_layer is not None:  # µm/px and origin of the points
+            other_data.insert(0, slide_layer.as_layer_data_tuple())
+        names = (STORE_LAYER, others[0].name if others else "")
+        model, codes, rows = self._model_record(), dict(st.code_names), np.arange(len(st.store))
 
         def make() -> Any:
             images = layer_images(thumb, float(st.store.mpp or 1.0)) if thumb else None
             extras = StoreExtras(shape_rois(tuples), generated_tiles(tuples), images)
-            return store_to_anndata(st.store, slide, model, names, rows, extras)
+            adata = store_to_anndata(st.store, slide, model, codes, rows, extras)
+            if others:
+                adata = append_rows(adata, layers_to_anndata(other_data), names)
+            return adata
 
         return make
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from napari_stgen.inference.store import PredictionStore
+from napari_stgen.io.layer_meta import KEY, layer_info, stgen_metadata
 
 __all__ = [
     "heatmap_name",
@@ -81,7 +82,7 @@ def show_scale(layer: Any) -> None:
 def shown_display(viewer: Any) -> dict | None:
     """``{gene, contrast_limits, colormap}`` of the top-most visible prediction layer."""
     for layer in reversed(viewer.layers):
-        md = ((layer.metadata or {}).get("stgen") or {}) if layer.visible else {}
+        md = layer_info(layer.metadata) if layer.visible else {}
         if md.get("kind") == "heatmap":
             lim, cmap = layer.contrast_limits, layer.colormap
         elif md.get("kind") == "spots" and "gene" in md:
@@ -98,7 +99,7 @@ def shown_display(viewer: Any) -> dict | None:
 
 def _auto_limits(layer: Any, values: np.ndarray, exact: bool = True) -> None:
     # keep user-set limits: only update while the layer still shows the last automatic ones
-    md = layer.metadata.setdefault("stgen", {})
+    md = layer.metadata.setdefault(KEY, {})
     last = md.get("auto_limits")
     if last is not None and not np.allclose(layer.contrast_limits, last):
         return
@@ -176,7 +177,7 @@ def _update_grid_layer(
     colormap, opacity, blending = style["colormap"], style["opacity"], style["blending"]
     layer = find_layer(viewer, name)
     md_key = (store.slide_key, store.model_checksum, grid)
-    fresh = layer is None or layer.metadata.get("stgen", {}).get("key") != md_key
+    fresh = layer is None or layer_info(layer.metadata).get("key") != md_key
     if fresh:
         data = store.canvas(values)
         if layer is None:
@@ -191,13 +192,13 @@ def _update_grid_layer(
                 contrast_limits=robust_limits(values),
                 interpolation2d="nearest",
                 units=UNITS,
-                metadata={"stgen": {**md, "key": md_key}},
+                metadata=stgen_metadata(**md, key=md_key),
             )
         else:
             layer.data = data
             layer.scale, layer.translate = grid.scale, grid.translate
-            layer.metadata["stgen"]["key"] = md_key
-            layer.metadata["stgen"].pop("auto_limits", None)
+            layer.metadata[KEY]["key"] = md_key
+            layer.metadata[KEY].pop("auto_limits", None)
     else:
         data = layer.data
         if new_tiles is None:
@@ -260,7 +261,7 @@ def update_spots(
             border_width=0,
             opacity=opacity,
             units=UNITS,
-            metadata={"stgen": {"kind": "spots", "gene": gene}},
+            metadata=stgen_metadata("spots", gene=gene),
         )
         show_scale(layer)
     else:
@@ -295,7 +296,7 @@ def update_tiles_points(viewer: Any, store: PredictionStore, markers: bool = Fal
             border_color="white",
             border_width=0.0,
             units=UNITS,
-            metadata={"stgen": {"kind": "tiles"}},
+            metadata=stgen_metadata("tiles"),
         )
     else:
         with layer.events.blocker_all():

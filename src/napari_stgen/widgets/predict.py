@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QWidget
 
 from napari_stgen.errors import Cancelled, StgenError
 from napari_stgen.inference import engine
@@ -25,8 +24,10 @@ from napari_stgen.inference.device import describe_device
 from napari_stgen.inference.engine import CancelToken, Estimate
 from napari_stgen.inference.registry import list_models, read_panel, takes_measured
 from napari_stgen.inference.tiles import visible_region_um
+from napari_stgen.io.layer_meta import layer_info
 from napari_stgen.io.slide import Slide
 from napari_stgen.widgets import layers as L
+from napari_stgen.widgets.dock import ViewerDock
 from napari_stgen.widgets.jobs import DockProgress, JobSpec, WidgetJobs
 from napari_stgen.widgets.predict_display import REDRAW_MS, HeatmapDisplayMixin
 from napari_stgen.widgets.predict_ui import (
@@ -36,7 +37,7 @@ from napari_stgen.widgets.predict_ui import (
     UNCERTAINTY_TIP,
     build_ui,
 )
-from napari_stgen.widgets.state import find_slide_layer, get_state
+from napari_stgen.widgets.state import find_slide_layer
 
 __all__ = [
     "COLORMAPS",
@@ -133,13 +134,11 @@ def _shown_display(viewer: Any) -> dict | None:
         return None
 
 
-class PredictWidget(HeatmapDisplayMixin, QWidget):
+class PredictWidget(HeatmapDisplayMixin, ViewerDock):
     """Plugins ▸ napari-stgen ▸ Predict expression."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = get_state(napari_viewer)
+        super().__init__(napari_viewer)
         self.batch_size = BATCH_SIZE
         self._token: Any = None  # the newest prediction's token
         self._pending_estimate: Any = None
@@ -284,8 +283,8 @@ class PredictWidget(HeatmapDisplayMixin, QWidget):
     def _on_layer_inserted(self, event: Any) -> None:
         """A reopened napari-stgen export: show its gene and colour scale on the canvas."""
         layer = getattr(event, "value", None)
-        md = getattr(layer, "metadata", None) or {}
-        if md.get("stgen_kind") == "spots" and md.get("stgen_genes"):
+        info = layer_info(getattr(layer, "metadata", None))
+        if info.get("kind") == "spots" and info.get("genes"):
             L.show_scale(layer)
 
     def _on_mode_changed(self, *_: Any) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from napari_stgen.io.anndata import GeneratedTile
+from napari_stgen.io.layer_meta import GENERATED, layer_kind, with_info
 
 __all__ = ["OVERLAY_KINDS", "ResultsMixin", "offset_text"]
 
@@ -43,10 +44,9 @@ class ResultsMixin:
             return
         k = int(np.clip(k, 0, len(self.result.images) - 1))
         self.preview_layer.data = self.result.images[k]
-        self.preview_layer.metadata = {
-            **self.preview_layer.metadata,
-            "stgen_generated": self.result.records[k],
-        }
+        self.preview_layer.metadata = with_info(
+            self.preview_layer.metadata, kind=GENERATED, tile=self.result.records[k]
+        )
         self.variant_label.setText(f"seed {self.result.seeds[k]}")
         if self.variant_slider.value() != k:
             self.variant_slider.setValue(k)
@@ -63,7 +63,7 @@ class ResultsMixin:
             self._hidden_overlays = []
             return
         for ly in self.viewer.layers:
-            kind = ((ly.metadata or {}).get("stgen") or {}).get("kind")
+            kind = layer_kind(ly.metadata)
             if ly.visible and (kind in OVERLAY_KINDS or ly == self.region_layer):
                 ly.visible = False
                 self._hidden_overlays.append(ly)

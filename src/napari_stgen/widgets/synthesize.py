@@ -5,8 +5,8 @@ clicking a point) on the region layer predicts the region's expression (from the
 prediction store, else through the prediction engine) and sets each gene slider to it.
 Generate (or live mode, debounced) runs STMDiT in a napari ``thread_worker`` generator with
 progress and Cancel; a newer request cancels the older one. The result appears exactly over
-the region as an image layer in µm with ``metadata['stgen_generated']``; variants by seed,
-a before/after toggle (before: the H&E alone, every overlay hidden), Keep / Discard, Reset
+the region as an image layer in µm with its record in ``metadata['stgen']['tile']``; variants by
+seed, a before/after toggle (before: the H&E alone, every overlay hidden), Keep / Discard, Reset
 and an export of the kept tiles. Nothing loads until the user draws or picks a region.
 
 The pieces live beside it: controls (``synthesize_ui``), gene sliders (``gene_row``), the
@@ -28,6 +28,7 @@ from napari_stgen.inference import synthesis_grid as sg
 from napari_stgen.inference.device import set_threads
 from napari_stgen.inference.export import StoreExtras, store_to_anndata
 from napari_stgen.io.anndata import write_h5ad
+from napari_stgen.io.layer_meta import GENERATED, generated_metadata, with_info
 from napari_stgen.io.napari_writer import write_layers
 from napari_stgen.widgets.gene_row import GeneRow
 from napari_stgen.widgets.jobs import Failed, JobProgress, JobSpec, WidgetJobs, guarded
@@ -425,13 +426,13 @@ class SynthesizeWidget(RegionLayerMixin, ResultsMixin, QWidget):
                 scale=tr["scale"],
                 translate=tr["translate"],
                 units="um",
-                metadata={"stgen_generated": res.records[0]},
+                metadata=generated_metadata(res.records[0]),
             )
         else:
             ly = self.preview_layer
             ly.data = res.images[0]
             ly.scale, ly.translate = tr["scale"], tr["translate"]
-            ly.metadata = {**ly.metadata, "stgen_generated": res.records[0]}
+            ly.metadata = with_info(ly.metadata, kind=GENERATED, tile=res.records[0])
         self._on_before_after(self.after_check.isChecked())
         self._keep_region_on_top()
         self.variant_slider.blockSignals(True)
