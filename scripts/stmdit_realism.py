@@ -1,14 +1,16 @@
 """Encoder-independent realism figures of STMDiT tiles and of tile-autoencoder reconstructions.
 
-    python scripts/stmdit_realism.py [--model default] [--ae2 AE2.safetensors] [--holdout C3]
-        [--n 40] [--out docs/stmdit_realism.json] [--no-generate [--update]]
+    python scripts/stmdit_realism.py [--model default] [--peer OLD.safetensors] [--guide GENST]
+        [--ae2 AE2.safetensors] [--holdout C3] [--n 40] [--out docs/stmdit_realism.json]
+        [--no-generate [--update]] [--grid PNG]
 
 On ``--n`` spots of the held-out section (seeded choice): the model's generated tiles (genes +
 morphology, the card's sampler; ``--guidance-expr 0`` for unguided) against the real tiles of
 the same spots at 0.875 µm/px (``napari_stgen.training.realism``), and reconstructions of the
 real tiles by the model's autoencoder and by a v2 autoencoder (PSNR/SSIM and the same
-realism figures). The figures code is the one ``stgen evaluate stmdit`` reports
-(``pixel_statistics``); this script skips the fidelity/control parts and their oracles.
+realism figures); with ``--peer`` the same for a second model (rows prefixed ``peer_``).
+The figures code is the one ``stgen evaluate stmdit`` reports (``pixel_statistics``); this
+script skips the fidelity/control parts and their oracles.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def main() -> None:
     p.add_argument("--holdout", default="C3")
     p.add_argument("--n", type=int, default=40)
     p.add_argument("--guidance-expr", type=float, default=None)
+    p.add_argument("--guide", default=None, help="GenST that guides (default: the card's)")
+    p.add_argument("--peer", default=None, help="a second STMDiT (e.g. the previous default)")
     p.add_argument("--no-generate", action="store_true", help="autoencoders only")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "her2st"))
@@ -91,32 +95,50 @@ def main() -> None:
             "train_sections": m.card.get("data", {}).get("sections"),
         },
     }
-    coarse = spot_tiles_at(sec, m.mpp, a.cache)[idx]
-    # what a perfect model at its µm/px would score at 0.875: real tiles shrunk and re-enlarged
-    back = at_mpp(at_mpp(real, REFERENCE_MPP, m.mpp), m.mpp, REFERENCE_MPP)
-    res[f"reference_real_via_{m.mpp:g}_um_px"] = compare_at_scales(real, back, REFERENCE_MPP)
     rows = {"real (0.875 um/px)": real}
-    if not a.no_generate:
-        img = section_image(sec, m.mpp, a.cache)
-        xy = np.asarray(sec.xy_px)[idx] * sec.mpp / m.mpp
-        ctx = _context3(img, xy, m.tile_px)
-        expr = sec.target(m.genes).astype(np.float32)[idx]
-        se = m.default_guidance_expr if a.guidance_expr is None else a.guidance_expr
-        guide = load_guide(m, m.card["sampler"].get("guide", "default")) if se > 0 else None
-        gen = synthesize(m, expr, ctx, seed=1000, guide=guide, guidance_expr=se)
-        rows[f"STMDiT default ({m.mpp:g} um/px)"] = at_mpp(gen, m.mpp, REFERENCE_MPP)
-        res["generated_genes+morph"] = {"guidance_expr": se, **compare_at_scales(real, gen, m.mpp)}
-        print("generated", json.dumps(res["generated_genes+morph"]), flush=True)
-    rec = reconstruct(m.ae, coarse)
-    rows[f"AE v1 reconstruction ({m.mpp:g} um/px)"] = at_mpp(rec, m.mpp, REFERENCE_MPP)
-    res["ae_v1"] = {
-        "config": m.ae.cfg.to_dict(),
-        "params": sum(p.numel() for p in m.ae.parameters()),
-        "at_own_mpp": psnr_ssim(coarse, rec),
-        "at_0.875_vs_real": psnr_ssim(real, at_mpp(rec, m.mpp, REFERENCE_MPP)),
-        **compare_at_scales(real, rec, m.mpp),
-    }
-    print("ae_v1", json.dumps(res["ae_v1"]), flush=True)
+    models = {"default": m}
+    if a.peer:
+        models["peer"] = load_stmdit(a.peer)
+    for key, mm in models.items():
+        tag = "" if key == "default" else "peer_"
+        label = f"{mm.name} ({mm.mpp:g} um/px)"
+        coarse = spot_tiles_at(sec, mm.mpp, a.cache)[idx]
+        if key == "default" and mm.mpp > REFERENCE_MPP + 1e-9:
+            # what a perfect model at its µm/px would score at 0.875: real shrunk and re-enlarged
+            back = at_mpp(at_mpp(real, REFERENCE_MPP, mm.mpp), mm.mpp, REFERENCE_MPP)
+            res[f"reference_real_via_{mm.mpp:g}_um_px"] = compare_at_scales(
+                real, back, REFERENCE_MPP
+            )
+        if not a.no_generate:
+            img = section_image(sec, mm.mpp, a.cache)
+            xy = np.asarray(sec.xy_px)[idx] * sec.mpp / mm.mpp
+            ctx = _context3(img, xy, mm.tile_px)
+            expr = sec.target(mm.genes).astype(np.float32)[idx]
+            se = mm.default_guidance_expr if a.guidance_expr is None else a.guidance_expr
+            gname = a.guide or mm.card["sampler"].get("guide", "default")
+            guide = load_guide(mm, gname) if se > 0 else None
+            gen = synthesize(mm, expr, ctx, seed=1000, guide=guide, guidance_expr=se)
+            rows[f"generated: {label}"] = at_mpp(gen, mm.mpp, REFERENCE_MPP)
+            res[f"{tag}generated_genes+morph"] = {
+                "model": mm.name,
+                "mpp": mm.mpp,
+                "guidance_expr": se,
+                "guide": str(gname) if se > 0 else None,
+                **compare_at_scales(real, gen, mm.mpp),
+            }
+            print(tag + "generated", json.dumps(res[f"{tag}generated_genes+morph"]), flush=True)
+        rec = reconstruct(mm.ae, coarse)
+        kind = getattr(mm.ae.cfg, "kind", "") or "v1"
+        rows[f"AE {kind} reconstruction ({mm.mpp:g} um/px)"] = at_mpp(rec, mm.mpp, REFERENCE_MPP)
+        res[f"{tag}ae"] = {
+            "model": mm.name,
+            "config": mm.ae.cfg.to_dict(),
+            "params": sum(p.numel() for p in mm.ae.parameters()),
+            "at_own_mpp": psnr_ssim(coarse, rec),
+            f"at_{REFERENCE_MPP:g}_vs_real": psnr_ssim(real, at_mpp(rec, mm.mpp, REFERENCE_MPP)),
+            **compare_at_scales(real, rec, mm.mpp),
+        }
+        print(tag + "ae", json.dumps(res[f"{tag}ae"]), flush=True)
     if a.ae2:
         ae2 = load_ae(a.ae2)
         rec2 = reconstruct(ae2, real)

@@ -220,7 +220,12 @@ def test_user_journey_across_the_four_widgets(make_napari_viewer, qtbot, tmp_pat
     cw.select_code(k)
     # the label under a tile is its code (no off-by-one), the highlight is above the heatmap
     r = int(np.flatnonzero(st.store.code == k)[0])
-    assert codes.get_value(st.store.centres_um[r], world=True) == k
+    # the code map is rebuilt REFRESH_MS after the last prediction ended (debounced)
+    qtbot.waitUntil(
+        lambda: viewer.layers[CODES_LAYER].get_value(st.store.centres_um[r], world=True) == k,
+        timeout=TIMEOUT,
+    )
+    codes = viewer.layers[CODES_LAYER]
     assert viewer.layers.index(codes) > viewer.layers.index(heat)
     assert codes.show_selected_label and codes.selected_label == k and codes.visible
     assert any(f"code {k} " in cw.legend.item(i).text() for i in range(cw.legend.count()))
