@@ -214,6 +214,25 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict, di
     return tensors, card
 
 
+def check_panel(path: str | Path, genes: list, n_genes: int) -> None:
+    """CheckpointError when the card's gene panel is not the size the model predicts."""
+    if len(genes) != n_genes:
+        raise CheckpointError(
+            f"{path}: gene panel has {len(genes)} genes but the model predicts {n_genes}"
+        )
+
+
+def load_weights(module: Any, tensors: dict, path: str | Path) -> Any:
+    """``module`` with ``tensors`` loaded strictly, in eval mode; CheckpointError naming the
+    file when they do not fit its architecture."""
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise CheckpointError(f"{path}: weights do not match the architecture: {first}") from e
+    return module.eval()
+
+
 def resolve_checkpoint(name_or_path: str | Path, kind: str) -> Path:
     """``"default"`` → ``weights/<kind>_default.safetensors``; a bare name → ``weights/<name>``
     (``.safetensors`` added); otherwise a path. CheckpointError if it does not exist."""
