@@ -9,8 +9,10 @@ the default model reuse it.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,37 @@ class CardNotes:
     name: str | None = None
     command: str | None = None
     evaluation: dict | None = None
+
+    def card_entries(self, out: Path, command: str) -> dict:
+        """The card's ``name``, ``command`` and ``evaluation``; the name defaults to ``out``'s
+        stem and the command to the run's own ``command``."""
+        return {
+            "name": self.name or Path(out).stem,
+            "command": self.command or command,
+            "evaluation": self.evaluation,
+        }
+
+
+def data_entry(data_dir: str | Path, sections: list, **extra: object) -> dict:
+    """The card's ``data`` entry: the directory, the training sections (anything with
+    ``.name`` and targets ``.y``) and their spot count, then ``extra``."""
+    return {
+        "dir": str(data_dir),
+        "sections": [s.name for s in sections],
+        "n_spots": int(sum(len(s.y) for s in sections)),
+        **extra,
+    }
+
+
+def training_entry(seconds: float, threads: int, **extra: object) -> dict:
+    """The card's ``training`` entry: wall seconds, threads, machine, ``extra``, UTC date."""
+    return {
+        "seconds": round(seconds, 1),
+        "threads": threads,
+        "machine": f"{platform.machine()} CPU",
+        **extra,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 @dataclass
