@@ -89,7 +89,8 @@ def _expression_dir(args: argparse.Namespace):
 
 
 def _run_lopo(args: argparse.Namespace) -> dict:
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    def log(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
 
     edir = _expression_dir(args)
     imaged = expression = None

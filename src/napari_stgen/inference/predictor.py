@@ -277,9 +277,10 @@ def predict_centres(
     unc = np.full(n, np.nan, dtype=np.float32)
     bs = max(1, int(batch_size))
     jobs = [(np.arange(i, min(i + bs, n)), None) for i in range(0, n, bs)]
-    read = lambda idx: read_patches(  # noqa: E731
-        slide, xy[idx], predictor.patch_um, predictor.patch_px
-    )
+
+    def read(idx: np.ndarray) -> np.ndarray:
+        return read_patches(slide, xy[idx], predictor.patch_um, predictor.patch_px)
+
     done = 0
     ctx = predictor.has_context
     feat = zhat = None
