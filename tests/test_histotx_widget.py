@@ -76,7 +76,7 @@ def test_widget_uses_measured_spots_layer(
     w.predict()
     qtbot.waitUntil(lambda: not w.workers, timeout=TIMEOUT)
     layer = viewer.layers[f"{gene} (predicted)"]
-    grid, tiles = engine.plan_region(slide, pred, region)
+    grid, tiles = engine.plan_prediction_region(slide, pred, region)
     assert len(tiles) >= 4
     fused = layer.data[tiles[:, 0], tiles[:, 1]].copy()
     assert np.isfinite(fused).all()

@@ -79,7 +79,7 @@ def _job(state: Any, slide: Slide, model: str, req: Request, token: CancelToken,
         state.apply_threads()
         token.check()
         if req.mode == "region":
-            grid, tiles = engine.plan_region(slide, pred, req.region_um, req.tissue_only)
+            grid, tiles = engine.plan_prediction_region(slide, pred, req.region_um, req.tissue_only)
             centre = (
                 (req.region_um[1] + req.region_um[3]) / 2,
                 (req.region_um[0] + req.region_um[2]) / 2,
