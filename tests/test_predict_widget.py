@@ -135,11 +135,11 @@ def test_roi_mode_predicts_only_inside_roi(ui, qtbot):
 
     from matplotlib.path import Path as MplPath
 
-    from napari_stgen.inference.tiles import tissue_mask
+    from napari_stgen.inference.tiles import tissue_cells
 
     all_cells = np.argwhere(np.ones(grid.shape, bool))
     inside = MplPath(tri).contains_points((all_cells + 0.5) * grid.tile_um)
-    tissue = tissue_mask(slide, grid)[all_cells[:, 0], all_cells[:, 1]]
+    tissue = tissue_cells(slide, grid)[all_cells[:, 0], all_cells[:, 1]]
     want = {tuple(t) for t in all_cells[inside & tissue]}
     got = {tuple(t) for t in widget.state.store.tiles}
     assert got == want and len(want) >= 4

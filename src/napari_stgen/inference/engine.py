@@ -29,7 +29,7 @@ from napari_stgen.inference.tiles import (
     tiles_in_labels,
     tiles_in_region,
     tiles_in_shapes,
-    tissue_mask,
+    tissue_cells,
 )
 from napari_stgen.io.slide import Slide
 
@@ -443,7 +443,7 @@ def plan_whole_slide(slide: Slide, predictor: Predictor) -> tuple[Grid, np.ndarr
 
 
 def _mask(slide: Slide, grid: Grid) -> np.ndarray:
-    return tissue_mask(slide, grid)
+    return tissue_cells(slide, grid)
 
 
 def predict_region(

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_stgen.errors import StgenError
-from napari_stgen.inference.patches import patches_from_array, tissue_mask
+from napari_stgen.inference.patches import patches_from_array, stained_pixels
 from napari_stgen.io.atomic import atomic_path
 from napari_stgen.io.her2st import (
     Section,
@@ -127,7 +127,7 @@ def tissue_grid_centres(
     """Centres (x, y) px of a ``stride_um`` grid over tissue, from a cheap low-res mask."""
     step = max(int(round(thumb_um / mpp)), 1)
     small = img[::step, ::step]
-    m = tissue_mask(small)
+    m = stained_pixels(small)
     h, w = img.shape[:2]
     s = stride_um / mpp
     xs = np.arange(s / 2, w - s / 2, s)
