@@ -430,7 +430,7 @@ def model_card(
     return json.loads(json.dumps(card, default=str))
 
 
-def codebook_health(model: GenST, sections: list[SectionData], tta: int = 1) -> dict:
+def codebook_card(model: GenST, sections: list[SectionData], tta: int = 1) -> dict:
     """Gene codebook usage by the training profiles and by the images (aligned), and the
     image codebook's running usage."""
     import torch
@@ -535,7 +535,7 @@ def train_and_save(
             label_denoising=f"target = {tcfg.label_self_weight}*self + "
             f"{1 - tcfg.label_self_weight:.2f}*mean(array neighbours)",
         ),
-        codebook=codebook_health(model, train),
+        codebook=codebook_card(model, train),
         context_head=None
         if "context" not in hist
         else {
