@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -165,7 +167,7 @@ def test_cli_registers_histotx_commands():
 def test_predict_tiles_on_sample_slide_with_measured_context(saved, c3, sample_slide_path):
     """The widget path: grid cells of a region → PartialResults conditioned on measured spots."""
     from napari_stgen.inference.engine import collect
-    from napari_stgen.inference.histotx import load_histotx, predict_tiles, prepare_measured
+    from napari_stgen.inference.histotx import load_histotx, predict_histotx_tiles, prepare_measured
     from napari_stgen.inference.registry import load_predictor as load_model
     from napari_stgen.inference.tiles import slide_grid, tiles_in_region
     from napari_stgen.io.slide import open_slide
@@ -181,8 +183,9 @@ def test_predict_tiles_on_sample_slide_with_measured_context(saved, c3, sample_s
         x, y = sec.xy_px[0] * slide.mpp
         grid = slide_grid(slide, pred.tile_um)
         tiles = tiles_in_region(grid, (x - 300, y - 300, x + 300, y + 300))
-        res = collect(predict_tiles(slide, pred, tiles, grid=grid, context=ctx, batch_size=8))
-        alone = collect(predict_tiles(slide, pred, tiles, grid=grid, context=ctx, image_only=True))
+        run = partial(predict_histotx_tiles, slide, pred, tiles, grid=grid, context=ctx)
+        res = collect(run(batch_size=8))
+        alone = collect(run(image_only=True))
     assert res.total == len(tiles) == len(res) and (res.code == -1).all()
     assert np.isfinite(res.expr).all() and res.expr.shape == (len(tiles), len(pred.genes))
     assert not np.allclose(res.expr, alone.expr)

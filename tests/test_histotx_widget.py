@@ -83,7 +83,7 @@ def test_widget_uses_measured_spots_layer(
 
     # equal to the library call with the same measured spots
     ctx = histotx.cached_context(slide, pred, meas)
-    lib = engine.collect(histotx.predict_tiles(slide, pred, tiles, grid=grid, context=ctx))
+    lib = engine.collect(histotx.predict_histotx_tiles(slide, pred, tiles, grid=grid, context=ctx))
     gi = pred.genes.index(gene)
     order = {tuple(t): k for k, t in enumerate(lib.tiles)}
     want = lib.expr[[order[tuple(t)] for t in tiles], gi]

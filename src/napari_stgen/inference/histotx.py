@@ -62,7 +62,7 @@ class HistoTxPredictor(LoadedPredictor):
 
     ``predict(patches)`` is the GenST-compatible call (image only, each patch alone, no
     gene codes: ``code`` is −1); the windowed, position-aware paths are
-    ``predict_with_measurements`` and ``predict_tiles``.
+    ``predict_with_measurements`` and ``predict_histotx_tiles``.
     """
 
     kind = Kind.HISTOTX.value
@@ -109,7 +109,7 @@ class HistoTxPredictor(LoadedPredictor):
             meas = as_measured(request.measured, self.genes, slide_mpp(slide))
             ctx = cached_context(slide, self, meas, cancel=request.cancel)
         grid = request.grid or slide_grid(slide, tile_um_of(self))
-        yield from predict_tiles(
+        yield from predict_histotx_tiles(
             slide,
             self,
             request.tiles,
@@ -248,7 +248,7 @@ def prepare_measured(
 
     ``adapt_steps`` > 0 also fine-tunes a copy of the model by masking on these spots
     (test-time adaptation; about a second per 10 steps on one CPU core). Compute once per
-    (slide, measured file) and pass to ``predict_with_measurements`` / ``predict_tiles``.
+    (slide, measured file) and pass to ``predict_with_measurements`` / ``predict_histotx_tiles``.
     """
     pred = _as_predictor(model)
     m = slide_mpp(slide, mpp)
@@ -473,7 +473,7 @@ def impute_measured(
     return HistoTxResult(expr, list(pred.genes), nctx, False, meas, info, unc)
 
 
-def predict_tiles(
+def predict_histotx_tiles(
     slide: Slide | np.ndarray,
     model: HistoTxPredictor | str | Path,
     tiles: np.ndarray,
