@@ -16,7 +16,7 @@ from napari_stgen.io.atomic import write_text_atomic
 from napari_stgen.models.checkpoint import sha256_file
 from napari_stgen.training.data import CardNotes
 from napari_stgen.training.evaluate_codes import codes_vs_pathology, update_card
-from napari_stgen.training.evaluate_genst import dumps, run_fold
+from napari_stgen.training.evaluate_genst import run_fold
 from napari_stgen.training.genst import TrainConfig, train_and_save
 
 
@@ -61,7 +61,8 @@ def _strip(res: dict) -> dict:
     return walk(res)
 
 
-def _write_json(text: str, out: Path | None) -> None:
+def _write_json(res: dict, out: Path | None) -> None:
+    text = json.dumps(res, indent=2)
     print(text)
     if out:
         write_text_atomic(out, text + "\n")
@@ -75,7 +76,7 @@ def evaluate_codes(args: argparse.Namespace) -> int:
     if args.update_card is not None:
         cmd = "stgen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         update_card(args.update_card, res, cmd)
-    _write_json(json.dumps(res, indent=2), args.out)
+    _write_json(res, args.out)
     return 0
 
 
@@ -93,6 +94,6 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     if not args.per_gene:
         res = _strip(res)
-    _write_json(dumps(res), args.out)
+    _write_json(res, args.out)
     return 0
 

@@ -16,7 +16,6 @@ from napari_stgen.training.evaluate_histotx import (
     PATIENTS,
     Comparators,
     HiddenSplit,
-    dumps,
     load_lopo_data,
     lopo_fold,
     lopo_summary,
@@ -71,7 +70,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise StgenError("--holdout is required (or use --protocol lopo / --holdout-patient)")
     else:
         res = _run_section(args)
-    text = dumps(res)
+    text = json.dumps(res, indent=2)
     if args.out:
         write_text_atomic(args.out, text + "\n")
     print(text)

@@ -12,7 +12,6 @@ tokens, never their expression); ``genst_tile`` is the same model tile by tile.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -184,7 +183,3 @@ def run_fold(
             res["summary"][k] = v["raw"]["mean_pearson"]
             res["summary"][k + "_smoothed"] = v["smoothed"]["mean_pearson"]
     return res
-
-
-def dumps(res: dict) -> str:
-    return json.dumps(res, indent=2)

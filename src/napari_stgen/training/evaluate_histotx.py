@@ -19,7 +19,6 @@ the hidden spots, mean over the 50 benchmark genes (BENCHMARKS.md genes, log1p C
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -247,10 +246,6 @@ def run_fold(
     res["methods"] = methods
     res["summary"] = {k: v["mean_pearson"] for k, v in methods.items()}
     return res
-
-
-def dumps(res: dict) -> str:
-    return json.dumps(res, indent=2)
 
 
 # ----------------------------------------------------------------- leave-one-patient-out
