@@ -146,7 +146,7 @@ def as_measured(measured: Any, genes: list[str], mpp: float) -> Measured:
     return measured_from_layer(measured, genes, mpp)
 
 
-def build_model(tensors: dict, card: dict, path: Path) -> HistoTx:
+def build_histotx(tensors: dict, card: dict, path: Path) -> HistoTx:
     """A HistoTx module from checkpoint tensors + card; CheckpointError on a mismatch."""
     from napari_stgen.models.histotx import HistoTx, HistoTxConfig  # torch at import
 
@@ -163,7 +163,7 @@ def build_model(tensors: dict, card: dict, path: Path) -> HistoTx:
 
 def load_histotx(name_or_path: str | Path = "default", device: str = "auto") -> HistoTxPredictor:
     """Load a HistoTx checkpoint by name (``"default"``) or path."""
-    ck = open_model(name_or_path, HistoTxPredictor.kind, build_model, device)
+    ck = open_model(name_or_path, HistoTxPredictor.kind, build_histotx, device)
     return HistoTxPredictor(ck.model, ck.card, ck.path, ck.checksum, ck.device)
 
 

@@ -3,7 +3,7 @@ attributes of the ``Predictor`` contract every card gives.
 
 ::
 
-    ck = open_model("default", "genst", build_model, device="auto")   # CheckpointError
+    ck = open_model("default", "genst", build_genst, device="auto")   # CheckpointError
     ck.model, ck.card, ck.path, ck.checksum, ck.device, ck.tensors
 """
 

@@ -314,7 +314,7 @@ def predict_centres(
     return expr, code, unc
 
 
-def build_model(tensors: dict, card: dict, path: Path) -> GenST:
+def build_genst(tensors: dict, card: dict, path: Path) -> GenST:
     """A GenST module from checkpoint tensors + card; CheckpointError on any mismatch."""
     from napari_stgen.models.genst import GenST, GenSTConfig  # torch at import
 
@@ -339,7 +339,7 @@ def load_genst(
     name_or_path: str | Path = "default", device: str = "auto", tta: int | None = None
 ) -> GenSTPredictor:
     """Load a GenST checkpoint by name (``"default"``) or path → ``GenSTPredictor``."""
-    ck = open_model(name_or_path, GenSTPredictor.kind, build_model, device)
+    ck = open_model(name_or_path, GenSTPredictor.kind, build_genst, device)
     conf = Confidence.from_tensors(dict(ck.tensors))
     t = int(ck.card.get("tta", 1) if tta is None else tta)
     return GenSTPredictor(ck.model, ck.card, ck.path, ck.checksum, ck.device, t, confidence=conf)
@@ -347,6 +347,6 @@ def load_genst(
 
 def load_genst_module(name_or_path: str | Path = "default") -> tuple[GenST, dict, Path, str]:
     """(GenST torch module on the CPU, card, path, sha256) of a GenST checkpoint: the one
-    strict loader (``build_model``), for code that drives the module itself (STMDiT)."""
-    ck = open_model(name_or_path, GenSTPredictor.kind, build_model, device="cpu")
+    strict loader (``build_genst``), for code that drives the module itself (STMDiT)."""
+    ck = open_model(name_or_path, GenSTPredictor.kind, build_genst, device="cpu")
     return ck.model, ck.card, ck.path, ck.checksum
