@@ -34,7 +34,7 @@ from napari_stgen.widgets.predict_ui import (
     DISPLAYS,
     MODES,
     UNCERTAINTY_TIP,
-    build_ui,
+    build_predict_ui,
 )
 from napari_stgen.widgets.state import find_slide_layer, get_state
 
@@ -146,7 +146,7 @@ class PredictWidget(HeatmapDisplayMixin, QWidget):
         self._panel: list[str] = []
         self._closed = False
         self._done = 0
-        build_ui(self)
+        build_predict_ui(self)
         self.progress = DockProgress(self.progress_bar)
         self.jobs = WidgetJobs(self, self.progress, self._notify, self.shutdown)
         self.workers = self.jobs.workers  # running workers (newest last), the jobs' own list
