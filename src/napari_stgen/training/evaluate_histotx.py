@@ -90,7 +90,7 @@ def _score(pred: np.ndarray, true: np.ndarray) -> dict:
     return {"mean_pearson": round(float(r.mean()), 4), "per_gene": [round(float(v), 4) for v in r]}
 
 
-def genst_predict(genst_model: str | Path, data_dir: str | Path, holdout: str, xy_px, mpp):
+def genst_holdout_predict(genst_model: str | Path, data_dir: str | Path, holdout: str, xy_px, mpp):
     """GenST predictions (panel = its genes) at the held-out section's spots, and its card."""
     pred = load_genst(genst_model, device="cpu")
     sec = read_her2st_section(data_dir, holdout)
@@ -233,7 +233,7 @@ def run_fold(
         )
         res["gp_seconds"] = round(time.time() - t2, 1)
     if genst_model is not None:
-        e, gp_ = genst_predict(genst_model, data_dir, holdout, te.xy_px[hid], te.mpp)
+        e, gp_ = genst_holdout_predict(genst_model, data_dir, holdout, te.xy_px[hid], te.mpp)
         missing = [g for g in bench if g not in gp_.genes]
         if missing:
             raise StgenError(f"{gp_.path}: GenST panel lacks benchmark genes {missing[:5]}")
