@@ -14,11 +14,11 @@ torch = pytest.importorskip("torch")
 def c3(her2st_c3_dir, tmp_path_factory):
     """Section C3 as a SpotSet on a 20-gene panel (features cached in a temp dir)."""
     from napari_stgen.io.her2st import benchmark_genes, read_her2st_section
-    from napari_stgen.training.histotx import SpotSet, section_features
+    from napari_stgen.training.histotx import SpotSet, spot_image_features
 
     sec = read_her2st_section(her2st_c3_dir, "C3")
     panel = benchmark_genes([sec], 20)
-    feats = section_features(sec, tmp_path_factory.mktemp("histotx_cache"))
+    feats = spot_image_features(sec, tmp_path_factory.mktemp("histotx_cache"))
     s = SpotSet("C3", sec.xy_px, sec.xy_px * sec.mpp, sec.target(panel), feats, sec.mpp)
     return sec, s, panel
 

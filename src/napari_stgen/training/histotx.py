@@ -63,7 +63,7 @@ def _feature_cache(sec, cache_dir: Path) -> Path:
     return cache_dir / f"{sec.name}_{h}.npy"
 
 
-def section_features(sec, cache_dir: str | Path | None = None) -> np.ndarray:
+def spot_image_features(sec, cache_dir: str | Path | None = None) -> np.ndarray:
     """Image features of every spot of a ``io.her2st.Section`` (cached .npy)."""
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     path = _feature_cache(sec, cache_dir)
@@ -104,7 +104,7 @@ def load_spotsets(
                 xy_px=s.xy_px,
                 xy_um=s.xy_px * s.mpp,
                 y=s.target(panel),
-                feats=section_features(s, cache_dir),
+                feats=spot_image_features(s, cache_dir),
                 mpp=s.mpp,
             )
         )
