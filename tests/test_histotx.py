@@ -69,12 +69,12 @@ def test_loss_falls_on_real_spots(trained):
 
 @pytest.fixture(scope="module")
 def saved(trained, c3, tmp_path_factory):
-    from napari_stgen.training.histotx import model_card, save_model
+    from napari_stgen.training.histotx import histotx_card, save_model
 
     model, tcfg, *_ = trained
     _, _, panel = c3
     path = tmp_path_factory.mktemp("ckpt") / "tiny_histotx.safetensors"
-    card = model_card(model, panel, panel, tcfg, name="tiny", data={"sections": ["C3"]})
+    card = histotx_card(model, panel, panel, tcfg, name="tiny", data={"sections": ["C3"]})
     save_model(path, model, card)
     return path
 

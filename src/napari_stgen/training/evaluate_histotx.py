@@ -42,9 +42,9 @@ from napari_stgen.io.her2st import read_her2st_section
 from napari_stgen.training.data import split_holdout
 from napari_stgen.training.histotx import (
     TrainConfig,
+    histotx_card,
     load_expression_spotsets,
     load_spotsets,
-    model_card,
     train_histotx,
 )
 from napari_stgen.training.histotx import save_model as _save
@@ -157,7 +157,7 @@ def run_fold(
         res["train_config"] = {k: v for k, v in tcfg.__dict__.items() if k != "extra"}
         mpanel = panel
         if save_model is not None:
-            card = model_card(
+            card = histotx_card(
                 net,
                 panel,
                 bench,
@@ -457,7 +457,7 @@ def lopo_fold(
             _save(
                 save_model,
                 net,
-                model_card(net, panel, bench, tcfg, name=Path(save_model).stem, data=data),
+                histotx_card(net, panel, bench, tcfg, name=Path(save_model).stem, data=data),
             )
     else:
         net = model.model.cpu()

@@ -406,7 +406,7 @@ def predict_patches(
     return np.concatenate(outs, 0), np.concatenate(codes, 0)
 
 
-def model_card(
+def genst_card(
     model: GenST, panel: list[str], bench: list[str], tcfg: TrainConfig, **extra
 ) -> dict:
     """The GenST model card (without sha256, which the sidecar adds)."""
@@ -519,7 +519,7 @@ def train_and_save(
         f"stgen train genst --data {data_dir} --out {out} --epochs {tcfg.epochs} "
         f"--seed {tcfg.seed}" + (f" --holdout {holdout}" if holdout else "")
     )
-    card = model_card(
+    card = genst_card(
         model,
         panel,
         bench,

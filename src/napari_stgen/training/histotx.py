@@ -176,7 +176,7 @@ def train_histotx(
     return fit_masked(model, sets, tcfg, log=log)
 
 
-def model_card(
+def histotx_card(
     model: HistoTx, panel: list[str], bench: list[str], tcfg: TrainConfig, **extra
 ) -> dict:
     """Model card (checkpoint contract) of a trained HistoTx."""
@@ -244,7 +244,7 @@ def train_and_save(
         + (f" --holdout {holdout}" if holdout else "")
         + (f" --holdout-patient {holdout_patient}" if holdout_patient else "")
     )
-    card = model_card(
+    card = histotx_card(
         model,
         panel,
         bench,
