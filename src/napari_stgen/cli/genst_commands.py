@@ -17,7 +17,7 @@ from napari_stgen.models.checkpoint import sha256_file
 from napari_stgen.training.data import CardNotes
 from napari_stgen.training.evaluate_codes import codes_vs_pathology, update_card
 from napari_stgen.training.evaluate_genst import run_fold
-from napari_stgen.training.genst import TrainConfig, train_and_save
+from napari_stgen.training.genst import TrainConfig, train_and_save_genst
 
 
 def _tcfg(args):
@@ -36,7 +36,7 @@ def _tcfg(args):
 def train(args: argparse.Namespace) -> int:
     tcfg = _tcfg(args)
     cmd = "stgen " + " ".join(sys.argv[1:]) if sys.argv and "stgen" in sys.argv[0] else None
-    path = train_and_save(
+    path = train_and_save_genst(
         args.data,
         args.out,
         tcfg,

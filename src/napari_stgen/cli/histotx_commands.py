@@ -21,7 +21,7 @@ from napari_stgen.training.evaluate_histotx import (
     lopo_summary,
     run_fold,
 )
-from napari_stgen.training.histotx import TrainConfig, train_and_save
+from napari_stgen.training.histotx import TrainConfig, train_and_save_histotx
 
 
 def _tcfg(args: argparse.Namespace):
@@ -45,7 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
         except (OSError, json.JSONDecodeError) as e:
             raise StgenError(f"{args.evaluation}: cannot read evaluation JSON ({e})") from e
     cmd = "stgen " + " ".join(sys.argv[1:]) if sys.argv and "stgen" in sys.argv[0] else None
-    path = train_and_save(
+    path = train_and_save_histotx(
         args.data,
         args.out,
         _tcfg(args),

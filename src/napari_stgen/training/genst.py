@@ -482,7 +482,7 @@ def attach_confidence(path: str | Path, data_dir: str | Path, cache_dir=None) ->
     return save_checkpoint(path, tensors, card)
 
 
-def train_and_save(
+def train_and_save_genst(
     data_dir,
     out,
     tcfg: TrainConfig | None = None,

@@ -210,7 +210,7 @@ def save_model(path: str | Path, model: HistoTx, card: dict) -> Path:
     return save_checkpoint(path, model.state_dict(), card)
 
 
-def train_and_save(
+def train_and_save_histotx(
     data_dir: str | Path,
     out: str | Path,
     tcfg: TrainConfig | None = None,
