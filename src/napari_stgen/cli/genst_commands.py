@@ -16,7 +16,7 @@ from napari_stgen.io.atomic import write_text_atomic
 from napari_stgen.models.checkpoint import sha256_file
 from napari_stgen.training.data import CardNotes
 from napari_stgen.training.evaluate_codes import codes_vs_pathology, update_card
-from napari_stgen.training.evaluate_genst import run_fold
+from napari_stgen.training.evaluate_genst import run_genst_fold
 from napari_stgen.training.genst import TrainConfig, train_and_save_genst
 
 
@@ -82,7 +82,7 @@ def evaluate_codes(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
-    res = run_fold(
+    res = run_genst_fold(
         args.data,
         args.holdout,
         model=args.model,

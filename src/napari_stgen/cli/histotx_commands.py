@@ -19,7 +19,7 @@ from napari_stgen.training.evaluate_histotx import (
     load_lopo_data,
     lopo_fold,
     lopo_summary,
-    run_fold,
+    run_histotx_fold,
 )
 from napari_stgen.training.histotx import TrainConfig, train_and_save_histotx
 
@@ -129,7 +129,7 @@ def _run_lopo(args: argparse.Namespace) -> dict:
 
 
 def _run_section(args: argparse.Namespace) -> dict:
-    return run_fold(
+    return run_histotx_fold(
         args.data,
         args.holdout,
         _tcfg(args),

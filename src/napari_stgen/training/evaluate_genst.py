@@ -55,7 +55,7 @@ def split_kind(holdout: str, train_sections: list[str]) -> dict:
     }
 
 
-def run_fold(
+def run_genst_fold(
     data_dir: str | Path,
     holdout: str,
     model: str | Path | None = None,

@@ -118,7 +118,7 @@ class Comparators:
     genst_model: str | Path | None = None
 
 
-def run_fold(
+def run_histotx_fold(
     data_dir: str | Path,
     holdout: str,
     tcfg: TrainConfig | None = None,
