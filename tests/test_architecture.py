@@ -102,7 +102,7 @@ def test_no_two_modules_define_one_public_function_name():
         globs = SHARED_NAMES.get(name, ((), ""))[0]
         if not all(any(fnmatch(m, g) for g in globs) for m in mods):
             clashes[name] = mods
-    assert not clashes
+    assert not clashes, clashes
 
 
 def test_the_name_rule_catches_a_second_definition(tmp_path):
