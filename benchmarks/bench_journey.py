@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - the journey, ste
         pump(0.3)
 
     def n_view_tiles() -> int:
-        return len(engine.plan_region(st.slide, pred, pw.visible_region_um())[1])
+        return len(engine.plan_prediction_region(st.slide, pred, pw.visible_region_um())[1])
 
     # ---- a view of ≈ N tissue tiles: first values, all shown (quick look), full quality
     lo, hi = 4.0, 80.0
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - the journey, ste
         else:
             hi = mid
     view(hi)
-    planned = engine.plan_region(st.slide, pred, pw.visible_region_um())[1]
+    planned = engine.plan_prediction_region(st.slide, pred, pw.visible_region_um())[1]
     n_tiles = len(planned)
     h, w = viewer.canvas.size
     first_view = {"canvas_px": [int(w), int(h)], "tiles": n_tiles}

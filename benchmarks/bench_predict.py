@@ -61,7 +61,7 @@ def bench_latency(slide, pred, region, repeats=3, naive_tiles=None):
 
     out = {}
     for tissue_only in (False, True):
-        grid, tiles = engine.plan_region(slide, pred, region, tissue_only=tissue_only)
+        grid, tiles = engine.plan_prediction_region(slide, pred, region, tissue_only=tissue_only)
         times, first = [], []
         for _ in range(repeats):
             cache = TileCache()
@@ -91,7 +91,7 @@ def bench_latency(slide, pred, region, repeats=3, naive_tiles=None):
         }
     # naive loop: read each tile, predict it alone (on every tile, or an evenly spread subset
     # of naive_tiles of them, timed per tile and scaled to the viewport)
-    grid, tiles = engine.plan_region(slide, pred, region, tissue_only=False)
+    grid, tiles = engine.plan_prediction_region(slide, pred, region, tissue_only=False)
     if naive_tiles and naive_tiles < len(tiles):
         tiles_n = tiles[np.linspace(0, len(tiles) - 1, naive_tiles).round().astype(int)]
     else:

@@ -194,11 +194,13 @@ def plot(rep: dict, out: Path) -> None:
         ax.text(x0 + t * (x1 - x0), y0 + t * (y1 - y0), str(n), fontsize=7,
                 color="#c0392b" if bad else "#333", ha="center", va="center",
                 bbox={"fc": "white", "ec": "none", "pad": 0.5})  # fmt: skip
+    big, big_n = next(iter(rep["largest_modules"].items()))
     ax.set_title(
         "napari-stgen layers, read from the code: an arrow counts the module pairs importing\n"
         "across two layers (red: against the layer direction; every layer also uses core)\n"
         f"upward imports: {len(rep['upward_imports'])}, package imports inside functions: "
-        f"{rep['own_local_imports']}",
+        f"{rep['own_local_imports']} (≤ {MAX_OWN_LOCAL_IMPORTS})\nlargest module: "
+        f"{big.removeprefix(PACKAGE + '.')} {big_n} lines (≤ {MAX_MODULE_LINES})",
         fontsize=10,
     )
     out.parent.mkdir(parents=True, exist_ok=True)

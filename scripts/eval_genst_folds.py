@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     import torch
 
     from napari_stgen.io.her2st import list_sections
-    from napari_stgen.training.evaluate_genst import run_fold
+    from napari_stgen.training.evaluate_genst import run_genst_fold
     from napari_stgen.training.genst import TrainConfig
 
     torch.set_num_threads(args.threads)
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         if args.epochs:
             tcfg.epochs = args.epochs
         for h in args.folds or list_sections(args.data):
-            r = run_fold(
+            r = run_genst_fold(
                 args.data,
                 h,
                 tcfg=tcfg,

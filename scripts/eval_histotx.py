@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     import torch
 
     from napari_stgen.io.her2st import list_sections
-    from napari_stgen.training.evaluate_histotx import Comparators, HiddenSplit, run_fold
+    from napari_stgen.training.evaluate_histotx import Comparators, HiddenSplit, run_histotx_fold
     from napari_stgen.training.histotx import TrainConfig
 
     torch.set_num_threads(1)
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     for h in folds:
         save = Path(a.save_models) / f"histotx_no{h}.safetensors" if a.save_models else None
-        r = run_fold(
+        r = run_histotx_fold(
             a.data,
             h,
             tcfg,

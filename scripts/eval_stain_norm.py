@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from napari_stgen.io.atomic import write_text_atomic
-from napari_stgen.training.evaluate_genst import run_fold
+from napari_stgen.training.evaluate_genst import run_genst_fold
 
 KEYS = ("genst", "genst_tile")
 
@@ -37,7 +37,7 @@ def main() -> None:
         holdout, path = f.split("=", 1)
         row: dict = {"holdout": holdout, "model": path}
         for m in a.methods:
-            r = run_fold(
+            r = run_genst_fold(
                 a.data, holdout, model=path, baselines=False, progress=False,
                 stain_norm=None if m == "none" else m,
             )

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
+from collections import defaultdict
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "napari_stgen"
+
+# Public top-level function names defined in more than one module on purpose: name ->
+# (the modules, as globs under src/napari_stgen, that may define it; why).
+SHARED_NAMES = {
+    "register": (("cli/*.py",), "CLI area protocol: cli/main.py calls each mod.register(sub)"),
+    "register_train": (("cli/*.py",), "CLI area protocol: cli/main.py calls mod.register_train"),
+    "register_evaluate": (("cli/*.py",), "CLI area protocol: cli/main.py calls it per area"),
+    "run": (("cli/*_commands.py",), "a command's handler, named 'X_commands:run' by cli/X.py"),
+    "train": (("cli/*_commands.py",), "`stgen train <model>`'s handler, 'X_commands:train'"),
+    "evaluate": (("cli/*_commands.py",), "`stgen evaluate <model>`'s handler"),
+    "collect": (
+        ("inference/engine.py", "inference/synthesis_grid.py"),
+        "engine.collect merges PartialResults, synthesis_grid.collect runs a step generator; "
+        "renaming either needs the synthesis modules (synthesis_profile imports engine.collect)",
+    ),
+    "pearson_per_gene": (
+        ("training/metrics.py", "training/evaluate_stmdit.py"),
+        "evaluate_stmdit's gives NaN for a constant column, metrics' 0: STMDiT's to settle",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +79,33 @@ def test_cli_help_loads_neither_torch_nor_napari():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def public_functions(root: Path = SRC) -> dict[str, list[str]]:
+    """Public (no leading underscore) top-level function name -> the modules defining it."""
+    found = defaultdict(list)
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            is_def = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if is_def and not node.name.startswith("_"):
+                found[node.name].append(path.relative_to(root).as_posix())
+    return found
+
+
+def test_no_two_modules_define_one_public_function_name():
+    """One name, one behaviour: a public function name is defined once in the package
+    (re-exports are imports, not definitions), except the listed protocols and pairs."""
+    clashes = {}
+    for name, mods in public_functions().items():
+        if len(mods) < 2:
+            continue
+        globs = SHARED_NAMES.get(name, ((), ""))[0]
+        if not all(any(fnmatch(m, g) for g in globs) for m in mods):
+            clashes[name] = mods
+    assert not clashes, clashes
+
+
+def test_the_name_rule_catches_a_second_definition(tmp_path):
+    for mod in ("a.py", "b.py"):
+        (tmp_path / mod).write_text("def tile_mask():\n    pass\n\ndef _own():\n    pass\n")
+    assert public_functions(tmp_path) == {"tile_mask": ["a.py", "b.py"]}

@@ -247,7 +247,7 @@ def test_widget_export_of_predictions_equals_stgen_predict_grid(
     except CheckpointError as e:
         pytest.skip(f"default GenST checkpoint not available yet: {e}")
     region = (2000.0, 2000.0, 3000.0, 2900.0)
-    grid, tiles = engine.plan_region(slide, pred, region)
+    grid, tiles = engine.plan_prediction_region(slide, pred, region)
     state.store.ensure(slide, pred, grid)
     for res in engine.predict_tiles(slide, pred, tiles, grid=grid):
         state.store.add_result(res)

@@ -75,12 +75,12 @@ def test_tiny_model_loss_falls(tiny):
 def test_save_load_roundtrip_identical(tiny, real_spots, tmp_path):
     from napari_stgen.inference.predictor import load_genst
     from napari_stgen.models.checkpoint import save_checkpoint, sha256_file
-    from napari_stgen.training.genst import model_card, predict_patches
+    from napari_stgen.training.genst import genst_card, predict_patches
 
     model, _, tcfg, genes = tiny
     patches = real_spots[0]
     path = tmp_path / "tiny.safetensors"
-    save_checkpoint(path, model.state_dict(), model_card(model, genes, genes[:5], tcfg, tta=1))
+    save_checkpoint(path, model.state_dict(), genst_card(model, genes, genes[:5], tcfg, tta=1))
     pred = load_genst(path, device="cpu")
     assert pred.genes == genes and pred.patch_px == 32 and pred.mpp == pytest.approx(224 / 32)
     assert pred.device == "cpu" and pred.n_codes == 8
@@ -100,10 +100,10 @@ def test_save_load_roundtrip_identical(tiny, real_spots, tmp_path):
 def test_bad_checkpoints_are_clear_errors(tiny, tmp_path):
     from napari_stgen.inference.predictor import load_genst
     from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
-    from napari_stgen.training.genst import model_card
+    from napari_stgen.training.genst import genst_card
 
     model, _, tcfg, genes = tiny
-    card = model_card(model, genes, genes[:5], tcfg)
+    card = genst_card(model, genes, genes[:5], tcfg)
     good = tmp_path / "good.safetensors"
     save_checkpoint(good, model.state_dict(), card)
 
@@ -258,7 +258,7 @@ def test_context_head_trains_and_round_trips(tiny, real_spots, tmp_path):
     reloads with identical windowed predictions; the engine's final result is the same."""
     from napari_stgen.inference.predictor import load_genst
     from napari_stgen.models.checkpoint import save_checkpoint
-    from napari_stgen.training.genst import model_card
+    from napari_stgen.training.genst import genst_card
 
     model, hist, tcfg, genes = tiny
     patches, _, _, df = real_spots
@@ -266,7 +266,7 @@ def test_context_head_trains_and_round_trips(tiny, real_spots, tmp_path):
     assert losses[-1] < losses[0]
     assert model.context is not None and model.cfg.ctx_depth > 0
     path = tmp_path / "ctx.safetensors"
-    save_checkpoint(path, model.state_dict(), model_card(model, genes, genes[:5], tcfg, tta=4))
+    save_checkpoint(path, model.state_dict(), genst_card(model, genes, genes[:5], tcfg, tta=4))
     pred = load_genst(path, device="cpu")
     assert pred.has_context
     out = pred.predict(patches, tokens=True)
@@ -288,11 +288,11 @@ def test_engine_applies_context_over_the_request(tiny, sample_slide_path, tmp_pa
     from napari_stgen.inference.predictor import load_genst
     from napari_stgen.io.slide import open_slide
     from napari_stgen.models.checkpoint import save_checkpoint
-    from napari_stgen.training.genst import model_card
+    from napari_stgen.training.genst import genst_card
 
     model, _, tcfg, genes = tiny
     path = tmp_path / "ctx.safetensors"
-    save_checkpoint(path, model.state_dict(), model_card(model, genes, genes[:5], tcfg, tta=4))
+    save_checkpoint(path, model.state_dict(), genst_card(model, genes, genes[:5], tcfg, tta=4))
     pred = load_genst(path, device="cpu")
     cache = TileCache()
     with open_slide(sample_slide_path) as slide:
@@ -323,11 +323,11 @@ def test_engine_cache_separates_tta(tiny, sample_slide_path, tmp_path):
     from napari_stgen.inference.predictor import load_genst
     from napari_stgen.io.slide import open_slide
     from napari_stgen.models.checkpoint import save_checkpoint
-    from napari_stgen.training.genst import model_card
+    from napari_stgen.training.genst import genst_card
 
     model, _, tcfg, genes = tiny
     path = tmp_path / "ctx.safetensors"
-    save_checkpoint(path, model.state_dict(), model_card(model, genes, genes[:5], tcfg, tta=4))
+    save_checkpoint(path, model.state_dict(), genst_card(model, genes, genes[:5], tcfg, tta=4))
     p4, p1 = load_genst(path, device="cpu"), load_genst(path, device="cpu", tta=1)
     assert p4.checksum == p1.checksum and (p4.tta, p1.tta) == (4, 1)
     cache = TileCache()
@@ -347,14 +347,14 @@ def test_confidence_bank_round_trips_and_flags_blank_tiles(tiny, real_spots, tmp
     from napari_stgen.inference.confidence import fit_confidence
     from napari_stgen.inference.predictor import load_genst
     from napari_stgen.models.checkpoint import save_checkpoint
-    from napari_stgen.training.genst import model_card
+    from napari_stgen.training.genst import genst_card
 
     model, _, tcfg, genes = tiny
     patches = real_spots[0]
     conf = fit_confidence(model, patches, tta=1)
     assert conf.bank.shape[0] == len(patches) and np.isfinite(conf.bank).all()
     tensors = {**model.state_dict(), **conf.tensors()}
-    card = model_card(model, genes, genes[:5], tcfg, tta=1)
+    card = genst_card(model, genes, genes[:5], tcfg, tta=1)
     card["tensor_shapes"] = {k: list(v.shape) for k, v in tensors.items()}
     path = tmp_path / "conf.safetensors"
     save_checkpoint(path, tensors, card)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -12,11 +14,11 @@ torch = pytest.importorskip("torch")
 def c3(her2st_c3_dir, tmp_path_factory):
     """Section C3 as a SpotSet on a 20-gene panel (features cached in a temp dir)."""
     from napari_stgen.io.her2st import benchmark_genes, read_her2st_section
-    from napari_stgen.training.histotx import SpotSet, section_features
+    from napari_stgen.training.histotx import SpotSet, spot_image_features
 
     sec = read_her2st_section(her2st_c3_dir, "C3")
     panel = benchmark_genes([sec], 20)
-    feats = section_features(sec, tmp_path_factory.mktemp("histotx_cache"))
+    feats = spot_image_features(sec, tmp_path_factory.mktemp("histotx_cache"))
     s = SpotSet("C3", sec.xy_px, sec.xy_px * sec.mpp, sec.target(panel), feats, sec.mpp)
     return sec, s, panel
 
@@ -67,12 +69,12 @@ def test_loss_falls_on_real_spots(trained):
 
 @pytest.fixture(scope="module")
 def saved(trained, c3, tmp_path_factory):
-    from napari_stgen.training.histotx import model_card, save_model
+    from napari_stgen.training.histotx import histotx_card, save_model
 
     model, tcfg, *_ = trained
     _, _, panel = c3
     path = tmp_path_factory.mktemp("ckpt") / "tiny_histotx.safetensors"
-    card = model_card(model, panel, panel, tcfg, name="tiny", data={"sections": ["C3"]})
+    card = histotx_card(model, panel, panel, tcfg, name="tiny", data={"sections": ["C3"]})
     save_model(path, model, card)
     return path
 
@@ -165,7 +167,7 @@ def test_cli_registers_histotx_commands():
 def test_predict_tiles_on_sample_slide_with_measured_context(saved, c3, sample_slide_path):
     """The widget path: grid cells of a region → PartialResults conditioned on measured spots."""
     from napari_stgen.inference.engine import collect
-    from napari_stgen.inference.histotx import load_histotx, predict_tiles, prepare_measured
+    from napari_stgen.inference.histotx import load_histotx, predict_histotx_tiles, prepare_measured
     from napari_stgen.inference.registry import load_predictor as load_model
     from napari_stgen.inference.tiles import slide_grid, tiles_in_region
     from napari_stgen.io.slide import open_slide
@@ -181,8 +183,9 @@ def test_predict_tiles_on_sample_slide_with_measured_context(saved, c3, sample_s
         x, y = sec.xy_px[0] * slide.mpp
         grid = slide_grid(slide, pred.tile_um)
         tiles = tiles_in_region(grid, (x - 300, y - 300, x + 300, y + 300))
-        res = collect(predict_tiles(slide, pred, tiles, grid=grid, context=ctx, batch_size=8))
-        alone = collect(predict_tiles(slide, pred, tiles, grid=grid, context=ctx, image_only=True))
+        run = partial(predict_histotx_tiles, slide, pred, tiles, grid=grid, context=ctx)
+        res = collect(run(batch_size=8))
+        alone = collect(run(image_only=True))
     assert res.total == len(tiles) == len(res) and (res.code == -1).all()
     assert np.isfinite(res.expr).all() and res.expr.shape == (len(tiles), len(pred.genes))
     assert not np.allclose(res.expr, alone.expr)

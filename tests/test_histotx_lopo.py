@@ -180,12 +180,12 @@ def test_impute_measured_without_image(lopo_data, tiny, expr_dir, tmp_path):
 
     from napari_stgen.inference.histotx import impute_measured, load_histotx
     from napari_stgen.io.her2st import read_expression_section
-    from napari_stgen.training.histotx import model_card, save_model
+    from napari_stgen.training.histotx import histotx_card, save_model
     from napari_stgen.training.metrics import pearson_per_gene
 
     (sets, panel, bench), _ = lopo_data
     model, _, tcfg = tiny
-    path = save_model(tmp_path / "tiny.safetensors", model, model_card(model, panel, bench, tcfg))
+    path = save_model(tmp_path / "tiny.safetensors", model, histotx_card(model, panel, bench, tcfg))
     pred = load_histotx(path, device="cpu")
     e = read_expression_section(expr_dir, "D1")  # a patient the model never saw
     a = anndata.AnnData(X=e.counts)

@@ -78,14 +78,14 @@ def test_widget_uses_measured_spots_layer(
     w.predict()
     qtbot.waitUntil(lambda: not w.workers, timeout=TIMEOUT)
     layer = viewer.layers[f"{gene} (predicted)"]
-    grid, tiles = engine.plan_region(slide, pred, region)
+    grid, tiles = engine.plan_prediction_region(slide, pred, region)
     assert len(tiles) >= 4
     fused = layer.data[tiles[:, 0], tiles[:, 1]].copy()
     assert np.isfinite(fused).all()
 
     # equal to the library call with the same measured spots
     ctx = histotx.cached_context(slide, pred, meas)
-    lib = engine.collect(histotx.predict_tiles(slide, pred, tiles, grid=grid, context=ctx))
+    lib = engine.collect(histotx.predict_histotx_tiles(slide, pred, tiles, grid=grid, context=ctx))
     gi = pred.genes.index(gene)
     order = {tuple(t): k for k, t in enumerate(lib.tiles)}
     want = lib.expr[[order[tuple(t)] for t in tiles], gi]

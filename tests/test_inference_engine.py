@@ -44,7 +44,7 @@ def test_region_prediction_equals_direct_library_call(slide, predictor):
     parts = list(engine.predict_region(slide, predictor, region, batch_size=16, cache=cache))
     assert len(parts) >= 2, "results arrive batch by batch"
     res = engine.collect(iter(parts))
-    grid, planned = engine.plan_region(slide, predictor, region)
+    grid, planned = engine.plan_prediction_region(slide, predictor, region)
     assert grid.tile_um == tile_um_of(predictor)
     assert {tuple(t) for t in res.tiles} == {tuple(t) for t in planned}
     assert res.done == res.total == len(planned) > 10

@@ -113,14 +113,14 @@ def test_tiles_in_labels_with_um_scale():
     assert len(T.tiles_in_labels(g, lab, (10, 10), (5, 5), label=1)) == 0
 
 
-def test_tissue_mask_matches_measured_spots_under_tissue(slide, sample_spots_path):
+def test_tissue_cells_match_measured_spots_under_tissue(slide, sample_spots_path):
     """Cells holding the authors' under-tissue ST spots are tissue; far-away cells are not."""
     import pandas as pd
 
     g = T.slide_grid(slide, 112.0)
-    mask = T.tissue_mask(slide, g)
+    mask = T.tissue_cells(slide, g)
     assert mask.shape == g.shape
-    assert T.tissue_mask(slide, g) is mask  # computed once per slide
+    assert T.tissue_cells(slide, g) is mask  # computed once per slide
     spots = pd.read_csv(sample_spots_path)
     yx_um = spots[["y", "x"]].to_numpy() * slide.mpp
     cells = (yx_um // g.tile_um).astype(int)

@@ -58,7 +58,7 @@ def test_visible_region_heatmap_aligned_and_equal_to_library(ui, qtbot):
     assert np.allclose(layer.translate, grid.translate)
     assert layer.data.shape == grid.shape  # one slide-wide canvas, not a layer per view
     rows, cols = np.nonzero(np.isfinite(layer.data))
-    _, planned = engine.plan_region(slide, pred, region)
+    _, planned = engine.plan_prediction_region(slide, pred, region)
     assert {(r, c) for r, c in zip(rows, cols, strict=True)} == {tuple(t) for t in planned}
     assert len(planned) >= 10
     # pixel (r, c) of the heatmap sits over the tile's world centre...
@@ -135,11 +135,11 @@ def test_roi_mode_predicts_only_inside_roi(ui, qtbot):
 
     from matplotlib.path import Path as MplPath
 
-    from napari_stgen.inference.tiles import tissue_mask
+    from napari_stgen.inference.tiles import tissue_cells
 
     all_cells = np.argwhere(np.ones(grid.shape, bool))
     inside = MplPath(tri).contains_points((all_cells + 0.5) * grid.tile_um)
-    tissue = tissue_mask(slide, grid)[all_cells[:, 0], all_cells[:, 1]]
+    tissue = tissue_cells(slide, grid)[all_cells[:, 0], all_cells[:, 1]]
     want = {tuple(t) for t in all_cells[inside & tissue]}
     got = {tuple(t) for t in widget.state.store.tiles}
     assert got == want and len(want) >= 4
@@ -167,11 +167,11 @@ def test_newer_request_cancels_older(ui, qtbot):
     _wait_idle(qtbot, widget)
     assert second is not first
     store = widget.state.store
-    _, planned_big = engine.plan_region(
+    _, planned_big = engine.plan_prediction_region(
         widget.state.slide, widget.state.predictor(), (0, 0, 1e9, 1e9)
     )
     assert len(store) < len(planned_big) // 2, "the cancelled run stopped early"
-    _, small = engine.plan_region(
+    _, small = engine.plan_prediction_region(
         widget.state.slide, widget.state.predictor(), widget.visible_region_um()
     )
     assert {tuple(t) for t in small} <= {tuple(t) for t in store.tiles}

@@ -40,7 +40,7 @@ def _tiny_genst(sample_slide_path, sample_spots_path, out):
     from napari_stgen.io.slide import open_slide
     from napari_stgen.models.checkpoint import save_checkpoint
     from napari_stgen.training.data import SectionData
-    from napari_stgen.training.genst import TrainConfig, model_card, train_genst
+    from napari_stgen.training.genst import TrainConfig, genst_card, train_genst
 
     df = pd.read_csv(sample_spots_path)
     genes = [c for c in df.columns if c not in ("barcode", "x", "y")]
@@ -65,7 +65,7 @@ def _tiny_genst(sample_slide_path, sample_spots_path, out):
         seed=0,
     )
     model, _ = train_genst([sec], genes, cfg, tcfg, progress=False, log=lambda s: None)
-    card = model_card(model, genes, genes, tcfg, name="tiny-genst-test")
+    card = genst_card(model, genes, genes, tcfg, name="tiny-genst-test")
     save_checkpoint(out, model.state_dict(), card)
     return out
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_stgen.inference.patches import tissue_mask as stained
-from napari_stgen.inference.tiles import otsu_threshold, tissue_mask, tissue_pixels
+from napari_stgen.inference.patches import stained_pixels
+from napari_stgen.inference.tiles import otsu_threshold, tissue_cells, tissue_pixels
 
 
 def test_smudge_dropped_section_kept(sample_slide_path):
@@ -18,9 +18,9 @@ def test_smudge_dropped_section_kept(sample_slide_path):
         thumb = np.asarray(s.thumbnail(max_px=2048))[..., :3]
         grid = Grid((0.0, 0.0), 224.0, (int(np.ceil(s.height * s.mpp / 224)),
                                         int(np.ceil(s.width * s.mpp / 224))))  # fmt: skip
-        cells = tissue_mask(s, grid)
+        cells = tissue_cells(s, grid)
     gray = thumb.astype(np.float32).mean(-1)
-    before = stained(thumb) & (gray < min(max(otsu_threshold(gray), 180.0), 215.0))
+    before = stained_pixels(thumb) & (gray < min(max(otsu_threshold(gray), 180.0), 215.0))
     after = tissue_pixels(thumb)
     assert not (after & ~before).any()  # only ever removes
     lab, n = ndi.label(before, structure=np.ones((3, 3)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from napari_stgen.cli.predict import cli_error, cli_message
+from napari_stgen.cli.predict import cli_error, cli_message, common_options
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.cohort import format_summary, run_batch
 
@@ -20,12 +20,7 @@ def run(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             workers=args.workers,
             processes=not args.no_processes,
-            overwrite=args.overwrite,
-            mpp=args.mpp,
-            model=args.model,
-            device=args.device,
-            region_um=args.region,
-            batch_size=args.batch_size,
+            **common_options(args),
             progress=not args.quiet,
             fmt=args.format,
         )

@@ -16,8 +16,8 @@ from napari_stgen.io.atomic import write_text_atomic
 from napari_stgen.models.checkpoint import sha256_file
 from napari_stgen.training.data import CardNotes
 from napari_stgen.training.evaluate_codes import codes_vs_pathology, update_card
-from napari_stgen.training.evaluate_genst import dumps, run_fold
-from napari_stgen.training.genst import TrainConfig, train_and_save
+from napari_stgen.training.evaluate_genst import run_genst_fold
+from napari_stgen.training.genst import TrainConfig, train_and_save_genst
 
 
 def _tcfg(args):
@@ -36,7 +36,7 @@ def _tcfg(args):
 def train(args: argparse.Namespace) -> int:
     tcfg = _tcfg(args)
     cmd = "stgen " + " ".join(sys.argv[1:]) if sys.argv and "stgen" in sys.argv[0] else None
-    path = train_and_save(
+    path = train_and_save_genst(
         args.data,
         args.out,
         tcfg,
@@ -61,7 +61,8 @@ def _strip(res: dict) -> dict:
     return walk(res)
 
 
-def _write_json(text: str, out: Path | None) -> None:
+def _write_json(res: dict, out: Path | None) -> None:
+    text = json.dumps(res, indent=2)
     print(text)
     if out:
         write_text_atomic(out, text + "\n")
@@ -75,13 +76,13 @@ def evaluate_codes(args: argparse.Namespace) -> int:
     if args.update_card is not None:
         cmd = "stgen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         update_card(args.update_card, res, cmd)
-    _write_json(json.dumps(res, indent=2), args.out)
+    _write_json(res, args.out)
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
-    res = run_fold(
+    res = run_genst_fold(
         args.data,
         args.holdout,
         model=args.model,
@@ -93,6 +94,6 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     if not args.per_gene:
         res = _strip(res)
-    _write_json(dumps(res), args.out)
+    _write_json(res, args.out)
     return 0
 

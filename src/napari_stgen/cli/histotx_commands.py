@@ -16,13 +16,12 @@ from napari_stgen.training.evaluate_histotx import (
     PATIENTS,
     Comparators,
     HiddenSplit,
-    dumps,
     load_lopo_data,
     lopo_fold,
     lopo_summary,
-    run_fold,
+    run_histotx_fold,
 )
-from napari_stgen.training.histotx import TrainConfig, train_and_save
+from napari_stgen.training.histotx import TrainConfig, train_and_save_histotx
 
 
 def _tcfg(args: argparse.Namespace):
@@ -46,7 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
         except (OSError, json.JSONDecodeError) as e:
             raise StgenError(f"{args.evaluation}: cannot read evaluation JSON ({e})") from e
     cmd = "stgen " + " ".join(sys.argv[1:]) if sys.argv and "stgen" in sys.argv[0] else None
-    path = train_and_save(
+    path = train_and_save_histotx(
         args.data,
         args.out,
         _tcfg(args),
@@ -71,7 +70,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise StgenError("--holdout is required (or use --protocol lopo / --holdout-patient)")
     else:
         res = _run_section(args)
-    text = dumps(res)
+    text = json.dumps(res, indent=2)
     if args.out:
         write_text_atomic(args.out, text + "\n")
     print(text)
@@ -89,7 +88,8 @@ def _expression_dir(args: argparse.Namespace):
 
 
 def _run_lopo(args: argparse.Namespace) -> dict:
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    def log(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
 
     edir = _expression_dir(args)
     imaged = expression = None
@@ -129,7 +129,7 @@ def _run_lopo(args: argparse.Namespace) -> dict:
 
 
 def _run_section(args: argparse.Namespace) -> dict:
-    return run_fold(
+    return run_histotx_fold(
         args.data,
         args.holdout,
         _tcfg(args),

@@ -56,6 +56,18 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
+def common_options(args: argparse.Namespace) -> dict:
+    """The library keywords of the options ``add_common`` registers."""
+    return {
+        "mpp": args.mpp,
+        "model": args.model,
+        "region_um": args.region,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "overwrite": args.overwrite,
+    }
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",

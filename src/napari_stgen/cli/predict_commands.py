@@ -7,7 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-from napari_stgen.cli.predict import cli_error
+from napari_stgen.cli.predict import cli_error, common_options
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.batch import predict_slide
 from napari_stgen.inference.device import set_threads
@@ -34,12 +34,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             spots=args.spots,
             grid=args.grid,
-            mpp=args.mpp,
-            model=args.model,
-            region_um=args.region,
-            device=args.device,
-            overwrite=args.overwrite,
-            batch_size=args.batch_size,
+            **common_options(args),
             progress=None if args.quiet else progress,
             measured=args.measured,
             image_only=args.image_only,

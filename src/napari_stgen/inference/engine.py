@@ -29,7 +29,7 @@ from napari_stgen.inference.tiles import (
     tiles_in_labels,
     tiles_in_region,
     tiles_in_shapes,
-    tissue_mask,
+    tissue_cells,
 )
 from napari_stgen.io.slide import Slide
 
@@ -42,7 +42,7 @@ __all__ = [
     "predict_genst_tiles",
     "predict_region",
     "predict_roi",
-    "plan_region",
+    "plan_prediction_region",
     "plan_roi",
     "plan_whole_slide",
     "estimate",
@@ -400,7 +400,7 @@ def _batches(
         yield bt, out
 
 
-def plan_region(
+def plan_prediction_region(
     slide: Slide, predictor: Predictor, region_um: Sequence[float], tissue_only: bool = True
 ) -> tuple[Grid, np.ndarray]:
     """Grid and cells to predict for a world region (x0, y0, x1, y1) µm."""
@@ -443,7 +443,7 @@ def plan_whole_slide(slide: Slide, predictor: Predictor) -> tuple[Grid, np.ndarr
 
 
 def _mask(slide: Slide, grid: Grid) -> np.ndarray:
-    return tissue_mask(slide, grid)
+    return tissue_cells(slide, grid)
 
 
 def predict_region(
@@ -456,7 +456,7 @@ def predict_region(
     tissue_only: bool = True,
 ) -> Iterator[PartialResult]:
     """Predict the tissue cells overlapping ``region_um`` (x0, y0, x1, y1) µm, centre first."""
-    grid, tiles = plan_region(slide, predictor, region_um, tissue_only)
+    grid, tiles = plan_prediction_region(slide, predictor, region_um, tissue_only)
     x0, y0, x1, y1 = region_um
     yield from predict_tiles(
         slide,

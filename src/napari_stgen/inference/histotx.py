@@ -34,10 +34,10 @@ from napari_stgen.inference.contract import (
     SpotResult,
     TileRequest,
 )
-from napari_stgen.inference.device import pick_device
 from napari_stgen.inference.engine import CancelToken, PartialResult
 from napari_stgen.inference.features import FEATURES, N_FEATURES, PATCH_PX, PATCH_UM, image_features
 from napari_stgen.inference.histotx_sites import predict_sites
+from napari_stgen.inference.loaded import LoadedPredictor, open_model
 from napari_stgen.inference.measured import (
     UNCERTAINTY_K,
     Measured,
@@ -50,40 +50,31 @@ from napari_stgen.inference.patches import read_patches
 from napari_stgen.inference.predictor import Prediction
 from napari_stgen.inference.tiles import slide_grid, tile_centres_um, tile_um_of
 from napari_stgen.io.slide import Slide
-from napari_stgen.models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
+from napari_stgen.models.checkpoint import check_panel, load_weights
 
 if TYPE_CHECKING:  # torch at import: type names only
     from napari_stgen.models.histotx import HistoTx
 
 
-KIND = Kind.HISTOTX.value
-
-
 # ----------------------------------------------------------------------------- loading
-class HistoTxPredictor:
+class HistoTxPredictor(LoadedPredictor):
     """A loaded HistoTx model: ``genes``, ``mpp``, ``patch_px``, ``patch_um``, ``card``, ...
 
     ``predict(patches)`` is the GenST-compatible call (image only, each patch alone, no
     gene codes: ``code`` is −1); the windowed, position-aware paths are
-    ``predict_with_measurements`` and ``predict_tiles``.
+    ``predict_with_measurements`` and ``predict_histotx_tiles``.
     """
 
+    kind = Kind.HISTOTX.value
+
     def __init__(self, model: HistoTx, card: dict, path: Path, checksum: str, device: str):
-        self.model = model
-        self.card = card
-        self.path = path
-        self.checksum = checksum
-        self.device = device
-        self.kind = KIND
-        self.genes: list[str] = list(card["genes"])
+        super().__init__(model, card, path, checksum, device)
         self.patch_px = int(card.get("patch_px", PATCH_PX))
         self.patch_um = float(card.get("patch_um", PATCH_UM))
         self.mpp = self.patch_um / self.patch_px
         self.tile_um = float(card.get("tile_um", self.patch_um / 2))
-        self.name = str(card.get("name", path.stem))
         self.n_codes = 0
         self.confidence = None  # no novelty scorer: HistoTx's uncertainty needs measured spots
-        self.batch_size = BATCH_SIZE
         w = card.get("window", {})
         self.max_img = int(w.get("max_img", 64))
         self.max_tx = int(w.get("max_tx", 64))
@@ -118,7 +109,7 @@ class HistoTxPredictor:
             meas = as_measured(request.measured, self.genes, slide_mpp(slide))
             ctx = cached_context(slide, self, meas, cancel=request.cancel)
         grid = request.grid or slide_grid(slide, tile_um_of(self))
-        yield from predict_tiles(
+        yield from predict_histotx_tiles(
             slide,
             self,
             request.tiles,
@@ -155,7 +146,7 @@ def as_measured(measured: Any, genes: list[str], mpp: float) -> Measured:
     return measured_from_layer(measured, genes, mpp)
 
 
-def build_model(tensors: dict, card: dict, path: Path) -> HistoTx:
+def build_histotx(tensors: dict, card: dict, path: Path) -> HistoTx:
     """A HistoTx module from checkpoint tensors + card; CheckpointError on a mismatch."""
     from napari_stgen.models.histotx import HistoTx, HistoTxConfig  # torch at import
 
@@ -164,30 +155,16 @@ def build_model(tensors: dict, card: dict, path: Path) -> HistoTx:
         genes = card["genes"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: model card lacks a valid {e}") from e
-    if len(genes) != cfg.n_genes:
-        raise CheckpointError(
-            f"{path}: gene panel has {len(genes)} genes but the model predicts {cfg.n_genes}"
-        )
+    check_panel(path, genes, cfg.n_genes)
     if card.get("image_features", FEATURES) != FEATURES:
         raise CheckpointError(f"{path}: image features {card.get('image_features')!r} unknown")
-    model = HistoTx(cfg)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{path}: weights do not match the architecture: {str(e).splitlines()[:2]}"
-        ) from e
-    return model.eval()
+    return load_weights(HistoTx(cfg), tensors, path)
 
 
 def load_histotx(name_or_path: str | Path = "default", device: str = "auto") -> HistoTxPredictor:
     """Load a HistoTx checkpoint by name (``"default"``) or path."""
-    path = resolve_checkpoint(name_or_path, KIND)
-    tensors, card = load_checkpoint(path, KIND)
-    model = build_model(tensors, card, path)
-    dev = pick_device(device)
-    model.to(dev)
-    return HistoTxPredictor(model, card, path, sha256_file(path), dev)
+    ck = open_model(name_or_path, HistoTxPredictor.kind, build_histotx, device)
+    return HistoTxPredictor(ck.model, ck.card, ck.path, ck.checksum, ck.device)
 
 
 # ----------------------------------------------------------------------------- slides
@@ -246,24 +223,16 @@ def slide_features(
     mpp: float,
     cancel: CancelToken | None = None,
     chunk: int = 128,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields (start, features) chunks of the patches centred on level-0 ``xy_px``."""
+) -> np.ndarray:
+    """(N, F) image features of the patches centred on level-0 ``xy_px``, read ``chunk`` at
+    a time (``cancel`` checked between chunks)."""
     xy = np.asarray(xy_px, np.float64).reshape(-1, 2)
+    parts = []
     for s in range(0, len(xy), chunk):
         if cancel is not None:
             cancel.check()
         p = read_patches(slide, xy[s : s + chunk], pred.patch_um, pred.patch_px, mpp=mpp)
-        yield s, image_features(p)
-
-
-def _all_features(
-    slide: Slide | np.ndarray,
-    pred: HistoTxPredictor,
-    xy_px: np.ndarray,
-    mpp: float,
-    cancel: CancelToken | None = None,
-) -> np.ndarray:
-    parts = [f for _, f in slide_features(slide, pred, xy_px, mpp, cancel)]
+        parts.append(image_features(p))
     return np.concatenate(parts) if parts else np.zeros((0, N_FEATURES), np.float32)
 
 
@@ -279,14 +248,14 @@ def prepare_measured(
 
     ``adapt_steps`` > 0 also fine-tunes a copy of the model by masking on these spots
     (test-time adaptation; about a second per 10 steps on one CPU core). Compute once per
-    (slide, measured file) and pass to ``predict_with_measurements`` / ``predict_tiles``.
+    (slide, measured file) and pass to ``predict_with_measurements`` / ``predict_histotx_tiles``.
     """
     pred = _as_predictor(model)
     m = slide_mpp(slide, mpp)
     meas = (
         measured if isinstance(measured, Measured) else measured_from_anndata(measured, pred.genes)
     )
-    feats = _all_features(slide, pred, meas.xy_px, m, cancel)
+    feats = slide_features(slide, pred, meas.xy_px, m, cancel)
     ctx = MeasuredContext(meas, feats, meas.xy_px * m, m)
     if adapt_steps > 0 and len(feats) >= 4:
         if cancel is not None:
@@ -357,12 +326,12 @@ def iter_predict(
     use = context is not None and not image_only and len(context.xy_um) > 0
     q_um = c * m
     if not use and query_feats is None:
-        query_feats = _all_features(slide, pred, c, m, cancel)
+        query_feats = slide_features(slide, pred, c, m, cancel)
     for s in range(0, len(c), batch):
         if cancel is not None:
             cancel.check()
         sl = slice(s, min(s + batch, len(c)))
-        qf = query_feats[sl] if query_feats is not None else _all_features(slide, pred, c[sl], m)
+        qf = query_feats[sl] if query_feats is not None else slide_features(slide, pred, c[sl], m)
         if use:
             args = (
                 context.feats,
@@ -504,7 +473,7 @@ def impute_measured(
     return HistoTxResult(expr, list(pred.genes), nctx, False, meas, info, unc)
 
 
-def predict_tiles(
+def predict_histotx_tiles(
     slide: Slide | np.ndarray,
     model: HistoTxPredictor | str | Path,
     tiles: np.ndarray,

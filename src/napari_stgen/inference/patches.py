@@ -87,7 +87,7 @@ def read_patches(
     return out
 
 
-def tissue_mask(rgb: np.ndarray) -> np.ndarray:
+def stained_pixels(rgb: np.ndarray) -> np.ndarray:
     """Boolean tissue mask of RGB pixels: saturated (max−min > 32) or dark (mean < 195).
 
     H&E glass is bright and only faintly tinted (max−min ≈ 20), stained tissue is not.
@@ -97,8 +97,8 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
 
 
 def tissue_fraction(patches: np.ndarray) -> np.ndarray:
-    """Fraction of tissue pixels (``tissue_mask``) per patch; float32 (N,)."""
+    """Fraction of tissue pixels (``stained_pixels``) per patch; float32 (N,)."""
     p = np.asarray(patches)
     if p.ndim == 3:
         p = p[None]
-    return tissue_mask(p).reshape(len(p), -1).mean(1).astype(np.float32)
+    return stained_pixels(p).reshape(len(p), -1).mean(1).astype(np.float32)

@@ -26,24 +26,21 @@ import numpy as np
 from napari_stgen.errors import CheckpointError, StgenError
 from napari_stgen.inference.confidence import Confidence, code_entropy, combination
 from napari_stgen.inference.context import context_latent, lattice_step
-from napari_stgen.inference.contract import BATCH_SIZE, Kind, SpotRequest, SpotResult, TileRequest
-from napari_stgen.inference.device import pick_device
+from napari_stgen.inference.contract import Kind, SpotRequest, SpotResult, TileRequest
 from napari_stgen.inference.engine import (
     CancelToken,
     PartialResult,
     predict_cells,
     predict_genst_tiles,
 )
+from napari_stgen.inference.loaded import LoadedPredictor, open_model
 from napari_stgen.inference.patches import read_patches
 from napari_stgen.inference.tiles import read_or_skip
 from napari_stgen.io.slide import Slide
-from napari_stgen.models.checkpoint import load_checkpoint, resolve_checkpoint, sha256_file
+from napari_stgen.models.checkpoint import check_panel, load_weights
 
 if TYPE_CHECKING:  # torch at import: type names only
     from napari_stgen.models.genst import GenST
-
-
-KIND = Kind.GENST.value
 
 
 @dataclass
@@ -58,8 +55,10 @@ class Prediction:
     uncertainty: np.ndarray | None = None  # (N,) float32 (inference/confidence.py)
 
 
-class GenSTPredictor:
+class GenSTPredictor(LoadedPredictor):
     """A loaded GenST model with the contract's attributes and ``predict``."""
+
+    kind = Kind.GENST.value
 
     def __init__(
         self,
@@ -71,21 +70,13 @@ class GenSTPredictor:
         tta: int,
         confidence: Confidence | None = None,
     ):
-        self.model = model
+        super().__init__(model, card, path, checksum, device)
         self.confidence = confidence
-        self.card = card
-        self.path = path
-        self.checksum = checksum
-        self.device = device
         self.tta = tta
-        self.genes: list[str] = list(card["genes"])
         self.patch_px: int = int(card["patch_px"])
         self.patch_um: float = float(card["patch_um"])
         self.mpp: float = float(card["mpp"])
         self.n_codes: int = int(card.get("n_codes", model.cfg.gene_codes))
-        self.name: str = str(card.get("name", path.stem))
-        self.kind: str = KIND
-        self.batch_size = BATCH_SIZE
 
     def __repr__(self) -> str:
         return (
@@ -286,9 +277,10 @@ def predict_centres(
     unc = np.full(n, np.nan, dtype=np.float32)
     bs = max(1, int(batch_size))
     jobs = [(np.arange(i, min(i + bs, n)), None) for i in range(0, n, bs)]
-    read = lambda idx: read_patches(  # noqa: E731
-        slide, xy[idx], predictor.patch_um, predictor.patch_px
-    )
+
+    def read(idx: np.ndarray) -> np.ndarray:
+        return read_patches(slide, xy[idx], predictor.patch_um, predictor.patch_px)
+
     done = 0
     ctx = predictor.has_context
     feat = zhat = None
@@ -322,7 +314,7 @@ def predict_centres(
     return expr, code, unc
 
 
-def build_model(tensors: dict, card: dict, path: Path) -> GenST:
+def build_genst(tensors: dict, card: dict, path: Path) -> GenST:
     """A GenST module from checkpoint tensors + card; CheckpointError on any mismatch."""
     from napari_stgen.models.genst import GenST, GenSTConfig  # torch at import
 
@@ -333,22 +325,13 @@ def build_model(tensors: dict, card: dict, path: Path) -> GenST:
             float(card[k])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: model card lacks a valid {e}") from e
-    if len(genes) != cfg.n_genes:
-        raise CheckpointError(
-            f"{path}: gene panel has {len(genes)} genes but the model predicts {cfg.n_genes}"
-        )
+    check_panel(path, genes, cfg.n_genes)
     if int(card["patch_px"]) != cfg.patch_px or abs(float(card["patch_um"]) - cfg.patch_um) > 1e-6:
         raise CheckpointError(f"{path}: patch size in the card disagrees with the architecture")
-    model = GenST(cfg)
     tensors = {k: v for k, v in tensors.items() if not k.startswith("confidence.")}
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise CheckpointError(f"{path}: weights do not match the architecture: {first}") from e
+    model = load_weights(GenST(cfg), tensors, path)
     model.histo.vq.initted.fill_(1)
     model.gene.vq.initted.fill_(1)
-    model.eval()
     return model
 
 
@@ -356,19 +339,14 @@ def load_genst(
     name_or_path: str | Path = "default", device: str = "auto", tta: int | None = None
 ) -> GenSTPredictor:
     """Load a GenST checkpoint by name (``"default"``) or path → ``GenSTPredictor``."""
-    path = resolve_checkpoint(name_or_path, KIND)
-    tensors, card = load_checkpoint(path, KIND)
-    conf = Confidence.from_tensors(dict(tensors))
-    model = build_model(tensors, card, path)
-    dev = pick_device(device)
-    model.to(dev)
-    t = int(card.get("tta", 1) if tta is None else tta)
-    return GenSTPredictor(model, card, path, sha256_file(path), dev, t, confidence=conf)
+    ck = open_model(name_or_path, GenSTPredictor.kind, build_genst, device)
+    conf = Confidence.from_tensors(dict(ck.tensors))
+    t = int(ck.card.get("tta", 1) if tta is None else tta)
+    return GenSTPredictor(ck.model, ck.card, ck.path, ck.checksum, ck.device, t, confidence=conf)
 
 
 def load_genst_module(name_or_path: str | Path = "default") -> tuple[GenST, dict, Path, str]:
     """(GenST torch module on the CPU, card, path, sha256) of a GenST checkpoint: the one
-    strict loader (``build_model``), for code that drives the module itself (STMDiT)."""
-    path = resolve_checkpoint(name_or_path, KIND)
-    tensors, card = load_checkpoint(path, KIND)
-    return build_model(tensors, card, path), card, Path(path), sha256_file(path)
+    strict loader (``build_genst``), for code that drives the module itself (STMDiT)."""
+    ck = open_model(name_or_path, GenSTPredictor.kind, build_genst, device="cpu")
+    return ck.model, ck.card, ck.path, ck.checksum

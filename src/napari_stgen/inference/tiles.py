@@ -19,8 +19,7 @@ from napari_stgen.coords import Grid
 from napari_stgen.errors import SlideReadError, StgenError
 from napari_stgen.inference.cache import slide_key
 from napari_stgen.inference.contract import Predictor
-from napari_stgen.inference.patches import _resize
-from napari_stgen.inference.patches import tissue_mask as stained
+from napari_stgen.inference.patches import _resize, stained_pixels
 from napari_stgen.io.slide import Slide
 
 __all__ = [
@@ -32,7 +31,7 @@ __all__ = [
     "tiles_in_labels",
     "tissue_pixels",
     "otsu_threshold",
-    "tissue_mask",
+    "tissue_cells",
     "filter_tissue",
     "read_tiles",
     "split_blocks",
@@ -173,7 +172,7 @@ SMUDGE_DETAIL = 3.0  # mean |Laplacian| (grey levels): tissue 17–37; the smudg
 def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
     """Tissue pixels of a slide overview: stained and darker than the slide's background.
 
-    Stained = ``napari_stgen.inference.patches.tissue_mask`` (saturated or dark); darker =
+    Stained = ``napari_stgen.inference.patches.stained_pixels`` (saturated or dark); darker =
     grey level below an Otsu threshold of the overview clipped to [180, 215], which drops
     faintly tinted glass (eosin haze around a section) that a fixed saturation cut keeps.
     Connected pieces that are both grey (mean saturation < ``SMUDGE_SAT``) and featureless
@@ -183,7 +182,7 @@ def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
     p = np.asarray(rgb)[..., :3]
     gray = p.astype(np.float32).mean(-1)
     t = otsu_threshold(gray)
-    mask = stained(rgb) & (gray < min(max(t, 180.0), 215.0))
+    mask = stained_pixels(rgb) & (gray < min(max(t, 180.0), 215.0))
     lab, n = ndi.label(mask, structure=np.ones((3, 3)))
     if n == 0:
         return mask
@@ -218,7 +217,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
-def tissue_mask(
+def tissue_cells(
     slide: Slide, grid: Grid, min_fraction: float = 0.1, max_px: int = 2048
 ) -> np.ndarray:
     """Per-cell tissue flag (rows, cols) from a coarse thumbnail, computed once per slide.
@@ -256,11 +255,11 @@ def tissue_mask(
 def filter_tissue(
     slide: Slide, grid: Grid, tiles: np.ndarray, min_fraction: float = 0.1
 ) -> np.ndarray:
-    """Keep only the cells of ``tiles`` flagged as tissue by :func:`tissue_mask`."""
+    """Keep only the cells of ``tiles`` flagged as tissue by :func:`tissue_cells`."""
     tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 2)
     if len(tiles) == 0:
         return tiles
-    mask = tissue_mask(slide, grid, min_fraction=min_fraction)
+    mask = tissue_cells(slide, grid, min_fraction=min_fraction)
     return tiles[mask[tiles[:, 0], tiles[:, 1]]]
 
 

@@ -142,7 +142,7 @@ def open_image(path: Path) -> Slide:
         got = decoders[-1].get()
     except SlideReadError as e:
         raise SlideReadError(f"{path}: corrupt or truncated image ({e})") from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - PIL and its decoders raise many types
         raise SlideReadError(f"{path}: corrupt or truncated image ({e})") from None
     want = levels[-1].shape[:2]
     if got.shape[:2] != want:

@@ -68,7 +68,7 @@ def open_tiff(path: Path) -> Slide:
         mpp, source = _tiff_mpp(tf, series, path)
         fmt = "svs" if tf.is_svs else "ome-tiff" if tf.is_ome else "tiff"
         props = _properties(tf)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - close what was opened, then one SlideReadError
         for st in stores:
             st.close()
         tf.close()

@@ -69,7 +69,7 @@ def open_zarr(path: Path) -> Slide:
     _check_metadata_files(path)
     try:
         node = zarr.open(str(path), mode="r")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - zarr and its stores raise their own types
         raise SlideReadError(f"{path}: not a readable zarr store ({e})") from None
     if isinstance(node, zarr.Array):
         arrays, axes, mpp, src = [node], _guess_axes(node.shape), None, None

@@ -159,7 +159,7 @@ class _BlankOnError:
                     continue
                 try:
                     part = self._a[a0:a1, b0:b1].compute(scheduler="synchronous")
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - a bad chunk is drawn blank, reported once
                     self._failed(e)
                     continue
                 out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = part

@@ -169,7 +169,7 @@ def read_anndata_section(
             raise StgenError(f"{p}: file not found")
     try:
         a = anndata.read_h5ad(h5ad)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - h5py/anndata raise many types on damage
         raise StgenError(f"{h5ad}: cannot read AnnData: {e}") from e
     if "spatial" not in a.obsm:
         raise StgenError(f"{h5ad}: no obsm['spatial'] spot coordinates")

@@ -60,7 +60,7 @@ def read_spots(path: str | Path | None = None) -> Any:
     p = Path(path) if path is not None else sample_spots_path()
     try:
         df = pd.read_csv(p)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - pandas raises parser, decode and OS errors
         raise StgenError(f"{p}: cannot read spot table ({e})") from None
     missing = {"barcode", "x", "y"} - set(df.columns)
     if missing:

@@ -103,7 +103,7 @@ def _open_tiff_or_openslide(p: Path) -> Slide:
 def openslide_available() -> bool:
     """Whether ``openslide`` (and its library) can be imported."""
     try:
-        import openslide  # noqa: F401
+        import openslide  # noqa: F401 - imported only to see whether it loads
     except Exception:  # noqa: BLE001 - missing library raises OSError, not ImportError
         return False
     return True

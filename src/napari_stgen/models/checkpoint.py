@@ -15,8 +15,9 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from napari_stgen.errors import CheckpointError
 from napari_stgen.io.atomic import atomic_path, write_text_atomic
@@ -44,6 +45,26 @@ CONFIG_BLOCKS = ("architecture", "dit", "ae", "cond", "window", "sampler", "cont
 MAX_CONFIG_INT = 65_536
 MAX_CONFIG_FLOAT = 1e7
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+
+_C = TypeVar("_C", bound="CardConfig")
+
+
+class CardConfig:
+    """Mixin for a dataclass configuration stored in a model card: ``to_dict`` writes tuples
+    as JSON lists; ``from_dict`` ignores keys the class does not know (``"class"``, fields
+    of newer versions) and turns the lists of tuple-valued fields back into tuples."""
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls: type[_C], d: dict) -> _C:
+        known = {f.name: f for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for k, v in kw.items():
+            if isinstance(known[k].default, tuple):
+                kw[k] = tuple(v)
+        return cls(**kw)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -212,6 +233,25 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict, di
                 )
     check_tensors(path, tensors)
     return tensors, card
+
+
+def check_panel(path: str | Path, genes: list, n_genes: int) -> None:
+    """CheckpointError when the card's gene panel is not the size the model predicts."""
+    if len(genes) != n_genes:
+        raise CheckpointError(
+            f"{path}: gene panel has {len(genes)} genes but the model predicts {n_genes}"
+        )
+
+
+def load_weights(module: Any, tensors: dict, path: str | Path) -> Any:
+    """``module`` with ``tensors`` loaded strictly, in eval mode; CheckpointError naming the
+    file when they do not fit its architecture."""
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise CheckpointError(f"{path}: weights do not match the architecture: {first}") from e
+    return module.eval()
 
 
 def resolve_checkpoint(name_or_path: str | Path, kind: str) -> Path:

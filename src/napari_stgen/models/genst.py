@@ -20,12 +20,13 @@ Imports torch at module import: import lazily from GUI code.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_stgen.models.checkpoint import CardConfig
 from napari_stgen.models.layers import ConvBlock, FourierPos, UpBlock, VectorQuantizerEMA, norm
 
 # ImageNet-like RGB statistics are irrelevant here: H&E patch statistics of HER2ST.
@@ -34,7 +35,7 @@ RGB_STD = (0.16, 0.18, 0.12)
 
 
 @dataclass
-class GenSTConfig:
+class GenSTConfig(CardConfig):
     """Architecture hyper-parameters (stored in the model card)."""
 
     n_genes: int = 250
@@ -62,18 +63,6 @@ class GenSTConfig:
     @property
     def mpp(self) -> float:
         return self.patch_um / self.patch_px
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GenSTConfig:
-        d = dict(d)
-        d["channels"] = tuple(d.get("channels", cls.channels))
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def code_logits(dist: torch.Tensor) -> torch.Tensor:

@@ -16,17 +16,18 @@ model is an image model over the window's tiles. Imports torch at import: import
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_stgen.models.checkpoint import CardConfig
 from napari_stgen.models.layers import Block, FourierPos
 
 
 @dataclass
-class HistoTxConfig:
+class HistoTxConfig(CardConfig):
     """Architecture hyper-parameters (stored in the model card)."""
 
     n_genes: int = 250
@@ -52,21 +53,6 @@ class HistoTxConfig:
     # > 0: the k nearest are weighted exp(-d² / 2 bw²) (d, bw in µm) instead of equally; 0
     # (older checkpoints): plain mean.
     knn_bw_um: float = 0.0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["pool_um"] = list(self.pool_um)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> HistoTxConfig:
-        known = set(cls.__dataclass_fields__)
-        d = {k: v for k, v in d.items() if k in known}
-        if "pool_um" in d:
-            d["pool_um"] = tuple(float(x) for x in d["pool_um"])
-        else:
-            d["pool_um"] = ()
-        return cls(**d)
 
 
 class HistoTx(nn.Module):

@@ -9,15 +9,17 @@ the default model reuse it.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from napari_stgen.errors import StgenError
-from napari_stgen.inference.patches import patches_from_array, tissue_mask
+from napari_stgen.inference.patches import patches_from_array, stained_pixels
 from napari_stgen.io.atomic import atomic_path
 from napari_stgen.io.her2st import (
     Section,
@@ -50,6 +52,37 @@ class CardNotes:
     name: str | None = None
     command: str | None = None
     evaluation: dict | None = None
+
+    def card_entries(self, out: Path, command: str) -> dict:
+        """The card's ``name``, ``command`` and ``evaluation``; the name defaults to ``out``'s
+        stem and the command to the run's own ``command``."""
+        return {
+            "name": self.name or Path(out).stem,
+            "command": self.command or command,
+            "evaluation": self.evaluation,
+        }
+
+
+def data_entry(data_dir: str | Path, sections: list, **extra: object) -> dict:
+    """The card's ``data`` entry: the directory, the training sections (anything with
+    ``.name`` and targets ``.y``) and their spot count, then ``extra``."""
+    return {
+        "dir": str(data_dir),
+        "sections": [s.name for s in sections],
+        "n_spots": int(sum(len(s.y) for s in sections)),
+        **extra,
+    }
+
+
+def training_entry(seconds: float, threads: int, **extra: object) -> dict:
+    """The card's ``training`` entry: wall seconds, threads, machine, ``extra``, UTC date."""
+    return {
+        "seconds": round(seconds, 1),
+        "threads": threads,
+        "machine": f"{platform.machine()} CPU",
+        **extra,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 @dataclass
@@ -94,7 +127,7 @@ def tissue_grid_centres(
     """Centres (x, y) px of a ``stride_um`` grid over tissue, from a cheap low-res mask."""
     step = max(int(round(thumb_um / mpp)), 1)
     small = img[::step, ::step]
-    m = tissue_mask(small)
+    m = stained_pixels(small)
     h, w = img.shape[:2]
     s = stride_um / mpp
     xs = np.arange(s / 2, w - s / 2, s)

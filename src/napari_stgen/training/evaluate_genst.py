@@ -12,7 +12,6 @@ tokens, never their expression); ``genst_tile`` is the same model tile by tile.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def split_kind(holdout: str, train_sections: list[str]) -> dict:
     }
 
 
-def run_fold(
+def run_genst_fold(
     data_dir: str | Path,
     holdout: str,
     model: str | Path | None = None,
@@ -184,7 +183,3 @@ def run_fold(
             res["summary"][k] = v["raw"]["mean_pearson"]
             res["summary"][k + "_smoothed"] = v["smoothed"]["mean_pearson"]
     return res
-
-
-def dumps(res: dict) -> str:
-    return json.dumps(res, indent=2)

@@ -19,7 +19,6 @@ the hidden spots, mean over the 50 benchmark genes (BENCHMARKS.md genes, log1p C
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -43,9 +42,9 @@ from napari_stgen.io.her2st import read_her2st_section
 from napari_stgen.training.data import split_holdout
 from napari_stgen.training.histotx import (
     TrainConfig,
+    histotx_card,
     load_expression_spotsets,
     load_spotsets,
-    model_card,
     train_histotx,
 )
 from napari_stgen.training.histotx import save_model as _save
@@ -91,7 +90,7 @@ def _score(pred: np.ndarray, true: np.ndarray) -> dict:
     return {"mean_pearson": round(float(r.mean()), 4), "per_gene": [round(float(v), 4) for v in r]}
 
 
-def genst_predict(genst_model: str | Path, data_dir: str | Path, holdout: str, xy_px, mpp):
+def genst_holdout_predict(genst_model: str | Path, data_dir: str | Path, holdout: str, xy_px, mpp):
     """GenST predictions (panel = its genes) at the held-out section's spots, and its card."""
     pred = load_genst(genst_model, device="cpu")
     sec = read_her2st_section(data_dir, holdout)
@@ -119,7 +118,7 @@ class Comparators:
     genst_model: str | Path | None = None
 
 
-def run_fold(
+def run_histotx_fold(
     data_dir: str | Path,
     holdout: str,
     tcfg: TrainConfig | None = None,
@@ -158,7 +157,7 @@ def run_fold(
         res["train_config"] = {k: v for k, v in tcfg.__dict__.items() if k != "extra"}
         mpanel = panel
         if save_model is not None:
-            card = model_card(
+            card = histotx_card(
                 net,
                 panel,
                 bench,
@@ -234,7 +233,7 @@ def run_fold(
         )
         res["gp_seconds"] = round(time.time() - t2, 1)
     if genst_model is not None:
-        e, gp_ = genst_predict(genst_model, data_dir, holdout, te.xy_px[hid], te.mpp)
+        e, gp_ = genst_holdout_predict(genst_model, data_dir, holdout, te.xy_px[hid], te.mpp)
         missing = [g for g in bench if g not in gp_.genes]
         if missing:
             raise StgenError(f"{gp_.path}: GenST panel lacks benchmark genes {missing[:5]}")
@@ -247,10 +246,6 @@ def run_fold(
     res["methods"] = methods
     res["summary"] = {k: v["mean_pearson"] for k, v in methods.items()}
     return res
-
-
-def dumps(res: dict) -> str:
-    return json.dumps(res, indent=2)
 
 
 # ----------------------------------------------------------------- leave-one-patient-out
@@ -462,7 +457,7 @@ def lopo_fold(
             _save(
                 save_model,
                 net,
-                model_card(net, panel, bench, tcfg, name=Path(save_model).stem, data=data),
+                histotx_card(net, panel, bench, tcfg, name=Path(save_model).stem, data=data),
             )
     else:
         net = model.model.cpu()

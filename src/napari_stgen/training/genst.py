@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,14 @@ from napari_stgen.io.her2st import (
 )
 from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
 from napari_stgen.models.genst import GenST, GenSTConfig, code_logits, to_input, views
-from napari_stgen.training.data import CardNotes, SectionData, load_dataset, split_holdout
+from napari_stgen.training.data import (
+    CardNotes,
+    SectionData,
+    data_entry,
+    load_dataset,
+    split_holdout,
+    training_entry,
+)
 from napari_stgen.training.genst_context import ContextConfig, train_context
 
 
@@ -399,7 +406,7 @@ def predict_patches(
     return np.concatenate(outs, 0), np.concatenate(codes, 0)
 
 
-def model_card(
+def genst_card(
     model: GenST, panel: list[str], bench: list[str], tcfg: TrainConfig, **extra
 ) -> dict:
     """The GenST model card (without sha256, which the sidecar adds)."""
@@ -423,7 +430,7 @@ def model_card(
     return json.loads(json.dumps(card, default=str))
 
 
-def codebook_health(model: GenST, sections: list[SectionData], tta: int = 1) -> dict:
+def codebook_card(model: GenST, sections: list[SectionData], tta: int = 1) -> dict:
     """Gene codebook usage by the training profiles and by the images (aligned), and the
     image codebook's running usage."""
     import torch
@@ -475,7 +482,7 @@ def attach_confidence(path: str | Path, data_dir: str | Path, cache_dir=None) ->
     return save_checkpoint(path, tensors, card)
 
 
-def train_and_save(
+def train_and_save_genst(
     data_dir,
     out,
     tcfg: TrainConfig | None = None,
@@ -489,9 +496,6 @@ def train_and_save(
 ) -> Path:
     """Train on the sections of ``data_dir`` (minus ``holdout``) and write checkpoint + card
     (``notes``: name, command; the evaluation is read from ``folds_json`` when given)."""
-    import datetime
-    import platform
-
     tcfg = tcfg or TrainConfig()
     notes = notes or CardNotes()
     out = Path(out)
@@ -509,31 +513,29 @@ def train_and_save(
         progress=progress,
         exclude_patients={holdout[:1]} if holdout else None,
     )
-    folds = notes.evaluation
     if folds_json is not None:
-        folds = json.loads(Path(folds_json).read_text())
-    card = model_card(
+        notes = replace(notes, evaluation=json.loads(Path(folds_json).read_text()))
+    command = (
+        f"stgen train genst --data {data_dir} --out {out} --epochs {tcfg.epochs} "
+        f"--seed {tcfg.seed}" + (f" --holdout {holdout}" if holdout else "")
+    )
+    card = genst_card(
         model,
         panel,
         bench,
         tcfg,
-        name=notes.name or out.stem,
+        **notes.card_entries(out, command),
         tta=4,
-        data={
-            "dir": str(data_dir),
-            "sections": [s.name for s in train],
-            "n_spots": int(sum(len(s.y) for s in train)),
-            "n_unlabelled_tiles": int(sum(len(s.tiles) for s in train)),
-            "source": "HER2ST (Andersson et al. 2021), sections B4, C2-C5",
-            "gene_data_sections": hist.get("gene_data_sections", []),
-            "label_denoising": f"target = {tcfg.label_self_weight}*self + "
+        data=data_entry(
+            data_dir,
+            train,
+            n_unlabelled_tiles=int(sum(len(s.tiles) for s in train)),
+            source="HER2ST (Andersson et al. 2021), sections B4, C2-C5",
+            gene_data_sections=hist.get("gene_data_sections", []),
+            label_denoising=f"target = {tcfg.label_self_weight}*self + "
             f"{1 - tcfg.label_self_weight:.2f}*mean(array neighbours)",
-        },
-        command=notes.command
-        or f"stgen train genst --data {data_dir} --out {out} --epochs {tcfg.epochs} "
-        f"--seed {tcfg.seed}"
-        + (f" --holdout {holdout}" if holdout else ""),
-        codebook=codebook_health(model, train),
+        ),
+        codebook=codebook_card(model, train),
         context_head=None
         if "context" not in hist
         else {
@@ -542,14 +544,11 @@ def train_and_save(
             "seconds": hist["context"]["seconds"],
             "n_windows": hist["context"]["n_windows"],
         },
-        training={
-            "seconds": round(hist["train_seconds"], 1),
-            "threads": tcfg.threads,
-            "machine": f"{platform.machine()} CPU",
-            "final_losses": hist["epochs"][-1] if hist.get("epochs") else {},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        },
-        evaluation=folds,
+        training=training_entry(
+            hist["train_seconds"],
+            tcfg.threads,
+            final_losses=hist["epochs"][-1] if hist.get("epochs") else {},
+        ),
     )
     tensors = dict(model.state_dict())
     conf = fit_confidence(model, np.concatenate([s.patches for s in train], 0))

@@ -14,9 +14,7 @@ section and cached under ``cache_dir`` (default: ``training.data.cache_dir``).
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import platform
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +42,13 @@ from napari_stgen.io.her2st import (
 )
 from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
 from napari_stgen.models.histotx import HistoTx, HistoTxConfig
-from napari_stgen.training.data import CardNotes, cache_dir, split_holdout
+from napari_stgen.training.data import (
+    CardNotes,
+    cache_dir,
+    data_entry,
+    split_holdout,
+    training_entry,
+)
 
 KIND = Kind.HISTOTX.value
 __all__ = ["SpotSet", "TrainConfig", "WindowSampler", "adapt_to_measured", "train_histotx"]
@@ -59,7 +63,7 @@ def _feature_cache(sec, cache_dir: Path) -> Path:
     return cache_dir / f"{sec.name}_{h}.npy"
 
 
-def section_features(sec, cache_dir: str | Path | None = None) -> np.ndarray:
+def spot_image_features(sec, cache_dir: str | Path | None = None) -> np.ndarray:
     """Image features of every spot of a ``io.her2st.Section`` (cached .npy)."""
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     path = _feature_cache(sec, cache_dir)
@@ -100,7 +104,7 @@ def load_spotsets(
                 xy_px=s.xy_px,
                 xy_um=s.xy_px * s.mpp,
                 y=s.target(panel),
-                feats=section_features(s, cache_dir),
+                feats=spot_image_features(s, cache_dir),
                 mpp=s.mpp,
             )
         )
@@ -172,7 +176,7 @@ def train_histotx(
     return fit_masked(model, sets, tcfg, log=log)
 
 
-def model_card(
+def histotx_card(
     model: HistoTx, panel: list[str], bench: list[str], tcfg: TrainConfig, **extra
 ) -> dict:
     """Model card (checkpoint contract) of a trained HistoTx."""
@@ -206,7 +210,7 @@ def save_model(path: str | Path, model: HistoTx, card: dict) -> Path:
     return save_checkpoint(path, model.state_dict(), card)
 
 
-def train_and_save(
+def train_and_save_histotx(
     data_dir: str | Path,
     out: str | Path,
     tcfg: TrainConfig | None = None,
@@ -233,38 +237,33 @@ def train_and_save(
     src = "HER2ST (Andersson et al. 2021): imaged sections B4, C2-C5"
     if expression_dir is not None:
         src += " + expression-only sections of patients A-F (no image: image tokens withheld)"
-    card = model_card(
+    command = (
+        f"stgen train histotx --data {data_dir} --out {out} --steps {tcfg.steps} "
+        f"--seed {tcfg.seed} --knn-k {tcfg.knn_k} --knn-bw-um {tcfg.knn_bw_um:g}"
+        + (f" --expression-data {expression_dir}" if expression_dir else "")
+        + (f" --holdout {holdout}" if holdout else "")
+        + (f" --holdout-patient {holdout_patient}" if holdout_patient else "")
+    )
+    card = histotx_card(
         model,
         panel,
         bench,
         tcfg,
-        name=notes.name or out.stem,
-        data={
-            "dir": str(data_dir),
-            "expression_dir": None if expression_dir is None else str(expression_dir),
-            "sections": [s.name for s in train],
-            "imaged_sections": [s.name for s in train if s.has_image],
-            "patients": sorted({s.patient for s in train}),
-            "n_spots": int(sum(len(s.y) for s in train)),
-            "source": src,
-        },
-        command=notes.command
-        or f"stgen train histotx --data {data_dir} --out {out} --steps {tcfg.steps} "
-        f"--seed {tcfg.seed} --knn-k {tcfg.knn_k} --knn-bw-um {tcfg.knn_bw_um:g}"
-        + (f" --expression-data {expression_dir}" if expression_dir else "")
-        + (f" --holdout {holdout}" if holdout else "")
-        + (f" --holdout-patient {holdout_patient}" if holdout_patient else ""),
-        training={
-            "seconds": round(hist["train_seconds"], 1),
-            "threads": tcfg.threads,
-            "machine": f"{platform.machine()} CPU",
-            "final_loss_fused": round(float(np.mean(hist["loss_fused"][-100:])), 4),
-            "final_loss_image_only": round(
-                float(np.mean(hist["loss_image"][-100:] or [np.nan])), 4
-            ),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        },
-        evaluation=notes.evaluation,
+        **notes.card_entries(out, command),
+        data=data_entry(
+            data_dir,
+            train,
+            expression_dir=None if expression_dir is None else str(expression_dir),
+            imaged_sections=[s.name for s in train if s.has_image],
+            patients=sorted({s.patient for s in train}),
+            source=src,
+        ),
+        training=training_entry(
+            hist["train_seconds"],
+            tcfg.threads,
+            final_loss_fused=round(float(np.mean(hist["loss_fused"][-100:])), 4),
+            final_loss_image_only=round(float(np.mean(hist["loss_image"][-100:] or [np.nan])), 4),
+        ),
     )
     return save_model(out, model, card)
 

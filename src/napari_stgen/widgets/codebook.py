@@ -64,7 +64,7 @@ REFRESH_MS = 400  # debounce: redraw once the store has been quiet this long
 def _warm_matplotlib() -> None:
     """Import matplotlib's Qt canvas and figure machinery and draw once (fonts, text) with
     Agg, in the worker: on the UI thread this costs ~1–2 s on a loaded 2-core machine."""
-    import matplotlib.backends.backend_qtagg  # noqa: F401
+    import matplotlib.backends.backend_qtagg  # noqa: F401 - imported to warm it, unused here
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -35,7 +35,7 @@ from napari_stgen.widgets.predict_ui import (
     DISPLAYS,
     MODES,
     UNCERTAINTY_TIP,
-    build_ui,
+    build_predict_ui,
 )
 from napari_stgen.widgets.state import find_slide_layer
 
@@ -80,7 +80,7 @@ def _job(state: Any, slide: Slide, model: str, req: Request, token: CancelToken,
         state.apply_threads()
         token.check()
         if req.mode == "region":
-            grid, tiles = engine.plan_region(slide, pred, req.region_um, req.tissue_only)
+            grid, tiles = engine.plan_prediction_region(slide, pred, req.region_um, req.tissue_only)
             centre = (
                 (req.region_um[1] + req.region_um[3]) / 2,
                 (req.region_um[0] + req.region_um[2]) / 2,
@@ -145,7 +145,7 @@ class PredictWidget(HeatmapDisplayMixin, ViewerDock):
         self._panel: list[str] = []
         self._closed = False
         self._done = 0
-        build_ui(self)
+        build_predict_ui(self)
         self.progress = DockProgress(self.progress_bar)
         self.jobs = WidgetJobs(self, self.progress, self._notify, self.shutdown)
         self.workers = self.jobs.workers  # running workers (newest last), the jobs' own list

@@ -24,7 +24,7 @@ from napari_stgen.widgets.dock import collapsible, scrolling_dock, shrinkable, t
 from napari_stgen.widgets.gene_search import gene_search_edit
 from napari_stgen.widgets.slide_picker import SlidePicker
 
-__all__ = ["COLORMAPS", "DISPLAYS", "MODES", "UNCERTAINTY_TIP", "build_ui"]
+__all__ = ["COLORMAPS", "DISPLAYS", "MODES", "UNCERTAINTY_TIP", "build_predict_ui"]
 
 MODES = ("Visible region", "ROI layer", "Whole slide")
 DISPLAYS = ("Heatmap", "Spot circles")
@@ -41,7 +41,7 @@ NO_UNCERTAINTY_TIP = (
 )
 
 
-def build_ui(w: Any) -> None:
+def build_predict_ui(w: Any) -> None:
     """Create the Predict dock's controls as attributes of ``w`` and wire them to it."""
     body, footer = scrolling_dock(w)
     form = QFormLayout()
