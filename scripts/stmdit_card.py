@@ -87,6 +87,12 @@ def main(argv=None) -> int:
                 k: rj[k] for k in ("at_0.875_vs_real", "at_0.875_um_px") if k in rj
             }
         card["autoencoder"] = ae
+        dit_secs = ", ".join(card["data"]["sections"])
+        ae_secs = ", ".join(ae.get("sections") or [])
+        card.setdefault("data", {})["note"] = (
+            f"DiT: measured spots and GenST pseudo-labels of {dit_secs}; "
+            f"tile autoencoder: image crops of {ae_secs} (no expression)"
+        )
     hist = card.get("loss_history", [])
     card["training"] = {
         "where": f"{platform.machine()} CPU, {card['train']['threads']} torch thread(s); "

@@ -101,7 +101,8 @@ def main() -> None:
         models["peer"] = load_stmdit(a.peer)
     for key, mm in models.items():
         tag = "" if key == "default" else "peer_"
-        label = f"{mm.name} ({mm.mpp:g} um/px)"
+        kind = getattr(mm.ae.cfg, "kind", "") or "v1"
+        label = f"{'peer' if tag else 'model'} STMDiT {kind} ({mm.mpp:g} um/px)"
         coarse = spot_tiles_at(sec, mm.mpp, a.cache)[idx]
         if key == "default" and mm.mpp > REFERENCE_MPP + 1e-9:
             # what a perfect model at its µm/px would score at 0.875: real shrunk and re-enlarged
@@ -128,7 +129,6 @@ def main() -> None:
             }
             print(tag + "generated", json.dumps(res[f"{tag}generated_genes+morph"]), flush=True)
         rec = reconstruct(mm.ae, coarse)
-        kind = getattr(mm.ae.cfg, "kind", "") or "v1"
         rows[f"AE {kind} reconstruction ({mm.mpp:g} um/px)"] = at_mpp(rec, mm.mpp, REFERENCE_MPP)
         res[f"{tag}ae"] = {
             "model": mm.name,

@@ -271,3 +271,25 @@ def test_train_stmdit_ae_cli_records_the_discriminator_settings(her2st_c3_dir, c
     assert (tr["disc_warmup"], tr["disc_gate"], tr["adaptive_max"]) == (1, 0.0, 0.5)
     assert (tr["disc_norm"], tr["lecam_weight"]) == ("spectral", 0.1)
     assert meta["step"] == 3 and "--disc-gate 0" in meta["command"]
+
+
+def test_shipped_default_card_figures_are_its_evaluation():
+    """The default's card: v2 geometry, where it trained, and figures that are exactly
+    ``card_figures`` of the evaluation result stored beside them (what `stgen evaluate stmdit`
+    printed for these weights)."""
+    from napari_stgen.models.checkpoint import read_card, resolve_checkpoint
+    from napari_stgen.training.evaluate_stmdit import card_figures
+
+    card = read_card(resolve_checkpoint("default", "stmdit"))
+    assert card["mpp"] == 0.875 and card["tile_px"] == 128 and card["ae"]["kind"] == "v2"
+    ev = card["evaluation"]
+    assert ev["result"]["model"]["weights_sha256"] == card["weights_sha256"]
+    assert ev["result"]["holdout"] not in card["data"]["sections"]
+    assert card["figures"] == {
+        **card_figures(ev["result"]),
+        "without_expression_guidance": card_figures(ev["result_without_expression_guidance"]),
+    }
+    assert "CPU" in card["training"]["where"]
+    assert card["training"]["steps"] == card["train"]["steps"]
+    ae = card["autoencoder"]
+    assert ae["step"] > 0 and "stgen train stmdit-ae" in ae["command"]

@@ -467,7 +467,8 @@ def train_stmdit(
             "dir": str(data_dir),
             "sections": [s.name for s in train_secs],
             "held_out": list(holdout),
-            "note": "tile autoencoder trained on image tiles of all sections (no expression)",
+            "note": "sections the DiT trained on; the tile autoencoder's own data are in the "
+            "autoencoder block (no expression)",
         },
         "command": info.command,
         "genst": {

@@ -162,13 +162,13 @@ class ExportWidget(ViewerDock):
         for layer in self._watched.values():
             try:
                 layer.events.name.disconnect(self.refresh)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - the layer was already removed or disconnected
                 pass
         self._watched.clear()
         for name in ("inserted", "removed", "moved"):
             try:
                 getattr(self.viewer.layers.events, name).disconnect(self.refresh)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - the viewer is closing: its event emitters may be gone
                 pass
 
     def _item_changed(self, item: QListWidgetItem) -> None:
