@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from napari_stgen.cli.predict import cli_error, cli_message, common_options
+from napari_stgen.cli.predict import common_options, predict_error, predict_message
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.cohort import format_summary, run_batch
 
@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
             fmt=args.format,
         )
     except StgenError as e:
-        raise cli_error(e) from e
-    shown = [{**r, "error": cli_message(str(r.get("error") or ""))} for r in rows]
+        raise predict_error(e) from e
+    shown = [{**r, "error": predict_message(str(r.get("error") or ""))} for r in rows]
     print(format_summary(shown))
     print(f"summary: {args.out_dir.rstrip('/')}/summary.csv", file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in rows) else 0

@@ -25,12 +25,12 @@ FLAGS = (
 )
 
 
-def cli_message(msg: str) -> str:
+def predict_message(msg: str) -> str:
     """``msg`` with ``predict`` / ``predict-batch``'s library parameter names as flags."""
     return flags.cli_message(msg, FLAGS)
 
 
-def cli_error(e: StgenError) -> StgenError:
+def predict_error(e: StgenError) -> StgenError:
     """``e`` with ``predict`` / ``predict-batch``'s library parameter names as flags."""
     return flags.cli_error(e, FLAGS)
 

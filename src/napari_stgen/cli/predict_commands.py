@@ -7,7 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-from napari_stgen.cli.predict import cli_error, common_options
+from napari_stgen.cli.predict import common_options, predict_error
 from napari_stgen.errors import StgenError
 from napari_stgen.inference.batch import predict_slide
 from napari_stgen.inference.device import set_threads
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             skip_unreadable=args.skip_unreadable,
         )
     except StgenError as e:
-        raise cli_error(e) from e
+        raise predict_error(e) from e
     finally:
         if bar is not None:
             bar.close()
