@@ -96,7 +96,9 @@ def main(argv=None) -> int:
     hist = card.get("loss_history", [])
     card["training"] = {
         "where": f"{platform.machine()} CPU, {card['train']['threads']} torch thread(s); "
-        "no GPU was lent to this task",
+        "no GPU was lent to this task"
+        if card.get("train_device", "cpu") == "cpu"
+        else f"{card['train_device']} (bf16 autocast)",
         "steps": card["train"]["steps"],
         "seconds": hist[-1][2] if hist else None,
     }

@@ -42,6 +42,7 @@ from napari_stgen.training.stmdit_ae import (
     load_ae,
     resolve_ae,
     train_autoencoder,
+    training_device,
 )
 from napari_stgen.training.stmdit_data import (
     DEFAULT_CACHE,
@@ -169,7 +170,8 @@ def train_dit(  # noqa: PLR0913 - the checkpoint's inputs plus run switches test
 
     Resumable: state (weights, EMA, Adam moments, step) is saved every ``save_every`` steps to
     ``<out>.state``; with ``resume`` a run continues from it. Batches are drawn from
-    ``rng(seed, step)`` so a resumed run sees the same batches as an uninterrupted one.
+    ``rng(seed, step)`` so a resumed run sees the same batches as an uninterrupted one. Runs on
+    CUDA with bf16 autocast when a GPU is present, else CPU float32 (same command).
     ``stop_after``: stop (state saved, no checkpoint written, returns None) after that step.
     """
     import torch
@@ -201,7 +203,9 @@ def train_dit(  # noqa: PLR0913 - the checkpoint's inputs plus run switches test
         n_gene_tokens=tcfg.n_gene_tokens,
     )
     torch.manual_seed(tcfg.seed)
-    dit = STMDiT(cfg)
+    dev = training_device()
+    amp = dev.type == "cuda"
+    dit = STMDiT(cfg).to(dev)
     ema = copy.deepcopy(dit).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -234,6 +238,7 @@ def train_dit(  # noqa: PLR0913 - the checkpoint's inputs plus run switches test
         b = len(idx)
         t = torch.sigmoid(torch.randn(b, generator=gen))
         noise = torch.randn(x0.shape, generator=gen)
+        x0, t, noise = x0.to(dev), t.to(dev), noise.to(dev)
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
         g_pool, g_z = pool_t[idx_t], gz_t[idx_t]
         if tcfg.p_gene_subset > 0:
@@ -247,10 +252,11 @@ def train_dit(  # noqa: PLR0913 - the checkpoint's inputs plus run switches test
                 g_z,
                 p_single=tcfg.p_gene_single,
             )
-        use_g = torch.rand(b, generator=gen) >= tcfg.p_drop_gene
-        use_m = torch.rand(b, generator=gen) >= tcfg.p_drop_morph
-        v = dit(xt, t, g_pool, g_z, morph_t[idx_t], use_g, use_m)
-        loss = (v - (noise - x0)).pow(2).mean()
+        use_g = (torch.rand(b, generator=gen) >= tcfg.p_drop_gene).to(dev)
+        use_m = (torch.rand(b, generator=gen) >= tcfg.p_drop_morph).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            v = dit(xt, t, g_pool.to(dev), g_z.to(dev), morph_t[idx_t].to(dev), use_g, use_m)
+        loss = (v.float() - (noise - x0)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
@@ -290,6 +296,7 @@ def train_dit(  # noqa: PLR0913 - the checkpoint's inputs plus run switches test
         "latent_scale": latent_scale,
         "sampler": SamplerSettings.card_block(),
         "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in tcfg.__dict__.items()},
+        "train_device": dev.type,
         "train_rows": {
             "measured_spots": int(data["is_real"].sum()),
             "pseudo_label_tiles": int((~data["is_real"]).sum()),
@@ -339,13 +346,13 @@ def _json_default(o):
 
 
 def _save_dit_state(path: Path, dit, ema, opt, step: int, hist: list) -> None:
-    t = {f"dit.{k}": v.detach().clone() for k, v in dit.state_dict().items()}
-    t.update({f"ema.{k}": v.detach().clone() for k, v in ema.state_dict().items()})
+    t = {f"dit.{k}": v.detach().cpu().clone() for k, v in dit.state_dict().items()}
+    t.update({f"ema.{k}": v.detach().cpu().clone() for k, v in ema.state_dict().items()})
     for i, p in enumerate(dit.parameters()):
         s = opt.state.get(p)
         if s:
-            t[f"opt.{i}.exp_avg"] = s["exp_avg"]
-            t[f"opt.{i}.exp_avg_sq"] = s["exp_avg_sq"]
+            t[f"opt.{i}.exp_avg"] = s["exp_avg"].cpu()
+            t[f"opt.{i}.exp_avg_sq"] = s["exp_avg_sq"].cpu()
             t[f"opt.{i}.step"] = torch_tensor(float(s["step"]))
     save_state(path, t, {"step": step, "hist": hist})
 
@@ -366,8 +373,8 @@ def _load_dit_state(path: Path, dit, ema, opt) -> tuple[int, list]:
     for i, p in enumerate(dit.parameters()):
         if f"opt.{i}.exp_avg" in t:
             opt.state[p] = {
-                "exp_avg": t[f"opt.{i}.exp_avg"],
-                "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"],
+                "exp_avg": t[f"opt.{i}.exp_avg"].to(p.device),
+                "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"].to(p.device),
                 "step": torch.tensor(float(t[f"opt.{i}.step"][0])),
             }
     meta = json.loads(path.with_suffix(".json").read_text())

@@ -123,7 +123,8 @@ def frequency_loss(rec, x):
     return (torch.log1p(fa) - torch.log1p(fb)).abs().mean()
 
 
-def _device():
+def training_device():
+    """CUDA when a GPU is present, else the CPU (the trainers' device)."""
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -236,7 +237,7 @@ def train_autoencoder_v2(
     cfg = cfg or AE2TrainConfig()
     torch.set_num_threads(cfg.threads)
     safe_cpu_training()
-    dev = _device()
+    dev = training_device()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     secs = [
