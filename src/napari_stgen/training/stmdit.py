@@ -52,6 +52,7 @@ from napari_stgen.training.stmdit_data import (
     crop,
     dihedral,
     encode_latents,
+    fp16_where_exact,
     genst_label_key,
     genst_patches_for_tiles,
     genst_predict,
@@ -277,6 +278,7 @@ def train_dit(  # noqa: PLR0913 - the checkpoint's inputs plus run switches test
             return None
     tensors = {f"ema.{k}": v for k, v in ema.state_dict().items()}
     tensors.update({f"ae.{k}": v for k, v in ae.state_dict().items()})
+    tensors = fp16_where_exact(tensors, "ae.")
     tensors.update({f"cond.{k}": v for k, v in enc.state_dict().items()})
     tensors.update(
         {f"stats.{k}": torch.as_tensor(np.asarray(v, np.float32)) for k, v in st.items()}

@@ -280,12 +280,31 @@ def encode_latents(ae, tiles: np.ndarray, batch: int = 256) -> np.ndarray:
 
 def tensors_sha(tensors: dict) -> str:
     """sha256 over named tensors (sorted names and values): identifies weights independently
-    of a checkpoint file's metadata (whose card records wall-clock times)."""
+    of a checkpoint file's metadata (whose card records wall-clock times) and of the storage
+    dtype (floating tensors are hashed as float32 values, so a lossless fp16 copy has the
+    same checksum)."""
     h = hashlib.sha256()
     for k, v in sorted(tensors.items()):
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            v = v.float()
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(v.contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def fp16_where_exact(tensors: dict, prefix: str) -> dict:
+    """``tensors`` with the float32 ones under ``prefix`` stored as float16 where that loses
+    nothing (the v2 autoencoder's weights are fp16 values); loaders cast back to float32."""
+    import torch
+
+    out = dict(tensors)
+    for k, v in tensors.items():
+        if k.startswith(prefix) and v.dtype == torch.float32:
+            h = v.half()
+            if torch.equal(h.float(), v):
+                out[k] = h
+    return out
 
 
 def ae_tensor_sha(ae) -> str:
