@@ -1,4 +1,4 @@
-"""Screenshots for docs/predict.md: heatmaps of two genes, spot circles, ROI mode.
+"""Screenshots for docs/predict.md: heatmaps of two genes, uncertainty, spot circles, ROI mode.
 
 Run: ``xvfb-run -a -s "-screen 0 1920x1200x24" python3 scripts/screenshot_predict.py``.
 Uses the bundled sample and the default GenST model through the Predict widget, exactly as
@@ -65,6 +65,17 @@ def main(argv=None) -> int:
     viewer.layers[f"{g2} (predicted)"].visible = True
     viewer.layers.selection.active = viewer.layers[f"{g2} (predicted)"]
     shot(f"predict_heatmap_{g2}.png")
+
+    # how sure: the uncertainty layer (its own colormap and colour bar) over the same view
+    viewer.layers[f"{g2} (predicted)"].visible = False
+    w.display_box.expand(animate=False)  # the ticked box is in view
+    w.uncertainty_check.setChecked(True)
+    pump(0.5)
+    viewer.layers.selection.active = viewer.layers["uncertainty"]
+    shot("predict_uncertainty.png")
+    w.uncertainty_check.setChecked(False)
+    w.display_box.collapse(animate=False)
+    viewer.layers[f"{g2} (predicted)"].visible = True
 
     # spot circles of gene 1 with hover values
     w.display_combo.setCurrentText("Spot circles")
