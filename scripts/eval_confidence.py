@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +117,28 @@ def plot_reliability(res: dict, path: Path, name: str = "combined_sum_pos") -> N
     tmp.replace(path)
 
 
+def update_card(path: Path, res: dict, command: str, folds_note: str) -> None:
+    """Re-save a GenST checkpoint (same tensors) with this calibration in its card
+    (``confidence.calibration``, which exports quote for the shipped score)."""
+    from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
+
+    tensors, card = load_checkpoint(path, "genst")
+    card.setdefault("confidence", {})["calibration"] = {
+        "command": command,
+        "fold": "mean of the held-out folds " + ", ".join(f["holdout"] for f in res["folds"]),
+        "folds": folds_note,
+        "spearman_uncertainty_vs_abs_error": res["mean_spearman"],
+        "spearman_uncertainty_vs_abs_error_per_fold": {
+            f["holdout"]: f["spearman"] for f in res["folds"]
+        },
+        "spearman_vs_centred_error": res["mean_spearman_centred_error"],
+        "fold_models": {f["holdout"]: f["model"]["sha256"] for f in res["folds"]},
+    }
+    card.pop("sha256", None)
+    card.pop("size_bytes", None)
+    save_checkpoint(path, tensors, card)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=None)
@@ -122,6 +146,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="reliability plot (PNG)")
     ap.add_argument("--from-json", type=Path, default=None, help="only re-plot this result")
+    ap.add_argument(
+        "--update-card", type=Path, default=None, help="write the calibration into this card"
+    )
+    ap.add_argument("--folds-note", default="", help="how the fold models were made (card)")
     a = ap.parse_args()
     if a.from_json:
         plot_reliability(json.loads(a.from_json.read_text()), a.plot)
@@ -147,6 +175,11 @@ def main() -> None:
         write_text_atomic(a.out, text + "\n")
     if a.plot:
         plot_reliability(res, a.plot)
+    if a.update_card:
+        argv = sys.argv[1:]
+        i = argv.index("--update-card")
+        command = shlex.join(["python", "scripts/eval_confidence.py", *argv[:i], *argv[i + 2 :]])
+        update_card(a.update_card, res, command, a.folds_note)
 
 
 if __name__ == "__main__":

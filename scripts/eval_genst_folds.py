@@ -112,6 +112,25 @@ def split_summary(results: list[dict]) -> dict:
     return out
 
 
+def seed_spread(primary: list[dict], replicates: list[dict], keys=("genst", "genst_tile")) -> dict:
+    """Per held-out section with replicate runs (the same recipe, other seeds): each seed's
+    figures, their mean and SD. The primary (card) fold is one of them."""
+    out: dict = {}
+    for r in primary:
+        reps = [x for x in replicates if x["holdout"] == r["holdout"]]
+        if not reps:
+            continue
+        runs = [r, *reps]
+        entry: dict = {"seeds": [x.get("train_config", {}).get("seed") for x in runs]}
+        for k in keys:
+            v = [x["summary"][k] for x in runs if k in x["summary"]]
+            entry[k] = v
+            entry[f"{k}_mean"] = round(float(np.mean(v)), 4)
+            entry[f"{k}_sd"] = round(float(np.std(v, ddof=1)), 4) if len(v) > 1 else None
+        out[r["holdout"]] = entry
+    return out
+
+
 def update_card(path: Path, res: dict) -> None:
     """Re-save a checkpoint (same tensors) with the fold figures in its model card."""
     from napari_stgen.models.checkpoint import load_checkpoint, save_checkpoint
@@ -134,6 +153,10 @@ def update_card(path: Path, res: dict) -> None:
         "mean": res["mean"],
         "per_fold": res["per_fold"],
     }
+    if res.get("seed_spread"):
+        card["evaluation"]["seed_spread"] = res["seed_spread"]
+    if res.get("trained_on_cpu"):
+        card["evaluation"]["fold_models_cpu"] = res["trained_on_cpu"]
     save_checkpoint(path, tensors, card)
 
 
@@ -150,6 +173,12 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", nargs="*", default=None, help="combine per-fold JSON files")
     ap.add_argument("--command", default=None, help="how the merged fold files were made")
     ap.add_argument(
+        "--replicates",
+        nargs="*",
+        default=[],
+        help="fold files of the same recipe with other seeds (reported as seed_spread)",
+    )
+    ap.add_argument(
         "--update-card", type=Path, default=None, help="write the fold figures into this card"
     )
     ap.add_argument("--maps", nargs="*", default=["C3"], help="held-out sections to map")
@@ -158,6 +187,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from napari_stgen.inference.device import cpu_kernel_info
     from napari_stgen.io.her2st import list_sections
     from napari_stgen.training.evaluate_genst import run_genst_fold
     from napari_stgen.training.genst import TrainConfig
@@ -186,9 +216,11 @@ def main(argv=None) -> int:
             print(json.dumps({"holdout": h, **r["summary"]}), file=sys.stderr, flush=True)
     keys = sorted({k for r in results for k in r["summary"]})
     mean = {k: round(float(np.mean([r["summary"][k] for r in results])), 4) for k in keys}
+    cpu = cpu_kernel_info()
     res = {
         "protocol": "BENCHMARKS.md GenST: leave-one-section-out, top-50 genes, mean Pearson",
-        "machine": f"{os.cpu_count()} CPU cores, torch threads={args.threads}, no GPU",
+        "machine": f"{os.cpu_count()} CPU cores, torch threads={args.threads}, no GPU; "
+        f"{cpu['cpu']}, torch kernels {cpu['torch_cpu_capability']} (the machine this ran on)",
         **split_summary(results),
         "folds": results,
         "mean": mean,
@@ -196,6 +228,12 @@ def main(argv=None) -> int:
     }
     if args.command:
         res["command"] = args.command
+    reps = [json.loads(Path(f).read_text()) for f in args.replicates]
+    if reps:
+        res["seed_spread"] = seed_spread(results, reps)
+    cpus = {json.dumps(r.get("trained_on_cpu", {}), sort_keys=True) for r in results}
+    if len(cpus) == 1 and cpus != {"{}"}:
+        res["trained_on_cpu"] = json.loads(cpus.pop())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".partial")
     # per-spot predictions stay in the per-fold files (they feed --maps), not in the summary

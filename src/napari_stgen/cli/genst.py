@@ -80,6 +80,19 @@ def _recipe_args(p) -> None:
     )
     p.add_argument("--hed-sigma", type=float, default=0.1, help="H/E/DAB jitter strength")
     p.add_argument(
+        "--weight-avg-from",
+        type=float,
+        default=0.0,
+        help="average the alignment stage's weights over its iterates from this fraction of "
+        "its steps on (0: off; SWA/SWAD)",
+    )
+    p.add_argument(
+        "--consistency",
+        type=float,
+        default=0.0,
+        help="weight of an MSE between two augmented views' latents (0: off)",
+    )
+    p.add_argument(
         "--gene-data",
         default=None,
         help="directory of expression-only sections the gene VQ-VAE also learns from "

@@ -27,6 +27,8 @@ def _tcfg(args):
         stain_aug=args.stain_aug,
         hed_sigma=args.hed_sigma,
         gene_data=args.gene_data,
+        weight_avg_from=args.weight_avg_from,
+        w_consist=args.consistency,
     )
     if args.epochs is not None:
         t.epochs = args.epochs

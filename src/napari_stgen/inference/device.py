@@ -8,6 +8,7 @@ count (widgets' "CPU threads" box, ``stgen predict --threads``).
 from __future__ import annotations
 
 import os
+import platform
 
 from napari_stgen.errors import StgenError
 
@@ -98,3 +99,24 @@ def safe_cpu_training() -> bool:
     if off:
         torch.backends.mkldnn.enabled = False
     return off
+
+
+def cpu_kernel_info() -> dict:
+    """What decides a CPU training's floating-point results: the CPU model and the vector
+    instruction set torch's kernels dispatch to (``ATEN_CPU_CAPABILITY`` overrides it; MKL's
+    ``MKL_CBWR`` pins its code path). Two CPUs with different entries (e.g. AVX512 vs AVX2)
+    round differently, so the same seed trains a slightly different model."""
+    import torch
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            rows = (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+            model = next(rows, "")
+    except OSError:
+        pass
+    info = {"cpu": model or platform.processor() or platform.machine()}
+    info["torch_cpu_capability"] = str(torch.backends.cpu.get_cpu_capability())
+    if os.environ.get("MKL_CBWR"):
+        info["mkl_cbwr"] = os.environ["MKL_CBWR"]
+    return info

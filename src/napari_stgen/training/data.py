@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_stgen.errors import StgenError
+from napari_stgen.inference.device import cpu_kernel_info
 from napari_stgen.inference.patches import patches_from_array, stained_pixels
 from napari_stgen.io.atomic import atomic_path
 from napari_stgen.io.her2st import (
@@ -75,11 +76,13 @@ def data_entry(data_dir: str | Path, sections: list, **extra: object) -> dict:
 
 
 def training_entry(seconds: float, threads: int, **extra: object) -> dict:
-    """The card's ``training`` entry: wall seconds, threads, machine, ``extra``, UTC date."""
+    """The card's ``training`` entry: wall seconds, threads, machine (CPU model and kernel
+    instruction set), ``extra``, UTC date."""
     return {
         "seconds": round(seconds, 1),
         "threads": threads,
         "machine": f"{platform.machine()} CPU",
+        **cpu_kernel_info(),
         **extra,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

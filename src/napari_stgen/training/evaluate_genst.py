@@ -105,6 +105,12 @@ def run_genst_fold(
         pred = load_genst(model, device="cpu")
         net, mpanel = pred.model, pred.genes
         res["model"] = {"name": pred.name, "path": str(pred.path), "sha256": pred.checksum}
+        res["train_config"] = dict(pred.card.get("train") or {})
+        res["trained_on_cpu"] = {
+            k: v
+            for k, v in (pred.card.get("training") or {}).items()
+            if k in ("cpu", "torch_cpu_capability", "mkl_cbwr")
+        }
         trained_on = pred.card.get("data", {}).get("sections", [])
         res["model_saw_holdout"] = holdout in trained_on
         if pred.patch_px != te.patches.shape[1]:

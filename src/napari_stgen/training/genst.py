@@ -64,6 +64,8 @@ class TrainConfig:
     gene_data: str | None = None  # expression-only sections for stage A (held-out patient out)
     decode: str = "soft"  # inference decoding written to the card (see docs/models.md)
     context_steps: int = 1500  # stage C (spatial context head, genst_context.py); 0: none
+    weight_avg_from: float = 0.0  # >0: uniform average of stage-B iterates from this fraction on
+    w_consist: float = 0.0  # >0: second augmented view per batch, MSE between the two ẑ
     seed: int = 0
     threads: int = 1
     extra: dict = field(default_factory=dict)
@@ -145,6 +147,39 @@ def _cosine(step: int, total: int, warm: int = 50) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
+class IterateAverage:
+    """Uniform running average of a model's trainable parameters over training iterates
+    (stochastic weight averaging, Izmailov et al. 2018; dense, as SWAD, Cha et al. 2021).
+    Buffers (the VQ codebooks' EMA statistics) stay those of the live model. A resumed run
+    averages the iterates after the resume only."""
+
+    def __init__(self, model) -> None:
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.mean: dict = {}
+        self.n = 0
+
+    def update(self, model) -> None:
+        import torch
+
+        self.n += 1
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n not in self.names:
+                    continue
+                if n not in self.mean:
+                    self.mean[n] = p.detach().clone()
+                else:
+                    self.mean[n].add_(p.detach() - self.mean[n], alpha=1.0 / self.n)
+
+    def apply(self, model) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in self.mean:
+                    p.copy_(self.mean[n])
+
+
 def train_gene_vqvae(model: GenST, y_std: np.ndarray, steps: int, rng, batch: int = 128, log=None):
     """Stage A on standardized profiles; returns the final losses."""
     import torch
@@ -195,6 +230,37 @@ def extra_gene_profiles(
     return np.concatenate(ys, 0).astype(np.float32), names
 
 
+def spot_loss(model: GenST, patches: np.ndarray, y, zg, code, rng, tcfg: TrainConfig):
+    """Stage B's loss on one batch of labelled spots (uint8 patches, standardized targets,
+    gene latents and codes): expression + latent MSE, InfoNCE, code CE, and with
+    ``tcfg.w_consist`` a second augmented view's latent pulled to the first; → (loss, parts)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = augment(patches, rng, tcfg.colour_jitter, tcfg.stain_aug, tcfg.hed_sigma)
+    zhat, _ = model.image_to_gene_latent(x)
+    l_expr = F.mse_loss(model.gene.decoder(zhat), y)
+    l_lat = F.mse_loss(zhat, zg)
+    l_cons = None
+    if tcfg.w_consist > 0:  # a second stain/geometry view of the same spots
+        x2 = augment(patches, rng, tcfg.colour_jitter, tcfg.stain_aug, tcfg.hed_sigma)
+        zhat2, _ = model.image_to_gene_latent(x2)
+        l_expr = 0.5 * (l_expr + F.mse_loss(model.gene.decoder(zhat2), y))
+        l_cons = F.mse_loss(zhat, zhat2)
+    a = F.normalize(zhat, dim=1)
+    bvec = F.normalize(zg, dim=1)
+    logits = model.logit_scale.exp().clamp(max=100) * a @ bvec.t()
+    tgt = torch.arange(len(patches))
+    l_nce = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.t(), tgt))
+    l_code = F.cross_entropy(code_logits(model.gene.vq.distances(zhat)), code)
+    loss = l_expr + tcfg.w_latent * l_lat + tcfg.w_nce * l_nce + tcfg.w_code * l_code
+    parts = {"expr": l_expr, "lat": l_lat, "nce": l_nce, "code": l_code}
+    if l_cons is not None:
+        loss = loss + tcfg.w_consist * l_cons
+        parts["consist"] = l_cons
+    return loss, parts
+
+
 def train_genst(
     train: list[SectionData],
     panel: list[str],
@@ -210,7 +276,6 @@ def train_genst(
     With ``tcfg.gene_data`` the gene VQ-VAE (stage A) also sees the expression-only sections
     there, minus those of ``exclude_patients`` (a held-out section's patient)."""
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     tcfg = tcfg or TrainConfig()
@@ -278,6 +343,8 @@ def train_genst(
     hist["gene_codes_train"] = model.gene.vq.health(code_g)
 
     step = start_epoch * steps_per_epoch
+    avg_start = int(tcfg.weight_avg_from * total)
+    avg = IterateAverage(model) if tcfg.weight_avg_from > 0 else None
     bar = tqdm(range(start_epoch, tcfg.epochs), desc="GenST", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
@@ -286,20 +353,7 @@ def train_genst(
         sums: dict[str, float] = {}
         for b in range(steps_per_epoch):
             idx = perm[b * tcfg.batch : (b + 1) * tcfg.batch]
-            x = augment(X[idx], rng, tcfg.colour_jitter, tcfg.stain_aug, tcfg.hed_sigma)
-            y = Yt[idx]
-            zg = Zg[idx]
-            zhat, _ = model.image_to_gene_latent(x)
-            l_expr = F.mse_loss(model.gene.decoder(zhat), y)
-            l_lat = F.mse_loss(zhat, zg)
-            a = F.normalize(zhat, dim=1)
-            bvec = F.normalize(zg, dim=1)
-            logits = model.logit_scale.exp().clamp(max=100) * a @ bvec.t()
-            tgt = torch.arange(len(idx))
-            l_nce = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.t(), tgt))
-            l_code = F.cross_entropy(code_logits(model.gene.vq.distances(zhat)), code_g[idx])
-            loss = l_expr + tcfg.w_latent * l_lat + tcfg.w_nce * l_nce + tcfg.w_code * l_code
-            parts = {"expr": l_expr, "lat": l_lat, "nce": l_nce, "code": l_code}
+            loss, parts = spot_loss(model, X[idx], Yt[idx], Zg[idx], code_g[idx], rng, tcfg)
             if tcfg.recon_every and b % tcfg.recon_every == 0 and len(tiles):
                 tix = rng.integers(0, len(tiles), tcfg.recon_batch)
                 xt = augment(tiles[tix], rng, tcfg.colour_jitter, tcfg.stain_aug, tcfg.hed_sigma)
@@ -315,6 +369,8 @@ def train_genst(
             loss.backward()
             opt.step()
             step += 1
+            if avg is not None and step > avg_start:
+                avg.update(model)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         ep = {k: v / steps_per_epoch for k, v in sums.items()}
@@ -322,6 +378,9 @@ def train_genst(
         bar.set_postfix({k: f"{v:.3f}" for k, v in ep.items()})
         if resume_path is not None:
             save_resume(resume_path, model, opt, epoch + 1, tcfg)
+    if avg is not None and avg.n:
+        avg.apply(model)
+        hist["weight_average"] = {"from_step": avg_start, "iterates": avg.n}
     if tcfg.context_steps > 0:
         targets = per_section(train, Ys)
         ccfg = ContextConfig(steps=tcfg.context_steps, seed=tcfg.seed)
