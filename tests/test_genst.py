@@ -416,3 +416,37 @@ def test_fold_split_kind_names_a_new_patient():
         "train_patients": ["C"],
     }
     assert split_kind("C3", ["B4", "C2", "C4", "C5"])["split"] == "within-patient"
+
+
+def test_weight_average_and_consistency_options(real_spots):
+    """--weight-avg-from leaves the uniform mean of the late iterates in the model (not the
+    last iterate); --consistency adds its loss; with both off the run is unchanged."""
+    import torch
+
+    from napari_stgen.training.data import SectionData
+    from napari_stgen.training.genst import TrainConfig, train_genst
+
+    torch.set_num_threads(1)
+    patches, y, genes, df = real_spots
+    arr = np.array([list(map(int, b.split("x"))) for b in df["barcode"]])
+    sec = SectionData(
+        "C3", patches, y, arr, df[["x", "y"]].to_numpy(float), list(df["barcode"]), patches, 0.7
+    )
+    kw = dict(epochs=4, batch=8, gene_steps=20, recon_every=2, recon_batch=4, context_steps=0)
+
+    def run(**extra):
+        cfg = tiny_genst_config(len(genes))
+        m, h = train_genst([sec], genes, cfg, TrainConfig(**kw, **extra), None, False, print)
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}, h
+
+    base, h0 = run()
+    again, _ = run(weight_avg_from=0.0, w_consist=0.0)
+    assert all(torch.equal(base[k], again[k]) for k in base)
+    avg, h1 = run(weight_avg_from=0.5)
+    steps = (len(y) // 8) * 4
+    assert h1["weight_average"] == {"from_step": steps // 2, "iterates": steps - steps // 2}
+    name = "align.net.1.weight"
+    assert not torch.equal(avg[name], base[name])  # the mean of iterates, not the last one
+    assert torch.equal(avg["gene.vq.embed"], base["gene.vq.embed"])  # stage A untouched
+    _, h2 = run(w_consist=1.0)
+    assert "consist" in h2["epochs"][-1] and h2["epochs"][-1]["consist"] > 0
