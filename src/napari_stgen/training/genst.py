@@ -147,39 +147,6 @@ def _cosine(step: int, total: int, warm: int = 50) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
-class IterateAverage:
-    """Uniform running average of a model's trainable parameters over training iterates
-    (stochastic weight averaging, Izmailov et al. 2018; dense, as SWAD, Cha et al. 2021).
-    Buffers (the VQ codebooks' EMA statistics) stay those of the live model. A resumed run
-    averages the iterates after the resume only."""
-
-    def __init__(self, model) -> None:
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.mean: dict = {}
-        self.n = 0
-
-    def update(self, model) -> None:
-        import torch
-
-        self.n += 1
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n not in self.names:
-                    continue
-                if n not in self.mean:
-                    self.mean[n] = p.detach().clone()
-                else:
-                    self.mean[n].add_(p.detach() - self.mean[n], alpha=1.0 / self.n)
-
-    def apply(self, model) -> None:
-        import torch
-
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in self.mean:
-                    p.copy_(self.mean[n])
-
-
 def train_gene_vqvae(model: GenST, y_std: np.ndarray, steps: int, rng, batch: int = 128, log=None):
     """Stage A on standardized profiles; returns the final losses."""
     import torch
@@ -276,6 +243,7 @@ def train_genst(
     With ``tcfg.gene_data`` the gene VQ-VAE (stage A) also sees the expression-only sections
     there, minus those of ``exclude_patients`` (a held-out section's patient)."""
     import torch
+    from torch.optim.swa_utils import AveragedModel
     from tqdm import tqdm
 
     tcfg = tcfg or TrainConfig()
@@ -344,7 +312,9 @@ def train_genst(
 
     step = start_epoch * steps_per_epoch
     avg_start = int(tcfg.weight_avg_from * total)
-    avg = IterateAverage(model) if tcfg.weight_avg_from > 0 else None
+    # uniform mean of the late iterates (SWA, Izmailov et al. 2018; dense as SWAD); buffers
+    # (the VQ codebooks' EMA statistics) stay the live model's
+    avg = AveragedModel(model) if tcfg.weight_avg_from > 0 else None
     bar = tqdm(range(start_epoch, tcfg.epochs), desc="GenST", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
@@ -370,7 +340,7 @@ def train_genst(
             opt.step()
             step += 1
             if avg is not None and step > avg_start:
-                avg.update(model)
+                avg.update_parameters(model)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         ep = {k: v / steps_per_epoch for k, v in sums.items()}
@@ -378,9 +348,11 @@ def train_genst(
         bar.set_postfix({k: f"{v:.3f}" for k, v in ep.items()})
         if resume_path is not None:
             save_resume(resume_path, model, opt, epoch + 1, tcfg)
-    if avg is not None and avg.n:
-        avg.apply(model)
-        hist["weight_average"] = {"from_step": avg_start, "iterates": avg.n}
+    if avg is not None and int(avg.n_averaged):
+        with torch.no_grad():
+            for p_avg, p in zip(avg.module.parameters(), model.parameters(), strict=True):
+                p.copy_(p_avg)
+        hist["weight_average"] = {"from_step": avg_start, "iterates": int(avg.n_averaged)}
     if tcfg.context_steps > 0:
         targets = per_section(train, Ys)
         ccfg = ContextConfig(steps=tcfg.context_steps, seed=tcfg.seed)
